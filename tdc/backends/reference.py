@@ -1,0 +1,145 @@
+"""The reference interpreter: runs any graph with numpy, op by op, from the registry's
+reference semantics. It is the oracle every backend and pass is tested against.
+
+Communication ops run over simulated ranks: `run_ranks` executes the graph for
+every rank in lockstep (node by node), so a collective sees all ranks' inputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import TdcError
+from ..ir.graph import Graph, Value
+from ..ir.types import TensorType
+
+
+def check_feed(arg: Value, array, what: str) -> np.ndarray:
+    """Convert a user-supplied array for `arg`, or raise a one-line error naming it."""
+    a = np.asarray(array)
+    want = arg.type
+    if tuple(a.shape) != want.shape:
+        raise TdcError(f"{what} {arg.name}: expected shape {list(want.shape)} ({want}), got {list(a.shape)}")
+    if a.dtype != want.np_dtype:
+        got = a.dtype
+        # Python-made data (int64 labels, float64 images) is converted when no value changes.
+        if np.can_cast(got, want.np_dtype, casting="same_kind") or (got.kind in "iu" and want.np_dtype.kind in "iu"):
+            conv = a.astype(want.np_dtype)
+            if got.kind in "iub" and not np.array_equal(conv.astype(got), a):
+                raise TdcError(f"{what} {arg.name}: values do not fit {want.dtype}")
+            return conv
+        raise TdcError(f"{what} {arg.name}: expected dtype {want.dtype} ({want}), got {got}")
+    return a
+
+
+class Mailbox:
+    """Point-to-point messages between simulated ranks: (src, dst, tag) -> FIFO of arrays."""
+
+    def __init__(self):
+        self.queues: dict[tuple[int, int, int], list[np.ndarray]] = {}
+
+    def put(self, src, dst, tag, x):
+        self.queues.setdefault((src, dst, tag), []).append(np.array(x))
+
+    def take(self, src, dst, tag, want: TensorType):
+        q = self.queues.get((src, dst, tag))
+        if not q:
+            raise TdcError(f"recv on rank {dst} from rank {src} (tag {tag}): no matching send was executed before it")
+        x = q.pop(0)
+        if TensorType.of(x) != want:
+            raise TdcError(f"recv on rank {dst} from rank {src} (tag {tag}): expected {want}, got {TensorType.of(x)}")
+        return x
+
+
+def _placed_on(node, rank: int) -> bool:
+    """A node with placement 'rank:N' runs only on rank N; without placement, on every rank."""
+    p = node.placement
+    if p is None or not p.startswith("rank:"):
+        return True
+    return int(p.split(":", 1)[1]) == rank
+
+
+def run_ranks(graph: Graph, feeds: list[dict[Value, np.ndarray]]) -> list[dict[Value, np.ndarray]]:
+    """Run the graph on len(feeds) simulated ranks. feeds[r] maps every argument to its array.
+    Returns each rank's environment (all computed values)."""
+    world = len(feeds)
+    envs = [dict(f) for f in feeds]
+    mailbox = Mailbox()
+    for node in graph.nodes:
+        opdef = node.opdef
+        ranks = [r for r in range(world) if _placed_on(node, r)]
+        if opdef.collective:
+            per_rank = [[envs[r][v] for v in node.inputs] for r in ranks]
+            results = opdef.ref(per_rank, ranks=ranks, **node.attrs)
+            for r, out in zip(ranks, results):
+                _store(envs[r], node, out)
+            continue
+        for r in ranks:
+            ins = [envs[r][v] for v in node.inputs]
+            if node.op == "send":
+                mailbox.put(r, node.attrs["dst"], node.attrs["tag"], ins[0])
+                continue
+            if node.op == "recv":
+                out = mailbox.take(node.attrs["src"], r, node.attrs["tag"], node.outputs[0].type)
+            else:
+                out = opdef.ref(*ins, **node.attrs)
+            _store(envs[r], node, out)
+    return envs
+
+
+def _store(env, node, out):
+    outs = out if isinstance(out, tuple) else (out,)
+    if len(outs) != len(node.outputs):
+        raise TdcError(f"internal: {node.op} reference returned {len(outs)} values, expected {len(node.outputs)}")
+    for v, x in zip(node.outputs, outs):
+        x = np.asarray(x)
+        if x.shape != v.type.shape or x.dtype != v.type.np_dtype:
+            raise TdcError(f"internal: {node.op} reference gave {TensorType.of(x) if x.dtype.kind in 'biuf' else x.dtype}, "
+                           f"inferred {v.type}")
+        env[v] = x
+
+
+def run(graph: Graph, feed: dict[Value, np.ndarray]) -> dict[Value, np.ndarray]:
+    return run_ranks(graph, [feed])[0]
+
+
+class ReferenceExecutable:
+    """`exe(**inputs)` -> {output name: array}. Params, consts and state are held by the
+    executable (set from a dict or initialised from a seed); updates are written back after each call."""
+
+    backend = "reference"
+
+    def __init__(self, graph: Graph, params: dict[str, np.ndarray] | None = None, seed: int = 0):
+        from ..runtime.init import init_params
+        self.graph = graph
+        values = init_params(graph, seed) if params is None else {}
+        if params is not None:
+            values = {**init_params(graph, seed, only_missing=params), **params}
+        self.state: dict[str, np.ndarray] = {}
+        for a in graph.args:
+            if a.kind != "input":
+                if a.name not in values:
+                    raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
+                self.state[a.name] = check_feed(a, values[a.name], a.kind)
+
+    def feed(self, inputs: dict) -> dict[Value, np.ndarray]:
+        names = {a.name for a in self.graph.inputs}
+        unknown = set(inputs) - names
+        if unknown:
+            raise TdcError(f"unknown input {sorted(unknown)[0]!r}; the graph takes: "
+                           + ", ".join(f"{a.name}: {a.type}" for a in self.graph.inputs))
+        feed = {}
+        for a in self.graph.args:
+            if a.kind == "input":
+                if a.name not in inputs:
+                    raise TdcError(f"missing input {a.name}: {a.type}; the graph takes: "
+                                   + ", ".join(f"{x.name}: {x.type}" for x in self.graph.inputs))
+                feed[a] = check_feed(a, inputs[a.name], "input")
+            else:
+                feed[a] = self.state[a.name]
+        return feed
+
+    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+        env = run(self.graph, self.feed(inputs))
+        for target, v in self.graph.updates:
+            self.state[target.name] = env[v]
+        return {name: env[v] for name, v in self.graph.outputs}

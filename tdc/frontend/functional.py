@@ -1,0 +1,251 @@
+"""The DSL's functions: one per op (plus a few conveniences), recording into the current graph.
+
+Every function takes tensors (or Python numbers, which become constants of the
+dtype of the tensor beside them) and returns tensors. Attribute conveniences
+(an int stride for both dims, a symmetric pad) are expanded here; the op
+registry checks everything else.
+"""
+from __future__ import annotations
+
+import builtins
+
+import numpy as np
+
+from ..errors import ShapeError
+from .tensor import Builder, Tensor
+
+
+def _b(*xs) -> Builder:
+    for x in xs:
+        if isinstance(x, Tensor):
+            return x.builder
+    return Builder.current()
+
+
+def apply(op: str, *inputs, **attrs):
+    """Record any registered op: apply("relu", x), apply("conv2d", x, w, stride=[2, 2])."""
+    return _b(*inputs).apply(op, list(inputs), attrs)
+
+
+def constant(value, dtype: str | None = None) -> Tensor:
+    return Builder.current().constant(value, dtype)
+
+
+def full(shape, value: float = 0.0, dtype: str = "f32") -> Tensor:
+    return apply("full", shape=tuple(shape), value=value, dtype=dtype)
+
+
+def zeros_like(x: Tensor) -> Tensor:
+    return x.builder.apply("full", [], {"shape": x.shape, "value": 0.0, "dtype": x.dtype})
+
+
+def ones_like(x: Tensor) -> Tensor:
+    return x.builder.apply("full", [], {"shape": x.shape, "value": 1.0, "dtype": x.dtype})
+
+
+# ---- elementwise -------------------------------------------------------------
+def add(a, b): return apply("add", a, b)
+def sub(a, b): return apply("sub", a, b)
+def mul(a, b): return apply("mul", a, b)
+def div(a, b): return apply("div", a, b)
+def pow(a, b): return apply("pow", a, b)
+def maximum(a, b): return apply("maximum", a, b)
+def minimum(a, b): return apply("minimum", a, b)
+def where(cond, a, b): return apply("where", cond, a, b)
+def neg(x): return apply("neg", x)
+def abs(x): return apply("abs", x)
+def sign(x): return apply("sign", x)
+def exp(x): return apply("exp", x)
+def log(x): return apply("log", x)
+def sqrt(x): return apply("sqrt", x)
+def rsqrt(x): return apply("rsqrt", x)
+def relu(x): return apply("relu", x)
+def leaky_relu(x, alpha: float = 0.01): return apply("leaky_relu", x, alpha=alpha)
+def sigmoid(x): return apply("sigmoid", x)
+def tanh(x): return apply("tanh", x)
+def cast(x, to: str): return apply("cast", x, to=to)
+def square(x): return x * x
+
+
+def clip(x, lo=None, hi=None):
+    if lo is not None:
+        x = maximum(x, lo)
+    if hi is not None:
+        x = minimum(x, hi)
+    return x
+
+
+# ---- linear algebra ---------------------------------------------------------------
+def matmul(a, b): return apply("matmul", a, b)
+
+
+def linear(x, w, b=None):
+    """x @ w.T (+ b): w is [out, in], as in PyTorch and ONNX Gemm(transB=1)."""
+    return apply("linear", *([x, w] if b is None else [x, w, b]))
+
+
+# ---- convolution and pooling --------------------------------------------------------
+def _pair(v, name):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _pads(pad):
+    """An int (all sides), (ph, pw) (symmetric) or (top, left, bottom, right)."""
+    if isinstance(pad, int):
+        return (pad,) * 4
+    pad = tuple(pad)
+    if len(pad) == 2:
+        return (pad[0], pad[1], pad[0], pad[1])
+    return pad
+
+
+def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, groups: int = 1, algo: str = "auto"):
+    """NCHW convolution; w is [Cout, Cin/groups, kh, kw]; pad is (top, left, bottom, right)."""
+    return apply("conv2d", *([x, w] if b is None else [x, w, b]), stride=_pair(stride, "stride"),
+                 pad=_pads(pad), dilation=_pair(dilation, "dilation"), groups=groups, algo=algo)
+
+
+def maxpool2d(x, kernel, stride=None, pad=0, dilation=1, ceil_mode: bool = False):
+    kernel = _pair(kernel, "kernel")
+    return apply("maxpool2d", x, kernel=kernel, stride=kernel if stride is None else _pair(stride, "stride"),
+                 pad=_pads(pad), dilation=_pair(dilation, "dilation"), ceil_mode=ceil_mode)
+
+
+def avgpool2d(x, kernel, stride=None, pad=0, ceil_mode: bool = False, count_include_pad: bool = False):
+    kernel = _pair(kernel, "kernel")
+    return apply("avgpool2d", x, kernel=kernel, stride=kernel if stride is None else _pair(stride, "stride"),
+                 pad=_pads(pad), ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+
+
+def global_avgpool(x): return apply("global_avgpool", x)
+
+
+# ---- normalization, dropout -----------------------------------------------------------
+def batchnorm(x, gamma, beta, mean, var, eps: float = 1e-5, momentum: float = 0.9, training: bool = False):
+    """Inference: one output. Training: (y, new running mean, new running var)."""
+    return apply("batchnorm", x, gamma, beta, mean, var, eps=eps, momentum=momentum, training=training)
+
+
+def dropout(x, key, rate: float = 0.5, seed: int = 0):
+    """Zero each element with probability `rate` (scale the rest by 1/(1-rate)).
+    The mask is a hash of (seed, key, element index): the same on every backend."""
+    return apply("dropout", x, key, rate=rate, seed=seed)
+
+
+# ---- shape --------------------------------------------------------------------------
+def reshape(x, shape): return apply("reshape", x, shape=tuple(shape))
+def transpose(x, perm=None): return apply("transpose", x, perm=tuple(perm) if perm is not None else tuple(range(x.ndim))[::-1])
+def flatten(x, axis: int = 1): return apply("flatten", x, axis=axis)
+def concat(xs, axis: int = 0): return apply("concat", *xs, axis=axis)
+
+
+def slice(x, starts, ends, steps=None):
+    """x[starts[i]:ends[i]:steps[i]] on every dim (Python rules for negative and out-of-range bounds)."""
+    starts, ends = list(starts), list(ends)
+    steps = list(steps) if steps is not None else [1] * len(starts)
+    if not (len(starts) == len(ends) == len(steps) == x.ndim):
+        raise ShapeError(f"slice of {x.type} needs {x.ndim} starts, ends and steps")
+    s, e = [], []
+    for i, (a, b, st) in enumerate(zip(starts, ends, steps)):
+        if st < 1:
+            raise ShapeError(f"slice of {x.type}: step {st} on dim {i}: steps must be >= 1")
+        a, b, _ = builtins.slice(a, b, st).indices(x.shape[i])
+        s.append(a)
+        e.append(builtins.max(a, b))
+    return apply("slice", x, starts=s, ends=e, steps=steps)
+
+
+
+
+def getitem(x, idx):
+    """Basic indexing: ints, slices (step >= 1), Ellipsis and None."""
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    if builtins.sum(i is Ellipsis for i in idx) > 1:
+        raise ShapeError("only one ... is allowed in an index")
+    n_real = builtins.sum(1 for i in idx if i is not None and i is not Ellipsis)
+    if n_real > x.ndim:
+        raise ShapeError(f"too many indices for {x.type}")
+    full_idx = []
+    for i in idx:
+        if i is Ellipsis:
+            full_idx.extend([builtins.slice(None)] * (x.ndim - n_real))
+        else:
+            full_idx.append(i)
+    full_idx.extend([builtins.slice(None)] * (x.ndim - builtins.sum(1 for i in full_idx if i is not None)))
+    starts, ends, steps, out_shape = [], [], [], []
+    dim = 0
+    for i in full_idx:
+        if i is None:
+            out_shape.append(1)
+            continue
+        n = x.shape[dim]
+        if isinstance(i, builtins.slice):
+            a, b, st = i.indices(n)
+            if st < 1:
+                raise ShapeError(f"index of {x.type}: negative steps are not supported")
+            starts.append(a); ends.append(builtins.max(a, b)); steps.append(st)
+            out_shape.append(len(range(a, builtins.max(a, b), st)))
+        elif isinstance(i, (int, np.integer)):
+            j = int(i) + n if i < 0 else int(i)
+            if not 0 <= j < n:
+                raise ShapeError(f"index {i} is out of range for dim {dim} of {x.type}")
+            starts.append(j); ends.append(j + 1); steps.append(1)
+        else:
+            raise ShapeError(f"unsupported index {i!r}: use ints, slices, ... and None")
+        dim += 1
+    y = apply("slice", x, starts=starts, ends=ends, steps=steps)
+    return y if tuple(y.shape) == tuple(out_shape) else reshape(y, out_shape)
+
+
+def pad(x, pads, value: float = 0.0):
+    """pads = (begin_0, ..., begin_n-1, end_0, ..., end_n-1), as in ONNX; constant mode."""
+    return apply("pad", x, pads=tuple(pads), value=value)
+
+
+# ---- reductions -------------------------------------------------------------------
+def _axes(axes):
+    if axes is None:
+        return None
+    return (axes,) if isinstance(axes, int) else tuple(axes)
+
+
+def sum(x, axes=None, keepdims: bool = False): return apply("reduce_sum", x, axes=_axes(axes), keepdims=keepdims)
+def mean(x, axes=None, keepdims: bool = False): return apply("reduce_mean", x, axes=_axes(axes), keepdims=keepdims)
+def max(x, axes=None, keepdims: bool = False): return apply("reduce_max", x, axes=_axes(axes), keepdims=keepdims)
+
+
+def sum_to(x: Tensor, shape) -> Tensor:
+    """Sum x over the dims that broadcasting expanded, so the result has `shape` (undoes broadcasting)."""
+    shape = tuple(shape)
+    if x.shape == shape:
+        return x
+    lead = x.ndim - len(shape)
+    axes = list(range(lead)) + [lead + i for i, d in enumerate(shape) if d == 1 and x.shape[lead + i] != 1]
+    y = sum(x, axes, keepdims=True) if axes else x
+    return reshape(y, shape) if y.shape != shape else y
+
+
+def softmax(x, axis: int = -1): return apply("softmax", x, axis=axis)
+def log_softmax(x, axis: int = -1): return apply("log_softmax", x, axis=axis)
+
+
+# ---- losses -----------------------------------------------------------------------
+def softmax_cross_entropy(logits, labels):
+    """Mean over the batch of -log softmax(logits)[label]; labels are integers in [0, C)."""
+    return apply("softmax_cross_entropy", logits, labels)
+
+
+def mse(pred, target):
+    """Mean of (pred - target)^2 over all elements."""
+    return apply("mse", pred, target)
+
+
+# ---- communication (simulated ranks in the reference interpreter, MPI in backends) ---
+def allreduce(x, op: str = "sum"): return apply("allreduce", x, op=op)
+def broadcast(x, root: int = 0): return apply("broadcast", x, root=root)
+def send(x, dst: int, tag: int = 0): return apply("send", x, dst=dst, tag=tag)
+
+
+def recv(shape, dtype: str = "f32", src: int = 0, tag: int = 0):
+    return apply("recv", shape=tuple(shape), dtype=dtype, src=src, tag=tag)

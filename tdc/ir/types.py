@@ -1,0 +1,88 @@
+"""Tensor types: a dtype and a static shape."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import TdcError
+
+# IR name -> numpy dtype. The order is the promotion order used by `result_dtype`.
+DTYPES = {
+    "bool": np.dtype(np.bool_),
+    "i8": np.dtype(np.int8),
+    "i32": np.dtype(np.int32),
+    "i64": np.dtype(np.int64),
+    "f16": np.dtype(np.float16),
+    "f32": np.dtype(np.float32),
+    "f64": np.dtype(np.float64),
+}
+_BY_NUMPY = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = ("f16", "f32", "f64")
+INT_DTYPES = ("i8", "i32", "i64")
+
+
+def dtype_name(dt) -> str:
+    """The IR name of a dtype given as IR name, numpy dtype or numpy scalar type."""
+    if isinstance(dt, str) and dt in DTYPES:
+        return dt
+    try:
+        return _BY_NUMPY[np.dtype(dt)]
+    except (TypeError, KeyError):
+        raise TdcError(f"unsupported dtype {dt!r}; tdc supports {', '.join(DTYPES)}") from None
+
+
+def is_float(dtype: str) -> bool:
+    return dtype in FLOAT_DTYPES
+
+
+def is_int(dtype: str) -> bool:
+    return dtype in INT_DTYPES
+
+
+@dataclass(frozen=True)
+class TensorType:
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise TdcError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        shape = tuple(self.shape)
+        for d in shape:
+            if not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 0:
+                raise TdcError(f"bad dimension {d!r} in shape {shape}: dimensions are integers >= 0")
+        object.__setattr__(self, "shape", tuple(int(d) for d in shape))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * DTYPES[self.dtype].itemsize
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return DTYPES[self.dtype]
+
+    def with_shape(self, shape) -> "TensorType":
+        return TensorType(self.dtype, tuple(shape))
+
+    def with_dtype(self, dtype: str) -> "TensorType":
+        return TensorType(dtype, self.shape)
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{','.join(map(str, self.shape))}]"
+
+    @staticmethod
+    def of(array) -> "TensorType":
+        a = np.asarray(array)
+        return TensorType(dtype_name(a.dtype), a.shape)

@@ -1,0 +1,234 @@
+"""The op registry: every op is defined once, here, and every stage reads it.
+
+An `OpDef` holds an op's attributes (with defaults and validation), its shape
+and dtype inference (which the verifier also uses), its numpy reference
+semantics, its gradient rule (a VJP written in tdc ops), its cost, and its
+lowerings per backend. Op families live in the sibling modules.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ShapeError, TdcError
+from ..ir.types import DTYPES, TensorType
+
+REQUIRED = object()
+ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "dtype", "tensor")
+
+
+@dataclass
+class Attr:
+    kind: str
+    default: Any = REQUIRED
+    choices: tuple | None = None   # allowed values for str attributes
+    length: int | None = None      # fixed length for ints/floats; a scalar is repeated
+    optional: bool = False         # None is a valid value (e.g. axes=None: all axes)
+    doc: str = ""
+
+    def normalize(self, value, where: str):
+        if value is None:
+            if self.optional:
+                return None
+            raise ShapeError(f"{where} must be given")
+        k = self.kind
+        try:
+            if k == "int":
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                    raise ValueError("an integer")
+                return int(value)
+            if k == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                    raise ValueError("a number")
+                return float(value)
+            if k == "bool":
+                if not isinstance(value, (bool, np.bool_)):
+                    raise ValueError("true or false")
+                return bool(value)
+            if k in ("str", "dtype"):
+                if not isinstance(value, str):
+                    raise ValueError("a string")
+                allowed = tuple(DTYPES) if k == "dtype" else self.choices
+                if allowed and value not in allowed:
+                    raise ValueError("one of " + ", ".join(repr(c) for c in allowed))
+                return value
+            if k in ("ints", "floats"):
+                scalar = int if k == "ints" else float
+                if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+                    if self.length is None:
+                        raise ValueError("a list")
+                    value = [value] * self.length
+                if isinstance(value, np.ndarray):
+                    value = value.tolist()
+                if not isinstance(value, (list, tuple)):
+                    raise ValueError("a list")
+                out = []
+                for x in value:
+                    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
+                        raise ValueError(f"a list of {'integers' if k == 'ints' else 'numbers'}")
+                    if k == "ints" and not float(x).is_integer():
+                        raise ValueError("a list of integers")
+                    out.append(scalar(x))
+                if self.length is not None and len(out) != self.length:
+                    raise ValueError(f"a list of {self.length}")
+                return tuple(out)
+            if k == "tensor":
+                return np.asarray(value)
+        except ValueError as e:
+            raise ShapeError(f"{where} must be {e}, got {value!r}") from None
+        raise TdcError(f"internal: unknown attribute kind {k}")
+
+
+def attrs_key(attrs: dict) -> tuple:
+    """A hashable form of normalized attributes (for CSE and equality)."""
+    items = []
+    for k in sorted(attrs):
+        v = attrs[k]
+        if isinstance(v, np.ndarray):
+            v = ("tensor", v.dtype.str, v.shape, v.tobytes())
+        elif isinstance(v, float) and math.isnan(v):
+            v = ("nan",)
+        items.append((k, v))
+    return tuple(items)
+
+
+@dataclass
+class OpDef:
+    name: str
+    family: str
+    infer: Callable                     # (in_types, **attrs) -> TensorType | list[TensorType]
+    ref: Callable                       # (*arrays, **attrs) -> array | tuple of arrays
+    arity: tuple[int, int | None] = (1, 1)   # (min, max); max None = variadic
+    attrs: dict[str, Attr] = field(default_factory=dict)
+    grad: Callable | None = None        # (ctx, *input tensors) -> list of input grads (or None)
+    cost: Callable | None = None        # (in_types, out_types, **attrs) -> flops
+    nondiff: tuple[int, ...] = ()       # input positions that never get a gradient (labels, keys)
+    side_effect: bool = False           # never removed by DCE (send)
+    collective: bool = False            # ref runs over all simulated ranks at once
+    doc: str = ""
+    lowerings: dict[str, Callable] = field(default_factory=dict)
+
+    def normalize_attrs(self, attrs: dict) -> dict:
+        unknown = set(attrs) - set(self.attrs)
+        if unknown:
+            known = ", ".join(self.attrs) or "none"
+            raise ShapeError(f"{self.name}: unknown attribute {sorted(unknown)[0]!r} (it takes: {known})")
+        out = {}
+        for name, spec in self.attrs.items():
+            if name in attrs:
+                out[name] = spec.normalize(attrs[name], f"{self.name}: attribute {name}")
+            elif spec.default is REQUIRED:
+                raise ShapeError(f"{self.name}: attribute {name!r} is required")
+            else:
+                out[name] = spec.default
+        return out
+
+    def infer_types(self, in_types: list[TensorType], attrs: dict) -> list[TensorType]:
+        lo, hi = self.arity
+        n = len(in_types)
+        if n < lo or (hi is not None and n > hi):
+            want = f"{lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+            raise ShapeError(f"{self.name} takes {want} inputs, got {n}")
+        try:
+            out = self.infer(in_types, **attrs)
+        except ShapeError as e:
+            raise ShapeError(f"{self.name}: {e} (inputs: {', '.join(map(str, in_types)) or 'none'})") from None
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def non_default_attrs(self, attrs: dict) -> dict:
+        """The attributes that differ from their defaults (what the printer shows)."""
+        out = {}
+        for k, v in attrs.items():
+            d = self.attrs[k].default
+            if d is REQUIRED or attrs_key({k: v}) != attrs_key({k: d}):
+                out[k] = v
+        return out
+
+
+_REGISTRY: dict[str, OpDef] = {}
+
+
+def register(opdef: OpDef) -> OpDef:
+    if opdef.name in _REGISTRY:
+        raise TdcError(f"internal: op {opdef.name} registered twice")
+    _REGISTRY[opdef.name] = opdef
+    return opdef
+
+
+def defop(name: str, family: str, **kw) -> OpDef:
+    return register(OpDef(name=name, family=family, **kw))
+
+
+def get_op(name: str) -> OpDef:
+    _load_families()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ShapeError(f"unknown op {name!r}") from None
+
+
+def all_ops() -> dict[str, OpDef]:
+    _load_families()
+    return dict(_REGISTRY)
+
+
+_loaded = False
+
+
+def _load_families():
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from . import comm, conv, elementwise, linalg, loss, norm, pool, reduce, shape  # noqa: F401
+
+
+# ---- helpers shared by op families ------------------------------------------
+
+def fail(msg: str):
+    raise ShapeError(msg)
+
+
+def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    rank = max((len(s) for s in shapes), default=0)
+    out = []
+    for i in range(rank):
+        dims = {s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0}
+        dims.discard(1)
+        if len(dims) > 1:
+            fail("shapes " + " and ".join(str(list(s)) for s in shapes) + " do not broadcast")
+        out.append(dims.pop() if dims else 1)
+    return tuple(out)
+
+
+def same_dtype(types: list[TensorType]) -> str:
+    dts = {t.dtype for t in types}
+    if len(dts) != 1:
+        fail("dtypes differ: " + ", ".join(sorted(dts)) + " (insert a cast)")
+    return dts.pop()
+
+
+def need_float(t: TensorType, what: str = "input"):
+    if t.dtype not in ("f16", "f32", "f64"):
+        fail(f"{what} must be a float tensor, got {t}")
+
+
+def norm_axis(axis: int, rank: int) -> int:
+    if not -rank <= axis < max(rank, 1):
+        fail(f"axis {axis} is out of range for rank {rank}")
+    return axis % rank if rank else 0
+
+
+def norm_axes(axes, rank: int) -> tuple[int, ...]:
+    if axes is None:
+        return tuple(range(rank))
+    out = tuple(sorted({norm_axis(a, rank) for a in axes}))
+    if len(out) != len(axes):
+        fail(f"repeated axis in {list(axes)}")
+    return out
+
+
+def numel(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
