@@ -1,0 +1,15 @@
+"""Backends share one interface: `exe = tdc.compile(graph, backend=...)`, `outputs = exe(**inputs)`."""
+from __future__ import annotations
+
+from ..errors import TdcError
+
+BACKENDS = ("reference",)
+
+
+def compile(graph, backend: str = "reference", params=None, seed: int = 0):
+    """Compile `graph` for `backend`. Params, consts and state come from `params` (name -> array)
+    and, for any not given, from their initializers seeded with `seed`."""
+    if backend == "reference":
+        from .reference import ReferenceExecutable
+        return ReferenceExecutable(graph, params, seed)
+    raise TdcError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")

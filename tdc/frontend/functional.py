@@ -22,7 +22,7 @@ def _b(*xs) -> Builder:
     return Builder.current()
 
 
-def apply(op: str, *inputs, **attrs):
+def apply(op: str, /, *inputs, **attrs):
     """Record any registered op: apply("relu", x), apply("conv2d", x, w, stride=[2, 2])."""
     return _b(*inputs).apply(op, list(inputs), attrs)
 
@@ -135,6 +135,7 @@ def dropout(x, key, rate: float = 0.5, seed: int = 0):
 # ---- shape --------------------------------------------------------------------------
 def reshape(x, shape): return apply("reshape", x, shape=tuple(shape))
 def transpose(x, perm=None): return apply("transpose", x, perm=tuple(perm) if perm is not None else tuple(range(x.ndim))[::-1])
+def broadcast_to(x, shape): return apply("broadcast_to", x, shape=tuple(shape))
 def flatten(x, axis: int = 1): return apply("flatten", x, axis=axis)
 def concat(xs, axis: int = 0): return apply("concat", *xs, axis=axis)
 
@@ -249,3 +250,7 @@ def send(x, dst: int, tag: int = 0): return apply("send", x, dst=dst, tag=tag)
 
 def recv(shape, dtype: str = "f32", src: int = 0, tag: int = 0):
     return apply("recv", shape=tuple(shape), dtype=dtype, src=src, tag=tag)
+
+
+__all__ = [n for n, v in list(globals().items())
+           if callable(v) and getattr(v, "__module__", None) == __name__ and not n.startswith("_")]

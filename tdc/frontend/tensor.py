@@ -111,7 +111,9 @@ class Builder:
             return x.value
         if isinstance(x, Value):
             return x
-        like = next((p for p in peers if isinstance(p, Tensor)), None)
+        # prefer a non-bool neighbour: in where(cond, x, 0.0) the 0.0 takes x's dtype
+        tensors = [p for p in peers if isinstance(p, Tensor)]
+        like = next((p for p in tensors if p.dtype != "bool"), tensors[0] if tensors else None)
         if isinstance(x, (bool, int, float, np.number)) and like is not None:
             dt = like.dtype
             if isinstance(x, float) and not dt.startswith("f"):

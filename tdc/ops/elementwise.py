@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import TdcError
 from ..ir.types import TensorType, is_float
 from .registry import Attr, broadcast_shapes, defop, fail, need_float, numel, same_dtype
 from ..frontend import functional as F
@@ -76,10 +77,13 @@ def _minmax_grad(pick_a_when):
 
 def _int_safe_div(a, b):
     if np.issubdtype(a.dtype, np.integer):
-        # C semantics (truncate toward zero), as the compiled backends compute it
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.trunc(a.astype(np.float64) / b.astype(np.float64))
-        return q
+        # C semantics (truncate toward zero), as the compiled backends compute it. Computed in
+        # integers (a float64 quotient is inexact beyond 2**53); x / 0 gives 0 instead of trapping.
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            q = np.floor_divide(a, b)
+            r = np.remainder(a, b)
+        q = q + ((r != 0) & ((a < 0) != (b < 0)))   # floor -> trunc for inexact negative quotients
+        return np.where(b == 0, 0, q)
     return np.divide(a, b)
 
 
@@ -99,7 +103,7 @@ defop("sub", "elementwise", arity=(2, 2), infer=_no_bool("sub"), ref=_keep_dtype
 defop("mul", "elementwise", arity=(2, 2), infer=_no_bool("mul"), ref=_keep_dtype(np.multiply), grad=_mul_grad,
       cost=_ew_cost(1), doc="a * b")
 defop("div", "elementwise", arity=(2, 2), infer=_no_bool("div"), ref=_keep_dtype(_int_safe_div), grad=_div_grad,
-      cost=_ew_cost(1), doc="a / b (integer division truncates toward zero)")
+      cost=_ew_cost(1), doc="a / b (integer division truncates toward zero; integer x / 0 is 0)")
 
 
 def _pow_infer(ins, **a):
@@ -189,7 +193,10 @@ defop("cast", "elementwise", attrs={"to": Attr("dtype")}, infer=lambda ins, to: 
 
 
 def _constant_infer(ins, value):
-    return TensorType.of(value)
+    try:
+        return TensorType.of(value)
+    except TdcError as e:   # e.g. an unsupported numpy dtype
+        fail(str(e))
 
 
 defop("constant", "elementwise", arity=(0, 0), attrs={"value": Attr("tensor")}, infer=_constant_infer,
@@ -197,6 +204,8 @@ defop("constant", "elementwise", arity=(0, 0), attrs={"value": Attr("tensor")}, 
 
 
 def _full_infer(ins, shape, value, dtype):
+    if any(d < 0 for d in shape):
+        fail(f"shape {list(shape)} has a negative dimension")
     return TensorType(dtype, shape)
 
 

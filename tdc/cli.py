@@ -1,0 +1,215 @@
+"""The `tdc` command line.
+
+Errors print as one line on stderr and exit non-zero; `--debug` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from . import __version__
+from .errors import TdcError
+
+MODEL_HELP = "FILE.py[:NAME] (a Python file with @tdc.model functions) or FILE.tdc (IR text)"
+
+
+def _add_model(p: argparse.ArgumentParser):
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--batch", type=int, default=None, metavar="B",
+                   help="batch size to trace the model at (default: the model's own)")
+
+
+def _add_training(p: argparse.ArgumentParser):
+    p.add_argument("--loss", default="softmax_cross_entropy", choices=("softmax_cross_entropy", "mse"),
+                   help="loss appended for training (default: softmax_cross_entropy)")
+    p.add_argument("--optimizer", default="adam",
+                   choices=("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"),
+                   help="optimizer whose update rules go into the training graph (default: adam)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="tdc", description="tdc: compile tensor dataflow models (Python DSL, IR text) and run or train them.",
+        epilog="Run `tdc COMMAND --help` for a command's options. Examples:\n"
+               "  tdc dump examples/lenet.py\n"
+               "  tdc dump examples/lenet.py --after autodiff\n"
+               "  tdc run examples/mlp.py --random-inputs --seed 1\n"
+               "  tdc train examples/digits.py --epochs 10",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"tdc {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("dump", help="print a model's IR, optionally after compiler passes",
+                       description="Print the IR of a model: as traced, or after a pass of the inference "
+                                   "pipeline (dce,cse) or the training pipeline (loss,autodiff,optimizer,dce,cse).")
+    _add_model(d)
+    g = d.add_mutually_exclusive_group()
+    g.add_argument("--after", metavar="PASS", help="run the pipeline up to PASS and print the result "
+                   "(a training pass such as autodiff selects the training pipeline)")
+    g.add_argument("--all", action="store_true", help="print the IR before and after every pass")
+    d.add_argument("--train", action="store_true", help="use the training pipeline")
+    _add_training(d)
+    d.add_argument("--format", choices=("text", "dot"), default="text", help="IR text or Graphviz DOT")
+    d.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+
+    r = sub.add_parser("run", help="run a model on inputs and print or save its outputs",
+                       description="Run a model's inference graph. Params come from --weights or are "
+                                   "initialised from --seed.")
+    _add_model(r)
+    r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input array")
+    r.add_argument("--random-inputs", action="store_true", help="feed seeded random inputs of the right shapes")
+    r.add_argument("--save-inputs", metavar="DIR", help="write the inputs used as DIR/NAME.npy")
+    r.add_argument("--seed", type=int, default=0, help="seed for param initialisation and random inputs")
+    r.add_argument("--weights", metavar="FILE.npz", help="params (and state) saved by tdc")
+    r.add_argument("--backend", default="reference", help="backend to run on (default: reference)")
+    r.add_argument("--output", action="append", default=[], metavar="[NAME=]FILE.npy",
+                   help="save an output (the first one when NAME is not given)")
+
+    sub.add_parser("ops", help="list the ops tdc knows, with their attributes")
+
+    from .runtime.trainer import add_train_arguments
+    t = sub.add_parser("train", help="train a model on a data set",
+                       description="Train a model: the training step (forward, loss, backward and "
+                                   "optimizer update) is one compiled graph.")
+    add_train_arguments(t)
+    return ap
+
+
+def cmd_dump(args) -> int:
+    from .ir.dot import to_dot
+    from .ir.printer import print_graph
+    from .passes.manager import PassContext, Pipeline, get_pass
+    from .passes.optimizer import Optimizer
+    from .passes.training import training_pipeline
+    from .runtime.loader import Source
+
+    src = Source(args.model)
+    inference = Pipeline([get_pass("dce"), get_pass("cse")])
+    training = training_pipeline(args.loss, Optimizer(args.optimizer))
+    names_inf = [p.name for p in inference.passes]
+    names_train = [p.name for p in training.passes]
+    if args.after and args.after not in names_inf + names_train:
+        raise TdcError(f"unknown pass {args.after!r}; the inference pipeline is {','.join(names_inf)} and the "
+                       f"training pipeline is {','.join(names_train)}")
+    train = args.train or (args.after is not None and args.after not in names_inf)
+    pipeline = training if train else inference
+    graph = src.graph(args.batch, training=train)
+    fmt = (lambda g: to_dot(g)) if args.format == "dot" else print_graph
+    chunks = []
+    if args.all:
+        chunks.append(f"// ----- {src.name}: as traced -----\n{fmt(graph)}")
+        ctx = PassContext(dump_after="all", dump=lambda name, g: chunks.append(f"// ----- after {name} -----\n{fmt(g)}"))
+        pipeline.run(graph, ctx)
+    elif args.after:
+        upto = [p.name for p in pipeline.passes].index(args.after) + 1
+        graph = Pipeline(pipeline.passes[:upto]).run(graph)
+        chunks.append(fmt(graph))
+    else:
+        chunks.append(fmt(graph))
+    text = "\n".join(c.rstrip("\n") + "\n" for c in chunks)
+    if args.output:
+        from .runtime.weights import atomic_write
+        atomic_write(args.output, lambda f: f.write(text.encode()))
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _parse_named(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for it in items:
+        name, sep, path = it.partition("=")
+        if not sep or not name or not path:
+            raise TdcError(f"{flag} {it!r}: expected NAME=FILE.npy")
+        out[name] = path
+    return out
+
+
+def _summary(name: str, x: np.ndarray) -> str:
+    from .ir.types import TensorType
+    head = np.array2string(x.reshape(-1)[:6], precision=5, separator=", ")
+    s = f"{name}: {TensorType.of(x)}"
+    if x.size and x.dtype.kind in "fiu":
+        s += f"  min {x.min():.6g}  mean {x.mean():.6g}  max {x.max():.6g}"
+    return s + f"  first {head}"
+
+
+def cmd_run(args) -> int:
+    from .backends import compile
+    from .runtime.inputs import random_inputs, read_npy
+    from .runtime.loader import Source
+    from .runtime.weights import atomic_write, load_weights
+
+    src = Source(args.model)
+    graph = src.graph(args.batch)
+    expected = ", ".join(f"{a.name}: {a.type}" for a in graph.inputs)
+    given = {k: read_npy(p) for k, p in _parse_named(args.input, "--input").items()}
+    if args.random_inputs:
+        given = {**random_inputs(graph, args.seed), **given}
+    missing = [a.name for a in graph.inputs if a.name not in given]
+    if missing:
+        raise TdcError(f"missing input {', '.join(missing)}; {src.name} takes {expected} "
+                       "(give --input NAME=FILE.npy or --random-inputs)")
+    params = load_weights(args.weights, graph) if args.weights else None
+    exe = compile(graph, backend=args.backend, params=params, seed=args.seed)
+    outputs = exe(**given)
+    if args.save_inputs:
+        os.makedirs(args.save_inputs, exist_ok=True)
+        for a in graph.inputs:
+            arr = np.asarray(given[a.name]).astype(a.type.np_dtype)
+            atomic_write(os.path.join(args.save_inputs, a.name + ".npy"), lambda f, arr=arr: np.save(f, arr))
+    for name, x in outputs.items():
+        print(_summary(name, x))
+    out_names = [n for n, _ in graph.outputs]
+    for item in args.output:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = out_names[0], item
+        if name not in outputs:
+            raise TdcError(f"--output {item}: {src.name} has no output {name!r}; it has {', '.join(out_names)}")
+        atomic_write(path, lambda f, x=outputs[name]: np.save(f, x))
+    return 0
+
+
+def cmd_ops(args) -> int:
+    from .ops.registry import REQUIRED, all_ops
+    for name, op in sorted(all_ops().items(), key=lambda kv: (kv[1].family, kv[0])):
+        attrs = ", ".join(f"{k}" if a.default is REQUIRED else f"{k}={a.default!r}" for k, a in op.attrs.items())
+        print(f"{op.family:12s} {name}({attrs})  {op.doc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        ap = build_parser()
+        args = ap.parse_args(argv)
+        if not args.command:
+            ap.print_help()
+            return 2
+        if args.command == "train":
+            from .runtime.trainer import cmd_train
+            return cmd_train(args)
+        return {"dump": cmd_dump, "run": cmd_run, "ops": cmd_ops}[args.command](args)
+    except TdcError as e:
+        if debug:
+            raise
+        print(f"tdc: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tdc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:   # a bug in tdc: still one line unless --debug
+        if debug:
+            raise
+        print(f"tdc: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

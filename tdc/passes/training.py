@@ -1,0 +1,67 @@
+"""A training step as one graph: forward, loss, backward and update.
+
+    step = tdc.train_step(model, loss="softmax_cross_entropy", optimizer=Optimizer("adam", lr=1e-3))
+
+The step graph takes the model's inputs plus `y` (labels, or targets for mse) and
+`lr`; it returns `loss` and the model's output `out`, and updates params and state.
+Each stage is a pass, so `tdc dump --after loss|autodiff|optimizer` shows it.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+from ..errors import TdcError
+from ..frontend import functional as F
+from ..frontend.model import Model
+from ..frontend.tensor import Builder, Tensor
+from ..ir.graph import Graph
+from ..ir.types import TensorType
+from .autodiff import autodiff
+from .manager import Pass, PassContext, Pipeline, get_pass
+from .optimizer import Optimizer, add_optimizer
+
+LOSSES = ("softmax_cross_entropy", "mse")
+
+
+def add_loss(graph: Graph, loss: str = "softmax_cross_entropy", output: str | None = None) -> Graph:
+    """Append a loss on the model's output: a `y` input (integer labels for softmax_cross_entropy,
+    a target like the output for mse) and a scalar output `loss`."""
+    if loss not in LOSSES:
+        raise TdcError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+    g, _ = graph.map_copy()
+    if output is None:
+        if len(g.outputs) != 1:
+            raise TdcError(f"model {g.name} has several outputs ({', '.join(n for n, _ in g.outputs)}); "
+                           "say which one the loss applies to")
+        output = g.outputs[0][0]
+    out = g.output(output)
+    with Builder(g) as b:
+        pred = Tensor(out, b)
+        if loss == "softmax_cross_entropy":
+            if out.type.rank != 2:
+                raise TdcError(f"softmax_cross_entropy needs [batch, classes] logits; output {output} is {out.type}")
+            y = b.arg("y", TensorType("i64", out.type.shape[:1]), "input")
+            value = F.softmax_cross_entropy(pred, y)
+        else:
+            y = b.arg("y", out.type, "input")
+            value = F.mse(pred, y)
+        g.add_output("loss", value.value)
+    return g
+
+
+def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,
+                      simplify: bool = True) -> Pipeline:
+    opt = optimizer or Optimizer()
+    passes = [Pass("loss", partial(add_loss, loss=loss), "append the loss and its label input"),
+              Pass("autodiff", partial(autodiff, loss="loss"), "reverse-mode gradients of the loss"),
+              Pass("optimizer", partial(add_optimizer, opt=opt), f"{opt.name} updates of every param")]
+    if simplify:
+        passes += [get_pass("dce"), get_pass("cse")]
+    return Pipeline(passes)
+
+
+def train_step(model: Model | Graph, loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,
+               batch: int | None = None, ctx: PassContext | None = None) -> Graph:
+    """One graph doing forward, backward and update for `model` (a @tdc.model or a training-mode Graph)."""
+    g = model.trace(batch, training=True) if isinstance(model, Model) else model
+    return training_pipeline(loss, optimizer).run(g, ctx)
