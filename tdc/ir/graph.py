@@ -39,7 +39,7 @@ class Value:
 
 
 class Node:
-    __slots__ = ("op", "inputs", "attrs", "outputs", "placement", "loc")
+    __slots__ = ("op", "inputs", "attrs", "outputs", "placement", "loc", "group")
 
     def __init__(self, op: str, inputs: list[Value], attrs: dict, placement: str | None = None,
                  loc: str | None = None):
@@ -49,6 +49,7 @@ class Node:
         self.outputs: list[Value] = []
         self.placement = placement
         self.loc = loc            # "file.py:12" of the user's source line, when known
+        self.group: str | None = None   # the fused kernel this node belongs to (set by the fuse pass)
 
     @property
     def opdef(self):
@@ -195,6 +196,7 @@ class Graph:
             vmap[a] = g.add_arg(a.name, a.type, a.kind, a.attrs)
         for n in self.nodes:
             m = Node(n.op, [vmap[v] for v in n.inputs], dict(n.attrs), n.placement, n.loc)
+            m.group = n.group
             for v in n.outputs:
                 vmap[v] = Value(v.type, v.name, m, v.index)
                 m.outputs.append(vmap[v])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import TdcError
 from ..ir.types import TensorType, is_float
 from .registry import Attr, broadcast_shapes, defop, fail, need_float, numel, same_dtype
 from ..frontend import functional as F
@@ -193,10 +192,7 @@ defop("cast", "elementwise", attrs={"to": Attr("dtype")}, infer=lambda ins, to: 
 
 
 def _constant_infer(ins, value):
-    try:
-        return TensorType.of(value)
-    except TdcError as e:   # e.g. an unsupported numpy dtype
-        fail(str(e))
+    return TensorType.of(value)   # the tensor attribute only accepts tdc dtypes
 
 
 defop("constant", "elementwise", arity=(0, 0), attrs={"value": Attr("tensor")}, infer=_constant_infer,

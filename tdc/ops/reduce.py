@@ -37,7 +37,7 @@ def _np_axes(axes, ndim):
 
 
 def _count(shape, axes):
-    return numel([shape[i] for i in norm_axes(axes, len(shape))])
+    return numel([shape[i] for i in norm_axes(axes, len(shape)) if i < len(shape)])   # a scalar's axis 0 counts 1
 
 
 def _spread(ctx, x):

@@ -76,23 +76,30 @@ class Attr:
                     raise ValueError(f"a list of {self.length}")
                 return tuple(out)
             if k == "tensor":
-                return np.asarray(value)
+                arr = np.array(value)   # a private copy: the caller may mutate theirs
+                if arr.dtype not in DTYPES.values():
+                    raise ShapeError(f"{where}: unsupported dtype {arr.dtype}; tdc supports {', '.join(DTYPES)}")
+                arr.flags.writeable = False
+                return arr
         except ValueError as e:
             raise ShapeError(f"{where} must be {e}, got {value!r}") from None
         raise TdcError(f"internal: unknown attribute kind {k}")
 
 
+def _key(v):
+    # repr keeps -0.0 apart from 0.0 and makes nan equal to nan; the type tag keeps 1, 1.0 and True apart
+    if isinstance(v, np.ndarray):
+        return ("tensor", v.dtype.str, v.shape, v.tobytes())
+    if isinstance(v, (tuple, list)):
+        return tuple(_key(x) for x in v)
+    if isinstance(v, float):
+        return ("f", repr(v))
+    return (type(v).__name__, v)
+
+
 def attrs_key(attrs: dict) -> tuple:
     """A hashable form of normalized attributes (for CSE and equality)."""
-    items = []
-    for k in sorted(attrs):
-        v = attrs[k]
-        if isinstance(v, np.ndarray):
-            v = ("tensor", v.dtype.str, v.shape, v.tobytes())
-        elif isinstance(v, float) and math.isnan(v):
-            v = ("nan",)
-        items.append((k, v))
-    return tuple(items)
+    return tuple((k, _key(attrs[k])) for k in sorted(attrs))
 
 
 @dataclass
@@ -142,6 +149,8 @@ class OpDef:
         """The attributes that differ from their defaults (what the printer shows)."""
         out = {}
         for k, v in attrs.items():
+            if k not in self.attrs:
+                raise ShapeError(f"{self.name}: unknown attribute {k!r}")
             d = self.attrs[k].default
             if d is REQUIRED or attrs_key({k: v}) != attrs_key({k: d}):
                 out[k] = v
@@ -181,8 +190,8 @@ _loaded = False
 def _load_families():
     global _loaded
     if not _loaded:
-        _loaded = True
         from . import comm, conv, elementwise, linalg, loss, norm, pool, reduce, shape  # noqa: F401
+        _loaded = True
 
 
 # ---- helpers shared by op families ------------------------------------------

@@ -66,7 +66,7 @@ def _transpose_infer(ins, perm):
 
 
 defop("transpose", "shape", attrs={"perm": Attr("ints")}, infer=_transpose_infer,
-      ref=lambda x, perm: np.ascontiguousarray(np.transpose(x, perm)),
+      ref=lambda x, perm: np.transpose(x, perm).copy(),   # (ascontiguousarray turns a scalar into [1])
       grad=lambda ctx, x: [F.transpose(ctx.g, tuple(np.argsort(ctx.attrs["perm"]).tolist()))],
       cost=_copy_cost, doc="permute dims: out.shape[i] = x.shape[perm[i]]")
 
@@ -177,6 +177,8 @@ def _pad_infer(ins, pads, value):
 
 def _pad_ref(x, pads, value):
     r = x.ndim
+    if r == 0:
+        return x.copy()   # nothing to pad (np.pad rejects an empty pad list)
     return np.pad(x, [(pads[i], pads[i + r]) for i in range(r)], constant_values=value)
 
 

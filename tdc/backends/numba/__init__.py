@@ -1,0 +1,167 @@
+"""The Numba backend: fused kernels as generated Numba source, run by a driver over
+preallocated buffers. `tdc.compile(graph, backend="numba")`.
+
+Generated source is written to a file named by its content hash and imported, so
+Numba's on-disk cache makes a second compile of the same graph fast.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+
+import numpy as np
+
+from ...errors import TdcError
+from ...ir.graph import Graph, Value
+from ..reference import check_feed
+from .codegen import LIBRARY, Program, build_program
+
+CACHE_DIR = os.environ.get("TDC_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "tdc", "numba"))
+
+
+def optimize_for_backend(graph: Graph) -> Graph:
+    """The passes every compiled backend runs before code generation."""
+    from ...passes.manager import PASSES, Pipeline, get_pass
+    from ...passes import fuse  # noqa: F401  (registers the pass)
+    names = [n for n in ("fold", "simplify", "cse", "dce") if n in PASSES or _try_pass(n)]
+    return Pipeline([get_pass(n) for n in names] + [get_pass("fuse")]).run(graph)
+
+
+def _try_pass(name):
+    try:
+        from ...passes.manager import get_pass
+        get_pass(name)
+        return True
+    except TdcError:
+        return False
+
+
+def load_module(source: str):
+    """Write generated source to a content-addressed file and import it."""
+    digest = hashlib.sha1(source.encode()).hexdigest()[:16]
+    name = f"tdc_gen_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    path = os.path.join(CACHE_DIR, name + ".py")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules[name] = mod
+    return mod
+
+
+class NumbaExecutable:
+    backend = "numba"
+
+    def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0):
+        from ...runtime.init import init_params
+        self.source_graph = graph
+        self.graph = optimize_for_backend(graph)
+        self.program: Program = build_program(self.graph)
+        self.module = load_module(self.program.module_source())
+        values = init_params(graph, seed, only_missing=params or {})
+        values.update(params or {})
+        self.state: dict[str, np.ndarray] = {}
+        for a in self.graph.args:
+            if a.kind != "input":
+                if a.name not in values:
+                    raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
+                self.state[a.name] = np.ascontiguousarray(check_feed(a, values[a.name], a.kind)).copy()
+        self._allocate()
+        self._bind()
+
+    # ---- buffers ------------------------------------------------------------------
+    def _allocate(self):
+        arrays: dict[Value, np.ndarray] = {}
+        for a in self.graph.args:
+            arrays[a] = self.state[a.name] if a.kind != "input" else np.empty(a.type.shape, a.type.np_dtype)
+        for v, x in self.program.literal_values.items():
+            arrays[v] = np.ascontiguousarray(x)
+        for kind_entry in self.program.plan:
+            _, kind, payload = kind_entry
+            nodes = [payload] if kind in ("view", "library", "fallback") else None
+            if kind == "view":
+                n = payload
+                arrays[n.outputs[0]] = arrays[n.inputs[0]].reshape(n.outputs[0].type.shape)
+                continue
+            if kind == "loop":
+                nodes = [v.producer for v in payload["params"] if v.producer is not None]
+                if payload["anchor"] is not None:
+                    nodes.append(payload["anchor"])
+            for n in nodes:
+                for v in n.outputs:
+                    if v not in arrays:
+                        arrays[v] = np.empty(v.type.shape, v.type.np_dtype)
+        self.arrays = arrays
+
+    def _bind(self):
+        steps = []
+        arrays = self.arrays
+        for name, kind, payload in self.program.plan:
+            if kind == "view":
+                continue
+            if kind == "loop":
+                fn = getattr(self.module, name)
+                args = [arrays[v] for v in payload["params"]]
+                if payload["anchor"] is not None:
+                    args += [arrays[v] for v in payload["anchor"].inputs]
+                steps.append((fn, tuple(args)))
+            elif kind == "library":
+                n = payload
+                fn, args = LIBRARY[n.op](n, [arrays[v] for v in n.inputs], [arrays[v] for v in n.outputs])
+                steps.append((fn, tuple(args)))
+            else:
+                steps.append((_fallback(payload), tuple([arrays[v] for v in payload.inputs]
+                                                        + [arrays[v] for v in payload.outputs])))
+        self.steps = steps
+        self.updates = [(self.state[t.name], arrays[v]) for t, v in self.graph.updates
+                        if arrays[v] is not self.state[t.name]]
+        self.outputs = [(n, arrays[v]) for n, v in self.graph.outputs]
+        self.inputs = [(a, arrays[a]) for a in self.graph.inputs]
+
+    def source(self) -> str:
+        """The generated kernels and the order the driver runs them in."""
+        lines = [self.program.module_source(), "# driver: kernels in order"]
+        for name, kind, payload in self.program.plan:
+            what = payload.op if kind != "loop" else "generated loop"
+            lines.append(f"#   {name}: {kind} ({what})")
+        return "\n".join(lines) + "\n"
+
+    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+        names = {a.name for a, _ in self.inputs}
+        unknown = set(inputs) - names
+        if unknown:
+            raise TdcError(f"unknown input {sorted(unknown)[0]!r}; the graph takes: "
+                           + ", ".join(f"{a.name}: {a.type}" for a, _ in self.inputs))
+        for a, buf in self.inputs:
+            if a.name not in inputs:
+                raise TdcError(f"missing input {a.name}: {a.type}")
+            buf[...] = check_feed(a, inputs[a.name], "input")
+        try:
+            for fn, args in self.steps:
+                fn(*args)
+        except ValueError as e:
+            raise TdcError(str(e)) from None
+        for dst, src in self.updates:
+            dst[...] = src
+        return {n: x.copy() for n, x in self.outputs}
+
+
+def _fallback(node):
+    """Run an op without a Numba lowering through its numpy reference."""
+    ref, attrs, n_in = node.opdef.ref, node.attrs, len(node.inputs)
+
+    def run(*arrays):
+        res = ref(*arrays[:n_in], **attrs)
+        res = res if isinstance(res, tuple) else (res,)
+        for dst, r in zip(arrays[n_in:], res):
+            dst[...] = r
+    return run

@@ -1,0 +1,455 @@
+"""Hand-written Numba kernels for the ops that are not plain loops over elements.
+
+Each kernel writes into preallocated output arrays (the executable's planned buffers).
+Generated code (codegen.py) calls these, and the scalar helpers at the top are used
+inside generated elementwise loops. `cache=True` keeps compiled code on disk.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# Work is split over the batch only when there is enough of it to pay for waking threads.
+PARALLEL_MIN = 1 << 15
+
+
+# ---- scalar helpers for generated elementwise code --------------------------------
+
+@njit(cache=True, inline="always")
+def fmax(a, b):
+    # numpy semantics: NaN wins
+    if a != a:
+        return a
+    if b != b:
+        return b
+    return a if a >= b else b
+
+
+@njit(cache=True, inline="always")
+def fmin(a, b):
+    if a != a:
+        return a
+    if b != b:
+        return b
+    return a if a <= b else b
+
+
+@njit(cache=True, inline="always")
+def relu(a):
+    return a if a > 0 or a != a else a * 0
+
+
+@njit(cache=True, inline="always")
+def sigmoid(x):
+    e = np.exp(-abs(x))
+    return 1 / (1 + e) if x >= 0 else e / (1 + e)
+
+
+@njit(cache=True, inline="always")
+def idiv(a, b):
+    # C semantics: truncate toward zero (numpy's reference does the same for tdc)
+    q = a // b
+    if q < 0 and q * b != a:
+        q += 1
+    return q
+
+
+# ---- matrix products ----------------------------------------------------------------
+
+@njit(cache=True)
+def linear(x2, w, b, has_bias, out2):
+    """out2 = x2 @ w.T (+ b); x2 [M, K], w [N, K]."""
+    np.dot(x2, w.T, out2)
+    if has_bias:
+        M, N = out2.shape
+        for i in range(M):
+            for j in range(N):
+                out2[i, j] += b[j]
+
+
+@njit(cache=True)
+def matmul2d(a, b, out):
+    np.dot(a, b, out)
+
+
+@njit(cache=True)
+def matmul_batched(a3, b3, out3, ia, ib):
+    """out3[i] = a3[ia[i]] @ b3[ib[i]]: batch dims flattened, broadcasting via index maps."""
+    for i in range(out3.shape[0]):
+        np.dot(a3[ia[i]], b3[ib[i]], out3[i])
+
+
+# ---- convolution ----------------------------------------------------------------------
+
+@njit(cache=True)
+def _im2col(x, n, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
+    """cols[(c*kh + i)*kw + j, y*ow + x] = padded x[n, c0 + c, y*sh + i*dh, x*sw + j*dw]."""
+    H, W = x.shape[2], x.shape[3]
+    for c in range(cg):
+        for i in range(kh):
+            for j in range(kw):
+                row = (c * kh + i) * kw + j
+                for y in range(oh):
+                    iy = y * sh - pt + i * dh
+                    base = y * ow
+                    if iy < 0 or iy >= H:
+                        for xx in range(ow):
+                            cols[row, base + xx] = 0
+                        continue
+                    for xx in range(ow):
+                        ix = xx * sw - pl + j * dw
+                        cols[row, base + xx] = x[n, c0 + c, iy, ix] if 0 <= ix < W else 0
+
+
+@njit(cache=True)
+def _col2im_add(cols, dx, n, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
+    """The adjoint of _im2col: dx[n, c0 + c, ...] += cols scattered back."""
+    H, W = dx.shape[2], dx.shape[3]
+    for c in range(cg):
+        for i in range(kh):
+            for j in range(kw):
+                row = (c * kh + i) * kw + j
+                for y in range(oh):
+                    iy = y * sh - pt + i * dh
+                    if iy < 0 or iy >= H:
+                        continue
+                    for xx in range(ow):
+                        ix = xx * sw - pl + j * dw
+                        if 0 <= ix < W:
+                            dx[n, c0 + c, iy, ix] += cols[row, y * ow + xx]
+
+
+@njit(cache=True, parallel=True)
+def conv2d(x, w, b, has_bias, out, sh, sw, pt, pl, dh, dw, groups):
+    """im2col + GEMM per image; images in parallel."""
+    N = x.shape[0]
+    co, cg, kh, kw = w.shape
+    oh, ow = out.shape[2], out.shape[3]
+    cog = co // groups
+    K = cg * kh * kw
+    wm = w.reshape(co, K)
+    for n in prange(N):
+        cols = np.empty((K, oh * ow), x.dtype)
+        res = np.empty((cog, oh * ow), x.dtype)
+        for g in range(groups):
+            _im2col(x, n, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
+            np.dot(np.ascontiguousarray(wm[g * cog:(g + 1) * cog]), cols, res)
+            for o in range(cog):
+                bias = b[g * cog + o] if has_bias else 0
+                for p in range(oh * ow):
+                    out[n, g * cog + o, p // ow, p % ow] = res[o, p] + bias
+
+
+@njit(cache=True, parallel=True)
+def conv2d_grad_input(gy, w, dx, sh, sw, pt, pl, dh, dw, groups):
+    N = gy.shape[0]
+    co, cg, kh, kw = w.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    cog = co // groups
+    K = cg * kh * kw
+    wm = w.reshape(co, K)
+    for n in prange(N):
+        dx[n] = 0
+        cols = np.empty((K, oh * ow), gy.dtype)
+        for g in range(groups):
+            wt = np.ascontiguousarray(wm[g * cog:(g + 1) * cog].T)
+            gn = np.ascontiguousarray(gy[n, g * cog:(g + 1) * cog]).reshape(cog, oh * ow)
+            np.dot(wt, gn, cols)
+            _col2im_add(cols, dx, n, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow)
+
+
+@njit(cache=True, parallel=True)
+def _all_cols(x, g, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
+    """cols [K, N*oh*ow]: the im2col matrices of every image side by side."""
+    N = x.shape[0]
+    P = oh * ow
+    for n in prange(N):
+        part = np.empty((cg * kh * kw, P), x.dtype)
+        _im2col(x, n, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, part)
+        cols[:, n * P:(n + 1) * P] = part
+
+
+@njit(cache=True, parallel=True)
+def _gather_rows(gy, g, cog, gm):
+    """gm [cog, N*P] = gy[:, g*cog:(g+1)*cog] with the batch moved next to the pixels."""
+    N = gy.shape[0]
+    P = gy.shape[2] * gy.shape[3]
+    for n in prange(N):
+        for o in range(cog):
+            gm[o, n * P:(n + 1) * P] = gy[n, g * cog + o].reshape(P)
+
+
+@njit(cache=True)
+def conv2d_grad_weight(x, gy, dw_out, sh, sw, pt, pl, dh, dw, groups):
+    """One GEMM over the whole batch per group: dw = gy_mat @ cols.T."""
+    co, cg, kh, kw = dw_out.shape
+    N = x.shape[0]
+    oh, ow = gy.shape[2], gy.shape[3]
+    cog = co // groups
+    K = cg * kh * kw
+    cols = np.empty((K, N * oh * ow), x.dtype)
+    gm = np.empty((cog, N * oh * ow), x.dtype)
+    res = np.empty((cog, K), x.dtype)
+    dwm = dw_out.reshape(co, K)
+    for g in range(groups):
+        _all_cols(x, g, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
+        _gather_rows(gy, g, cog, gm)
+        np.dot(gm, cols.T, res)
+        dwm[g * cog:(g + 1) * cog] = res
+
+
+# ---- pooling -----------------------------------------------------------------------
+
+@njit(cache=True, inline="always")
+def _argmax_window(x, n, c, y, xx, kh, kw, sh, sw, pt, pl, dh, dw):
+    """Flat index (iy*W + ix) of the first maximum of a window, -1 if it covers no input."""
+    H, W = x.shape[2], x.shape[3]
+    best = -np.inf
+    arg = -1
+    for i in range(kh):
+        iy = y * sh - pt + i * dh
+        if iy < 0 or iy >= H:
+            continue
+        for j in range(kw):
+            ix = xx * sw - pl + j * dw
+            if ix < 0 or ix >= W:
+                continue
+            v = x[n, c, iy, ix]
+            # the first maximum wins; a NaN, once found, stays (numpy's argmax does the same)
+            if arg < 0 or v > best or (v != v and best == best):
+                best = v
+                arg = iy * W + ix
+    return arg
+
+
+@njit(cache=True, parallel=True)
+def maxpool2d(x, out, kh, kw, sh, sw, pt, pl, dh, dw):
+    N, C = x.shape[0], x.shape[1]
+    W = x.shape[3]
+    oh, ow = out.shape[2], out.shape[3]
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for y in range(oh):
+            for xx in range(ow):
+                a = _argmax_window(x, n, c, y, xx, kh, kw, sh, sw, pt, pl, dh, dw)
+                out[n, c, y, xx] = x[n, c, a // W, a % W]
+
+
+@njit(cache=True, parallel=True)
+def maxpool2d_grad(gy, x, dx, kh, kw, sh, sw, pt, pl, dh, dw):
+    N, C = x.shape[0], x.shape[1]
+    W = x.shape[3]
+    oh, ow = gy.shape[2], gy.shape[3]
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        dx[n, c] = 0
+        for y in range(oh):
+            for xx in range(ow):
+                a = _argmax_window(x, n, c, y, xx, kh, kw, sh, sw, pt, pl, dh, dw)
+                dx[n, c, a // W, a % W] += gy[n, c, y, xx]
+
+
+@njit(cache=True, parallel=True)
+def maxpool2d_gather(h, x, out, kh, kw, sh, sw, pt, pl, dh, dw):
+    N, C = x.shape[0], x.shape[1]
+    W = x.shape[3]
+    oh, ow = out.shape[2], out.shape[3]
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for y in range(oh):
+            for xx in range(ow):
+                a = _argmax_window(x, n, c, y, xx, kh, kw, sh, sw, pt, pl, dh, dw)
+                out[n, c, y, xx] = h[n, c, a // W, a % W]
+
+
+@njit(cache=True)
+def avgpool_counts(size, k, s, lo, hi, n_out, include_pad):
+    """Divisor per output position along one dim: window cells inside the input
+    (or inside the padded input with include_pad); cells past the padded input never count."""
+    counts = np.empty(n_out, np.int64)
+    for o in range(n_out):
+        cnt = 0
+        for i in range(k):
+            p = o * s - lo + i
+            if include_pad:
+                if -lo <= p < size + hi:
+                    cnt += 1
+            elif 0 <= p < size:
+                cnt += 1
+        counts[o] = cnt
+    return counts
+
+
+@njit(cache=True, parallel=True)
+def avgpool2d(x, out, kh, kw, sh, sw, pt, pl, cy, cx):
+    N, C, H, W = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for y in range(oh):
+            for xx in range(ow):
+                s = 0.0
+                for i in range(kh):
+                    iy = y * sh - pt + i
+                    if iy < 0 or iy >= H:
+                        continue
+                    for j in range(kw):
+                        ix = xx * sw - pl + j
+                        if 0 <= ix < W:
+                            s += x[n, c, iy, ix]
+                out[n, c, y, xx] = s / (cy[y] * cx[xx])
+
+
+@njit(cache=True, parallel=True)
+def avgpool2d_grad(gy, dx, kh, kw, sh, sw, pt, pl, cy, cx):
+    N, C, H, W = dx.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        dx[n, c] = 0
+        for y in range(oh):
+            for xx in range(ow):
+                v = gy[n, c, y, xx] / (cy[y] * cx[xx])
+                for i in range(kh):
+                    iy = y * sh - pt + i
+                    if iy < 0 or iy >= H:
+                        continue
+                    for j in range(kw):
+                        ix = xx * sw - pl + j
+                        if 0 <= ix < W:
+                            dx[n, c, iy, ix] += v
+
+
+@njit(cache=True, parallel=True)
+def global_avgpool(x, out):
+    N, C, H, W = x.shape
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        s = 0.0
+        for i in range(H):
+            for j in range(W):
+                s += x[n, c, i, j]
+        out[n, c, 0, 0] = s / (H * W)
+
+
+# ---- softmax and losses ----------------------------------------------------------------
+
+@njit(cache=True, parallel=True)
+def softmax(x3, out3, log):
+    """Softmax over the middle dim of [outer, n, inner] views."""
+    A, M, B = x3.shape
+    for a in prange(A):
+        for b in range(B):
+            m = -np.inf
+            for i in range(M):
+                m = max(m, x3[a, i, b])
+            s = 0.0
+            for i in range(M):
+                s += np.exp(x3[a, i, b] - m)
+            if log:
+                ls = np.log(s)
+                for i in range(M):
+                    out3[a, i, b] = x3[a, i, b] - m - ls
+            else:
+                for i in range(M):
+                    out3[a, i, b] = np.exp(x3[a, i, b] - m) / s
+
+
+@njit(cache=True)
+def softmax_cross_entropy(logits, labels, out):
+    N, C = logits.shape
+    total = 0.0
+    for n in range(N):
+        lab = labels[n]
+        if lab < 0 or lab >= C:
+            raise ValueError("label out of range")
+        m = -np.inf
+        for c in range(C):
+            m = max(m, np.float64(logits[n, c]))
+        s = 0.0
+        for c in range(C):
+            s += np.exp(np.float64(logits[n, c]) - m)
+        total += np.log(s) + m - logits[n, lab]
+    out[0] = total / N
+
+
+@njit(cache=True)
+def one_hot(idx, out2, depth):
+    M = idx.shape[0]
+    for i in range(M):
+        k = idx[i]
+        if k < 0 or k >= depth:
+            raise ValueError("label out of range")
+        for j in range(depth):
+            out2[i, j] = 1 if j == k else 0
+
+
+@njit(cache=True)
+def mse(p, t, out):
+    s = 0.0
+    for i in range(p.shape[0]):
+        d = np.float64(p[i]) - np.float64(t[i])
+        s += d * d
+    out[0] = s / max(p.shape[0], 1)
+
+
+# ---- batchnorm and dropout ------------------------------------------------------------
+
+@njit(cache=True, parallel=True)
+def batchnorm_infer(x3, gamma, beta, mean, var, eps, out3):
+    """x3 is [N, C, inner]."""
+    N, C, I = x3.shape
+    for c in prange(C):
+        scale = gamma[c] / np.sqrt(var[c] + eps)
+        shift = beta[c] - mean[c] * scale
+        for n in range(N):
+            for i in range(I):
+                out3[n, c, i] = x3[n, c, i] * scale + shift
+
+
+@njit(cache=True, parallel=True)
+def batchnorm_train(x3, gamma, beta, mean, var, eps, momentum, out3, new_mean, new_var):
+    N, C, I = x3.shape
+    m = N * I
+    for c in prange(C):
+        s = 0.0
+        for n in range(N):
+            for i in range(I):
+                s += x3[n, c, i]
+        mu = s / m
+        s2 = 0.0
+        for n in range(N):
+            for i in range(I):
+                d = x3[n, c, i] - mu
+                s2 += d * d
+        v = s2 / m
+        scale = gamma[c] / np.sqrt(v + eps)
+        for n in range(N):
+            for i in range(I):
+                out3[n, c, i] = (x3[n, c, i] - mu) * scale + beta[c]
+        new_mean[c] = momentum * mean[c] + (1 - momentum) * mu
+        new_var[c] = momentum * var[c] + (1 - momentum) * v
+
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(cache=True, inline="always")
+def _splitmix64(z):
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, parallel=True)
+def dropout(x, key, rate, seed, out):
+    """The same counter-based hash as the reference (tdc/ops/norm.py)."""
+    base = _splitmix64(np.uint64(seed) * _GOLDEN + np.uint64(key[0]))
+    scale = 1.0 / (1.0 - rate)
+    n = x.shape[0]
+    for i in prange(n):
+        h = _splitmix64(np.uint64(i) + base)
+        u = np.float64(h >> np.uint64(40)) * (1.0 / 16777216.0)
+        out[i] = x[i] * scale if u >= rate else 0
