@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import TdcError
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "numba")
 
 
 def compile(graph, backend: str = "reference", params=None, seed: int = 0):
@@ -12,4 +12,7 @@ def compile(graph, backend: str = "reference", params=None, seed: int = 0):
     if backend == "reference":
         from .reference import ReferenceExecutable
         return ReferenceExecutable(graph, params, seed)
+    if backend == "numba":
+        from .numba import NumbaExecutable
+        return NumbaExecutable(graph, params, seed)
     raise TdcError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")

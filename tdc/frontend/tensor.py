@@ -74,7 +74,8 @@ class Builder:
 
     def step(self) -> "Tensor":
         """The training step counter (i64 state named `step`), created on first use."""
-        return self.find_arg("step") or self.arg("step", TensorType("i64", ()), "state", init="zeros")
+        found = self.find_arg("step")
+        return found if found is not None else self.arg("step", TensorType("i64", ()), "state", init="zeros")
 
     def seed_for(self, name: str) -> int:
         """A stable per-layer seed, so adding a layer does not change the others' randomness."""
@@ -94,8 +95,6 @@ class Builder:
         arr = np.asarray(value, dtype=None if dtype is None else TensorType(dtype, ()).np_dtype)
         if dtype is None and arr.dtype == np.float64:
             arr = arr.astype(np.float32)   # Python floats are f32 unless asked otherwise
-        if dtype is None and arr.dtype == np.int64 and arr.ndim == 0:
-            arr = arr.astype(np.int64)
         dtype_name(arr.dtype)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:

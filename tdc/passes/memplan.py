@@ -1,13 +1,16 @@
 """Memory planning: liveness over the kernel schedule, then offsets in one arena.
 
-The schedule is `graph.nodes` in order; nodes with the same `node.group` that are next to
-each other form one kernel (a node without a group is a kernel of its own), and time is
-the kernel index. A value needs a buffer when it crosses a kernel boundary or is a graph
-output or update value; values made and used inside one kernel stay in registers.
+The schedule is `graph.nodes` in order, cut into kernels as the fusion pass defines them
+(fuse.kernels): nodes with the same `node.group` next to each other form one kernel, a node
+without a group is a kernel of its own, and literals (constant, full) are inlined into the
+kernels that read them. Time is the kernel index. A value needs a buffer when it crosses a
+kernel boundary or is a graph output or update value; values made and used inside one
+kernel stay in registers or loop temporaries.
 
 Buffered values live from the kernel that writes them to the last kernel that reads them
 (outputs and update values to `end`, one past the last kernel, when the step returns).
-Args (inputs, params, consts, state) have storage of their own and never enter the arena.
+Args (inputs, params, consts, state) and literal values have storage of their own and
+never enter the arena.
 
 Two kinds of in-place writes save space:
   * an update value is written straight into its param/state arg when the old value is not
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 from ..errors import TdcError
 from ..ir.graph import Graph, Node, Value
 from .autodiff import GRAD_PREFIX
+from .fuse import is_literal, kernels as fused_kernels
+from .optimizer import SLOTS
 
 ALIGN = 64
 
@@ -40,8 +45,8 @@ INPLACE_OPS = frozenset({
     "reshape", "flatten",
 })
 
-# Optimizer slot names (state args "<param>.<slot>"), from passes/optimizer.py's SLOTS.
-OPTIMIZER_SLOTS = ("m", "v", "velocity", "cache")
+# state args "<param>.<slot>" that the optimizer pass adds: m, v, velocity, cache
+OPTIMIZER_SLOTS = tuple(sorted({s for slots in SLOTS.values() for s in slots}))
 
 MB = float(1 << 20)
 
@@ -67,12 +72,15 @@ class Buffer:
 
 @dataclass
 class MemoryPlan:
+    """Where every buffered value lives. Values without an entry in `assignments` are made and
+    used inside one kernel, or args and literals (they have storage of their own)."""
     assignments: dict[Value, Buffer]
     intervals: dict[Value, tuple[int, int]]   # buffered value -> (first, last) kernel it is live in
     kernels: list[list[Node]]
     arena_bytes: int
     unplanned_bytes: int                      # every buffered value in its own aligned slot
     args_bytes: int = 0                       # inputs, params, consts and state: outside the arena
+    literal_bytes: int = 0                    # constant and full values, made once: outside the arena
 
     @property
     def end(self) -> int:
@@ -109,7 +117,7 @@ class MemoryPlan:
         for v, (start, last) in truth.items():
             buf = self.assignments.get(v)
             if buf is None:
-                raise MemoryPlanError(f"{_name(v)} crosses a kernel boundary but has no buffer")
+                raise MemoryPlanError(f"{_name(v)} needs a buffer (it leaves its kernel) but has none")
             if buf.nbytes != v.type.nbytes:
                 raise MemoryPlanError(f"{_name(v)} needs {v.type.nbytes} bytes, its buffer has {buf.nbytes}")
             if buf.in_arena and (buf.offset % ALIGN or buf.offset + buf.nbytes > self.arena_bytes):
@@ -148,17 +156,8 @@ def _name(v: Value) -> str:
 
 
 def split_kernels(graph: Graph) -> list[list[Node]]:
-    """graph.nodes cut into kernels: runs of neighbours with the same group; no group = alone."""
-    kernels: list[list[Node]] = []
-    prev = None
-    for n in graph.nodes:
-        group = getattr(n, "group", None)
-        if group is not None and group == prev and kernels:
-            kernels[-1].append(n)
-        else:
-            kernels.append([n])
-        prev = group
-    return kernels
+    """The kernels in schedule order (literal nodes are in none: they are inlined)."""
+    return [nodes for _, nodes in fused_kernels(graph)]
 
 
 def _kernel_index(kernels: list[list[Node]]) -> dict[Node, int]:
@@ -188,17 +187,17 @@ def plan_memory(graph: Graph) -> MemoryPlan:
 
     last_read: dict[Value, int] = {}      # args included: in-place updates need them
     crosses: set[Value] = set()
-    for n in graph.nodes:
+    for n in kernel_of:
         k = kernel_of[n]
         for v in n.inputs:
             last_read[v] = max(last_read.get(v, -1), k)
-            if v.producer is not None and kernel_of[v.producer] != k:
+            if v.producer in kernel_of and kernel_of[v.producer] != k:
                 crosses.add(v)
     for v in roots:
         last_read[v] = end
 
     intervals: dict[Value, tuple[int, int]] = {}
-    for n in graph.nodes:
+    for n in kernel_of:   # in schedule order
         start = kernel_of[n]
         for v in n.outputs:
             # a value nobody reads still gets written somewhere by its kernel
@@ -212,8 +211,8 @@ def plan_memory(graph: Graph) -> MemoryPlan:
         update_count[v] = update_count.get(v, 0) + 1
     outputs = {v for _, v in graph.outputs}
     for target, v in graph.updates:
-        if v.is_arg or update_count[v] > 1 or v in outputs:
-            continue
+        if v not in intervals or update_count[v] > 1 or v in outputs:
+            continue   # an arg or literal is copied; a value updating two args or returned stays apart
         k = kernel_of[v.producer]
         old_read = last_read.get(target, -1)
         if old_read < k or (old_read == k and _streams_through(kernels[k], target, v)):
@@ -254,9 +253,9 @@ def plan_memory(graph: Graph) -> MemoryPlan:
 
     arena = max((offsets[s] + size for s, (_, _, size) in span.items()), default=0)
     unplanned = sum(align(v.type.nbytes) for v in intervals)
-    plan = MemoryPlan(assignments, intervals, kernels, arena, unplanned,
-                      args_bytes=sum(a.type.nbytes for a in graph.args))
-    return plan
+    return MemoryPlan(assignments, intervals, kernels, arena, unplanned,
+                      args_bytes=sum(a.type.nbytes for a in graph.args),
+                      literal_bytes=sum(n.outputs[0].type.nbytes for n in graph.nodes if is_literal(n)))
 
 
 def _place(span: dict[Value, tuple[int, int, int]]) -> dict[Value, int]:
@@ -354,7 +353,8 @@ def layer_table(graph: Graph) -> tuple[list[LayerRow], bool]:
     loss = next((v for name, v in graph.outputs if name == "loss"), None)
     nodes = graph.nodes
     cut = nodes.index(loss.producer) + 1 if loss is not None and loss.producer is not None else len(nodes)
-    forward, backward = nodes[:cut], nodes[cut:]
+    forward = [n for n in nodes[:cut] if not is_literal(n)]   # literals are no layer's activations
+    backward = nodes[cut:]
     training = bool(backward)
 
     rows: dict[str, LayerRow] = {}
@@ -380,7 +380,7 @@ def layer_table(graph: Graph) -> tuple[list[LayerRow], bool]:
     if training:
         kept = {v for n in backward for v in n.inputs}
     else:   # what crosses from one layer to another (or leaves the graph)
-        kept = {v for n in forward for v in n.inputs if v.producer is not None and row_of[v.producer] is not row_of[n]}
+        kept = {v for n in forward for v in n.inputs if v.producer in row_of and row_of[v.producer] is not row_of[n]}
         kept |= {v for _, v in graph.outputs}
     for n in forward:
         for v in n.outputs:
@@ -441,16 +441,17 @@ def memory_report(graph: Graph, plan: MemoryPlan | None = None) -> str:
                      + "".join("  " + _cell(getattr(r, f + "_elems"), getattr(r, f + "_bytes"))
                                for f in ("act", "weight", "grad", "opt")))
     other_state = sum(a.type.nbytes for a in graph.state) - total.opt_bytes
-    args = plan.args_bytes
+    outside = plan.args_bytes + plan.literal_bytes
     lines += [
         "",
-        f"args: inputs {_mb(sum(a.type.nbytes for a in graph.inputs))}, params {_mb(total.weight_bytes)}, "
-        f"optimizer state {_mb(total.opt_bytes)}, other state {_mb(other_state)}, "
-        f"consts {_mb(sum(a.type.nbytes for a in graph.consts))}: {_mb(args)} in all",
-        f"peak before planning: {_mb(plan.unplanned_bytes):>11} (every buffered value apart) + args {_mb(args)}"
-        f" = {_mb(plan.unplanned_bytes + args)}",
-        f"peak after planning:  {_mb(plan.arena_bytes):>11} (arena)                        + args {_mb(args)}"
-        f" = {_mb(plan.arena_bytes + args)}",
+        f"outside the arena: inputs {_mb(sum(a.type.nbytes for a in graph.inputs))}, "
+        f"params {_mb(total.weight_bytes)}, optimizer state {_mb(total.opt_bytes)}, "
+        f"other state {_mb(other_state)}, consts {_mb(sum(a.type.nbytes for a in graph.consts))}, "
+        f"literals {_mb(plan.literal_bytes)}: {_mb(outside)} in all",
+        f"peak before planning: {_mb(plan.unplanned_bytes):>11} (every buffered value apart) + {_mb(outside)}"
+        f" = {_mb(plan.unplanned_bytes + outside)}",
+        f"peak after planning:  {_mb(plan.arena_bytes):>11} (arena)                        + {_mb(outside)}"
+        f" = {_mb(plan.arena_bytes + outside)}",
         f"{len(plan.intervals)} buffered values; {plan.inplace_updates} updates written in place, "
         f"{plan.inplace_reuses} elementwise outputs written over a dying input; 1 MB = 2^20 bytes",
     ]

@@ -157,10 +157,15 @@ class NumbaExecutable:
 
 def _fallback(node):
     """Run an op without a Numba lowering through its numpy reference."""
-    ref, attrs, n_in = node.opdef.ref, node.attrs, len(node.inputs)
+    opdef, attrs, n_in = node.opdef, node.attrs, len(node.inputs)
+    if node.op in ("send", "recv"):
+        raise TdcError(f"{node.op} needs several processes; the numba backend runs one (rank 0 of 1)")
 
     def run(*arrays):
-        res = ref(*arrays[:n_in], **attrs)
+        if opdef.collective:   # one process is a world of one rank
+            res = opdef.ref([list(arrays[:n_in])], ranks=[0], **attrs)[0]
+        else:
+            res = opdef.ref(*arrays[:n_in], **attrs)
         res = res if isinstance(res, tuple) else (res,)
         for dst, r in zip(arrays[n_in:], res):
             dst[...] = r

@@ -193,11 +193,11 @@ def _anchor_call(node: Node, out_param: str) -> list[str]:
     if node.op == "linear":
         k = node.inputs[1].type.shape[1]
         n_out = node.inputs[1].type.shape[0]
-        bias = ins[2] if len(ins) == 3 else ins[1]
+        bias = ins[2] if len(ins) == 3 else f"np.zeros(1, {ins[0]}.dtype)"
         return [f"K.linear({ins[0]}.reshape(-1, {k}), {ins[1]}, {bias}, {len(ins) == 3}, "
                 f"{out_param}.reshape(-1, {n_out}))"]
     if node.op == "conv2d":
-        bias = ins[2] if len(ins) == 3 else ins[1]
+        bias = ins[2] if len(ins) == 3 else f"np.zeros(1, {ins[0]}.dtype)"
         return [f"K.conv2d({ins[0]}, {ins[1]}, {bias}, {len(ins) == 3}, {out_param}, "
                 f"{a['stride'][0]}, {a['stride'][1]}, {a['pad'][0]}, {a['pad'][1]}, "
                 f"{a['dilation'][0]}, {a['dilation'][1]}, {a['groups']})"]
@@ -313,15 +313,20 @@ def _bn_args(node, ins, outs):
     return K.batchnorm_infer, (x3, ins[1], ins[2], ins[3], ins[4], a["eps"], outs[0].reshape(x3.shape))
 
 
+def _bias(ins):
+    """The bias array, or a placeholder of the right type (never read) when there is none."""
+    return ins[2] if len(ins) == 3 else np.zeros(1, ins[0].dtype)
+
+
 def _key_array(k: np.ndarray) -> np.ndarray:
     return k.reshape(1)
 
 
 LIBRARY = {
     "matmul": lambda n, i, o: (K.matmul2d, (i[0], i[1], o[0])) if _plain_2d(n) else _batched_matmul_args(n, i, o),
-    "linear": lambda n, i, o: (K.linear, (i[0].reshape(-1, i[1].shape[1]), i[1], i[2] if len(i) == 3 else i[1],
+    "linear": lambda n, i, o: (K.linear, (i[0].reshape(-1, i[1].shape[1]), i[1], _bias(i),
                                           len(i) == 3, o[0].reshape(-1, i[1].shape[0]))),
-    "conv2d": lambda n, i, o: (K.conv2d, (i[0], i[1], i[2] if len(i) == 3 else i[1], len(i) == 3, o[0])
+    "conv2d": lambda n, i, o: (K.conv2d, (i[0], i[1], _bias(i), len(i) == 3, o[0])
                                + _geo(n.attrs)[:6] + (n.attrs["groups"],)),
     "conv2d_grad_input": lambda n, i, o: (K.conv2d_grad_input, (i[0], i[1], o[0]) + _geo(n.attrs)),
     "conv2d_grad_weight": lambda n, i, o: (K.conv2d_grad_weight, (i[0], i[1], o[0]) + _geo(n.attrs)),

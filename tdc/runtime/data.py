@@ -1,0 +1,212 @@
+"""Data sets for training: scikit-learn's 8x8 digits and MNIST from IDX files.
+
+    data = load_data("digits")            # or "mnist:DIR"
+    x = fit_to_model(data.x_train, model.input_types(batch)["x"])
+
+Images are float32 in [0, 1] shaped [N, 1, H, W]; labels are int64.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import TdcError
+from ..ir.types import TensorType
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    def __repr__(self):
+        return (f"<Dataset {self.name}: {len(self.x_train)} train, {len(self.x_test)} test, "
+                f"samples {list(self.x_train.shape[1:])}, {self.num_classes} classes>")
+
+
+# ---- digits ------------------------------------------------------------------------------
+
+def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
+    """scikit-learn's 1797 8x8 digits (bundled, no download) with a stratified split.
+    The split depends only on `seed`, so test accuracy is comparable across runs."""
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError:
+        raise TdcError("the digits data set needs scikit-learn: pip install scikit-learn") from None
+    if not 0.0 < test_fraction < 1.0:
+        raise TdcError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    d = sk_load_digits()
+    x = (np.asarray(d.images, np.float32) / np.float32(16.0)).reshape(-1, 1, 8, 8)
+    y = np.asarray(d.target, np.int64)
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        test.extend(idx[:int(round(len(idx) * test_fraction))])
+    is_test = np.zeros(len(y), bool)
+    is_test[test] = True
+    # Shuffle the training order once so classes are interleaved even without per-epoch shuffling.
+    train = rng.permutation(np.flatnonzero(~is_test))
+    test = np.flatnonzero(is_test)
+    return Dataset("digits", x[train], y[train], x[test], y[test], 10)
+
+
+# ---- IDX (MNIST) -------------------------------------------------------------------------
+
+# IDX type codes -> big-endian numpy dtypes
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _read_bytes(path: str) -> bytes:
+    if not os.path.exists(path):
+        raise TdcError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    # Detect gzip by its magic bytes, not the name: people gunzip files and keep the suffix, or vice versa.
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise TdcError(f"{path}: corrupt or truncated gzip data ({e})") from None
+    return raw
+
+
+def read_idx(path: str, dtype: str | None = None, rank: int | None = None) -> np.ndarray:
+    """Read an IDX file (gzip-compressed or not). `dtype` ("u8", ...) and `rank`, when given,
+    are what the caller expects; anything else is an error naming the file."""
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise TdcError(f"{path}: not an IDX file (only {len(raw)} bytes, the header alone needs 4)")
+    zero, code, ndim = raw[:2], raw[2], raw[3]
+    if zero != b"\x00\x00" or code not in IDX_DTYPES:
+        raise TdcError(f"{path}: not an IDX file (bad magic number 0x{raw[:4].hex()}; "
+                       f"expected 0x0000TTNN with type code TT in {', '.join(f'{c:02x}' for c in IDX_DTYPES)})")
+    np_dtype = np.dtype(IDX_DTYPES[code])
+    if dtype is not None and np.dtype(_NUMPY_NAMES[dtype]) != np_dtype.newbyteorder("="):
+        raise TdcError(f"{path}: holds {_idx_name(np_dtype)} data, expected {dtype}")
+    if ndim == 0:
+        raise TdcError(f"{path}: IDX header has rank 0")
+    if rank is not None and ndim != rank:
+        raise TdcError(f"{path}: has rank {ndim}, expected rank {rank}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise TdcError(f"{path}: truncated header ({len(raw)} bytes; {ndim} dimensions need {header})")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
+    need = int(np.prod(dims, dtype=np.int64)) * np_dtype.itemsize
+    have = len(raw) - header
+    if have < need:
+        raise TdcError(f"{path}: truncated: dimensions {list(dims)} need {need} bytes of data, the file has {have}")
+    if have > need:
+        raise TdcError(f"{path}: {have - need} unexpected bytes after the data (dimensions {list(dims)} "
+                       f"need {need}); the file is corrupt or not what its header says")
+    return np.frombuffer(raw, np_dtype, offset=header).reshape(dims).astype(np_dtype.newbyteorder("="))
+
+
+_NUMPY_NAMES = {"u8": "u1", "i8": "i1", "i16": "i2", "i32": "i4", "f32": "f4", "f64": "f8"}
+
+
+def _idx_name(dt: np.dtype) -> str:
+    return {v: k for k, v in _NUMPY_NAMES.items()}[dt.newbyteorder("=").str[1:]]
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+    """Write `array` as IDX (gzip-compressed when the name ends in .gz). Used by tests and tools."""
+    a = np.asarray(array)
+    codes = {np.dtype(v).newbyteorder("="): k for k, v in IDX_DTYPES.items()}
+    if a.dtype not in codes:
+        raise TdcError(f"IDX cannot hold dtype {a.dtype}")
+    code = codes[a.dtype]
+    data = (bytes([0, 0, code, a.ndim]) + np.asarray(a.shape, ">u4").tobytes()
+            + a.astype(IDX_DTYPES[code]).tobytes())
+    if path.endswith(".gz"):
+        data = gzip.compress(data)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+MNIST_FILES = {"x_train": ("train", "images", 3), "y_train": ("train", "labels", 1),
+               "x_test": ("t10k", "images", 3), "y_test": ("t10k", "labels", 1)}
+
+
+def _find_mnist_file(directory: str, split: str, kind: str, ndim: int) -> str:
+    names = [f"{split}-{kind}{sep}idx{ndim}-ubyte{gz}" for sep in "-." for gz in ("", ".gz")]
+    for n in names:
+        p = os.path.join(directory, n)
+        if os.path.exists(p):
+            return p
+    raise TdcError(f"{directory}: no MNIST {split} {kind} file (looked for {names[0]} or {names[2]}, optionally .gz)")
+
+
+def load_mnist(directory: str) -> Dataset:
+    """MNIST from the four IDX files in `directory` (as distributed, optionally gzip-compressed)."""
+    if not os.path.isdir(directory):
+        raise TdcError(f"{directory}: no such directory (expected the MNIST IDX files there)")
+    arrays, paths = {}, {}
+    for key, (split, kind, ndim) in MNIST_FILES.items():
+        paths[key] = _find_mnist_file(directory, split, kind, ndim)
+        arrays[key] = read_idx(paths[key], dtype="u8", rank=ndim)
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if len(x) != len(y):
+            raise TdcError(f"{paths[f'x_{split}']} has {len(x)} images but {paths[f'y_{split}']} "
+                           f"has {len(y)} labels")
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise TdcError(f"{directory}: training images are {list(arrays['x_train'].shape[1:])}, "
+                       f"test images {list(arrays['x_test'].shape[1:])}")
+
+    def images(a):
+        return (a.astype(np.float32) / np.float32(255.0)).reshape(len(a), 1, *a.shape[1:])
+
+    return Dataset("mnist", images(arrays["x_train"]), arrays["y_train"].astype(np.int64),
+                   images(arrays["x_test"]), arrays["y_test"].astype(np.int64), 10)
+
+
+def load_data(spec: str, seed: int = 0) -> Dataset:
+    """'digits' or 'mnist:DIR'. `seed` only affects the digits train/test split."""
+    kind, sep, arg = spec.partition(":")
+    if kind == "digits" and not sep:
+        return load_digits(seed)
+    if kind == "mnist":
+        if not arg:
+            raise TdcError("--data mnist needs the directory of the IDX files: mnist:DIR")
+        return load_mnist(arg)
+    raise TdcError(f"unknown data set {spec!r}; use digits or mnist:DIR")
+
+
+# ---- fitting data to a model -------------------------------------------------------------
+
+def fit_to_model(x: np.ndarray, input_type: TensorType, what: str = "data") -> np.ndarray:
+    """Samples reshaped to the model's per-sample shape (input_type without its batch dimension)
+    when the element counts agree, e.g. 1x28x28 images into an MLP's [784]; cast to its dtype."""
+    x = np.asarray(x)
+    want = tuple(input_type.shape[1:])
+    have = tuple(x.shape[1:])
+    if have != want:
+        if int(np.prod(have, dtype=np.int64)) != int(np.prod(want, dtype=np.int64)):
+            raise TdcError(f"{what} samples are {list(have)} but the model takes {list(want)} "
+                           f"per sample ({input_type} at its batch size)")
+        x = x.reshape(len(x), *want)
+    return x.astype(input_type.np_dtype, copy=False)
+
+
+def check_labels(y: np.ndarray, num_classes: int, what: str = "labels") -> np.ndarray:
+    """Labels as int64, checked to be class indices in [0, num_classes) (the model's output width)."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise TdcError(f"{what} must be a vector of class indices, got shape {list(y.shape)}")
+    if y.dtype.kind not in "iu":
+        raise TdcError(f"{what} must be integer class indices, got dtype {y.dtype}")
+    if len(y):
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            raise TdcError(f"{what} range over [{lo}, {hi}] but the model has {num_classes} outputs "
+                           f"(class indices must be in [0, {num_classes - 1}])")
+    return y.astype(np.int64, copy=False)

@@ -1,0 +1,422 @@
+"""Mini-batch training of a @tdc.model: the loop behind `tdc train`.
+
+    result = train("examples/digits.py", data="digits", epochs=5, batch=32,
+                   optimizer=Optimizer("adam", lr=2e-3), checkpoint="ckpt")
+    print(result.summary())
+
+Every step runs the single training graph from `train_step` (forward, loss,
+backward, update) on one batch. The data order of epoch e is a permutation drawn
+from (seed, e), so a run resumed from a checkpoint in the middle of an epoch
+recomputes it and sees the same batches; with the state restored bit for bit, the
+resumed losses equal those of an uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..backends import compile as compile_graph
+from ..errors import TdcError
+from ..frontend.model import Model
+from ..passes.optimizer import SLOTS, Optimizer
+from ..passes.training import LOSSES, train_step
+from .checkpoint import LAST, check_compatible, check_settings, load_checkpoint, save_checkpoint
+from .data import Dataset, check_labels, fit_to_model, load_data
+from .schedule import SCHEDULES, Schedule, make_schedule
+from .weights import atomic_write, save_npz
+
+# Adam at 2e-3 beat 1e-3 on the digits CNN (batch 16-64, 8-12 epochs); the others are common starting points.
+DEFAULT_EPOCHS = 10
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.01, "rmsprop": 1e-3, "adam": 2e-3}
+
+
+@dataclass
+class TrainResult:
+    losses: np.ndarray              # float32 loss of every step run by this call, in order
+    first_step: int                 # global step number of losses[0] (> 0 after a resume)
+    step: int                       # steps completed in all, including before a resume
+    epoch: int                      # epochs completed
+    epochs: int                     # epochs asked for
+    test_accuracy: float
+    test_loss: float
+    correct: int
+    total: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)   # the evaluation records
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        done = (f"{self.epoch} epoch{'' if self.epoch == 1 else 's'}" if self.epoch >= self.epochs
+                else f"{self.step} steps")
+        return (f"test accuracy {self.test_accuracy:.4f} ({self.correct}/{self.total}) "
+                f"after {done}, {self.seconds:.1f} s")
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The sample order of epoch `epoch`: a function of (seed, epoch) only, so it can be recomputed."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch]).permutation(n)
+
+
+def _as_model(model) -> Model:
+    if isinstance(model, Model):
+        return model
+    from .loader import Source
+    src = Source(model)
+    if src.model is None:
+        raise TdcError(f"{model}: training needs a Python model (FILE.py[:NAME]); an IR file has fixed shapes "
+                       "and no training mode")
+    return src.model
+
+
+def _targets(y: np.ndarray, loss: str, num_classes: int, dtype) -> np.ndarray:
+    if loss == "mse":
+        return (y[:, None] == np.arange(num_classes)).astype(dtype)
+    return y
+
+
+def evaluate(exe, input_name: str, output: str, x: np.ndarray, y: np.ndarray, batch: int,
+             loss: str = "softmax_cross_entropy") -> tuple[int, float]:
+    """(correct predictions, mean loss) over all of x with an inference executable of fixed `batch`.
+    The last batch is padded with zeros and its padded rows ignored, so every sample counts once."""
+    logits = []
+    for s in range(0, len(x), batch):
+        xb = x[s:s + batch]
+        k = len(xb)
+        if k < batch:
+            xb = np.concatenate([xb, np.zeros((batch - k,) + xb.shape[1:], xb.dtype)])
+        logits.append(exe(**{input_name: xb})[output][:k])
+    z = np.concatenate(logits).astype(np.float64)
+    correct = int(np.sum(np.argmax(z, axis=1) == y))
+    if loss == "mse":
+        value = float(np.mean((z - _targets(y, "mse", z.shape[1], np.float64)) ** 2))
+    else:
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        value = float(-logp[np.arange(len(y)), y].mean())
+    return correct, value
+
+
+class _Progress:
+    """A tqdm bar per epoch when tqdm is importable and wanted; otherwise nothing (epoch lines still print)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False,
+                            file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, loss: float, acc: float, rate: float):
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", samples_s=f"{rate:.0f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _read_metrics(path: str, step: int, epoch: int) -> list[dict]:
+    """The records of `path` up to a checkpoint at (step, epochs completed): later ones are redone
+    by the resumed run. A line cut short by a kill is dropped."""
+    if not os.path.exists(path):
+        return []
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(r, dict):
+                continue
+            if ("test_accuracy" in r and r.get("epoch", 0) <= epoch) or \
+               ("test_accuracy" not in r and r.get("step", 0) <= step):
+                kept.append(r)
+    return kept
+
+
+def _write_plot(path: str, records: list[dict], out) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        out(f"note: matplotlib is not installed; not writing {path} (pip install matplotlib)")
+        return
+    steps = [r for r in records if "test_accuracy" not in r]
+    evals = [r for r in records if "test_accuracy" in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="training loss (batch)")
+    ax1.plot([r["step"] for r in evals], [r["test_loss"] for r in evals], "o-", label="test loss")
+    ax1.set_xlabel("step")
+    ax1.set_yscale("log")
+    ax1.legend()
+    ax2.plot([r["epoch"] for r in evals], [r["test_accuracy"] for r in evals], "o-")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("test accuracy")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS, batch: int | None = None,
+          optimizer: Optimizer | None = None, loss: str = "softmax_cross_entropy",
+          schedule: Schedule | str = "constant", warmup: int = 0, step_size: int | None = None,
+          gamma: float = 0.1, scale_lr: int | None = None, backend: str = "reference", seed: int = 0,
+          checkpoint: str | None = None, checkpoint_every: int | None = None, keep_checkpoints: bool = False,
+          resume: bool = False, metrics: str | None = None, plot: str | None = None,
+          save_weights: str | None = None, max_steps: int | None = None, log_every: int = 1,
+          params: dict[str, np.ndarray] | None = None, progress: bool = True, verbose: bool = True,
+          out=print) -> TrainResult:
+    """Train `model` (a Model or "FILE.py[:NAME]") on `data` (a Dataset, "digits" or "mnist:DIR").
+
+    schedule: a Schedule, or a name (constant|step|cosine) built with warmup/step_size/gamma and,
+      with scale_lr=BASE_BATCH, the linear scaling rule lr * batch / BASE_BATCH.
+    checkpoint: a directory; DIR/last.npz is written after every epoch, every `checkpoint_every`
+      steps, and when stopping at `max_steps`. resume=True continues from it (or starts afresh,
+      with a note, when there is none yet).
+    max_steps: stop once this many steps (counted over the whole run, including before a resume) are done.
+    metrics: a JSON-lines file: {epoch, step, loss, lr, accuracy} every `log_every` steps and
+      {epoch, step, loss, test_accuracy, test_loss} after every epoch's evaluation.
+    """
+    t_start = time.perf_counter()
+    model = _as_model(model)
+    if isinstance(data, str):
+        data = load_data(data)
+    optimizer = optimizer or Optimizer("adam", lr=DEFAULT_LR["adam"])
+    batch = model.batch if batch is None else batch
+    if loss not in LOSSES:
+        raise TdcError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+    if epochs < 0:
+        raise TdcError(f"epochs must be >= 0, got {epochs}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise TdcError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if resume and not checkpoint:
+        raise TdcError("resuming needs the checkpoint directory (--checkpoint DIR)")
+    if log_every < 1:
+        raise TdcError(f"log_every must be >= 1, got {log_every}")
+
+    types = model.input_types(batch)
+    if len(types) != 1:
+        raise TdcError(f"model {model.name} takes {len(types)} inputs ({', '.join(types)}); "
+                       "training feeds one input of samples")
+    input_name, input_type = next(iter(types.items()))
+    infer_graph = model.trace(batch, training=False)
+    if len(infer_graph.outputs) != 1:
+        raise TdcError(f"model {model.name} has {len(infer_graph.outputs)} outputs; training needs one "
+                       "(the class scores)")
+    output, out_value = infer_graph.outputs[0]
+    if out_value.type.rank != 2:
+        raise TdcError(f"model {model.name}: output {output} is {out_value.type}; training on labels needs "
+                       "[batch, classes] scores")
+    num_classes = out_value.type.shape[1]
+    x_train = fit_to_model(data.x_train, input_type, f"{data.name} training")
+    x_test = fit_to_model(data.x_test, input_type, f"{data.name} test")
+    y_train = check_labels(data.y_train, num_classes, f"{data.name} training labels")
+    y_test = check_labels(data.y_test, num_classes, f"{data.name} test labels")
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise TdcError(f"{data.name}: {len(x_train)} training samples but {len(y_train)} labels, "
+                       f"{len(x_test)} test samples but {len(y_test)} labels")
+    n = len(x_train)
+    steps_per_epoch = n // batch   # the last partial batch is dropped: the graph has a fixed batch size
+    if steps_per_epoch == 0:
+        raise TdcError(f"{data.name} has {n} training samples, fewer than one batch of {batch}")
+    total_steps = epochs * steps_per_epoch
+    if isinstance(schedule, str):
+        schedule = make_schedule(schedule, optimizer.lr, total_steps, warmup=warmup, step_size=step_size,
+                                 gamma=gamma, batch=batch, base_batch=scale_lr)
+
+    train_graph = train_step(model, loss, optimizer, batch)
+    settings = {"batch": batch, "loss": loss, "data": data.name, "train_samples": n}
+    step, epoch0, pos0 = 0, 0, 0
+    epoch_loss, epoch_correct, epoch_seen = 0.0, 0, 0
+    if resume:
+        if os.path.exists(os.path.join(checkpoint, LAST)):
+            ck = load_checkpoint(checkpoint)
+            check_compatible(ck, train_graph, optimizer.to_dict())
+            check_settings(ck, model=model.name, seed=seed, **settings)
+            params = ck.state
+            step, epoch0, pos0 = ck.step, ck.epoch, ck.position
+            epoch_loss = ck.meta.get("epoch_loss", 0.0)
+            epoch_correct = ck.meta.get("epoch_correct", 0)
+            epoch_seen = ck.meta.get("epoch_seen", 0)
+            if verbose:
+                out(f"resuming from {ck.path}: step {step}, epoch {epoch0 + 1}, batch {pos0}/{steps_per_epoch}")
+        elif verbose:
+            out(f"no checkpoint in {checkpoint} yet; starting from scratch")
+    exe = compile_graph(train_graph, backend=backend, params=params, seed=seed)
+    infer_args = [a.name for a in infer_graph.args if a.kind != "input"]
+    # The inference executable owns copies that are refreshed in place before each evaluation:
+    # a backend may bind its buffers at compile time, so replacing dict entries would go unseen.
+    eval_exe = compile_graph(infer_graph, backend=backend, params={k: exe.state[k].copy() for k in infer_args},
+                             seed=seed)
+
+    records: list[dict] = []
+    metrics_file = None
+    if metrics:
+        if resume and step > 0:
+            records = _read_metrics(metrics, step, epoch0)
+            atomic_write(metrics, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
+            metrics_file = open(metrics, "a", encoding="utf-8")
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(metrics)), exist_ok=True)
+            metrics_file = open(metrics, "w", encoding="utf-8")
+
+    def log(record: dict):
+        records.append(record)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    def save(epoch: int, position: int):
+        if checkpoint:
+            save_checkpoint(checkpoint, exe.state, model=model.name, step=step, epoch=epoch, position=position,
+                            seed=seed, optimizer=optimizer.to_dict(), keep=keep_checkpoints,
+                            epoch_loss=epoch_loss, epoch_correct=epoch_correct, epoch_seen=epoch_seen,
+                            epochs=epochs, schedule=repr(schedule), backend=backend, **settings)
+
+    def run_eval() -> tuple[int, float]:
+        for k in infer_args:
+            eval_exe.state[k][...] = exe.state[k]
+        return evaluate(eval_exe, input_name, output, x_test, y_test, batch, loss)
+
+    losses: list[np.ndarray] = []
+    first_step = step
+    history: list[dict] = [r for r in records if "test_accuracy" in r]
+    last_eval = None    # (step, correct, test loss)
+    target_dtype = out_value.type.np_dtype
+    epoch = epoch0
+    try:
+        for epoch in range(epoch0, epochs):
+            order = epoch_order(seed, epoch, n)
+            first = pos0 if epoch == epoch0 else 0
+            bar = _Progress(progress, steps_per_epoch, first, f"epoch {epoch + 1}/{epochs}")
+            t_epoch, stopped, position = time.perf_counter(), False, first
+            try:
+                for i in range(first, steps_per_epoch):
+                    if max_steps is not None and step >= max_steps:
+                        stopped = True
+                        break
+                    idx = order[i * batch:(i + 1) * batch]
+                    lr = np.float32(schedule.lr_at(step))
+                    res = exe(**{input_name: x_train[idx],
+                                 "y": _targets(y_train[idx], loss, num_classes, target_dtype), "lr": lr})
+                    value = res["loss"]
+                    losses.append(value)
+                    step, position = step + 1, i + 1
+                    correct = int(np.sum(np.argmax(res[output], axis=1) == y_train[idx]))
+                    epoch_loss += float(value)
+                    epoch_correct += correct
+                    epoch_seen += batch
+                    if step % log_every == 0:
+                        log({"epoch": epoch + 1, "step": step, "loss": float(value), "lr": float(lr),
+                             "accuracy": correct / batch})
+                    rate = (position - first) * batch / max(time.perf_counter() - t_epoch, 1e-9)
+                    bar.update(epoch_loss / (epoch_seen / batch), epoch_correct / epoch_seen, rate)
+                    if checkpoint_every and step % checkpoint_every == 0 and position < steps_per_epoch:
+                        save(epoch, position)
+            finally:
+                bar.close()
+            if stopped:
+                save(epoch, position)
+                break
+            seconds = time.perf_counter() - t_epoch
+            correct, test_loss = run_eval()
+            last_eval = (step, correct, test_loss)
+            mean_loss = epoch_loss / max(epoch_seen / batch, 1)
+            record = {"epoch": epoch + 1, "step": step, "loss": mean_loss,
+                      "test_accuracy": correct / len(y_test), "test_loss": test_loss}
+            log(record)
+            history.append(record)
+            if verbose:
+                rate = (steps_per_epoch - first) * batch / max(seconds, 1e-9)
+                line = (f"epoch {epoch + 1}/{epochs}  loss {mean_loss:.4f}  "
+                        f"test accuracy {correct / len(y_test):.4f} ({correct}/{len(y_test)})  "
+                        f"test loss {test_loss:.4f}  {rate:.0f} samples/s")
+                _write_line(line, out, progress)
+            epoch_loss, epoch_correct, epoch_seen = 0.0, 0, 0
+            save(epoch + 1, 0)
+        else:
+            epoch = max(epochs, epoch0)
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+
+    if last_eval is not None and last_eval[0] == step:
+        _, correct, test_loss = last_eval
+    else:
+        correct, test_loss = run_eval()
+    if save_weights:
+        save_npz(save_weights, {k: exe.state[k] for k in infer_args})
+    if plot:
+        _write_plot(plot, records, out)
+    return TrainResult(np.array(losses, np.float32), first_step, step, epoch, epochs, correct / len(y_test),
+                       test_loss, correct, len(y_test), time.perf_counter() - t_start, history, dict(exe.state))
+
+
+def _write_line(line: str, out, progress: bool):
+    # Printing under a live tqdm bar garbles it; tqdm.write prints above the bar.
+    if progress and out is print:
+        try:
+            from tqdm import tqdm
+            tqdm.write(line)
+            return
+        except ImportError:
+            pass
+    out(line)
+
+
+# ---- command line --------------------------------------------------------------------------
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="FILE.py[:NAME] with a @tdc.model")
+    p.add_argument("--data", default="digits", help="digits (scikit-learn's 8x8 digits) or mnist:DIR (IDX files)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}")
+    p.add_argument("--batch", type=int, help="mini-batch size (default: the model's batch)")
+    p.add_argument("--optimizer", default="adam", choices=list(SLOTS), help="default adam")
+    p.add_argument("--lr", type=float, help="learning rate (default: " +
+                   ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--momentum", type=float, default=0.9, help="for momentum and nesterov (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty coefficient (default 0)")
+    p.add_argument("--schedule", default="constant", choices=list(SCHEDULES), help="learning-rate schedule")
+    p.add_argument("--warmup", type=int, default=0, metavar="STEPS", help="linear warm-up steps")
+    p.add_argument("--step-size", type=int, metavar="STEPS",
+                   help="step schedule: decay every STEPS steps (default: a third of the run)")
+    p.add_argument("--gamma", type=float, default=0.1, help="step schedule: decay factor (default 0.1)")
+    p.add_argument("--scale-lr", type=int, metavar="BASE_BATCH",
+                   help="linear scaling rule: multiply lr by batch / BASE_BATCH (use with --warmup)")
+    p.add_argument("--loss", default="softmax_cross_entropy", choices=list(LOSSES))
+    p.add_argument("--backend", default="reference")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order (default 0)")
+    p.add_argument("--checkpoint", metavar="DIR", help="write DIR/last.npz after every epoch")
+    p.add_argument("--checkpoint-every", type=int, metavar="K", help="also checkpoint every K steps")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep DIR/step-N.npz for every checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/last.npz")
+    p.add_argument("--max-steps", type=int, metavar="N", help="stop after N steps in all")
+    p.add_argument("--metrics", metavar="FILE.jsonl", help="write per-step and per-epoch metrics as JSON lines")
+    p.add_argument("--plot", metavar="FILE.png", help="plot loss and accuracy (needs matplotlib)")
+    p.add_argument("--save-weights", metavar="FILE.npz", help="save the trained weights for tdc run --weights")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_train(args) -> int:
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    opt = Optimizer(args.optimizer, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    result = train(args.model, args.data, epochs=args.epochs, batch=args.batch, optimizer=opt, loss=args.loss,
+                   schedule=args.schedule, warmup=args.warmup, step_size=args.step_size, gamma=args.gamma,
+                   scale_lr=args.scale_lr, backend=args.backend, seed=args.seed, checkpoint=args.checkpoint,
+                   checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                   resume=args.resume, metrics=args.metrics, plot=args.plot, save_weights=args.save_weights,
+                   max_steps=args.max_steps, progress=not args.no_progress)
+    print(result.summary())
+    return 0

@@ -1,0 +1,134 @@
+"""The Numba backend against the reference interpreter: every op forward and backward,
+the example training steps, and random fused graphs."""
+import os
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import tdc
+from tdc.errors import TdcError
+from tdc.frontend import functional as F
+from tdc.frontend.tensor import Builder
+from tdc.ir.graph import Graph
+from tdc.ir.types import TensorType
+from tdc.passes.autodiff import autodiff
+from tdc.passes.retype import retype
+from tdc.runtime.init import init_params
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from test_autodiff import CASES, _graph_for  # noqa: E402
+
+
+def _values(g, seed=0):
+    rng = np.random.default_rng(seed)
+    vals = init_params(g, seed)
+    for a in g.inputs:
+        if a.type.dtype.startswith("f"):
+            vals[a.name] = rng.standard_normal(a.type.shape).astype(a.type.np_dtype)
+    return vals
+
+
+def _compare(graph, values, rtol, atol=1e-6):
+    inputs = {a.name: values[a.name] for a in graph.inputs}
+    params = {a.name: values[a.name] for a in graph.args if a.kind != "input"}
+    ref = tdc.compile(graph, params=params)
+    nb = tdc.compile(graph, backend="numba", params=params)
+    r, n = ref(**inputs), nb(**inputs)
+    assert r.keys() == n.keys()
+    for k in r:
+        assert n[k].dtype == r[k].dtype and n[k].shape == r[k].shape, k
+        np.testing.assert_allclose(n[k], r[k], rtol=rtol, atol=atol, err_msg=f"output {k}")
+    for k in ref.state:
+        np.testing.assert_allclose(nb.state[k], ref.state[k], rtol=rtol, atol=atol, err_msg=f"state {k}")
+    return nb
+
+
+@pytest.mark.parametrize("op,inputs,attrs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_op_forward_and_backward_match_reference_f64(op, inputs, attrs):
+    g, values = _graph_for(op, inputs, attrs)
+    _compare(autodiff(g, "loss"), values, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("op,inputs,attrs", [c for c in CASES if c[0] in
+                                             ("conv2d", "maxpool2d", "avgpool2d", "linear", "matmul", "softmax",
+                                              "batchnorm", "softmax_cross_entropy", "reduce_max", "dropout")],
+                         ids=lambda c: str(c)[:20])
+def test_op_forward_and_backward_match_reference_f32(op, inputs, attrs):
+    g, values = _graph_for(op, inputs, attrs)
+    g32 = retype(g, "f64", "f32")
+    vals32 = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in values.items()}
+    _compare(autodiff(g32, "loss"), vals32, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model,batch", [("mlp", 8), ("lenet", 4), ("digits", 8), ("vgg", 2)])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_training_steps_match_reference(model, batch, opt):
+    mod = __import__(model)
+    # eps well above float32 noise in tiny gradients: Adam divides by |g| + eps
+    g = tdc.train_step(getattr(mod, model), optimizer=tdc.Optimizer(opt, lr=0.01, eps=1e-4), batch=batch)
+    vals = _values(g)
+    vals["y"] = np.arange(batch) % 10
+    vals["lr"] = np.float32(0.01)
+    _compare(g, vals, rtol=1e-4, atol=1e-5)
+
+
+def test_inference_graphs_match_reference():
+    for model in ("mlp", "lenet", "digits", "vgg"):
+        mod = __import__(model)
+        g = getattr(mod, model).trace(batch=3)
+        _compare(g, _values(g), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_kernels_are_fewer_than_ops_and_source_is_shown():
+    import lenet
+    g = tdc.train_step(lenet.lenet, batch=4)
+    exe = tdc.compile(g, backend="numba")
+    n_ops = sum(1 for n in g.nodes if n.op not in ("constant", "full"))
+    assert len(exe.program.plan) < n_ops
+    src = exe.source()
+    assert "@njit" in src and "prange" in src or "range" in src
+
+
+def test_bad_labels_are_a_clear_error():
+    import mlp
+    g = tdc.train_step(mlp.mlp, batch=4)
+    exe = tdc.compile(g, backend="numba")
+    x = np.zeros((4, 784), np.float32)
+    with pytest.raises(TdcError, match="label out of range"):
+        exe(x=x, y=np.array([0, 1, 2, 10]), lr=np.float32(0.1))
+
+
+_UNARY = ["relu", "exp", "tanh", "sigmoid", "neg", "abs"]
+_BINARY = ["add", "sub", "mul", "maximum", "minimum"]
+
+
+@st.composite
+def _random_graph(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=3)))
+    g = Graph("rand")
+    with Builder(g) as b:
+        vals = [b.arg("x0", TensorType("f32", shape), "input")]
+        small = tuple(d if draw(st.booleans()) else 1 for d in shape)
+        vals.append(b.arg("x1", TensorType("f32", small), "input"))
+        for i in range(draw(st.integers(1, 6))):
+            kind = draw(st.sampled_from(["u", "b", "r"]))
+            a = draw(st.sampled_from(vals))
+            if kind == "u":
+                vals.append(F.apply(draw(st.sampled_from(_UNARY)), a))
+            elif kind == "b":
+                vals.append(F.apply(draw(st.sampled_from(_BINARY)), a, draw(st.sampled_from(vals))))
+            elif a.ndim:
+                axes = draw(st.lists(st.integers(0, a.ndim - 1), min_size=1, max_size=a.ndim, unique=True))
+                vals.append(F.apply(draw(st.sampled_from(["reduce_sum", "reduce_max", "reduce_mean"])), a,
+                                    axes=tuple(axes), keepdims=draw(st.booleans())))
+        for j, v in enumerate(vals[2:] or vals[:1]):
+            g.add_output(f"o{j}", v.value)
+    return g
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_random_graph())
+def test_random_fused_graphs_match_reference(g):
+    _compare(g, _values(g), rtol=1e-5, atol=1e-5)
