@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train", action="store_true", help="use the training pipeline")
     _add_training(d)
     d.add_argument("--format", choices=("text", "dot"), default="text", help="IR text or Graphviz DOT")
+    d.add_argument("--memory", action="store_true",
+                   help="print the memory table (weights, activations, gradients, optimizer state; peak "
+                        "before and after planning) of the graph after the pipeline")
+    d.add_argument("--source", action="store_true", help="print the Numba source generated for the graph")
     d.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
 
     r = sub.add_parser("run", help="run a model on inputs and print or save its outputs",
@@ -65,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-inputs", metavar="DIR", help="write the inputs used as DIR/NAME.npy")
     r.add_argument("--seed", type=int, default=0, help="seed for param initialisation and random inputs")
     r.add_argument("--weights", metavar="FILE.npz", help="params (and state) saved by tdc")
-    r.add_argument("--backend", default="reference", help="backend to run on (default: reference)")
+    r.add_argument("--backend", default="numba", choices=("numba", "reference"),
+                   help="backend to run on (default: numba)")
     r.add_argument("--output", action="append", default=[], metavar="[NAME=]FILE.npy",
                    help="save an output (the first one when NAME is not given)")
 
@@ -84,12 +89,12 @@ def cmd_dump(args) -> int:
     from .ir.printer import print_graph
     from .passes.manager import PassContext, Pipeline, get_pass
     from .passes.optimizer import Optimizer
-    from .passes.training import training_pipeline
+    from .passes.training import compile_pipeline, training_pipeline
     from .runtime.loader import Source
 
     src = Source(args.model)
-    inference = Pipeline([get_pass("dce"), get_pass("cse")])
-    training = training_pipeline(args.loss, Optimizer(args.optimizer))
+    inference = compile_pipeline()
+    training = Pipeline(training_pipeline(args.loss, Optimizer(args.optimizer)).passes + [get_pass("fuse")])
     names_inf = [p.name for p in inference.passes]
     names_train = [p.name for p in training.passes]
     if args.after and args.after not in names_inf + names_train:
@@ -100,7 +105,15 @@ def cmd_dump(args) -> int:
     graph = src.graph(args.batch, training=train)
     fmt = (lambda g: to_dot(g)) if args.format == "dot" else print_graph
     chunks = []
-    if args.all:
+    if args.memory or args.source:
+        graph = pipeline.run(graph)
+        if args.memory:
+            from .passes.memplan import memory_report
+            chunks.append(memory_report(graph))
+        if args.source:
+            from .backends.numba.codegen import build_program
+            chunks.append(build_program(graph).module_source())
+    elif args.all:
         chunks.append(f"// ----- {src.name}: as traced -----\n{fmt(graph)}")
         ctx = PassContext(dump_after="all", dump=lambda name, g: chunks.append(f"// ----- after {name} -----\n{fmt(g)}"))
         pipeline.run(graph, ctx)

@@ -49,6 +49,9 @@ def add_loss(graph: Graph, loss: str = "softmax_cross_entropy", output: str | No
     return g
 
 
+SIMPLIFY = ("fold", "simplify", "cse", "dce")
+
+
 def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,
                       simplify: bool = True) -> Pipeline:
     opt = optimizer or Optimizer()
@@ -56,8 +59,13 @@ def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer 
               Pass("autodiff", partial(autodiff, loss="loss"), "reverse-mode gradients of the loss"),
               Pass("optimizer", partial(add_optimizer, opt=opt), f"{opt.name} updates of every param")]
     if simplify:
-        passes += [get_pass("dce"), get_pass("cse")]
+        passes += [get_pass(n) for n in SIMPLIFY]
     return Pipeline(passes)
+
+
+def compile_pipeline() -> Pipeline:
+    """What the compiled backends run before code generation: simplify, then fuse into kernels."""
+    return Pipeline([get_pass(n) for n in SIMPLIFY + ("fuse",)])
 
 
 def train_step(model: Model | Graph, loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,

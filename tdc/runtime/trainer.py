@@ -308,9 +308,9 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                         stopped = True
                         break
                     idx = order[i * batch:(i + 1) * batch]
-                    lr = np.float32(schedule.lr_at(step))
+                    lr = schedule.lr_at(step)
                     res = exe(**{input_name: x_train[idx],
-                                 "y": _targets(y_train[idx], loss, num_classes, target_dtype), "lr": lr})
+                                 "y": _targets(y_train[idx], loss, num_classes, target_dtype), "lr": np.float32(lr)})
                     value = res["loss"]
                     losses.append(value)
                     step, position = step + 1, i + 1
@@ -319,7 +319,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                     epoch_correct += correct
                     epoch_seen += batch
                     if step % log_every == 0:
-                        log({"epoch": epoch + 1, "step": step, "loss": float(value), "lr": float(lr),
+                        log({"epoch": epoch + 1, "step": step, "loss": float(value), "lr": lr,
                              "accuracy": correct / batch})
                     rate = (position - first) * batch / max(time.perf_counter() - t_epoch, 1e-9)
                     bar.update(epoch_loss / (epoch_seen / batch), epoch_correct / epoch_seen, rate)

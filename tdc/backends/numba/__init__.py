@@ -23,19 +23,8 @@ CACHE_DIR = os.environ.get("TDC_CACHE_DIR", os.path.join(os.path.expanduser("~")
 
 def optimize_for_backend(graph: Graph) -> Graph:
     """The passes every compiled backend runs before code generation."""
-    from ...passes.manager import PASSES, Pipeline, get_pass
-    from ...passes import fuse  # noqa: F401  (registers the pass)
-    names = [n for n in ("fold", "simplify", "cse", "dce") if n in PASSES or _try_pass(n)]
-    return Pipeline([get_pass(n) for n in names] + [get_pass("fuse")]).run(graph)
-
-
-def _try_pass(name):
-    try:
-        from ...passes.manager import get_pass
-        get_pass(name)
-        return True
-    except TdcError:
-        return False
+    from ...passes.training import compile_pipeline
+    return compile_pipeline().run(graph)
 
 
 def load_module(source: str):
@@ -80,33 +69,60 @@ class NumbaExecutable:
 
     # ---- buffers ------------------------------------------------------------------
     def _allocate(self):
+        """Every buffered value gets its slice of one arena, as the memory plan says; updates the
+        plan writes in place use the param's own storage; reshapes are views where they can be."""
+        from ...passes.memplan import plan_memory
+        self.plan = plan = plan_memory(self.graph)
+        self.arena = np.empty(max(plan.arena_bytes, 1), np.uint8)
         arrays: dict[Value, np.ndarray] = {}
         for a in self.graph.args:
             arrays[a] = self.state[a.name] if a.kind != "input" else np.empty(a.type.shape, a.type.np_dtype)
         for v, x in self.program.literal_values.items():
             arrays[v] = np.ascontiguousarray(x)
-        for kind_entry in self.program.plan:
-            _, kind, payload = kind_entry
-            nodes = [payload] if kind in ("view", "library", "fallback") else None
+        self.copies = []   # (dst, src) for reshapes that must copy (see below)
+
+        def buffer(v: Value) -> np.ndarray:
+            b = plan.assignments.get(v)
+            if b is None:    # used only inside its kernel (an anchor's result before its epilogue)
+                return np.empty(v.type.shape, v.type.np_dtype)
+            if not b.in_arena:
+                return self.state[b.inplace_of.name]
+            return self.arena[b.offset:b.offset + v.type.nbytes].view(v.type.np_dtype).reshape(v.type.shape)
+
+        for _, kind, payload in self.program.plan:
             if kind == "view":
                 n = payload
-                arrays[n.outputs[0]] = arrays[n.inputs[0]].reshape(n.outputs[0].type.shape)
+                src, out = n.inputs[0], n.outputs[0]
+                bo, bs = plan.assignments.get(out), plan.assignments.get(src)
+                same = bo is not None and bs is not None and bo.offset == bs.offset and bo.in_arena
+                if same or src.kind == "input" or (src.producer is not None and src.producer.op in ("constant", "full")):
+                    arrays[out] = arrays[src].reshape(out.type.shape)
+                else:   # the input stays live (or is a param updated in place): copy
+                    arrays[out] = buffer(out)
+                    self.copies.append((n, arrays[out], arrays[src]))
                 continue
             if kind == "loop":
                 nodes = [v.producer for v in payload["params"] if v.producer is not None]
                 if payload["anchor"] is not None:
                     nodes.append(payload["anchor"])
+            else:
+                nodes = [payload]
             for n in nodes:
+                if n.op in ("constant", "full"):
+                    continue
                 for v in n.outputs:
                     if v not in arrays:
-                        arrays[v] = np.empty(v.type.shape, v.type.np_dtype)
+                        arrays[v] = buffer(v)
         self.arrays = arrays
 
     def _bind(self):
         steps = []
         arrays = self.arrays
+        copies = {n: (dst, src) for n, dst, src in self.copies}
         for name, kind, payload in self.program.plan:
             if kind == "view":
+                if payload in copies:
+                    steps.append((np.copyto, copies[payload]))
                 continue
             if kind == "loop":
                 fn = getattr(self.module, name)
