@@ -104,6 +104,14 @@ _UNARY = ["relu", "exp", "tanh", "sigmoid", "neg", "abs"]
 _BINARY = ["add", "sub", "mul", "maximum", "minimum"]
 
 
+def _broadcasts(s, t):
+    try:
+        np.broadcast_shapes(s, t)
+        return True
+    except ValueError:
+        return False
+
+
 @st.composite
 def _random_graph(draw):
     shape = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=3)))
@@ -118,7 +126,8 @@ def _random_graph(draw):
             if kind == "u":
                 vals.append(F.apply(draw(st.sampled_from(_UNARY)), a))
             elif kind == "b":
-                vals.append(F.apply(draw(st.sampled_from(_BINARY)), a, draw(st.sampled_from(vals))))
+                partners = [v for v in vals if _broadcasts(v.shape, a.shape)]
+                vals.append(F.apply(draw(st.sampled_from(_BINARY)), a, draw(st.sampled_from(partners))))
             elif a.ndim:
                 axes = draw(st.lists(st.integers(0, a.ndim - 1), min_size=1, max_size=a.ndim, unique=True))
                 vals.append(F.apply(draw(st.sampled_from(["reduce_sum", "reduce_max", "reduce_mean"])), a,

@@ -44,6 +44,8 @@ def literal(v, dtype_attr: bool = False) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, np.integer)):
         return str(int(v))
+    if isinstance(v, (np.float32, np.float16)):
+        return str(v)   # the shortest text that reads back as the same f32/f16 value: 0.9, not 0.8999999761581421
     if isinstance(v, (float, np.floating)):
         return repr(float(v))
     if isinstance(v, str):
@@ -55,9 +57,17 @@ def literal(v, dtype_attr: bool = False) -> str:
 
 def dense(a: np.ndarray, type_hint: TensorType | None) -> str:
     """`dense<[[1.0,2.0]]>`, with ` : type` only when the tensor's type is not `type_hint`."""
-    text = f"dense<{literal(np.asarray(a).tolist())}>"
+    text = f"dense<{_elements(np.asarray(a))}>"
     t = TensorType.of(a)
     return text if t == type_hint else f"{text} : {t}"
+
+
+def _elements(a: np.ndarray) -> str:
+    if a.dtype.kind != "f" or a.dtype == np.float64:
+        return literal(a.tolist())
+    if a.ndim == 0:
+        return literal(a[()])
+    return "[" + ",".join(_elements(x) for x in a) + "]"
 
 
 class _Namer:

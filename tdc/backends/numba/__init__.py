@@ -99,7 +99,7 @@ class NumbaExecutable:
                     arrays[out] = arrays[src].reshape(out.type.shape)
                 else:   # the input stays live (or is a param updated in place): copy
                     arrays[out] = buffer(out)
-                    self.copies.append((n, arrays[out], arrays[src]))
+                    self.copies.append((n, arrays[out], arrays[src].reshape(out.type.shape)))
                 continue
             if kind == "loop":
                 nodes = [v.producer for v in payload["params"] if v.producer is not None]
@@ -165,7 +165,9 @@ class NumbaExecutable:
             for fn, args in self.steps:
                 fn(*args)
         except ValueError as e:
-            raise TdcError(str(e)) from None
+            if "out of range" not in str(e):   # only the kernels' own input checks are user errors
+                raise
+            raise TdcError(f"{e}: labels must be in [0, number of classes)") from None
         for dst, src in self.updates:
             dst[...] = src
         return {n: x.copy() for n, x in self.outputs}
