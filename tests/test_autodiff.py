@@ -228,3 +228,22 @@ def test_missing_gradient_rule_is_a_clear_error():
             autodiff(g)
     finally:
         del _REGISTRY["test_nograd"]
+
+
+@pytest.mark.parametrize("model,batch", [("mlp", 2), ("lenet", 2), ("digits", 3)])
+def test_example_models_gradients_match_finite_differences(model, batch):
+    """Whole training graphs (forward + softmax cross-entropy) in float64, every param."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    from tdc.passes.training import add_loss
+    m = getattr(__import__(model), model)
+    g = add_loss(m.trace(batch))
+    rng = np.random.default_rng(0)
+    vals = init_params(g, 0)
+    vals["x"] = rng.standard_normal(g.arg("x").type.shape)
+    vals["y"] = rng.integers(0, 10, batch)
+    errors = gradcheck(g, vals, loss="loss", max_entries=12)
+    assert set(errors) == {a.name for a in g.params}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < TOL, f"{model}: d/d{worst} relative error {errors[worst]:.2e}"

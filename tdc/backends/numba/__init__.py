@@ -47,11 +47,25 @@ def load_module(source: str):
     return mod
 
 
+def single_threaded_blas() -> None:
+    """Run BLAS on one thread: Numba's threads parallelise the kernels (and split GEMMs by rows).
+    Two pools spinning on the same two cores made kernels up to 10x slower here."""
+    global _blas_limited
+    if not _blas_limited:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1, user_api="blas")
+        _blas_limited = True
+
+
+_blas_limited = False
+
+
 class NumbaExecutable:
     backend = "numba"
 
     def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0):
         from ...runtime.init import init_params
+        single_threaded_blas()
         self.source_graph = graph
         self.graph = optimize_for_backend(graph)
         self.program: Program = build_program(self.graph)

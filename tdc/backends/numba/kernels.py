@@ -6,6 +6,7 @@ inside generated elementwise loops. `cache=True` keeps compiled code on disk.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -55,11 +56,29 @@ def idiv(a, b):
 
 
 # ---- matrix products ----------------------------------------------------------------
+# BLAS runs single-threaded under this backend (see NumbaExecutable): Numba's threads split
+# the rows of each product instead, so two thread pools never fight over the cores.
+
+@njit(cache=True, parallel=True)
+def _rows_dot(a, b, out):
+    """out = a @ b with the rows of a split over the threads."""
+    M = a.shape[0]
+    T = numba.get_num_threads()
+    if M < 2 * T or M * b.shape[0] * b.shape[1] < PARALLEL_MIN * 8:
+        np.dot(a, b, out)
+        return
+    chunk = (M + T - 1) // T
+    for t in prange(T):
+        lo = t * chunk
+        hi = min(M, lo + chunk)
+        if lo < hi:
+            np.dot(a[lo:hi], b, out[lo:hi])
+
 
 @njit(cache=True)
 def linear(x2, w, b, has_bias, out2):
     """out2 = x2 @ w.T (+ b); x2 [M, K], w [N, K]."""
-    np.dot(x2, w.T, out2)
+    _rows_dot(x2, w.T, out2)
     if has_bias:
         M, N = out2.shape
         for i in range(M):
@@ -69,7 +88,7 @@ def linear(x2, w, b, has_bias, out2):
 
 @njit(cache=True)
 def matmul2d(a, b, out):
-    np.dot(a, b, out)
+    _rows_dot(a, b, out)
 
 
 @njit(cache=True)
