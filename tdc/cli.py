@@ -13,7 +13,7 @@ import numpy as np
 from . import __version__
 from .errors import TdcError
 
-MODEL_HELP = "FILE.py[:NAME] (a Python file with @tdc.model functions) or FILE.tdc (IR text)"
+MODEL_HELP = "FILE.py[:NAME] (a Python file with @tdc.model functions), FILE.tdc (IR text) or FILE.onnx"
 
 
 def _add_model(p: argparse.ArgumentParser):
@@ -167,7 +167,7 @@ def cmd_run(args) -> int:
     if missing:
         raise TdcError(f"missing input {', '.join(missing)}; {src.name} takes {expected} "
                        "(give --input NAME=FILE.npy or --random-inputs)")
-    params = load_weights(args.weights, graph) if args.weights else None
+    params = load_weights(args.weights, graph) if args.weights else src.params   # an ONNX file's initializers
     exe = compile(graph, backend=args.backend, params=params, seed=args.seed)
     outputs = exe(**given)
     if args.save_inputs:

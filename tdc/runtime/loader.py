@@ -1,5 +1,5 @@
 """Loading models named on the command line: FILE.py[:NAME] (a Python file with @tdc.model
-functions) or FILE.tdc (saved IR text)."""
+functions), FILE.tdc (saved IR text) or FILE.onnx (an ONNX model; its initializers are the weights)."""
 from __future__ import annotations
 
 import hashlib
@@ -49,14 +49,22 @@ def load_model(spec: str) -> Model:
 
 
 class Source:
-    """Where a graph comes from: a traceable model, or a fixed graph read from a file."""
+    """Where a graph comes from: a traceable model, or a fixed graph read from a file.
+    `params` holds the weights the file brings (an ONNX model's initializers, once `graph()`
+    has imported it), else None."""
 
     def __init__(self, spec: str):
         self.spec = spec
         self.model: Model | None = None
         self.fixed: Graph | None = None
+        self.onnx_path: str | None = None
+        self.params: dict | None = None
         path = spec.partition(":")[0]
-        if path.endswith(".tdc"):
+        if path.endswith(".onnx"):
+            if not os.path.exists(path):
+                raise TdcError(f"{path}: no such file")
+            self.onnx_path = path   # imported by graph(): --batch may be needed to fix its batch dim
+        elif path.endswith(".tdc"):
             from ..ir.parser import parse_graph
             from ..ir.verify import verify
             if not os.path.exists(path):
@@ -67,15 +75,23 @@ class Source:
         elif path.endswith(".py"):
             self.model = load_model(spec)
         else:
-            raise TdcError(f"{spec}: expected a Python model file (FILE.py[:NAME]) or IR text (FILE.tdc)")
+            raise TdcError(f"{spec}: expected a Python model file (FILE.py[:NAME]), IR text (FILE.tdc) "
+                           "or an ONNX model (FILE.onnx)")
 
     @property
     def name(self) -> str:
-        return self.model.name if self.model else self.fixed.name
+        if self.model:
+            return self.model.name
+        return self.fixed.name if self.fixed else os.path.basename(self.onnx_path)
 
     def graph(self, batch: int | None = None, training: bool = False) -> Graph:
         if self.model is not None:
             return self.model.trace(batch, training)
+        if self.onnx_path:
+            from ..onnx import load
+            m = load(self.onnx_path, batch=batch)   # an inference graph: training does not apply
+            self.fixed, self.params = m.graph, m.params
+            return self.fixed
         if batch is not None:
             raise TdcError(f"{self.spec}: --batch does not apply to an IR file (its shapes are fixed)")
         return self.fixed

@@ -6,14 +6,19 @@ Numba's on-disk cache makes a second compile of the same graph fast.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
-import sys
 
-import numpy as np
+# libgomp's default is to spin-wait between parallel regions; on this 2-vCPU machine that made
+# every parallel kernel take 4-8 ms instead of 20 us. It must be set before the OpenMP runtime loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ...errors import TdcError
+import hashlib  # noqa: E402
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from ...errors import TdcError  # noqa: E402
 from ...ir.graph import Graph, Value
 from ..reference import check_feed
 from .codegen import LIBRARY, Program, build_program
@@ -69,7 +74,6 @@ class NumbaExecutable:
         self.source_graph = graph
         self.graph = optimize_for_backend(graph)
         self.program: Program = build_program(self.graph)
-        self.module = load_module(self.program.module_source())
         values = init_params(graph, seed, only_missing=params or {})
         values.update(params or {})
         self.state: dict[str, np.ndarray] = {}
@@ -130,27 +134,60 @@ class NumbaExecutable:
         self.arrays = arrays
 
     def _bind(self):
-        steps = []
+        """Turn the plan into driver source: one @njit function per run of kernels between numpy
+        fallbacks, calling each kernel on its buffers, so a step is one or a few calls from Python
+        (and Numba caches the whole driver)."""
         arrays = self.arrays
+        bufs: list[np.ndarray] = []
+        slot: dict[int, int] = {}
+
+        def expr(x) -> str:
+            if isinstance(x, np.ndarray):
+                if id(x) not in slot:
+                    slot[id(x)] = len(bufs)
+                    bufs.append(x)
+                return f"b[{slot[id(x)]}]"
+            if isinstance(x, (bool, np.bool_)):
+                return repr(bool(x))
+            if isinstance(x, (int, np.integer)):
+                return repr(int(x))
+            return repr(float(x))
+
         copies = {n: (dst, src) for n, dst, src in self.copies}
+        segments: list[list[str]] = [[]]
+        python_steps: dict[int, tuple] = {}   # segment index after which a fallback runs
         for name, kind, payload in self.program.plan:
             if kind == "view":
                 if payload in copies:
-                    steps.append((np.copyto, copies[payload]))
+                    dst, src = copies[payload]
+                    segments[-1].append(f"{expr(dst)}[...] = {expr(src)}")
                 continue
             if kind == "loop":
-                fn = getattr(self.module, name)
                 args = [arrays[v] for v in payload["params"]]
                 if payload["anchor"] is not None:
                     args += [arrays[v] for v in payload["anchor"].inputs]
-                steps.append((fn, tuple(args)))
+                segments[-1].append(f"{name}({', '.join(expr(a) for a in args)})")
             elif kind == "library":
                 n = payload
                 fn, args = LIBRARY[n.op](n, [arrays[v] for v in n.inputs], [arrays[v] for v in n.outputs])
-                steps.append((fn, tuple(args)))
+                segments[-1].append(f"K.{fn.__name__}({', '.join(expr(a) for a in args)})   # {name}: {n.op}")
             else:
-                steps.append((_fallback(payload), tuple([arrays[v] for v in payload.inputs]
-                                                        + [arrays[v] for v in payload.outputs])))
+                python_steps[len(segments) - 1] = (name, _fallback(payload),
+                                                   tuple(arrays[v] for v in payload.inputs + payload.outputs))
+                segments.append([])
+        lines = []
+        for k, seg in enumerate(segments):
+            lines += ["@njit(cache=True)", f"def drive{k}(b):"] + [f"    {s}" for s in seg or ["pass"]] + ["", ""]
+        self.driver_source = "\n".join(lines)
+        self.module = load_module(self.program.module_source() + "\n\n" + self.driver_source)
+        self.buffers = tuple(bufs)
+        steps = []
+        for k in range(len(segments)):
+            if segments[k]:
+                steps.append((getattr(self.module, f"drive{k}"), (self.buffers,)))
+            if k in python_steps:
+                _, fn, args = python_steps[k]
+                steps.append((fn, args))
         self.steps = steps
         self.updates = [(self.state[t.name], arrays[v]) for t, v in self.graph.updates
                         if arrays[v] is not self.state[t.name]]
@@ -158,12 +195,9 @@ class NumbaExecutable:
         self.inputs = [(a, arrays[a]) for a in self.graph.inputs]
 
     def source(self) -> str:
-        """The generated kernels and the order the driver runs them in."""
-        lines = [self.program.module_source(), "# driver: kernels in order"]
-        for name, kind, payload in self.program.plan:
-            what = payload.op if kind != "loop" else "generated loop"
-            lines.append(f"#   {name}: {kind} ({what})")
-        return "\n".join(lines) + "\n"
+        """The generated kernels and the driver that runs them in order over the planned buffers."""
+        fallbacks = "".join(f"# numpy fallback: {f}\n" for f in self.program.fallbacks)
+        return self.program.module_source() + "\n\n" + fallbacks + self.driver_source
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         names = {a.name for a, _ in self.inputs}

@@ -6,7 +6,6 @@ inside generated elementwise loops. `cache=True` keeps compiled code on disk.
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -61,14 +60,14 @@ def idiv(a, b):
 
 @njit(cache=True, parallel=True)
 def _rows_dot(a, b, out):
-    """out = a @ b with the rows of a split over the threads."""
+    """out = a @ b with blocks of rows of a spread over the threads."""
     M = a.shape[0]
-    T = numba.get_num_threads()
-    if M < 2 * T or M * b.shape[0] * b.shape[1] < PARALLEL_MIN * 8:
+    if M < 32 or M * b.shape[0] * b.shape[1] < PARALLEL_MIN * 8:
         np.dot(a, b, out)
         return
-    chunk = (M + T - 1) // T
-    for t in prange(T):
+    blocks = min(8, M // 16)   # a fixed count (not get_num_threads) keeps the kernel cacheable
+    chunk = (M + blocks - 1) // blocks
+    for t in prange(blocks):
         lo = t * chunk
         hi = min(M, lo + chunk)
         if lo < hi:

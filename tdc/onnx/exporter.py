@@ -1,0 +1,204 @@
+"""Exporting a tdc graph as an ONNX model (opset 17).
+
+Inputs stay inputs, params/consts/state become initializers, and each node becomes one or
+a few ONNX nodes. Shape-like operands that tdc keeps as attributes (reshape's shape, slice
+bounds, pads, ReduceSum axes) become int64 initializers.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import TdcError
+from ..ir.graph import Graph, Value
+from .importer import DTYPES
+
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8   # what opset 17 came with; onnxruntime reads it
+
+TO_ONNX = {v: k for k, v in DTYPES.items()}
+
+_SAME = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "maximum": "Max", "minimum": "Min",
+         "equal": "Equal", "less": "Less", "greater": "Greater", "less_equal": "LessOrEqual",
+         "greater_equal": "GreaterOrEqual", "where": "Where", "neg": "Neg", "abs": "Abs", "sign": "Sign",
+         "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh",
+         "matmul": "MatMul", "global_avgpool": "GlobalAveragePool"}
+
+
+def save(graph: Graph, path, params: dict | None = None, seed: int = 0) -> onnx.ModelProto:
+    """Write `graph` as an ONNX model to `path` (returns the ModelProto). Param, const and state
+    values come from `params`, or from the graph's initializers seeded with `seed`."""
+    from ..runtime.init import init_params
+    values = {**init_params(graph, seed, only_missing=params or {}), **(params or {})}
+    model = to_model(graph, values)
+    from ..runtime.weights import atomic_write
+    atomic_write(os.fspath(path), lambda f: f.write(model.SerializeToString()))
+    return model
+
+
+def to_model(graph: Graph, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    model = _Exporter(graph, values).run()
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:   # a bug in the exporter, not in the user's graph
+        raise TdcError(f"internal: the exported ONNX model of {graph.name} does not check: {e}") from None
+    return model
+
+
+def _info(name: str, v: Value):
+    return helper.make_tensor_value_info(name, TO_ONNX[v.type.dtype], list(v.type.shape))
+
+
+class _Exporter:
+    def __init__(self, graph: Graph, values: dict[str, np.ndarray]):
+        self.g, self.values = graph, values
+        self.nodes, self.inits = [], []
+        self.names: dict[Value, str] = {}
+        self.taken = {a.name for a in graph.args} | {name for name, _ in graph.outputs}
+        self.count = 0
+
+    def fresh(self, hint: str) -> str:
+        while True:
+            self.count += 1
+            name = f"{hint}_{self.count}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
+
+    def run(self) -> onnx.ModelProto:
+        g = self.g
+        if g.updates:
+            raise TdcError(f"graph {g.name} updates params or state (a training step); export an inference graph")
+        inputs = []
+        for a in g.args:
+            self.names[a] = a.name
+            if a.kind == "input":
+                inputs.append(_info(a.name, a))
+                continue
+            if a.name not in self.values:
+                raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
+            arr = np.asarray(self.values[a.name])
+            if arr.shape != a.type.shape or arr.dtype != a.type.np_dtype:
+                raise TdcError(f"{a.kind} {a.name}: the value is {arr.dtype}{list(arr.shape)}, the graph needs {a.type}")
+            self.inits.append(numpy_helper.from_array(arr, a.name))
+        # a node's output that is a graph output takes the output's name
+        out_of = {}
+        for name, v in g.outputs:
+            if v.producer is not None and v not in out_of:
+                out_of[v] = name
+        for node in g.nodes:
+            for v in node.outputs:
+                self.names[v] = out_of.get(v) or self.fresh(node.op)
+        for node in g.nodes:
+            self.convert(node)
+        outputs = []
+        for name, v in g.outputs:
+            if self.names[v] != name:   # an argument, or a value already output under another name
+                self.add("Identity", [self.names[v]], [name])
+            outputs.append(_info(name, v))
+        og = helper.make_graph(self.nodes, g.name, inputs, outputs, self.inits)
+        return helper.make_model(og, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
+                                 producer_name="tdc")
+
+    # ---- helpers ---------------------------------------------------------------------
+    def add(self, op: str, inputs: list[str], outputs: list[str], **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}", **attrs))
+        return outputs[0]
+
+    def tmp(self, op: str, inputs: list[str], **attrs) -> str:
+        return self.add(op, inputs, [self.fresh(op.lower())], **attrs)
+
+    def const(self, array, hint: str) -> str:
+        name = self.fresh(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def ints(self, xs, hint: str) -> str:
+        return self.const(np.array(list(xs), np.int64), hint)
+
+    # ---- nodes ---------------------------------------------------------------------
+    def convert(self, node):
+        op, a = node.op, node.attrs
+        ins = [self.names[v] for v in node.inputs]
+        outs = [self.names[v] for v in node.outputs]
+        out = outs[0] if outs else None
+        x = node.inputs[0] if node.inputs else None
+        if op in _SAME:
+            self.add(_SAME[op], ins, outs)
+        elif op == "not_equal":
+            self.add("Not", [self.tmp("Equal", ins)], outs)
+        elif op == "rsqrt":
+            self.add("Reciprocal", [self.tmp("Sqrt", ins)], outs)
+        elif op == "leaky_relu":
+            self.add("LeakyRelu", ins, outs, alpha=a["alpha"])
+        elif op == "cast":
+            self.add("Cast", ins, outs, to=TO_ONNX[a["to"]])
+        elif op == "constant":
+            self.add("Constant", [], outs, value=numpy_helper.from_array(np.asarray(a["value"]), out))
+        elif op == "full":
+            fill = numpy_helper.from_array(np.full((1,), a["value"], node.outputs[0].type.np_dtype), "value")
+            self.add("ConstantOfShape", [self.ints(a["shape"], "shape")], outs, value=fill)
+        elif op == "linear":
+            if x.type.rank == 2:
+                self.add("Gemm", ins, outs, transB=1)
+            else:
+                wt = self.tmp("Transpose", [ins[1]], perm=[1, 0])
+                if len(ins) == 3:
+                    self.add("Add", [self.tmp("MatMul", [ins[0], wt]), ins[2]], outs)
+                else:
+                    self.add("MatMul", [ins[0], wt], outs)
+        elif op == "conv2d":
+            self.add("Conv", ins, outs, kernel_shape=list(node.inputs[1].type.shape[2:]), strides=list(a["stride"]),
+                     pads=list(a["pad"]), dilations=list(a["dilation"]), group=a["groups"])
+        elif op == "maxpool2d":
+            self.add("MaxPool", ins, outs, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
+                     pads=list(a["pad"]), dilations=list(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
+        elif op == "avgpool2d":
+            self.add("AveragePool", ins, outs, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
+                     pads=list(a["pad"]), ceil_mode=int(a["ceil_mode"]),
+                     count_include_pad=int(a["count_include_pad"]))
+        elif op == "batchnorm":
+            if a["training"]:
+                raise TdcError(f"{op} with training=true has no ONNX export (export the inference graph)")
+            self.add("BatchNormalization", ins, outs, epsilon=a["eps"], momentum=a["momentum"])
+        elif op == "reshape":
+            self.add("Reshape", [ins[0], self.ints(a["shape"], "shape")], outs)
+        elif op == "flatten":
+            self.add("Flatten", ins, outs, axis=a["axis"])
+        elif op == "transpose":
+            self.add("Transpose", ins, outs, perm=list(a["perm"]))
+        elif op == "concat":
+            self.add("Concat", ins, outs, axis=a["axis"])
+        elif op == "broadcast_to":
+            self.add("Expand", [ins[0], self.ints(a["shape"], "shape")], outs)
+        elif op == "slice":
+            r = len(a["starts"])
+            self.add("Slice", [ins[0], self.ints(a["starts"], "starts"), self.ints(a["ends"], "ends"),
+                               self.ints(range(r), "axes"), self.ints(a["steps"], "steps")], outs)
+        elif op == "pad":
+            value = self.const(np.array(a["value"], x.type.np_dtype), "pad_value")
+            self.add("Pad", [ins[0], self.ints(a["pads"], "pads"), value], outs, mode="constant")
+        elif op in ("reduce_sum", "reduce_mean", "reduce_max"):
+            onnx_op = {"reduce_sum": "ReduceSum", "reduce_mean": "ReduceMean", "reduce_max": "ReduceMax"}[op]
+            kw = {"keepdims": int(a["keepdims"])}
+            axes = a["axes"]
+            if op == "reduce_sum":   # opset 13 moved ReduceSum's axes to an input; the others follow in 18
+                extra = [self.ints(axes, "axes")] if axes is not None else []
+                if axes is not None and not axes:
+                    kw["noop_with_empty_axes"] = 1
+                self.add(onnx_op, ins + extra, outs, **kw)
+            else:
+                if axes is not None and not axes:   # reducing over no axes is the identity
+                    self.add("Identity", ins, outs)
+                else:
+                    self.add(onnx_op, ins, outs, **kw, **({"axes": list(axes)} if axes is not None else {}))
+        elif op in ("softmax", "log_softmax"):
+            self.add("Softmax" if op == "softmax" else "LogSoftmax", ins, outs, axis=a["axis"])
+        else:
+            why = {"dropout": "training-mode dropout (tdc's hash-based mask) has no ONNX equivalent; "
+                              "export the inference graph"}.get(op, "it has no ONNX equivalent in tdc's exporter")
+            raise TdcError(f"cannot export op {op} to ONNX: {why}")

@@ -1,0 +1,748 @@
+"""Importing an ONNX model as a tdc graph.
+
+Every ONNX tensor name maps to one of three things while the nodes are converted in order:
+  - a tdc Value (computed at run time: graph inputs and what depends on them);
+  - a static numpy array, known at import: Constant outputs, non-float initializers, Shape
+    of a tdc value, and any node whose inputs are all static (evaluated with onnx's
+    reference evaluator, which covers the Shape/Gather/Unsqueeze/Concat plumbing of
+    exported models);
+  - a float initializer, which becomes a `param` argument (keeping its ONNX name) the first
+    time a node uses it as data, and whose value can also be read where a constant is needed.
+A static array used as data becomes a `constant` node.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import TdcError
+from ..ir.graph import Graph, Value
+from ..ir.types import TensorType
+from ..ops.registry import broadcast_shapes
+
+try:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ImportError as e:   # a declared extra: pip install 'tdc[onnx]'
+    raise TdcError("ONNX support needs the onnx package: pip install 'tdc[onnx]'") from e
+
+DTYPES = {TensorProto.FLOAT: "f32", TensorProto.DOUBLE: "f64", TensorProto.FLOAT16: "f16",
+          TensorProto.INT8: "i8", TensorProto.INT32: "i32", TensorProto.INT64: "i64", TensorProto.BOOL: "bool"}
+
+# Inputs that tdc needs at import time (they become shapes or attributes). Graph inputs feeding
+# them can be fixed with load(..., constants={name: array}).
+STATIC_INPUTS = {"Reshape": (1,), "Pad": (1, 2, 3), "Squeeze": (1,), "Unsqueeze": (1,), "ReduceSum": (1,),
+                 "ReduceMean": (1,), "ReduceMax": (1,), "Slice": (1, 2, 3, 4), "Expand": (1,), "Dropout": (1, 2)}
+
+# never evaluated at import even when their inputs are known
+_RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+               "Dropout"}
+
+
+def dtype_of(elem_type: int, what: str) -> str:
+    if elem_type not in DTYPES:
+        name = TensorProto.DataType.Name(elem_type) if elem_type in TensorProto.DataType.values() else elem_type
+        raise TdcError(f"{what}: ONNX dtype {name} is not supported "
+                       "(tdc has float32, float64, float16, int8, int32, int64 and bool)")
+    return DTYPES[elem_type]
+
+
+class OnnxModel:
+    """An imported model: `.graph` (a tdc Graph), `.params` (initializer name -> array) and
+    `model(**inputs)` -> {output name: array}."""
+
+    def __init__(self, graph: Graph, params: dict[str, np.ndarray], backend: str = "reference"):
+        self.graph, self.params, self.backend = graph, params, backend
+        self._exes = {}
+
+    def compile(self, backend: str | None = None):
+        from ..backends import compile
+        backend = backend or self.backend
+        if backend not in self._exes:
+            self._exes[backend] = compile(self.graph, backend=backend, params=self.params)
+        return self._exes[backend]
+
+    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+        return self.compile()(**inputs)
+
+    def __repr__(self):
+        ins = ", ".join(f"{a.name}: {a.type}" for a in self.graph.inputs)
+        return f"<OnnxModel {self.graph.name}({ins}), {len(self.params)} params>"
+
+
+def load(source, *, dims: dict | None = None, batch: int | None = None, constants: dict | None = None,
+         backend: str = "reference") -> OnnxModel:
+    """Import an ONNX model (a path, bytes or a ModelProto).
+
+    dims: values for symbolic input dims, by dim_param name or as "input:axis".
+    batch: the value of every still-unknown leading (axis 0) dim.
+    constants: graph inputs to fix to a value (for inputs tdc needs at import, e.g. a Reshape shape).
+    """
+    if isinstance(source, onnx.ModelProto):
+        proto = source
+    elif isinstance(source, bytes):
+        proto = onnx.load_from_string(source)
+    else:
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise TdcError(f"{path}: no such file")
+        try:
+            proto = onnx.load(path)
+        except Exception as e:   # protobuf's DecodeError and friends
+            raise TdcError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    try:
+        graph, params = _Importer(proto, dims or {}, batch, constants or {}).run()
+    except TdcError as e:
+        if isinstance(source, (onnx.ModelProto, bytes)):
+            raise
+        raise TdcError(f"{os.fspath(source)}: {e}") from None
+    return OnnxModel(graph, params, backend)
+
+
+class _Node:
+    """An ONNX node being converted, with the lookups converters need."""
+
+    def __init__(self, imp: "_Importer", proto, index: int):
+        self.imp, self.proto, self.op = imp, proto, proto.op_type
+        label = f"node {proto.name!r}" if proto.name else f"node #{index}"
+        self.where = f"{label} ({proto.op_type})"
+        self.attrs = {a.name: helper.get_attribute_value(a) for a in proto.attribute}
+
+    def fail(self, msg: str):
+        raise TdcError(f"{self.where}: {msg}")
+
+    def attr(self, name: str, default=None):
+        v = self.attrs.get(name, default)
+        return v.decode() if isinstance(v, bytes) else v
+
+    def has(self, i: int) -> bool:
+        return i < len(self.proto.input) and self.proto.input[i] != ""
+
+    def x(self, i: int = 0) -> Value | None:
+        """Input i as a tdc value (None when absent)."""
+        return self.imp.value(self.proto.input[i]) if self.has(i) else None
+
+    def xs(self) -> list[Value]:
+        return [self.x(i) for i in range(len(self.proto.input)) if self.has(i)]
+
+    def const(self, i: int, what: str) -> np.ndarray | None:
+        """Input i's value, which tdc needs at import (None when absent)."""
+        if not self.has(i):
+            return None
+        name = self.proto.input[i]
+        got = self.imp.static.get(name, self.imp.weights.get(name))
+        if got is None:
+            self.fail(f"input {i} ({what}, {name!r}) must be a constant or initializer: tdc fixes shapes and "
+                      "attributes at import (a graph input can be fixed with load(..., constants={...}))")
+        return got
+
+    def axes(self, i: int = 1) -> list[int] | None:
+        """`axes` as an attribute (older opsets) or as input i (newer ones)."""
+        if "axes" in self.attrs:
+            return list(self.attrs["axes"])
+        a = self.const(i, "axes")
+        return None if a is None else [int(v) for v in a.reshape(-1)]
+
+    def wants(self, i: int) -> bool:
+        """Whether output i exists and something reads it."""
+        return i < len(self.proto.output) and self.proto.output[i] in self.imp.used
+
+    def emit(self, op: str, inputs: list[Value], **attrs) -> Value:
+        return self.imp.graph.emit(op, inputs, attrs)[0]
+
+    def scalar(self, value, like: Value) -> Value:
+        return self.emit("constant", [], value=np.array(value, like.type.np_dtype))
+
+
+class _Importer:
+    def __init__(self, proto, dims: dict, batch: int | None, constants: dict):
+        self.proto, self.dims, self.batch, self.constants = proto, dims, batch, constants
+        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.graph = Graph(proto.graph.name or "onnx")
+        self.values: dict[str, Value] = {}
+        self.static: dict[str, np.ndarray] = {}
+        self.weights: dict[str, np.ndarray] = {}   # float initializers
+        self.params: dict[str, np.ndarray] = {}    # the weights used as data: the graph's params
+        self.used: set[str] = set()
+
+    def run(self) -> tuple[Graph, dict[str, np.ndarray]]:
+        g = self.proto.graph
+        if len(g.sparse_initializer):
+            raise TdcError(f"sparse initializer {g.sparse_initializer[0].values.name!r} is not supported")
+        for t in g.initializer:
+            a = numpy_helper.to_array(t)
+            (self.weights if a.dtype.kind == "f" else self.static)[t.name] = a
+        inputs = {i.name: i for i in g.input}
+        for name, value in self.constants.items():
+            if name not in inputs:
+                raise TdcError(f"constants: the model has no input {name!r}")
+            tt = inputs[name].type.tensor_type
+            self.static[name] = np.asarray(value, helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        for vi in g.input:
+            if vi.name not in self.static and vi.name not in self.weights:   # old models list initializers as inputs
+                self.values[vi.name] = self.graph.add_arg(vi.name, self.input_type(vi), "input")
+        self.used = {name for n in g.node for name in n.input} | {o.name for o in g.output}
+        for i, n in enumerate(g.node):
+            self.convert(_Node(self, n, i))
+        for vi in g.output:
+            v = self.value(vi.name)
+            self.check_declared(vi, v)
+            self.graph.add_output(vi.name, v)
+        return self.graph, self.params
+
+    def input_type(self, vi) -> TensorType:
+        name = vi.name
+        if not vi.type.HasField("tensor_type"):
+            raise TdcError(f"input {name!r}: only tensor inputs are supported (not {vi.type.WhichOneof('value')})")
+        tt = vi.type.tensor_type
+        dtype = dtype_of(tt.elem_type, f"input {name!r}")
+        if not tt.HasField("shape"):
+            raise TdcError(f"input {name!r} has no shape (unknown rank): tdc needs static shapes")
+        shape = []
+        for axis, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+                continue
+            keys = ([d.dim_param] if d.dim_param else []) + [f"{name}:{axis}"]
+            fixed = next((self.dims[k] for k in keys if k in self.dims), None)
+            if fixed is None and axis == 0:
+                fixed = self.batch
+            if fixed is None:
+                raise TdcError(f"input {name!r}: dim {axis} is dynamic ({d.dim_param or 'unnamed'}); tdc needs static "
+                               f"shapes: fix it with dims={{{keys[0]!r}: N}}"
+                               + (" or batch=N (--batch N on the command line)" if axis == 0 else ""))
+            shape.append(int(fixed))
+        return TensorType(dtype, tuple(shape))
+
+    def check_declared(self, vi, v: Value):
+        """The output type the model declares (where it does) must be what tdc inferred."""
+        tt = vi.type.tensor_type
+        if tt.elem_type and tt.elem_type in DTYPES and DTYPES[tt.elem_type] != v.type.dtype:
+            raise TdcError(f"output {vi.name!r}: the model declares {DTYPES[tt.elem_type]}, tdc computed {v.type}")
+        if tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            if len(dims) != v.type.rank or any(d is not None and d != s for d, s in zip(dims, v.type.shape)):
+                raise TdcError(f"output {vi.name!r}: the model declares shape {dims}, tdc computed {v.type}")
+
+    # ---- values --------------------------------------------------------------------
+    def value(self, name: str) -> Value:
+        if name in self.values:
+            return self.values[name]
+        if name in self.weights:
+            a = self.weights[name]
+            v = self.graph.add_arg(name, TensorType(dtype_of(_onnx_dtype(a), f"initializer {name!r}"), a.shape), "param")
+            self.params[name] = a
+        elif name in self.static:
+            a = self.static[name]
+            dtype_of(_onnx_dtype(a), f"constant {name!r}")
+            v = self.graph.emit("constant", [], {"value": a})[0]
+        else:
+            raise TdcError(f"tensor {name!r} is used before it is computed (are the nodes in order?)")
+        self.values[name] = v
+        return v
+
+    def convert(self, n: _Node):
+        p = n.proto
+        if p.domain not in ("", "ai.onnx"):
+            n.fail(f"operator domain {p.domain!r} is not supported (only the default ONNX domain)")
+        ins = [name for name in p.input if name]
+        if ins and p.op_type not in _RANDOM_OPS and all(name in self.static for name in ins):
+            outs = self.fold(n)
+        else:
+            conv = CONVERTERS.get(p.op_type)
+            if conv is None:
+                n.fail(f"ONNX op {p.op_type} is not supported by tdc")
+            fn, allowed = conv
+            for a in n.attrs:
+                if a not in allowed:
+                    n.fail(f"attribute {a!r} of {p.op_type} is not supported")
+            try:
+                outs = fn(n)
+            except TdcError as e:
+                if str(e).startswith(n.where):
+                    raise
+                raise TdcError(f"{n.where}: {e}") from None
+        for name, out in zip(p.output, outs):
+            if not name or out is None:
+                continue
+            if isinstance(out, Value):
+                self.values[name] = out
+            else:
+                self.static[name] = np.asarray(out)
+        for i, name in enumerate(p.output):
+            if name and name in self.used and name not in self.values and name not in self.static:
+                n.fail(f"output {i} ({name!r}) is not supported")
+
+    def fold(self, n: _Node) -> list[np.ndarray]:
+        from onnx.reference import ReferenceEvaluator
+        feeds = {name: self.static[name] for name in n.proto.input if name}
+        try:
+            return ReferenceEvaluator(n.proto, opsets={"": self.opset}).run(None, feeds)
+        except Exception as e:
+            n.fail(f"evaluating it at import failed ({type(e).__name__}: {e})")
+
+
+def _onnx_dtype(a: np.ndarray) -> int:
+    try:
+        return helper.np_dtype_to_tensor_dtype(a.dtype)
+    except (KeyError, ValueError, TypeError):
+        return TensorProto.UNDEFINED
+
+
+# ---- converters -----------------------------------------------------------------------
+# Each takes a _Node and returns its outputs (Values, static arrays, or None for outputs
+# nobody reads). CONVERTERS: ONNX op -> (converter, the attributes it understands).
+
+CONVERTERS: dict[str, tuple] = {}
+
+
+def converter(*ops: str, attrs: tuple = ()):
+    def deco(fn):
+        for op in ops:
+            CONVERTERS[op] = (fn, set(attrs))
+        return fn
+    return deco
+
+
+_BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Equal": "equal", "Less": "less",
+           "Greater": "greater", "LessOrEqual": "less_equal", "GreaterOrEqual": "greater_equal"}
+_UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Exp": "exp", "Log": "log", "Sqrt": "sqrt",
+          "Neg": "neg", "Abs": "abs", "Sign": "sign"}
+
+
+@converter(*_BINARY)
+def _binary(n):
+    return [n.emit(_BINARY[n.op], [n.x(0), n.x(1)])]
+
+
+@converter(*_UNARY)
+def _unary(n):
+    return [n.emit(_UNARY[n.op], [n.x(0)])]
+
+
+@converter("And", "Or", "Xor", "Not")
+def _logical(n):
+    # tdc has no bool arithmetic: min/max of bools as int8 are and/or; xor is "differ"; not is "== false"
+    xs = n.xs()
+    if n.op == "Not":
+        return [n.emit("equal", [xs[0], n.scalar(False, xs[0])])]
+    if n.op == "Xor":
+        return [n.emit("not_equal", xs)]
+    op = "minimum" if n.op == "And" else "maximum"
+    y = n.emit(op, [n.emit("cast", [x], to="i8") for x in xs])
+    return [n.emit("cast", [y], to="bool")]
+
+
+@converter("Reciprocal")
+def _reciprocal(n):
+    x = n.x(0)
+    return [n.emit("div", [n.scalar(1, x), x])]
+
+
+@converter("Identity")
+def _identity(n):
+    return [n.x(0)]
+
+
+@converter("LeakyRelu", attrs=("alpha",))
+def _leaky_relu(n):
+    return [n.emit("leaky_relu", [n.x(0)], alpha=n.attr("alpha", 0.01))]
+
+
+@converter("Where")
+def _where(n):
+    return [n.emit("where", [n.x(0), n.x(1), n.x(2)])]
+
+
+@converter("Max", "Min", "Sum", "Mean")
+def _variadic(n):
+    op = {"Max": "maximum", "Min": "minimum", "Sum": "add", "Mean": "add"}[n.op]
+    xs = n.xs()
+    y = xs[0]
+    for x in xs[1:]:
+        y = n.emit(op, [y, x])
+    if n.op == "Mean" and len(xs) > 1:
+        y = n.emit("div", [y, n.scalar(len(xs), y)])
+    return [y]
+
+
+@converter("Pow")
+def _pow(n):
+    x, e = n.x(0), n.x(1)
+    if x.type.dtype not in ("f16", "f32", "f64"):
+        # integer powers through f64 (exact while the results fit in 53 bits)
+        y = n.emit("pow", [n.emit("cast", [x], to="f64"), n.emit("cast", [e], to="f64")])
+        return [n.emit("cast", [y], to=x.type.dtype)]
+    if e.type.dtype != x.type.dtype:
+        e = n.emit("cast", [e], to=x.type.dtype)
+    return [n.emit("pow", [x, e])]
+
+
+@converter("Clip", attrs=("min", "max"))
+def _clip(n):
+    x = n.x(0)
+    lo = n.scalar(n.attrs["min"], x) if "min" in n.attrs else n.x(1)
+    hi = n.scalar(n.attrs["max"], x) if "max" in n.attrs else n.x(2)
+    # max then min: when min > max every element becomes max, as ONNX specifies
+    if lo is not None:
+        x = n.emit("maximum", [x, lo])
+    if hi is not None:
+        x = n.emit("minimum", [x, hi])
+    return [x]
+
+
+@converter("Cast", attrs=("to", "saturate", "round_mode"))   # saturate, round_mode: only for float8/float4
+def _cast(n):
+    return [n.emit("cast", [n.x(0)], to=dtype_of(n.attr("to"), "Cast to"))]
+
+
+@converter("CastLike", attrs=("saturate", "round_mode"))
+def _cast_like(n):
+    name = n.proto.input[1]
+    if name in n.imp.static:
+        to = dtype_of(_onnx_dtype(n.imp.static[name]), "CastLike target")
+    else:
+        to = n.x(1).type.dtype
+    return [n.emit("cast", [n.x(0)], to=to)]
+
+
+@converter("Constant", attrs=("value", "value_float", "value_floats", "value_int", "value_ints"))
+def _constant(n):
+    (name, v), = n.attrs.items()
+    if name == "value":
+        return [numpy_helper.to_array(v)]
+    return [np.array(v, np.float32 if "float" in name else np.int64)]
+
+
+@converter("Shape", attrs=("start", "end"))
+def _shape(n):
+    shape = n.x(0).type.shape
+    end = n.attr("end", len(shape))
+    return [np.array(shape[n.attr("start", 0):end], np.int64)]
+
+
+@converter("Dropout", attrs=("ratio", "seed", "is_test"))
+def _dropout(n):
+    x = n.x(0)
+    ratio = n.attr("ratio", 0.5)
+    if n.has(1):
+        ratio = float(n.const(1, "ratio"))
+    training = bool(n.const(2, "training_mode")) if n.has(2) else False
+    if n.imp.opset < 7 and not n.attr("is_test", 0):
+        training = True
+    if training and ratio != 0.0:
+        n.fail("training-mode Dropout is random: tdc imports models for inference")
+    mask = n.emit("full", [], shape=x.type.shape, value=1.0, dtype="bool") if n.wants(1) else None
+    return [x, mask]
+
+
+# ---- linear algebra ---------------------------------------------------------------------
+
+@converter("MatMul")
+def _matmul(n):
+    a, b = n.x(0), n.x(1)
+    sa, sb = a.type.shape, b.type.shape
+    if a.type.rank == 0 or b.type.rank == 0:
+        n.fail("MatMul inputs must have rank >= 1")
+    # numpy semantics: a vector is a [1,k] row on the left, a [k,1] column on the right, and
+    # that dim is dropped from the result
+    out = list(broadcast_shapes(sa[:-2], sb[:-2])) + list(sa[-2:-1]) + list(sb[-1:] if len(sb) >= 2 else [])
+    a2 = n.emit("reshape", [a], shape=(1,) + sa) if a.type.rank == 1 else a
+    b2 = n.emit("reshape", [b], shape=sb + (1,)) if b.type.rank == 1 else b
+    y = n.emit("matmul", [a2, b2])
+    return [y if y.type.shape == tuple(out) else n.emit("reshape", [y], shape=out)]
+
+
+@converter("Gemm", attrs=("alpha", "beta", "transA", "transB"))
+def _gemm(n):
+    a, b, c = n.x(0), n.x(1), n.x(2)
+    alpha, beta = n.attr("alpha", 1.0), n.attr("beta", 1.0)
+    ta, tb = n.attr("transA", 0), n.attr("transB", 0)
+    if a.type.rank != 2 or b.type.rank != 2:
+        n.fail(f"Gemm needs 2-D A and B, got {a.type} and {b.type}")
+    out_features = b.type.shape[0] if tb else b.type.shape[1]
+    if not ta and tb and alpha == 1.0 and (c is None or (beta == 1.0 and c.type.shape == (out_features,))):
+        return [n.emit("linear", [a, b] + ([c] if c is not None else []))]
+    if ta:
+        a = n.emit("transpose", [a], perm=(1, 0))
+    if tb:
+        b = n.emit("transpose", [b], perm=(1, 0))
+    y = n.emit("matmul", [a, b])
+    if alpha != 1.0:
+        y = n.emit("mul", [y, n.scalar(alpha, y)])
+    if c is not None and beta != 0.0:
+        if beta != 1.0:
+            c = n.emit("mul", [c, n.scalar(beta, c)])
+        y = n.emit("add", [y, c])
+    return [y]
+
+
+# ---- convolution and pooling ----------------------------------------------------------------
+
+def _need_2d(n, x: Value, what: str):
+    if x.type.rank != 4:
+        d = x.type.rank - 2
+        n.fail(f"only 2-D {what} (NCHW input) is supported; this is a {d}-D {what} (input {x.type})")
+
+
+def _ints(n, name, default) -> tuple[int, ...]:
+    return tuple(int(v) for v in n.attr(name, default))
+
+
+def _window_pads(n, hw, kernel, strides, dilations) -> tuple[int, ...]:
+    """tdc's (top, left, bottom, right) from auto_pad and pads (ONNX orders 2-D pads the same way)."""
+    auto = n.attr("auto_pad", "NOTSET")
+    if auto == "NOTSET":
+        return _ints(n, "pads", (0, 0, 0, 0))
+    if auto == "VALID":
+        return (0, 0, 0, 0)
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
+        n.fail(f"auto_pad {auto!r} is not supported")
+    lo, hi = [], []
+    for size, k, s, d in zip(hw, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, big = total // 2, total - total // 2
+        lo.append(small if auto == "SAME_UPPER" else big)   # SAME_UPPER puts the odd pixel at the end
+        hi.append(total - lo[-1])
+    return (lo[0], lo[1], hi[0], hi[1])
+
+
+@converter("Conv", attrs=("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"))
+def _conv(n):
+    x, w, b = n.x(0), n.x(1), n.x(2)
+    _need_2d(n, x, "Conv")
+    kernel = w.type.shape[2:]
+    if "kernel_shape" in n.attrs and _ints(n, "kernel_shape", ()) != kernel:
+        n.fail(f"kernel_shape {list(n.attrs['kernel_shape'])} does not match the weight {w.type}")
+    strides, dil = _ints(n, "strides", (1, 1)), _ints(n, "dilations", (1, 1))
+    pad = _window_pads(n, x.type.shape[2:], kernel, strides, dil)
+    return [n.emit("conv2d", [x, w] + ([b] if b is not None else []), stride=strides, pad=pad, dilation=dil,
+                   groups=n.attr("group", 1))]
+
+
+_POOL_ATTRS = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "strides")
+
+
+def _pool_geometry(n, x):
+    kernel = _ints(n, "kernel_shape", ())
+    strides, dil = _ints(n, "strides", (1, 1)), _ints(n, "dilations", (1, 1))
+    pad = _window_pads(n, x.type.shape[2:], kernel, strides, dil)
+    return dict(kernel=kernel, stride=strides, pad=pad, ceil_mode=bool(n.attr("ceil_mode", 0))), dil
+
+
+@converter("MaxPool", attrs=_POOL_ATTRS + ("storage_order",))
+def _maxpool(n):
+    x = n.x(0)
+    _need_2d(n, x, "MaxPool")
+    if n.attr("storage_order", 0) != 0:
+        n.fail("storage_order=1 is not supported")
+    if n.wants(1):
+        n.fail("the Indices output of MaxPool is not supported")
+    geo, dil = _pool_geometry(n, x)
+    return [n.emit("maxpool2d", [x], dilation=dil, **geo)]
+
+
+@converter("AveragePool", attrs=_POOL_ATTRS + ("count_include_pad",))
+def _avgpool(n):
+    x = n.x(0)
+    _need_2d(n, x, "AveragePool")
+    geo, dil = _pool_geometry(n, x)
+    if dil != (1, 1):
+        n.fail(f"attribute 'dilations' {list(dil)} of AveragePool is not supported (tdc's avgpool2d has none)")
+    return [n.emit("avgpool2d", [x], count_include_pad=bool(n.attr("count_include_pad", 0)), **geo)]
+
+
+@converter("GlobalAveragePool", "GlobalMaxPool")
+def _global_pool(n):
+    x = n.x(0)
+    if n.op == "GlobalAveragePool" and x.type.rank == 4:
+        return [n.emit("global_avgpool", [x])]
+    op = "reduce_mean" if n.op == "GlobalAveragePool" else "reduce_max"
+    return [n.emit(op, [x], axes=tuple(range(2, x.type.rank)), keepdims=True)]
+
+
+@converter("BatchNormalization", attrs=("epsilon", "momentum", "training_mode", "spatial"))
+def _batchnorm(n):
+    if n.attr("spatial", 1) != 1:
+        n.fail("spatial=0 is not supported")
+    training = bool(n.attr("training_mode", 0))
+    if not training and any(n.wants(i) for i in range(1, 5)):
+        n.fail("the running/saved statistics outputs exist only in training mode (training_mode=1, opset >= 14)")
+    attrs = dict(eps=n.attr("epsilon", 1e-5), momentum=n.attr("momentum", 0.9))
+    ins = [n.x(i) for i in range(5)]
+    if training:
+        return n.imp.graph.emit("batchnorm", ins, dict(attrs, training=True))
+    return [n.emit("batchnorm", ins, **attrs)]
+
+
+# ---- reductions and softmax ---------------------------------------------------------------
+
+@converter("ReduceSum", "ReduceMean", "ReduceMax", attrs=("axes", "keepdims", "noop_with_empty_axes"))
+def _reduce(n):
+    x = n.x(0)
+    axes = n.axes(1)
+    if not axes:
+        if n.attr("noop_with_empty_axes", 0):
+            return [x]
+        axes = None
+    keep = bool(n.attr("keepdims", 1))
+    op = {"ReduceSum": "reduce_sum", "ReduceMean": "reduce_mean", "ReduceMax": "reduce_max"}[n.op]
+    if op == "reduce_max" and x.type.dtype == "bool":
+        # the max of bools is their "any"; tdc reduces numbers only
+        y = n.emit(op, [n.emit("cast", [x], to="i8")], axes=axes, keepdims=keep)
+        return [n.emit("cast", [y], to="bool")]
+    return [n.emit(op, [x], axes=axes, keepdims=keep)]
+
+
+@converter("Softmax", "LogSoftmax", attrs=("axis",))
+def _softmax(n):
+    x = n.x(0)
+    op = "softmax" if n.op == "Softmax" else "log_softmax"
+    if n.imp.opset >= 13:
+        return [n.emit(op, [x], axis=n.attr("axis", -1))]
+    # before opset 13 the input is coerced to 2-D [prod(dims < axis), prod(dims >= axis)]
+    y = n.emit(op, [n.emit("flatten", [x], axis=n.attr("axis", 1))], axis=1)
+    return [n.emit("reshape", [y], shape=x.type.shape)]
+
+
+# ---- shapes ------------------------------------------------------------------------------
+
+@converter("Flatten", attrs=("axis",))
+def _flatten(n):
+    return [n.emit("flatten", [n.x(0)], axis=n.attr("axis", 1))]
+
+
+@converter("Reshape", attrs=("allowzero", "shape"))
+def _reshape(n):
+    x = n.x(0)
+    shape = list(n.attrs["shape"]) if "shape" in n.attrs else [int(d) for d in n.const(1, "shape")]
+    if not n.attr("allowzero", 0):   # 0 copies the input's dim
+        shape = [x.type.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return [n.emit("reshape", [x], shape=shape)]
+
+
+@converter("Transpose", attrs=("perm",))
+def _transpose(n):
+    x = n.x(0)
+    return [n.emit("transpose", [x], perm=n.attr("perm", tuple(reversed(range(x.type.rank)))))]
+
+
+@converter("Concat", attrs=("axis",))
+def _concat(n):
+    return [n.emit("concat", n.xs(), axis=n.attr("axis"))]
+
+
+@converter("Squeeze", attrs=("axes",))
+def _squeeze(n):
+    x = n.x(0)
+    shape = x.type.shape
+    axes = n.axes(1)
+    drop = {a % len(shape) for a in axes} if axes else {i for i, d in enumerate(shape) if d == 1}
+    if any(shape[a] != 1 for a in drop):
+        n.fail(f"cannot squeeze axes {axes} of {x.type}: their size is not 1")
+    return [n.emit("reshape", [x], shape=[d for i, d in enumerate(shape) if i not in drop])]
+
+
+@converter("Unsqueeze", attrs=("axes",))
+def _unsqueeze(n):
+    x = n.x(0)
+    axes = n.axes(1)
+    if axes is None:
+        n.fail("axes is required")
+    rank = x.type.rank + len(axes)
+    new = {a % rank for a in axes}
+    dims = iter(x.type.shape)
+    return [n.emit("reshape", [x], shape=[1 if i in new else next(dims) for i in range(rank)])]
+
+
+@converter("Expand")
+def _expand(n):
+    x = n.x(0)
+    shape = broadcast_shapes(x.type.shape, tuple(int(d) for d in n.const(1, "shape")))
+    return [n.emit("broadcast_to", [x], shape=shape)]
+
+
+def _slice_axis(n, x: Value, axis: int, start: int, end: int) -> Value:
+    starts, ends = [0] * x.type.rank, list(x.type.shape)
+    starts[axis], ends[axis] = start, end
+    return n.emit("slice", [x], starts=starts, ends=ends, steps=[1] * x.type.rank)
+
+
+@converter("Slice", attrs=("starts", "ends", "axes"))
+def _slice(n):
+    x = n.x(0)
+    shape = x.type.shape
+    if "starts" in n.attrs:   # opset < 10
+        starts, ends, axes, steps = n.attr("starts"), n.attr("ends"), n.attr("axes"), None
+    else:
+        starts, ends = n.const(1, "starts"), n.const(2, "ends")
+        axes, steps = n.const(3, "axes"), n.const(4, "steps")
+    axes = range(len(starts)) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    lo, hi, st = [0] * len(shape), list(shape), [1] * len(shape)
+    for a, s, e, step in zip(axes, starts, ends, steps):
+        a, s, e, step = int(a) % len(shape), int(s), int(e), int(step)
+        if step < 1:
+            n.fail(f"step {step} on axis {a}: only positive steps are supported")
+        d = shape[a]
+        s = min(max(s + d if s < 0 else s, 0), d)
+        e = min(max(e + d if e < 0 else e, 0), d)
+        lo[a], hi[a], st[a] = s, max(s, e), step
+    return [n.emit("slice", [x], starts=lo, ends=hi, steps=st)]
+
+
+@converter("Pad", attrs=("mode", "pads", "value", "paddings"))
+def _pad(n):
+    x = n.x(0)
+    r = x.type.rank
+    if "pads" in n.attrs or "paddings" in n.attrs:   # opset < 11
+        pads, value, axes = list(n.attrs.get("pads", n.attrs.get("paddings"))), n.attr("value", 0.0), None
+    else:
+        pads = [int(p) for p in n.const(1, "pads")]
+        v = n.const(2, "constant_value")
+        value = 0.0 if v is None or v.size == 0 else v.reshape(-1)[0].item()
+        axes = n.const(3, "axes")
+    if axes is not None:   # pads given for these axes only
+        full = [0] * (2 * r)
+        for j, a in enumerate(int(a) % r for a in axes):
+            full[a], full[a + r] = pads[j], pads[j + len(axes)]
+        pads = full
+    if len(pads) != 2 * r:
+        n.fail(f"pads has {len(pads)} entries; a rank-{r} input needs {2 * r}")
+    if any(p < 0 for p in pads):   # negative pads crop
+        starts = [max(0, -p) for p in pads[:r]]
+        ends = [d - max(0, -p) for d, p in zip(x.type.shape, pads[r:])]
+        x = n.emit("slice", [x], starts=starts, ends=ends, steps=[1] * r)
+        pads = [max(0, p) for p in pads]
+    mode = n.attr("mode", "constant")
+    if mode == "constant":
+        return [n.emit("pad", [x], pads=pads, value=float(value)) if any(pads) else x]
+    if mode not in ("reflect", "edge", "wrap"):
+        n.fail(f"mode {mode!r} is not supported")
+    # the other modes are concatenations of slices of x, one axis at a time
+    for a in range(r):
+        before, after = pads[a], pads[a + r]
+        if not before and not after:
+            continue
+        d = x.type.shape[a]
+        if mode == "reflect" and max(before, after) >= d:
+            n.fail(f"reflect pads {before},{after} need an axis longer than {max(before, after)}, axis {a} has {d}")
+        if mode == "wrap" and max(before, after) > d:
+            n.fail(f"wrap pads {before},{after} are longer than axis {a} ({d})")
+        if d == 0:
+            n.fail(f"cannot {mode}-pad the empty axis {a}")
+        one = lambda i: _slice_axis(n, x, a, i, i + 1)  # noqa: E731
+        if mode == "edge":
+            spread = lambda v, k: n.emit("broadcast_to", [v], shape=x.type.shape[:a] + (k,) + x.type.shape[a + 1:])  # noqa: E731
+            head = [spread(one(0), before)] if before else []
+            tail = [spread(one(d - 1), after)] if after else []
+        elif mode == "reflect":
+            head = [one(i) for i in range(before, 0, -1)]
+            tail = [one(d - 1 - i) for i in range(1, after + 1)]
+        else:
+            head = [_slice_axis(n, x, a, d - before, d)] if before else []
+            tail = [_slice_axis(n, x, a, 0, after)] if after else []
+        x = n.emit("concat", head + [x] + tail, axis=a)
+    return [x]

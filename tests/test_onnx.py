@@ -1,0 +1,426 @@
+"""ONNX import and export: round trips through onnxruntime, a PyTorch-style export, older opsets'
+semantics, errors, and the CLI on .onnx files. onnx and onnxruntime are test dependencies (the
+onnx extra): these tests fail, not skip, without them."""
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import tdc
+import tdc.onnx
+from tdc.cli import main
+from tdc.errors import TdcError
+from tdc.ir.graph import Graph
+from tdc.ir.parser import parse_graph
+from tdc.ir.types import TensorType
+from tdc.runtime.init import init_params
+from tdc.runtime.loader import load_model
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+EX = os.path.join(ROOT, "examples")
+F = TensorProto.FLOAT
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict) -> dict:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def example_params(graph, seed=0):
+    """Initialised params, with biases and batchnorm statistics moved off their 0/1 defaults."""
+    params = init_params(graph, seed)
+    rng = np.random.default_rng(seed)
+    for k, v in params.items():
+        if k.endswith((".bias", ".running_mean", ".running_var")):
+            params[k] = (v + rng.uniform(0.1, 0.5, v.shape)).astype(v.dtype)
+    return params
+
+
+# ---- export: tdc models -> ONNX -> onnxruntime ---------------------------------------------
+
+@pytest.mark.parametrize("example", ["mlp", "lenet", "digits", "vgg"])
+def test_examples_round_trip(example, tmp_path):
+    g = load_model(os.path.join(EX, f"{example}.py")).trace(batch=2)   # inference: dropout is the identity
+    params = example_params(g)
+    path = tmp_path / f"{example}.onnx"
+    tdc.onnx.save(g, path, params)
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    assert {t.name for t in model.graph.initializer} >= set(params)
+    x = np.random.default_rng(1).standard_normal(g.inputs[0].type.shape).astype(np.float32)
+    want = tdc.compile(g, params=params)(x=x)["out"]
+    np.testing.assert_allclose(ort_run(model, {"x": x})["out"], want, rtol=1e-4, atol=1e-5)
+    # and back: the initializers are the imported model's params
+    back = tdc.onnx.load(path)
+    assert set(back.params) == set(params)
+    np.testing.assert_allclose(back(x=x)["out"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_save_without_params_uses_initializers(tmp_path):
+    g = load_model(os.path.join(EX, "mlp.py")).trace(batch=3)
+    model = tdc.onnx.save(g, tmp_path / "m.onnx", seed=7)
+    x = np.ones((3, 784), np.float32)
+    want = tdc.compile(g, seed=7)(x=x)["out"]
+    np.testing.assert_allclose(ort_run(model, {"x": x})["out"], want, rtol=1e-4, atol=1e-5)
+
+
+def _many_ops_graph() -> Graph:
+    g = Graph("many")
+    x = g.add_arg("x", TensorType("f32", (2, 3, 6, 6)), "input")
+    v = g.add_arg("v", TensorType("f32", (4, 5)), "input")
+    w = g.add_arg("w", TensorType("f32", (7, 5)), "param", {"init": "glorot_uniform"})
+    b = g.add_arg("b", TensorType("f32", (7,)), "param", {"init": "normal"})
+
+    def e(op, ins, **attrs):
+        return g.emit(op, ins, attrs)[0]
+    p = e("avgpool2d", [x], kernel=(3, 3), stride=(2, 2), pad=(1, 1, 1, 1), count_include_pad=True)   # 2,3,3,3
+    q = e("maxpool2d", [x], kernel=(2, 2), stride=(2, 2), ceil_mode=True)                               # 2,3,3,3
+    s = e("concat", [p, q], axis=1)
+    s = e("leaky_relu", [e("sub", [s, e("global_avgpool", [s])])], alpha=0.2)
+    s = e("transpose", [e("pad", [s], pads=(0, 0, 1, 0, 0, 0, 0, 2), value=0.5)], perm=(0, 2, 3, 1))
+    s = e("slice", [s], starts=(0, 0, 1, 0), ends=(2, 4, 5, 6), steps=(1, 2, 2, 3))
+    g.add_output("sliced", s)
+    r = e("reshape", [x], shape=(2, -1))
+    g.add_output("sum", e("reduce_sum", [r], axes=(1,), keepdims=True))
+    g.add_output("mean", e("reduce_mean", [x], axes=(1, 3)))
+    g.add_output("max", e("reduce_max", [x]))
+    g.add_output("smax", e("softmax", [r], axis=0))
+    g.add_output("lsm", e("log_softmax", [x], axis=1))
+    lin = e("linear", [e("reshape", [v], shape=(2, 2, 5)), w, b])                                      # 3-D linear
+    lin2 = e("linear", [v, w])
+    g.add_output("lin", lin)
+    big = e("greater", [lin2, e("full", [], shape=(4, 7), value=0.1)])
+    g.add_output("where", e("where", [big, e("rsqrt", [e("abs", [lin2])]), e("neg", [lin2])]))
+    g.add_output("ne", e("not_equal", [e("cast", [e("sign", [lin2])], to="i32"),
+                                       e("constant", [], value=np.array(1, np.int32))]))
+    g.add_output("bcast", e("broadcast_to", [e("flatten", [v], axis=1)], shape=(3, 4, 5)))
+    g.add_output("mm", e("matmul", [e("exp", [e("tanh", [v])]), e("transpose", [w], perm=(1, 0))]))
+    g.add_output("same", lin)   # one value under two output names
+    g.add_output("x_again", x)  # an input as an output
+    return g
+
+
+def test_export_op_coverage():
+    g = _many_ops_graph()
+    params = init_params(g, 3)
+    model = tdc.onnx.exporter.to_model(g, params)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32),
+             "v": rng.standard_normal((4, 5)).astype(np.float32)}
+    want = tdc.compile(g, params=params)(**feeds)
+    got = ort_run(model, feeds)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # importing the export gives the same graph results again
+    back = tdc.onnx.load(model)
+    for k, y in back(**feeds).items():
+        np.testing.assert_allclose(y, want[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def test_export_errors(tmp_path):
+    g = Graph("drop")
+    x = g.add_arg("x", TensorType("f32", (4,)), "input")
+    key = g.add_arg("step", TensorType("i64", ()), "input")
+    g.add_output("y", g.emit("dropout", [x, key], {"rate": 0.5})[0])
+    with pytest.raises(TdcError, match="cannot export op dropout"):
+        tdc.onnx.save(g, tmp_path / "d.onnx")
+    g = Graph("comm")
+    x = g.add_arg("x", TensorType("f32", (4,)), "input")
+    g.add_output("y", g.emit("allreduce", [x])[0])
+    with pytest.raises(TdcError, match="cannot export op allreduce"):
+        tdc.onnx.save(g, tmp_path / "c.onnx")
+    training = load_model(os.path.join(EX, "vgg.py")).trace(batch=2, training=True)
+    with pytest.raises(TdcError, match="updates params or state"):
+        tdc.onnx.save(training, tmp_path / "t.onnx")
+    assert not os.listdir(tmp_path)
+
+
+# ---- import: a model shaped like a PyTorch export ------------------------------------------
+
+def torch_like_model() -> onnx.ModelProto:
+    """Conv+BN+Relu+MaxPool, then torch.flatten's Shape/Gather/Unsqueeze/Concat/Reshape plumbing,
+    then Gemm; ONNX-style names and a symbolic batch dim."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape, lo=-0.5, hi=0.5):
+        return rng.uniform(lo, hi, shape).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("onnx::Conv_20", w(4, 3, 3, 3)), ("onnx::Conv_21", w(4)),
+        ("bn.weight", w(4, lo=0.5, hi=1.5)), ("bn.bias", w(4)),
+        ("bn.running_mean", w(4)), ("bn.running_var", w(4, lo=0.5, hi=2.0)),
+        ("fc.weight", w(5, 64)), ("fc.bias", w(5))]]
+    C = "Constant"
+    nodes = [
+        helper.make_node("Conv", ["input.1", "onnx::Conv_20", "onnx::Conv_21"], ["/conv/Conv_output_0"],
+                         name="/conv/Conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1],
+                         group=1),
+        helper.make_node("BatchNormalization", ["/conv/Conv_output_0", "bn.weight", "bn.bias", "bn.running_mean",
+                                                "bn.running_var"], ["/bn/BatchNormalization_output_0"],
+                         name="/bn/BatchNormalization", epsilon=1e-5, momentum=0.9),
+        helper.make_node("Relu", ["/bn/BatchNormalization_output_0"], ["/relu/Relu_output_0"], name="/relu/Relu"),
+        helper.make_node("MaxPool", ["/relu/Relu_output_0"], ["/pool/MaxPool_output_0"], name="/pool/MaxPool",
+                         kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 0, 0], ceil_mode=0),
+        helper.make_node("Shape", ["/pool/MaxPool_output_0"], ["/Shape_output_0"], name="/Shape"),
+        helper.make_node(C, [], ["/Constant_output_0"], name="/Constant",
+                         value=numpy_helper.from_array(np.array(0, np.int64))),
+        helper.make_node("Gather", ["/Shape_output_0", "/Constant_output_0"], ["/Gather_output_0"], name="/Gather",
+                         axis=0),
+        helper.make_node(C, [], ["/Constant_1_output_0"], name="/Constant_1", value_ints=[0]),
+        helper.make_node("Unsqueeze", ["/Gather_output_0", "/Constant_1_output_0"], ["/Unsqueeze_output_0"],
+                         name="/Unsqueeze"),
+        helper.make_node(C, [], ["/Constant_2_output_0"], name="/Constant_2",
+                         value=numpy_helper.from_array(np.array([-1], np.int64))),
+        helper.make_node("Concat", ["/Unsqueeze_output_0", "/Constant_2_output_0"], ["/Concat_output_0"],
+                         name="/Concat", axis=0),
+        helper.make_node("Reshape", ["/pool/MaxPool_output_0", "/Concat_output_0"], ["/Reshape_output_0"],
+                         name="/Reshape"),
+        helper.make_node("Gemm", ["/Reshape_output_0", "fc.weight", "fc.bias"], ["output"], name="/fc/Gemm",
+                         alpha=1.0, beta=1.0, transB=1),
+    ]
+    graph = helper.make_graph(nodes, "main_graph",
+                              [helper.make_tensor_value_info("input.1", F, ["batch_size", 3, 8, 8])],
+                              [helper.make_tensor_value_info("output", F, ["batch_size", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_import_torch_like_export(backend):
+    proto = torch_like_model()
+    m = tdc.onnx.load(proto, batch=3, backend=backend)
+    ops = m.graph.op_counts()
+    assert ops == {"conv2d": 1, "batchnorm": 1, "relu": 1, "maxpool2d": 1, "reshape": 1, "linear": 1}, ops
+    assert set(m.params) == {"onnx::Conv_20", "onnx::Conv_21", "bn.weight", "bn.bias", "bn.running_mean",
+                             "bn.running_var", "fc.weight", "fc.bias"}
+    assert [a.kind for a in m.graph.args].count("param") == 8
+    x = np.random.default_rng(2).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    got = m(**{"input.1": x})["output"]
+    np.testing.assert_allclose(got, ort_run(proto, {"input.1": x})["output"], rtol=1e-4, atol=1e-5)
+    # dims= fixes the same dim by its name
+    m2 = tdc.onnx.load(proto, dims={"batch_size": 3})
+    np.testing.assert_allclose(m2(**{"input.1": x})["output"], got, rtol=1e-6, atol=1e-6)
+
+
+def test_import_from_file_keeps_initializers(tmp_path):
+    path = tmp_path / "t.onnx"
+    onnx.save(torch_like_model(), path)
+    m = tdc.onnx.load(str(path), dims={"input.1:0": 1})
+    assert m.graph.inputs[0].type == TensorType("f32", (1, 3, 8, 8))
+    np.testing.assert_array_equal(m.params["fc.bias"], numpy_helper.to_array(torch_like_model().graph.initializer[-1]))
+    assert "input.1" in repr(m)
+
+
+# ---- import: single nodes against onnxruntime, incl. older opsets' semantics ----------------
+
+def node_model(op, inputs: dict, opset: int, inits: dict | None = None, out_type=F, n_out=1, **attrs):
+    names = list(inputs) + list(inits or {})
+    outs = [f"y{i}" for i in range(n_out)]
+    node = helper.make_node(op, names, outs, name="n0", **attrs)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                      for k, v in inputs.items()],
+        [helper.make_tensor_value_info(o, out_type, None) for o in outs],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in (inits or {}).items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+R = np.random.default_rng(5)
+X3 = R.standard_normal((2, 3, 4)).astype(np.float32)
+X4 = R.standard_normal((1, 2, 7, 7)).astype(np.float32)
+I64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+NODE_CASES = {
+    "softmax_opset11_coerces_to_2d": ("Softmax", {"x": X3}, 11, None, dict(axis=1)),
+    "logsoftmax_opset11_default_axis": ("LogSoftmax", {"x": X3}, 11, None, {}),
+    "reducemean_axes_attr": ("ReduceMean", {"x": X3}, 13, None, dict(axes=[1], keepdims=0)),
+    "reducesum_axes_attr": ("ReduceSum", {"x": X3}, 11, None, dict(axes=[0, -1])),
+    "reducemax_axes_input_opset18": ("ReduceMax", {"x": X3}, 18, {"axes": I64(1)}, dict(keepdims=1)),
+    "reducesum_noop_empty_axes": ("ReduceSum", {"x": X3}, 13, {"axes": I64()}, dict(noop_with_empty_axes=1)),
+    "squeeze_axes_attr": ("Squeeze", {"x": X3.reshape(1, 6, 1, 4)}, 11, None, dict(axes=[0, 2])),
+    "unsqueeze_axes_attr": ("Unsqueeze", {"x": X3}, 11, None, dict(axes=[0, -1])),
+    "pad_opset10_reflect": ("Pad", {"x": X4}, 10, None, dict(mode="reflect", pads=[0, 0, 1, 3, 0, 0, 2, 1])),
+    "pad_opset10_constant": ("Pad", {"x": X4}, 10, None, dict(pads=[0, 1, 1, 0, 0, 0, 2, 1], value=1.5)),
+    "pad_edge_negative": ("Pad", {"x": X4}, 13, {"pads": I64(0, 0, -2, 2, 0, 0, 3, -1)}, dict(mode="edge")),
+    "clip_opset10_attrs": ("Clip", {"x": X3}, 10, None, dict(min=-0.5, max=0.3)),
+    "slice_opset9_attrs": ("Slice", {"x": X3}, 9, None, dict(starts=[1, -3], ends=[100, -1], axes=[1, 2])),
+    "dropout_opset10_inference": ("Dropout", {"x": X3}, 10, None, dict(ratio=0.3)),
+    "batchnorm_opset9": ("BatchNormalization", {"x": X4}, 9,
+                         {"s": np.array([1.0, 2.0], np.float32), "b": np.array([0.5, -1.0], np.float32),
+                          "m": np.array([0.1, 0.2], np.float32), "v": np.array([1.5, 0.5], np.float32)},
+                         dict(epsilon=1e-3)),
+    "gemm_general": ("Gemm", {"a": R.standard_normal((4, 3)).astype(np.float32),
+                              "b": R.standard_normal((5, 4)).astype(np.float32),
+                              "c": R.standard_normal((3, 5)).astype(np.float32)}, 13, None,
+                     dict(alpha=0.5, beta=2.0, transA=1, transB=1)),
+    "gemm_scalar_c": ("Gemm", {"a": R.standard_normal((2, 3)).astype(np.float32)}, 13,
+                      {"b": R.standard_normal((3, 4)).astype(np.float32), "c": np.array(0.25, np.float32)}, {}),
+    "matmul_1d_3d": ("MatMul", {"a": R.standard_normal(4).astype(np.float32),
+                                "b": R.standard_normal((2, 4, 3)).astype(np.float32)}, 13, None, {}),
+    "matmul_3d_1d": ("MatMul", {"a": R.standard_normal((2, 3, 4)).astype(np.float32),
+                                "b": R.standard_normal(4).astype(np.float32)}, 13, None, {}),
+    "conv_same_lower_stride2": ("Conv", {"x": X4}, 13, {"w": R.standard_normal((3, 2, 3, 3)).astype(np.float32)},
+                                dict(auto_pad="SAME_LOWER", strides=[2, 2])),
+    "conv_group_dilation": ("Conv", {"x": X4}, 13, {"w": R.standard_normal((4, 1, 2, 2)).astype(np.float32)},
+                            dict(group=2, dilations=[2, 1], pads=[1, 0, 0, 2])),
+    "maxpool_same_upper": ("MaxPool", {"x": X4}, 13, None, dict(auto_pad="SAME_UPPER", kernel_shape=[2, 3],
+                                                                strides=[2, 2])),
+    "averagepool_count_include_pad": ("AveragePool", {"x": X4}, 13, None,
+                                      dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                                           count_include_pad=1, ceil_mode=1)),
+    "mean_three_inputs": ("Mean", {"a": X3, "b": X3 * 2, "c": X3[:1] - 1}, 13, None, {}),
+    "pow_float_int_exponent": ("Pow", {"x": np.abs(X3) + 0.5}, 13, {"e": np.array([1, 2, 3, 0], np.int64)}, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NODE_CASES))
+def test_node_matches_onnxruntime(case):
+    op, inputs, opset, inits, attrs = NODE_CASES[case]
+    model = node_model(op, inputs, opset, inits, **attrs)
+    want = ort_run(model, inputs)["y0"]
+    got = tdc.onnx.load(model)(**inputs)["y0"]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_mask_and_training_with_zero_ratio():
+    model = node_model("Dropout", {"x": X3}, 13, {"r": np.array(0.0, np.float32), "t": np.array(True)}, n_out=2)
+    model.graph.output[1].type.tensor_type.elem_type = TensorProto.BOOL
+    out = tdc.onnx.load(model)(x=X3)
+    np.testing.assert_array_equal(out["y0"], X3)
+    assert out["y1"].dtype == np.bool_ and out["y1"].all()
+
+
+def test_batchnorm_training_mode_outputs():
+    stats = {"s": np.ones(2, np.float32), "b": np.zeros(2, np.float32),
+             "m": np.array([0.1, 0.2], np.float32), "v": np.array([1.5, 0.5], np.float32)}
+    model = node_model("BatchNormalization", {"x": X4}, 15, stats, n_out=3, training_mode=1, momentum=0.8)
+    got = tdc.onnx.load(model)(x=X4)   # against numpy: onnxruntime's inference build has no training mode
+    mean, var = X4.mean(axis=(0, 2, 3)), X4.var(axis=(0, 2, 3))
+    np.testing.assert_allclose(got["y1"], 0.8 * stats["m"] + 0.2 * mean, rtol=1e-5)
+    np.testing.assert_allclose(got["y2"], 0.8 * stats["v"] + 0.2 * var, rtol=1e-5)
+    np.testing.assert_allclose(got["y0"], (X4 - mean[:, None, None]) / np.sqrt(var[:, None, None] + 1e-5),
+                               rtol=1e-4, atol=1e-5)
+
+
+# ---- import errors ---------------------------------------------------------------------------
+
+def test_unsupported_op_names_node_and_op():
+    model = node_model("Erf", {"x": X3}, 13, None)
+    with pytest.raises(TdcError, match=r"node 'n0' \(Erf\): ONNX op Erf is not supported"):
+        tdc.onnx.load(model)
+    model.graph.node[0].name = ""
+    with pytest.raises(TdcError, match=r"node #0 \(Erf\)"):
+        tdc.onnx.load(model)
+
+
+def test_unsupported_attributes_name_the_attribute():
+    model = node_model("Gemm", {"a": np.ones((2, 3), np.float32), "b": np.ones((3, 2), np.float32)}, 6,
+                       broadcast=1)
+    with pytest.raises(TdcError, match=r"node 'n0' \(Gemm\): attribute 'broadcast' of Gemm is not supported"):
+        tdc.onnx.load(model)
+    model = node_model("MaxPool", {"x": X4}, 13, kernel_shape=[2, 2], storage_order=1)
+    with pytest.raises(TdcError, match="storage_order=1"):
+        tdc.onnx.load(model)
+    model = node_model("AveragePool", {"x": X4}, 19, kernel_shape=[2, 2], dilations=[2, 2])
+    with pytest.raises(TdcError, match="attribute 'dilations'.*AveragePool"):
+        tdc.onnx.load(model)
+    model = node_model("Pad", {"x": X4}, 13, {"p": I64(0, 0, 1, 1, 0, 0, 1, 1)}, mode="mirror")
+    with pytest.raises(TdcError, match="mode 'mirror'"):
+        tdc.onnx.load(model)
+
+
+def test_non_2d_convolution_and_pooling_are_rejected():
+    x = np.ones((1, 2, 9), np.float32)
+    model = node_model("Conv", {"x": x}, 13, {"w": np.ones((3, 2, 3), np.float32)})
+    with pytest.raises(TdcError, match="only 2-D Conv .* 1-D Conv"):
+        tdc.onnx.load(model)
+    model = node_model("MaxPool", {"x": np.ones((1, 1, 4, 4, 4), np.float32)}, 13, kernel_shape=[2, 2, 2])
+    with pytest.raises(TdcError, match="only 2-D MaxPool .* 3-D MaxPool"):
+        tdc.onnx.load(model)
+
+
+def test_dynamic_shape_inputs():
+    # a Reshape whose shape is a graph input: tdc needs it at import
+    model = node_model("Reshape", {"x": X3, "shape": I64(6, 4)}, 13)
+    with pytest.raises(TdcError, match=r"input 1 \(shape, 'shape'\) must be a constant or initializer"):
+        tdc.onnx.load(model)
+    got = tdc.onnx.load(model, constants={"shape": I64(4, -1)})(x=X3)["y0"]
+    np.testing.assert_array_equal(got, X3.reshape(4, 6))
+    # symbolic and unknown input dims must be fixed
+    model = node_model("Relu", {"x": X3}, 13)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_param = "N"
+    with pytest.raises(TdcError, match=r"input 'x': dim 0 is dynamic \(N\).*dims=\{'N': N\}.*batch=N"):
+        tdc.onnx.load(model)
+    assert tdc.onnx.load(model, batch=5).graph.inputs[0].type.shape == (5, 3, 4)
+    dims[2].Clear()
+    with pytest.raises(TdcError, match=r"input 'x': dim 2 is dynamic \(unnamed\).*dims=\{'x:2': N\}"):
+        tdc.onnx.load(model, dims={"N": 2})
+    assert tdc.onnx.load(model, dims={"N": 2, "x:2": 4}).graph.inputs[0].type.shape == (2, 3, 4)
+
+
+def test_other_import_errors(tmp_path):
+    model = node_model("Relu", {"x": np.ones(3, np.uint8)}, 13, out_type=TensorProto.UINT8)
+    with pytest.raises(TdcError, match="input 'x': ONNX dtype UINT8 is not supported"):
+        tdc.onnx.load(model)
+    model = node_model("Relu", {"x": X3}, 13)
+    model.graph.node[0].domain = "com.microsoft"
+    with pytest.raises(TdcError, match="domain 'com.microsoft'"):
+        tdc.onnx.load(model)
+    model = node_model("Dropout", {"x": X3}, 13, {"r": np.array(0.5, np.float32), "t": np.array(True)})
+    with pytest.raises(TdcError, match="training-mode Dropout is random"):
+        tdc.onnx.load(model)
+    with pytest.raises(TdcError, match="no such file"):
+        tdc.onnx.load(tmp_path / "missing.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\xff not a model")
+    with pytest.raises(TdcError, match="bad.onnx: not a readable ONNX model"):
+        tdc.onnx.load(bad)
+
+
+# ---- the CLI on .onnx files --------------------------------------------------------------------
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_dump_and_run_onnx(capsys, tmp_path):
+    g = load_model(os.path.join(EX, "lenet.py")).trace(batch=2)
+    params = example_params(g, seed=4)
+    path = tmp_path / "lenet.onnx"
+    tdc.onnx.save(g, path, params)
+    code, out, err = run_cli(capsys, "dump", path)
+    assert code == 0, err
+    assert "conv2d(" in out and "%conv1.weight: f32[6,1,5,5] param" in out
+    assert parse_graph(out).output("out").type.shape == (2, 10)
+    # run uses the file's initializers as weights
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code, out, err = run_cli(capsys, "run", path, "--input", f"x={tmp_path / 'x.npy'}", "--backend", "reference",
+                             "--output", tmp_path / "y.npy")
+    assert code == 0, err
+    assert out.startswith("out: f32[2,10]")
+    want = tdc.compile(g, params=params)(x=x)["out"]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-6, atol=1e-6)
+    code, out, err = run_cli(capsys, "run", path, "--random-inputs", "--backend", "reference")
+    assert code == 0 and "out: f32[2,10]" in out, err
+
+
+def test_cli_onnx_with_dynamic_batch(capsys, tmp_path):
+    path = tmp_path / "torch.onnx"
+    onnx.save(torch_like_model(), path)
+    code, out, err = run_cli(capsys, "run", path, "--random-inputs", "--backend", "reference")
+    assert code == 1 and "torch.onnx: input 'input.1': dim 0 is dynamic (batch_size)" in err
+    code, out, err = run_cli(capsys, "run", path, "--random-inputs", "--backend", "reference", "--batch", "4")
+    assert code == 0 and out.startswith("output: f32[4,5]"), err
+    code, out, err = run_cli(capsys, "dump", path, "--batch", "1")
+    assert code == 0 and '%input.1: f32[1,3,8,8] input' in out and '%"onnx::Conv_20"' in out
+    code, out, err = run_cli(capsys, "dump", tmp_path / "nope.onnx")
+    assert code == 1 and "no such file" in err
