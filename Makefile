@@ -23,6 +23,8 @@ demo: $(STAMP)
 	@echo
 	@echo "== 2. Run it (seeded params, random inputs):  tdc run examples/lenet.py --random-inputs"
 	$(TDC) run examples/lenet.py --random-inputs --seed 0 --backend reference
+	@echo "   ...and compiled by the numba backend (fused kernels, planned memory), same outputs:"
+	$(TDC) run examples/lenet.py --random-inputs --seed 0 --backend numba
 	@echo
 	@echo "== 3. The digits CNN's training step after fusion (forward, backward and Adam in one graph)"
 	$(TDC) dump examples/digits.py --batch 16 --train --after fuse -o out/digits_step.tdc
@@ -32,7 +34,7 @@ demo: $(STAMP)
 	$(TDC) dump examples/digits.py --batch 16 --train --memory
 	@echo
 	@echo "== 4. Train it on real data: the 8x8 handwritten digits scikit-learn ships (1797 images)"
-	$(TDC) train examples/digits.py --batch 16 --lr 2e-3 --schedule cosine --epochs 8 \
+	$(TDC) train examples/digits.py --batch 16 --lr 2e-3 --schedule cosine --epochs 8 --backend reference \
 	    --metrics out/digits_metrics.jsonl --save-weights out/digits.npz --no-progress
 
 test: $(STAMP)

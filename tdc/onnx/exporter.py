@@ -83,11 +83,14 @@ class _Exporter:
                 raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
             arr = np.asarray(self.values[a.name])
             if arr.shape != a.type.shape or arr.dtype != a.type.np_dtype:
-                raise TdcError(f"{a.kind} {a.name}: the value is {arr.dtype}{list(arr.shape)}, the graph needs {a.type}")
+                raise TdcError(f"{a.kind} {a.name}: the value is {arr.dtype}{list(arr.shape)}, "
+                               f"the graph needs {a.type}")
             self.inits.append(numpy_helper.from_array(arr, a.name))
         # a node's output that is a graph output takes the output's name
         out_of = {}
         for name, v in g.outputs:
+            if any(a.name == name for a in g.args):
+                raise TdcError(f"output {name!r} has the name of an argument: ONNX names each tensor once")
             if v.producer is not None and v not in out_of:
                 out_of[v] = name
         for node in g.nodes:

@@ -231,7 +231,8 @@ class _Importer:
             return self.values[name]
         if name in self.weights:
             a = self.weights[name]
-            v = self.graph.add_arg(name, TensorType(dtype_of(_onnx_dtype(a), f"initializer {name!r}"), a.shape), "param")
+            dtype = dtype_of(_onnx_dtype(a), f"initializer {name!r}")
+            v = self.graph.add_arg(name, TensorType(dtype, a.shape), "param")
             self.params[name] = a
         elif name in self.static:
             a = self.static[name]
@@ -619,6 +620,8 @@ def _reshape(n):
     x = n.x(0)
     shape = list(n.attrs["shape"]) if "shape" in n.attrs else [int(d) for d in n.const(1, "shape")]
     if not n.attr("allowzero", 0):   # 0 copies the input's dim
+        if any(d == 0 for d in shape[x.type.rank:]):
+            n.fail(f"shape {shape} copies (0) a dim that the input {x.type} does not have")
         shape = [x.type.shape[i] if d == 0 else d for i, d in enumerate(shape)]
     return [n.emit("reshape", [x], shape=shape)]
 
@@ -721,28 +724,26 @@ def _pad(n):
         return [n.emit("pad", [x], pads=pads, value=float(value)) if any(pads) else x]
     if mode not in ("reflect", "edge", "wrap"):
         n.fail(f"mode {mode!r} is not supported")
-    # the other modes are concatenations of slices of x, one axis at a time
-    for a in range(r):
-        before, after = pads[a], pads[a + r]
-        if not before and not after:
-            continue
-        d = x.type.shape[a]
-        if mode == "reflect" and max(before, after) >= d:
-            n.fail(f"reflect pads {before},{after} need an axis longer than {max(before, after)}, axis {a} has {d}")
-        if mode == "wrap" and max(before, after) > d:
-            n.fail(f"wrap pads {before},{after} are longer than axis {a} ({d})")
-        if d == 0:
-            n.fail(f"cannot {mode}-pad the empty axis {a}")
-        one = lambda i: _slice_axis(n, x, a, i, i + 1)  # noqa: E731
-        if mode == "edge":
-            spread = lambda v, k: n.emit("broadcast_to", [v], shape=x.type.shape[:a] + (k,) + x.type.shape[a + 1:])  # noqa: E731
-            head = [spread(one(0), before)] if before else []
-            tail = [spread(one(d - 1), after)] if after else []
-        elif mode == "reflect":
-            head = [one(i) for i in range(before, 0, -1)]
-            tail = [one(d - 1 - i) for i in range(1, after + 1)]
-        else:
-            head = [_slice_axis(n, x, a, d - before, d)] if before else []
-            tail = [_slice_axis(n, x, a, 0, after)] if after else []
-        x = n.emit("concat", head + [x] + tail, axis=a)
+    for a in range(r):   # tdc's pad is constant-only: the other modes concatenate slices of x, axis by axis
+        if pads[a] or pads[a + r]:
+            x = _pad_axis(n, x, a, pads[a], pads[a + r], mode)
     return [x]
+
+
+def _pad_axis(n, x: Value, a: int, before: int, after: int, mode: str) -> Value:
+    d = x.type.shape[a]
+    if d == 0 or (mode == "reflect" and max(before, after) >= d) or (mode == "wrap" and max(before, after) > d):
+        n.fail(f"{mode} pads {before},{after} do not fit axis {a} of {x.type}")
+    if mode == "edge":
+        def repeat(i, k):
+            return n.emit("broadcast_to", [_slice_axis(n, x, a, i, i + 1)],
+                          shape=x.type.shape[:a] + (k,) + x.type.shape[a + 1:])
+        head = [repeat(0, before)] if before else []
+        tail = [repeat(d - 1, after)] if after else []
+    elif mode == "reflect":   # mirrored around the edge elements, which are not repeated
+        head = [_slice_axis(n, x, a, i, i + 1) for i in range(before, 0, -1)]
+        tail = [_slice_axis(n, x, a, d - 1 - i, d - i) for i in range(1, after + 1)]
+    else:
+        head = [_slice_axis(n, x, a, d - before, d)] if before else []
+        tail = [_slice_axis(n, x, a, 0, after)] if after else []
+    return n.emit("concat", head + [x] + tail, axis=a)

@@ -81,7 +81,7 @@ class NumbaExecutable:
             if a.kind != "input":
                 if a.name not in values:
                     raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
-                self.state[a.name] = np.ascontiguousarray(check_feed(a, values[a.name], a.kind)).copy()
+                self.state[a.name] = np.array(check_feed(a, values[a.name], a.kind), order="C")   # a private copy
         self._allocate()
         self._bind()
 
@@ -96,7 +96,7 @@ class NumbaExecutable:
         for a in self.graph.args:
             arrays[a] = self.state[a.name] if a.kind != "input" else np.empty(a.type.shape, a.type.np_dtype)
         for v, x in self.program.literal_values.items():
-            arrays[v] = np.ascontiguousarray(x)
+            arrays[v] = np.array(x, order="C")
         self.copies = []   # (dst, src) for reshapes that must copy (see below)
 
         def buffer(v: Value) -> np.ndarray:

@@ -137,25 +137,49 @@ def _col2im_add(cols, dx, n, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
                             dx[n, c0 + c, iy, ix] += cols[row, y * ow + xx]
 
 
+# The batch is cut into a few chunks of images (in parallel); within a chunk, the im2col
+# matrices of its images sit side by side so each group needs one larger GEMM, which BLAS
+# runs far better than one tiny GEMM per image (LeNet's conv1 is [6,25] x [25,784]).
+CHUNKS = 4
+
+
+@njit(cache=True)
+def _chunk_cols(x, n0, n1, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
+    P = oh * ow
+    part = np.empty((cg * kh * kw, P), x.dtype)
+    for n in range(n0, n1):
+        _im2col(x, n, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, part)
+        cols[:, (n - n0) * P:(n - n0 + 1) * P] = part
+
+
 @njit(cache=True, parallel=True)
 def conv2d(x, w, b, has_bias, out, sh, sw, pt, pl, dh, dw, groups):
-    """im2col + GEMM per image; images in parallel."""
     N = x.shape[0]
     co, cg, kh, kw = w.shape
     oh, ow = out.shape[2], out.shape[3]
+    P = oh * ow
     cog = co // groups
     K = cg * kh * kw
     wm = w.reshape(co, K)
-    for n in prange(N):
-        cols = np.empty((K, oh * ow), x.dtype)
-        res = np.empty((cog, oh * ow), x.dtype)
+    chunks = min(CHUNKS, N)
+    size = (N + chunks - 1) // chunks
+    for t in prange(chunks):
+        n0 = t * size
+        n1 = min(N, n0 + size)
+        if n0 >= n1:
+            continue
+        cols = np.empty((K, (n1 - n0) * P), x.dtype)
+        res = np.empty((cog, (n1 - n0) * P), x.dtype)
         for g in range(groups):
-            _im2col(x, n, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
+            _chunk_cols(x, n0, n1, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
             np.dot(np.ascontiguousarray(wm[g * cog:(g + 1) * cog]), cols, res)
-            for o in range(cog):
-                bias = b[g * cog + o] if has_bias else 0
-                for p in range(oh * ow):
-                    out[n, g * cog + o, p // ow, p % ow] = res[o, p] + bias
+            for n in range(n0, n1):
+                for o in range(cog):
+                    bias = b[g * cog + o] if has_bias else 0
+                    dst = out[n, g * cog + o].reshape(P)
+                    src = res[o, (n - n0) * P:(n - n0 + 1) * P]
+                    for p in range(P):
+                        dst[p] = src[p] + bias
 
 
 @njit(cache=True, parallel=True)
@@ -163,57 +187,62 @@ def conv2d_grad_input(gy, w, dx, sh, sw, pt, pl, dh, dw, groups):
     N = gy.shape[0]
     co, cg, kh, kw = w.shape
     oh, ow = gy.shape[2], gy.shape[3]
+    P = oh * ow
     cog = co // groups
     K = cg * kh * kw
     wm = w.reshape(co, K)
-    for n in prange(N):
-        dx[n] = 0
-        cols = np.empty((K, oh * ow), gy.dtype)
+    chunks = min(CHUNKS, N)
+    size = (N + chunks - 1) // chunks
+    for t in prange(chunks):
+        n0 = t * size
+        n1 = min(N, n0 + size)
+        if n0 >= n1:
+            continue
+        for n in range(n0, n1):
+            dx[n] = 0
+        gm = np.empty((cog, (n1 - n0) * P), gy.dtype)
+        cols = np.empty((K, (n1 - n0) * P), gy.dtype)
         for g in range(groups):
-            wt = np.ascontiguousarray(wm[g * cog:(g + 1) * cog].T)
-            gn = np.ascontiguousarray(gy[n, g * cog:(g + 1) * cog]).reshape(cog, oh * ow)
-            np.dot(wt, gn, cols)
-            _col2im_add(cols, dx, n, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow)
+            for n in range(n0, n1):
+                for o in range(cog):
+                    gm[o, (n - n0) * P:(n - n0 + 1) * P] = gy[n, g * cog + o].reshape(P)
+            np.dot(np.ascontiguousarray(wm[g * cog:(g + 1) * cog].T), gm, cols)
+            for n in range(n0, n1):
+                _col2im_add(cols[:, (n - n0) * P:(n - n0 + 1) * P], dx, n, g * cg, cg, kh, kw,
+                            sh, sw, pt, pl, dh, dw, oh, ow)
 
 
 @njit(cache=True, parallel=True)
-def _all_cols(x, g, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
-    """cols [K, N*oh*ow]: the im2col matrices of every image side by side."""
-    N = x.shape[0]
-    P = oh * ow
-    for n in prange(N):
-        part = np.empty((cg * kh * kw, P), x.dtype)
-        _im2col(x, n, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, part)
-        cols[:, n * P:(n + 1) * P] = part
-
-
-@njit(cache=True, parallel=True)
-def _gather_rows(gy, g, cog, gm):
-    """gm [cog, N*P] = gy[:, g*cog:(g+1)*cog] with the batch moved next to the pixels."""
-    N = gy.shape[0]
-    P = gy.shape[2] * gy.shape[3]
-    for n in prange(N):
-        for o in range(cog):
-            gm[o, n * P:(n + 1) * P] = gy[n, g * cog + o].reshape(P)
-
-
-@njit(cache=True)
 def conv2d_grad_weight(x, gy, dw_out, sh, sw, pt, pl, dh, dw, groups):
-    """One GEMM over the whole batch per group: dw = gy_mat @ cols.T."""
+    """dw = sum over chunks of gy_chunk @ cols_chunk.T; chunks run in parallel, then add up."""
     co, cg, kh, kw = dw_out.shape
     N = x.shape[0]
     oh, ow = gy.shape[2], gy.shape[3]
+    P = oh * ow
     cog = co // groups
     K = cg * kh * kw
-    cols = np.empty((K, N * oh * ow), x.dtype)
-    gm = np.empty((cog, N * oh * ow), x.dtype)
-    res = np.empty((cog, K), x.dtype)
+    chunks = min(CHUNKS, N)
+    size = (N + chunks - 1) // chunks
+    partial = np.zeros((chunks, co, K), x.dtype)
+    for t in prange(chunks):
+        n0 = t * size
+        n1 = min(N, n0 + size)
+        if n0 >= n1:
+            continue
+        cols = np.empty((K, (n1 - n0) * P), x.dtype)
+        gm = np.empty((cog, (n1 - n0) * P), x.dtype)
+        res = np.empty((cog, K), x.dtype)
+        for g in range(groups):
+            _chunk_cols(x, n0, n1, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
+            for n in range(n0, n1):
+                for o in range(cog):
+                    gm[o, (n - n0) * P:(n - n0 + 1) * P] = gy[n, g * cog + o].reshape(P)
+            np.dot(gm, cols.T, res)
+            partial[t, g * cog:(g + 1) * cog] = res
     dwm = dw_out.reshape(co, K)
-    for g in range(groups):
-        _all_cols(x, g, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
-        _gather_rows(gy, g, cog, gm)
-        np.dot(gm, cols.T, res)
-        dwm[g * cog:(g + 1) * cog] = res
+    dwm[:] = 0
+    for t in range(chunks):
+        dwm += partial[t]
 
 
 # ---- pooling -----------------------------------------------------------------------
@@ -240,17 +269,37 @@ def _argmax_window(x, n, c, y, xx, kh, kw, sh, sw, pt, pl, dh, dw):
     return arg
 
 
+@njit(cache=True, inline="always")
+def _tiled(kh, kw, sh, sw, pt, pl, dh, dw):
+    """Windows that tile the input exactly (LeNet's and VGG's 2x2 stride 2): a fast path."""
+    return kh == sh and kw == sw and pt == 0 and pl == 0 and dh == 1 and dw == 1
+
+
 @njit(cache=True, parallel=True)
 def maxpool2d(x, out, kh, kw, sh, sw, pt, pl, dh, dw):
     N, C = x.shape[0], x.shape[1]
     W = x.shape[3]
     oh, ow = out.shape[2], out.shape[3]
+    tiled = _tiled(kh, kw, sh, sw, pt, pl, dh, dw)
     for nc in prange(N * C):
         n, c = nc // C, nc % C
+        src = x[n, c]
+        dst = out[n, c]
+        if tiled:
+            for y in range(oh):
+                for xx in range(ow):
+                    m = src[y * kh, xx * kw]
+                    for i in range(kh):
+                        for j in range(kw):
+                            v = src[y * kh + i, xx * kw + j]
+                            if v > m or v != v:
+                                m = v
+                    dst[y, xx] = m
+            continue
         for y in range(oh):
             for xx in range(ow):
                 a = _argmax_window(x, n, c, y, xx, kh, kw, sh, sw, pt, pl, dh, dw)
-                out[n, c, y, xx] = x[n, c, a // W, a % W]
+                dst[y, xx] = src[a // W, a % W]
 
 
 @njit(cache=True, parallel=True)
@@ -258,13 +307,32 @@ def maxpool2d_grad(gy, x, dx, kh, kw, sh, sw, pt, pl, dh, dw):
     N, C = x.shape[0], x.shape[1]
     W = x.shape[3]
     oh, ow = gy.shape[2], gy.shape[3]
+    tiled = _tiled(kh, kw, sh, sw, pt, pl, dh, dw)
     for nc in prange(N * C):
         n, c = nc // C, nc % C
-        dx[n, c] = 0
+        d = dx[n, c]
+        d[:, :] = 0
+        src = x[n, c]
+        g = gy[n, c]
+        if tiled:
+            for y in range(oh):
+                for xx in range(ow):
+                    bi = y * kh
+                    bj = xx * kw
+                    m = src[bi, bj]
+                    for i in range(kh):
+                        for j in range(kw):
+                            v = src[y * kh + i, xx * kw + j]
+                            if v > m or (v != v and m == m):
+                                m = v
+                                bi = y * kh + i
+                                bj = xx * kw + j
+                    d[bi, bj] += g[y, xx]
+            continue
         for y in range(oh):
             for xx in range(ow):
                 a = _argmax_window(x, n, c, y, xx, kh, kw, sh, sw, pt, pl, dh, dw)
-                dx[n, c, a // W, a % W] += gy[n, c, y, xx]
+                d[a // W, a % W] += g[y, xx]
 
 
 @njit(cache=True, parallel=True)
