@@ -45,16 +45,18 @@ def _compare(graph, values, rtol, atol=1e-6):
     return nb
 
 
-@pytest.mark.parametrize("op,inputs,attrs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+# float32 is what models use; every op is checked in it. float64 is checked too, except for the
+# convolution and pooling kernels, whose parallel float64 variants cost a minute of cold compile.
+_F64 = [c for c in CASES if c[0].split("_")[0] not in ("conv2d", "maxpool2d", "avgpool2d")]
+
+
+@pytest.mark.parametrize("op,inputs,attrs", _F64, ids=[f"{c[0]}-{i}" for i, c in enumerate(_F64)])
 def test_op_forward_and_backward_match_reference_f64(op, inputs, attrs):
     g, values = _graph_for(op, inputs, attrs)
     _compare(autodiff(g, "loss"), values, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("op,inputs,attrs", [c for c in CASES if c[0] in
-                                             ("conv2d", "maxpool2d", "avgpool2d", "linear", "matmul", "softmax",
-                                              "batchnorm", "softmax_cross_entropy", "reduce_max", "dropout")],
-                         ids=lambda c: str(c)[:20])
+@pytest.mark.parametrize("op,inputs,attrs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_op_forward_and_backward_match_reference_f32(op, inputs, attrs):
     g, values = _graph_for(op, inputs, attrs)
     g32 = retype(g, "f64", "f32")
@@ -62,8 +64,8 @@ def test_op_forward_and_backward_match_reference_f32(op, inputs, attrs):
     _compare(autodiff(g32, "loss"), vals32, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("model,batch", [("mlp", 8), ("lenet", 4), ("digits", 8), ("vgg", 2)])
-@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("model,batch,opt", [("mlp", 8, "sgd"), ("mlp", 8, "adam"), ("lenet", 4, "sgd"),
+                                             ("lenet", 4, "momentum"), ("digits", 8, "adam"), ("vgg", 2, "sgd")])
 def test_training_steps_match_reference(model, batch, opt):
     mod = __import__(model)
     # eps well above float32 noise in tiny gradients: Adam divides by |g| + eps

@@ -235,7 +235,7 @@ def test_cli_trains_digits(tmp_path, capsys):
     add_train_arguments(parser)
     metrics, weights = str(tmp_path / "m.jsonl"), str(tmp_path / "w.npz")
     args = parser.parse_args([DIGITS, "--epochs", "3", "--lr", "2e-3", "--metrics", metrics,
-                              "--save-weights", weights, "--no-progress"])
+                              "--save-weights", weights, "--no-progress", "--backend", "reference"])
     assert cmd_train(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("test accuracy ") and "/359) after 3 epochs, " in last and last.endswith(" s")
