@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := test,examples
+EXTRAS := test,examples,onnx
 
 .PHONY: demo test venv clean
 

@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tdc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `tdc dump ... | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:   # a bug in tdc: still one line unless --debug
         if debug:
             raise

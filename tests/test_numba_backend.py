@@ -143,3 +143,28 @@ def _random_graph(draw):
 @given(_random_graph())
 def test_random_fused_graphs_match_reference(g):
     _compare(g, _values(g), rtol=1e-5, atol=1e-5)
+
+
+def test_second_run_loads_from_the_cache_and_gives_the_same_result(tmp_path):
+    """A cache hit (a new process, same graph) must work and be fast: it once crashed because
+    cached drivers call parallel kernels before Numba's thread pool was started."""
+    import subprocess
+    env = {**os.environ, "TDC_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "tdc.cli", "run", os.path.join(os.path.dirname(__file__), "..", "examples",
+                                                                  "mlp.py"), "--batch", "2", "--random-inputs"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-500:]
+    assert first.stdout == second.stdout and first.stdout.startswith("out: f32[2,10]")
+
+
+def test_integer_reductions():
+    g = Graph("ints")
+    with Builder(g) as b:
+        x = b.arg("x", TensorType("i32", (3, 4)), "input")
+        g.add_output("max", F.max(x, 1).value)
+        g.add_output("sum", F.sum(x, 0).value)
+    x = np.array([[-5, -7, -9, -1], [3, 0, 2, 1], [-100, 4, 4, -3]], np.int32)
+    out = tdc.compile(g, backend="numba")(x=x)
+    np.testing.assert_array_equal(out["max"], x.max(1))
+    np.testing.assert_array_equal(out["sum"], x.sum(0))

@@ -6,8 +6,9 @@ Inputs that tdc needs at import (a Reshape's shape, Pad's pads, reduction axes: 
 tdc.onnx.STATIC_INPUTS) are graph inputs in these cases; the harness fixes them to the case's
 values, as a user would with load(..., constants=...). Every other input stays an input.
 
-Every case tdc does not pass is listed in SKIPS with the reason. On the reference backend a
-listed case must still fail (so the table stays true); on numba it is skipped.
+The numba backend runs every case too (about a minute of Numba compiling with a cold cache).
+Every case tdc does not pass is listed in SKIPS (NUMBA_SKIPS: numba only) with the reason; a
+listed case is still run, and fails the test once it passes, so the tables stay true.
 
     python tests/test_onnx_conformance.py     # prints the per-op pass counts table (docs/onnx.md)
 """
@@ -24,7 +25,6 @@ import pytest
 from onnx import numpy_helper
 
 import tdc.onnx
-from tdc.errors import TdcError
 
 DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "node")
 
@@ -362,6 +362,11 @@ def check(case: str, backend: str, skips: dict[str, str]):
     except Exception:
         pytest.skip(skips[case])
     pytest.fail(f"{case} passes on {backend} now: remove it from the skip table")
+
+
+def test_skip_tables_name_selected_cases():
+    assert len(CASES) > 500, f"only {len(CASES)} cases found in {DATA}"
+    assert not (set(SKIPS) | set(NUMBA_SKIPS)) - set(CASES)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -12,10 +12,12 @@ import numpy as np
 
 from ..errors import TdcError
 from ..ir.graph import Graph, Value
-from .importer import DTYPES
+from ..runtime.init import init_params
+from ..runtime.weights import atomic_write
+from .importer import DTYPES   # first: it turns a missing onnx package into a TdcError
 
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 OPSET = 17
 IR_VERSION = 8   # what opset 17 came with; onnxruntime reads it
@@ -32,19 +34,18 @@ _SAME = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "
 def save(graph: Graph, path, params: dict | None = None, seed: int = 0) -> onnx.ModelProto:
     """Write `graph` as an ONNX model to `path` (returns the ModelProto). Param, const and state
     values come from `params`, or from the graph's initializers seeded with `seed`."""
-    from ..runtime.init import init_params
     values = {**init_params(graph, seed, only_missing=params or {}), **(params or {})}
     model = to_model(graph, values)
-    from ..runtime.weights import atomic_write
     atomic_write(os.fspath(path), lambda f: f.write(model.SerializeToString()))
     return model
 
 
 def to_model(graph: Graph, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The checked ModelProto of `graph`, with `values` (name -> array) as its initializers."""
     model = _Exporter(graph, values).run()
     try:
         onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as e:   # a bug in the exporter, not in the user's graph
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:   # an exporter bug
         raise TdcError(f"internal: the exported ONNX model of {graph.name} does not check: {e}") from None
     return model
 

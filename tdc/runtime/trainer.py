@@ -69,8 +69,9 @@ def _as_model(model) -> Model:
     from .loader import Source
     src = Source(model)
     if src.model is None:
-        raise TdcError(f"{model}: training needs a Python model (FILE.py[:NAME]); an IR file has fixed shapes "
-                       "and no training mode")
+        kind = "an ONNX file" if str(model).endswith(".onnx") else "an IR file"
+        raise TdcError(f"{model}: tdc train needs a Python model (FILE.py[:NAME]) that can be traced in training "
+                       f"mode at any batch size; {kind} is one fixed graph")
     return src.model
 
 

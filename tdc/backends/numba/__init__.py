@@ -52,17 +52,24 @@ def load_module(source: str):
     return mod
 
 
-def single_threaded_blas() -> None:
-    """Run BLAS on one thread: Numba's threads parallelise the kernels (and split GEMMs by rows).
-    Two pools spinning on the same two cores made kernels up to 10x slower here."""
-    global _blas_limited
-    if not _blas_limited:
+def prepare_runtime() -> None:
+    """Once per process, before any kernel runs:
+    * start Numba's thread pool. A driver loaded from Numba's cache calls parallel kernels
+      without going through their dispatchers, which is what normally starts the pool; without
+      it, the second run of a graph (a cache hit) crashed;
+    * run BLAS on one thread: Numba's threads parallelise the kernels (and split GEMMs by rows).
+      Two pools on the same two cores made kernels up to 10x slower here."""
+    global _prepared
+    if not _prepared:
+        from numba.np.ufunc.parallel import _launch_threads
         from threadpoolctl import threadpool_limits
+        _launch_threads()
         threadpool_limits(1, user_api="blas")
-        _blas_limited = True
+        _prepared = True
 
 
-_blas_limited = False
+
+_prepared = False
 
 
 class NumbaExecutable:
@@ -70,7 +77,7 @@ class NumbaExecutable:
 
     def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0):
         from ...runtime.init import init_params
-        single_threaded_blas()
+        prepare_runtime()
         self.source_graph = graph
         self.graph = optimize_for_backend(graph)
         self.program: Program = build_program(self.graph)

@@ -170,9 +170,12 @@ def _elementwise_kernel(prog, name, nodes, anchor: Node | None, group, users, ro
         kind = {"reduce_sum": "sum", "reduce_mean": "mean", "reduce_max": "max"}[reduce_node.op]
         count = int(np.prod([iter_shape[k] for k in axes])) if axes else 1
         acc_dt = "f64" if out.type.dtype.startswith("f") else out.type.dtype
-        init = literal(-np.inf, acc_dt) if kind == "max" else literal(0, acc_dt)
-        if kind == "max" and not out.type.dtype.startswith("f"):
-            init = f"np.iinfo({'np.' + {'i8': 'int8', 'i32': 'int32', 'i64': 'int64'}[out.type.dtype]}).min"
+        if kind != "max":
+            init = literal(0, acc_dt)
+        elif acc_dt.startswith("f"):
+            init = literal(-np.inf, acc_dt)
+        else:
+            init = literal(np.iinfo(out.type.np_dtype).min, acc_dt)
         reduce = [op, val, kind, (1.0 / count) if kind == "mean" else 1, None, init, acc_dt]
     dims, red = collapse(iter_shape, operands, keep_apart)
     lk = LoopKernel(name, params, dims, loads, body, stores, flat=list(params))
