@@ -299,10 +299,7 @@ SKIPS: dict[str, str] = {
 }
 
 # Cases that fail on the numba backend only.
-NUMBA_SKIPS: dict[str, str] = {
-    "test_reduce_max_bool_inputs": "numba backend bug: integer reduce_max starts its accumulator at -inf "
-                                   "(tdc/backends/numba/codegen.py, OverflowError)",
-}
+NUMBA_SKIPS: dict[str, str] = {}
 
 
 def op_of(case: str) -> str | None:

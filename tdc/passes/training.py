@@ -64,8 +64,9 @@ def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer 
 
 
 def compile_pipeline() -> Pipeline:
-    """What the compiled backends run before code generation: simplify, then fuse into kernels."""
-    return Pipeline([get_pass(n) for n in SIMPLIFY + ("fuse",)])
+    """What the compiled backends run before code generation: fold inference batchnorm into its
+    convolution, simplify, then fuse into kernels."""
+    return Pipeline([get_pass(n) for n in ("bnfold",) + SIMPLIFY + ("fuse",)])
 
 
 def train_step(model: Model | Graph, loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,
