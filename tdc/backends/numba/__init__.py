@@ -64,7 +64,7 @@ def prepare_runtime() -> None:
         from numba.np.ufunc.parallel import _launch_threads
         from threadpoolctl import threadpool_limits
         _launch_threads()
-        threadpool_limits(1, user_api="blas")
+        threadpool_limits(int(os.environ.get("TDC_BLAS_THREADS", "1")), user_api="blas")
         _prepared = True
 
 
