@@ -152,6 +152,15 @@ def _chunk_cols(x, n0, n1, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
         cols[:, (n - n0) * P:(n - n0 + 1) * P] = part
 
 
+@njit(cache=True)
+def _chunk_rows(gy, n0, n1, c0, cog, gm):
+    """gm [cog, (n1-n0)*P]: channels c0.. of images n0..n1 side by side (the layout of _chunk_cols)."""
+    P = gy.shape[2] * gy.shape[3]
+    for n in range(n0, n1):
+        for o in range(cog):
+            gm[o, (n - n0) * P:(n - n0 + 1) * P] = gy[n, c0 + o].reshape(P)
+
+
 @njit(cache=True, parallel=True)
 def conv2d(x, w, b, has_bias, out, sh, sw, pt, pl, dh, dw, groups):
     N = x.shape[0]
@@ -203,9 +212,7 @@ def conv2d_grad_input(gy, w, dx, sh, sw, pt, pl, dh, dw, groups):
         gm = np.empty((cog, (n1 - n0) * P), gy.dtype)
         cols = np.empty((K, (n1 - n0) * P), gy.dtype)
         for g in range(groups):
-            for n in range(n0, n1):
-                for o in range(cog):
-                    gm[o, (n - n0) * P:(n - n0 + 1) * P] = gy[n, g * cog + o].reshape(P)
+            _chunk_rows(gy, n0, n1, g * cog, cog, gm)
             np.dot(np.ascontiguousarray(wm[g * cog:(g + 1) * cog].T), gm, cols)
             for n in range(n0, n1):
                 _col2im_add(cols[:, (n - n0) * P:(n - n0 + 1) * P], dx, n, g * cg, cg, kh, kw,
@@ -234,9 +241,7 @@ def conv2d_grad_weight(x, gy, dw_out, sh, sw, pt, pl, dh, dw, groups):
         res = np.empty((cog, K), x.dtype)
         for g in range(groups):
             _chunk_cols(x, n0, n1, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols)
-            for n in range(n0, n1):
-                for o in range(cog):
-                    gm[o, (n - n0) * P:(n - n0 + 1) * P] = gy[n, g * cog + o].reshape(P)
+            _chunk_rows(gy, n0, n1, g * cog, cog, gm)
             np.dot(gm, cols.T, res)
             partial[t, g * cog:(g + 1) * cog] = res
     dwm = dw_out.reshape(co, K)
