@@ -9,15 +9,19 @@ change the compiled graph.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 from ..errors import TdcError
 
 SCHEDULES = ("constant", "step", "cosine")
 
 
-class Schedule:
+class Schedule(ABC):
+    """A learning rate per step."""
+
+    @abstractmethod
     def lr_at(self, step: int) -> float:
-        raise NotImplementedError
+        """The learning rate for 0-based step `step`."""
 
     def __call__(self, step: int) -> float:
         return self.lr_at(step)

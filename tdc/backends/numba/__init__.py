@@ -57,8 +57,9 @@ def prepare_runtime() -> None:
     * start Numba's thread pool. A driver loaded from Numba's cache calls parallel kernels
       without going through their dispatchers, which is what normally starts the pool; without
       it, the second run of a graph (a cache hit) crashed;
-    * run BLAS on one thread: Numba's threads parallelise the kernels (and split GEMMs by rows).
-      Two pools on the same two cores made kernels up to 10x slower here."""
+    * run BLAS on one thread: Numba's threads parallelise the kernels (the conv kernels call
+      BLAS from inside their parallel loops). Two pools on two cores made kernels up to 10x
+      slower here."""
     global _prepared
     if not _prepared:
         from numba.np.ufunc.parallel import _launch_threads
