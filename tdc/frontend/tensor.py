@@ -5,7 +5,6 @@ the input types and the user's source line.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import zlib
@@ -206,9 +205,3 @@ class Tensor:
     def T(self):
         from . import functional as F
         return F.transpose(self, tuple(range(self.ndim))[::-1])
-
-
-@contextlib.contextmanager
-def building(graph: Graph, training: bool = False):
-    with Builder(graph, training) as b:
-        yield b

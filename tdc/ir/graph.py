@@ -8,7 +8,6 @@ Values are identified by object identity; names are only for printing.
 """
 from __future__ import annotations
 
-from typing import Iterable
 
 import networkx as nx
 
@@ -64,10 +63,6 @@ class Node:
 
     def __repr__(self) -> str:
         return f"Node({self.op}, {len(self.inputs)} in, {len(self.outputs)} out)"
-
-
-def describe_types(types: Iterable[TensorType]) -> str:
-    return ", ".join(str(t) for t in types) or "no inputs"
 
 
 class Graph:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ir.types import TensorType
 from ..frontend import functional as F
 from .registry import Attr, defop, fail, need_float, numel, same_dtype
 

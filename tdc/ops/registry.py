@@ -7,7 +7,6 @@ lowerings per backend. Op families live in the sibling modules.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 

@@ -48,10 +48,6 @@ class Program:
         return head + "\n\n".join(self.sources)
 
 
-def _np_float(dtype: str):
-    return {"f32": np.float32, "f64": np.float64}.get(dtype)
-
-
 def build_program(graph: Graph) -> Program:
     prog = Program(graph)
     for n in graph.nodes:
@@ -257,7 +253,7 @@ def _copy_kernel(prog, name, node: Node) -> dict:
                         flat=[src.var, dst.var])
         srcs.append(lk.source())
         kernels_.append((f"{name}_{j}", src.var, dst.var))
-    body = [f"@njit(cache=True)", f"def {name}({', '.join(params)}):"] + ["    " + s for s in lines]
+    body = ["@njit(cache=True)", f"def {name}({', '.join(params)}):"] + ["    " + s for s in lines]
     for fname, s, d in kernels_:
         body.append(f"    {fname}({s}, {d})")
     prog.sources.append("\n\n".join(srcs) + "\n\n" + "\n".join(body) + "\n")
