@@ -110,9 +110,12 @@ def cmd_dump(args) -> int:
         if args.memory:
             from .passes.memplan import memory_report
             chunks.append(memory_report(graph))
-        if args.source:
-            from .backends.numba.codegen import build_program
-            chunks.append(build_program(graph).module_source())
+        if args.source:   # the executable's kernels and driver (Numba compiles them only when first run)
+            from .backends.numba import NumbaExecutable
+            step = src.graph(args.batch, training=train)
+            if train:
+                step = training_pipeline(args.loss, Optimizer(args.optimizer)).run(step)
+            chunks.append(NumbaExecutable(step).source())
     elif args.all:
         chunks.append(f"// ----- {src.name}: as traced -----\n{fmt(graph)}")
         ctx = PassContext(dump_after="all", dump=lambda name, g: chunks.append(f"// ----- after {name} -----\n{fmt(g)}"))

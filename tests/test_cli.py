@@ -54,6 +54,8 @@ def test_dump_after_training_passes(capsys):
     assert code == 0 and "// ----- after cse -----" in out
     code, out, _ = run_cli(capsys, "dump", f"{EX}/lenet.py", "--train", "--memory")
     assert code == 0 and "conv1" in out and "peak after planning" in out
+    code, out, _ = run_cli(capsys, "dump", f"{EX}/mlp.py", "--batch", "2", "--train", "--source")
+    assert code == 0 and "@njit" in out and "def drive0(b):" in out and "K.softmax_cross_entropy(" in out
 
 
 def test_run_with_random_inputs_saves_and_reloads(capsys, tmp_path):
