@@ -2,8 +2,8 @@
 
     @tdc.model(batch=64)
     def lenet(x: tdc.f32["B", 1, 28, 28]):
-        ...
-        return logits
+        h = nn.conv2d(x, 6, 5, pad=2).relu()
+        return nn.linear(h.flatten(), 10)
 
     graph = lenet.trace()              # inference graph at batch 64
     graph = lenet.trace(batch=1)       # the IR is statically shaped: one trace per batch size
