@@ -289,17 +289,18 @@ def _softmax_args(node, ins, outs):
 
 
 def _batched_matmul_args(node, ins, outs):
+    """Batch dims flattened; ia[i] / ib[i] say which matrix of a / b output matrix i uses
+    (numpy broadcasting over the batch dims)."""
     a, b = ins
     out = outs[0]
     batch = out.shape[:-2]
-    idx = np.arange(int(np.prod(batch)) if batch else 1).reshape(batch)
-    ia = np.broadcast_to(np.arange(int(np.prod(a.shape[:-2]))).reshape(a.shape[:-2]) if a.ndim > 2 else 0, batch)
-    ib = np.broadcast_to(np.arange(int(np.prod(b.shape[:-2]))).reshape(b.shape[:-2]) if b.ndim > 2 else 0, batch)
-    del idx
-    a3 = a.reshape((-1,) + a.shape[-2:])
-    b3 = b.reshape((-1,) + b.shape[-2:])
-    return K.matmul_batched, (a3, b3, out.reshape((-1,) + out.shape[-2:]),
-                              np.ascontiguousarray(ia, np.int64).reshape(-1), np.ascontiguousarray(ib, np.int64).reshape(-1))
+
+    def index_map(x):
+        ids = np.arange(int(np.prod(x.shape[:-2]))).reshape(x.shape[:-2]) if x.ndim > 2 else 0
+        return np.ascontiguousarray(np.broadcast_to(ids, batch), np.int64).reshape(-1)
+
+    return K.matmul_batched, (a.reshape((-1,) + a.shape[-2:]), b.reshape((-1,) + b.shape[-2:]),
+                              out.reshape((-1,) + out.shape[-2:]), index_map(a), index_map(b))
 
 
 def _bn_args(node, ins, outs):

@@ -106,13 +106,9 @@ def scalar_expr(op: str, args: list[str], in_types: list[TensorType], out: Tenso
     elif op == "leaky_relu":
         expr = f"({{0}} if {{0}} > 0 else {literal(attrs['alpha'], dt)} * {{0}})"
     elif op == "cast":
-        src = in_types[0].dtype
         if attrs["to"] == "bool":
             return f"({a[0]} != 0)"
-        if src.startswith("f") and not attrs["to"].startswith("f"):
-            expr = "{0}"   # float -> int truncates toward zero, like numpy's astype
-        else:
-            expr = "{0}"
+        expr = "{0}"   # the conversion below does it; float -> int truncates toward zero like astype
     elif op in simple:
         expr = simple[op]
     else:
