@@ -298,3 +298,13 @@ def test_initial_params_are_used_and_not_modified(small_digits):
     assert not np.array_equal(r.state["fc1.weight"], before["fc1.weight"])
     # equal logits for every class: the first loss is log(10)
     assert r.losses[0] == pytest.approx(np.log(10), rel=1e-6)
+
+
+def test_training_on_the_numba_backend_learns_and_evaluates_with_current_params():
+    """numba is the CLI's default backend for train: the step must learn, and evaluation must see
+    the params the step updated in place (the executables bind their buffers when compiled)."""
+    res = train(DIGITS, "digits", epochs=2, batch=32, optimizer=Optimizer("adam", lr=2e-3), backend="numba",
+                progress=False, verbose=False)
+    losses = np.asarray(res.losses)
+    assert losses[-10:].mean() < 0.5 * losses[:10].mean()
+    assert res.test_accuracy >= 0.85, res.summary()
