@@ -94,36 +94,24 @@ def _is_scalar_constant(v: Value) -> bool:
 
 # ---- identities: x + 0, x - 0, x * 1, x / 1, where(c, x, x) ---------------------
 
-@rule("add")
-def add_zero(n, rw):
-    a, b = n.inputs
-    if _is(b, 0):
-        return rw.as_output(a)
-    if _is(a, 0):
-        return rw.as_output(b)
-    return None
+def _identity(op: str, neutral: int, commutes: bool):
+    """x op neutral -> x (and neutral op x -> x when op commutes)."""
+    @rule(op)
+    def drop_neutral(n, rw):
+        a, b = n.inputs
+        if _is(b, neutral):
+            return rw.as_output(a)
+        if commutes and _is(a, neutral):
+            return rw.as_output(b)
+        return None
+    drop_neutral.__name__ = f"{op}_{neutral}"
+    return drop_neutral
 
 
-@rule("sub")
-def sub_zero(n, rw):
-    a, b = n.inputs
-    return rw.as_output(a) if _is(b, 0) else None
-
-
-@rule("mul")
-def mul_one(n, rw):
-    a, b = n.inputs
-    if _is(b, 1):
-        return rw.as_output(a)
-    if _is(a, 1):
-        return rw.as_output(b)
-    return None
-
-
-@rule("div")
-def div_one(n, rw):
-    a, b = n.inputs
-    return rw.as_output(a) if _is(b, 1) else None
+add_zero = _identity("add", 0, commutes=True)
+sub_zero = _identity("sub", 0, commutes=False)
+mul_one = _identity("mul", 1, commutes=True)
+div_one = _identity("div", 1, commutes=False)
 
 
 @rule("where")

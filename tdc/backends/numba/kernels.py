@@ -128,6 +128,13 @@ def _col2im_add(cols, dx, n, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
 CHUNKS = 4
 
 
+@njit(cache=True, inline="always")
+def _chunk_span(t, chunks, N):
+    """Images [n0, n1) of chunk t when N images are cut into `chunks` near-equal chunks."""
+    size = (N + chunks - 1) // chunks
+    return t * size, min(N, (t + 1) * size)
+
+
 @njit(cache=True)
 def _chunk_cols(x, n0, n1, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
     P = oh * ow
@@ -156,10 +163,8 @@ def conv2d(x, w, b, has_bias, out, sh, sw, pt, pl, dh, dw, groups):
     K = cg * kh * kw
     wm = w.reshape(co, K)
     chunks = min(CHUNKS, N)
-    size = (N + chunks - 1) // chunks
     for t in prange(chunks):
-        n0 = t * size
-        n1 = min(N, n0 + size)
+        n0, n1 = _chunk_span(t, chunks, N)
         if n0 >= n1:
             continue
         cols = np.empty((K, (n1 - n0) * P), x.dtype)
@@ -186,10 +191,8 @@ def conv2d_grad_input(gy, w, dx, sh, sw, pt, pl, dh, dw, groups):
     K = cg * kh * kw
     wm = w.reshape(co, K)
     chunks = min(CHUNKS, N)
-    size = (N + chunks - 1) // chunks
     for t in prange(chunks):
-        n0 = t * size
-        n1 = min(N, n0 + size)
+        n0, n1 = _chunk_span(t, chunks, N)
         if n0 >= n1:
             continue
         for n in range(n0, n1):
@@ -214,11 +217,9 @@ def conv2d_grad_weight(x, gy, dw_out, sh, sw, pt, pl, dh, dw, groups):
     cog = co // groups
     K = cg * kh * kw
     chunks = min(CHUNKS, N)
-    size = (N + chunks - 1) // chunks
     partial = np.zeros((chunks, co, K), x.dtype)
     for t in prange(chunks):
-        n0 = t * size
-        n1 = min(N, n0 + size)
+        n0, n1 = _chunk_span(t, chunks, N)
         if n0 >= n1:
             continue
         cols = np.empty((K, (n1 - n0) * P), x.dtype)
