@@ -20,7 +20,7 @@ from ...ops.conv import spatial_out
 from ...passes.fuse import LITERAL_OPS, REDUCE_OPS, is_literal, kernels
 from ...ops.registry import norm_axes, norm_axis
 from . import kernels as K
-from .loops import LoopKernel, Operand, broadcast_strides, c_strides, collapse, literal, scalar_expr
+from .loops import Const, LoopKernel, Operand, Reduce, ScalarOp, broadcast_strides, c_strides, collapse, literal
 
 VIEW_OPS = ("reshape", "flatten")
 SUPPORTED_DTYPES = ("f32", "f64", "i8", "i32", "i64", "bool")
@@ -122,9 +122,9 @@ def _elementwise_kernel(prog, name, nodes, anchor: Node | None, group, users, ro
         if v in local:
             return local[v]
         if v.producer is not None and is_literal(v.producer) and v.type.shape == () :
-            return literal(prog.literal_values[v].reshape(()).item(), v.type.dtype)
+            return Const(prog.literal_values[v].reshape(()).item(), v.type.dtype)
         if v.producer is not None and v.producer.op == "full":
-            return literal(v.producer.attrs["value"], v.type.dtype)
+            return Const(v.producer.attrs["value"], v.type.dtype)
         p = param_for(v)
         op = Operand(p, broadcast_strides(v.type.shape, iter_shape))
         operands.append(op)
@@ -144,7 +144,7 @@ def _elementwise_kernel(prog, name, nodes, anchor: Node | None, group, users, ro
         args = [read(v) for v in n.inputs]
         out = n.outputs[0]
         var = f"v{i}"
-        body.append(f"{var} = {scalar_expr(n.op, args, [v.type for v in n.inputs], out.type, n.attrs)}")
+        body.append(ScalarOp(var, n.op, args, [v.type for v in n.inputs], out.type, n.attrs))
         local[out] = var
         if _escapes(out, group, users, roots):
             p = param_for(out)
@@ -167,22 +167,22 @@ def _elementwise_kernel(prog, name, nodes, anchor: Node | None, group, users, ro
         count = int(np.prod([iter_shape[k] for k in axes])) if axes else 1
         acc_dt = "f64" if out.type.dtype.startswith("f") else out.type.dtype
         if kind != "max":
-            init = literal(0, acc_dt)
+            init = 0
         elif acc_dt.startswith("f"):
-            init = literal(-np.inf, acc_dt)
+            init = -np.inf
         else:
-            init = literal(np.iinfo(out.type.np_dtype).min, acc_dt)
-        reduce = [op, val, kind, (1.0 / count) if kind == "mean" else 1, None, init, acc_dt]
+            init = int(np.iinfo(out.type.np_dtype).min)
+        reduce = Reduce(op, val, kind, (1.0 / count) if kind == "mean" else 1, [], init, acc_dt)
     dims, red = collapse(iter_shape, operands, keep_apart)
     lk = LoopKernel(name, params, dims, loads, body, stores, flat=list(params))
     if reduce is not None:
-        reduce[4] = red
-        lk.reduce = tuple(reduce)
+        reduce.reduced = red
+        lk.reduce = reduce
     if anchor_info is not None:
         lk.params = params + [f"b{i}" for i in range(len(anchor_info.inputs))]
         lk.prologue = _anchor_call(anchor_info, params[0])
     prog.sources.append(lk.source())
-    return {"params": arrays, "anchor": anchor_info}
+    return {"params": arrays, "anchor": anchor_info, "kernel": lk}
 
 
 def _anchor_call(node: Node, out_param: str) -> list[str]:
@@ -211,11 +211,11 @@ def _plain_2d(node: Node) -> bool:
 # ---- copies with strides: transpose, slice, slice_grad, pad, concat ---------------------
 
 def _copy_kernel(prog, name, node: Node) -> dict:
+    """Strided copies; slice_grad and pad first fill the output (param a{n_in}) with `fill`."""
     x_types = [v.type for v in node.inputs]
     out = node.outputs[0]
     a = node.attrs
-    lines = []
-    kernels_ = []
+    fill = None
     if node.op == "transpose":
         st = c_strides(x_types[0].shape)
         copies = [(list(out.type.shape), Operand("a0", [st[p] for p in a["perm"]]), Operand("a1", c_strides(out.type.shape)))]
@@ -227,14 +227,14 @@ def _copy_kernel(prog, name, node: Node) -> dict:
     elif node.op == "slice_grad":
         st = c_strides(out.type.shape)
         off = sum(s * t for s, t in zip(a["starts"], st))
-        lines.append("a1[...] = 0")
+        fill = Const(0, out.type.dtype)
         copies = [(list(x_types[0].shape), Operand("a0", c_strides(x_types[0].shape)),
                    Operand("a1", [t * s for t, s in zip(st, a["steps"])], off))]
     elif node.op == "pad":
         st = c_strides(out.type.shape)
         r = len(st)
         off = sum(a["pads"][k] * st[k] for k in range(r))
-        lines.append(f"a1[...] = {literal(a['value'], out.type.dtype)}")
+        fill = Const(a["value"], out.type.dtype)
         copies = [(list(x_types[0].shape), Operand("a0", c_strides(x_types[0].shape)), Operand("a1", list(st), off))]
     else:   # concat
         ax = norm_axis(a["axis"], out.type.rank)
@@ -246,18 +246,18 @@ def _copy_kernel(prog, name, node: Node) -> dict:
             off += t.shape[ax]
     n_in = len(node.inputs)
     params = [f"a{i}" for i in range(n_in + 1)]
-    srcs = []
+    loops = []
     for j, (shape, src, dst) in enumerate(copies):
         dims, _ = collapse(shape, [src, dst])
-        lk = LoopKernel(f"{name}_{j}", [src.var, dst.var], dims, [("x0", src)], [], [(dst, "x0")],
-                        flat=[src.var, dst.var])
-        srcs.append(lk.source())
-        kernels_.append((f"{name}_{j}", src.var, dst.var))
-    body = ["@njit(cache=True)", f"def {name}({', '.join(params)}):"] + ["    " + s for s in lines]
-    for fname, s, d in kernels_:
-        body.append(f"    {fname}({s}, {d})")
-    prog.sources.append("\n\n".join(srcs) + "\n\n" + "\n".join(body) + "\n")
-    return {"params": list(node.inputs) + [out], "anchor": None}
+        loops.append(LoopKernel(f"{name}_{j}", [src.var, dst.var], dims, [("x0", src)], [], [(dst, "x0")],
+                                flat=[src.var, dst.var]))
+    body = ["@njit(cache=True)", f"def {name}({', '.join(params)}):"]
+    if fill is not None:
+        body.append(f"    {params[-1]}[...] = {literal(fill.value, fill.dtype)}")
+    for lk in loops:
+        body.append(f"    {lk.name}({lk.params[0]}, {lk.params[1]})")
+    prog.sources.append("\n\n".join(lk.source() for lk in loops) + "\n\n" + "\n".join(body) + "\n")
+    return {"params": list(node.inputs) + [out], "anchor": None, "copies": loops, "fill": fill}
 
 
 # ---- library kernels: argument binding ------------------------------------------------

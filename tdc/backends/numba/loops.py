@@ -26,6 +26,37 @@ class Operand:
     offset: int = 0
 
 
+@dataclass(frozen=True)
+class Const:
+    """A scalar literal operand of a generated loop body."""
+    value: float | int | bool
+    dtype: str
+
+
+@dataclass
+class ScalarOp:
+    """`var = op(args)` computed per element; args are locals (str) or Consts."""
+    var: str
+    op: str
+    args: list
+    in_types: list[TensorType]
+    out_type: TensorType
+    attrs: dict
+
+
+@dataclass
+class Reduce:
+    """A reduction closing the loop nest: acc = init; acc (+|max)= local over the reduced dims;
+    operand <- acc * scale."""
+    operand: Operand
+    local: str
+    kind: str              # sum | mean | max
+    scale: float | int
+    reduced: list[bool]    # per collapsed dim
+    init: float | int
+    acc_dtype: str
+
+
 def c_strides(shape) -> list[int]:
     out, acc = [], 1
     for d in reversed(shape):
@@ -128,10 +159,10 @@ class LoopKernel:
     params: list[str]
     dims: list[int]
     loads: list[tuple[str, Operand]] = field(default_factory=list)    # (local, operand)
-    body: list[str] = field(default_factory=list)                      # uses locals, defines locals
+    body: list[ScalarOp] = field(default_factory=list)                 # uses locals, defines locals
     stores: list[tuple[Operand, str]] = field(default_factory=list)   # operand <- local
-    reduce: tuple | None = None     # (operand, local, kind, scale, reduced dim flags, init literal, acc dtype)
-    prologue: list[str] = field(default_factory=list)                  # statements before the loops
+    reduce: Reduce | None = None
+    prologue: list[str] = field(default_factory=list)                  # statements before the loops (Numba only)
     flat: list[str] = field(default_factory=list)                      # params to flatten
 
     def source(self) -> str:
@@ -154,14 +185,14 @@ class LoopKernel:
             order = list(range(len(dims)))
             red = [False] * len(dims)
         else:
-            red = self.reduce[4]
+            red = self.reduce.reduced
             order = [k for k in range(len(dims)) if not red[k]] + [k for k in range(len(dims)) if red[k]]
         depth = 0
         par_used = False
         acc_opened = False
         for k in order:
             if self.reduce is not None and red[k] and not acc_opened:
-                lines.append(ind * (depth + 1) + f"acc = {self.reduce[5]}")
+                lines.append(ind * (depth + 1) + f"acc = {literal(self.reduce.init, self.reduce.acc_dtype)}")
                 acc_opened = True
             use_prange = total >= PARALLEL_MIN and not par_used and not red[k] and dims[k] > 1
             rng = "prange" if use_prange else "range"
@@ -169,15 +200,20 @@ class LoopKernel:
             lines.append(ind * (depth + 1) + f"for i{k} in {rng}({dims[k]}):")
             depth += 1
         if self.reduce is not None and not acc_opened:
-            lines.append(ind * (depth + 1) + f"acc = {self.reduce[5]}")
+            lines.append(ind * (depth + 1) + f"acc = {literal(self.reduce.init, self.reduce.acc_dtype)}")
         pad = ind * (depth + 1)
         for local, op in self.loads:
             lines.append(f"{pad}{local} = {op.var}_[{index(op)}]")
-        lines += [pad + s for s in self.body]
+        for b in self.body:
+            args = [literal(a.value, a.dtype) if isinstance(a, Const) else a for a in b.args]
+            lines.append(f"{pad}{b.var} = {scalar_expr(b.op, args, b.in_types, b.out_type, b.attrs)}")
         for op, local in self.stores:
             lines.append(f"{pad}{op.var}_[{index(op)}] = {local}")
         if self.reduce is not None:
-            op, local, kind, scale, _, _, acc_dt = self.reduce
+            r = self.reduce
+            op, local, kind, scale, acc_dt = r.operand, r.local, r.kind, r.scale, r.acc_dtype
+            if isinstance(local, Const):
+                local = literal(local.value, local.dtype)
             if kind == "max":
                 lines.append(f"{pad}acc = K.fmax(acc, {NUMBA_TYPES[acc_dt]}({local}))")
             else:
