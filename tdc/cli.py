@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the memory table (weights, activations, gradients, optimizer state; peak "
                         "before and after planning) of the graph after the pipeline")
     d.add_argument("--source", action="store_true", help="print the Numba source generated for the graph")
+    d.add_argument("--llvm", action="store_true", help="print the LLVM IR generated for the graph")
+    d.add_argument("--asm", action="store_true", help="print the optimised machine code for this CPU")
     d.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
 
     r = sub.add_parser("run", help="run a model on inputs and print or save its outputs",
@@ -69,12 +71,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-inputs", metavar="DIR", help="write the inputs used as DIR/NAME.npy")
     r.add_argument("--seed", type=int, default=0, help="seed for param initialisation and random inputs")
     r.add_argument("--weights", metavar="FILE.npz", help="params (and state) saved by tdc")
-    r.add_argument("--backend", default="numba", choices=("numba", "reference"),
+    r.add_argument("--backend", default="numba", choices=("numba", "llvm", "reference"),
                    help="backend to run on (default: numba)")
     r.add_argument("--output", action="append", default=[], metavar="[NAME=]FILE.npy",
                    help="save an output (the first one when NAME is not given)")
 
     sub.add_parser("ops", help="list the ops tdc knows, with their attributes")
+
+    c = sub.add_parser("compile", help="compile a model to a native executable (no Python at run time)",
+                       description="Compile a model (inference, or with --train its training step) to a bundle "
+                                   "directory: model.o (the generated code), model.h (entry point and buffer "
+                                   "sizes), model.weights (unless --embed-weights) and model, a native "
+                                   "executable. Run `OUT/model --help` to see its inputs.",
+                       epilog="Example:\n  tdc compile examples/lenet.py --batch 1 -o out/lenet\n"
+                              "  out/lenet/model --input x=img.npy --output y.npy",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model(c)
+    c.add_argument("-o", "--output", required=True, metavar="DIR", help="the bundle directory to write")
+    c.add_argument("--weights", metavar="FILE", help="params (and state) saved by tdc (.npz, or a .weights file "
+                   "from a native training run); default: initialised from --seed")
+    c.add_argument("--seed", type=int, default=0, help="seed for param initialisation")
+    c.add_argument("--embed-weights", action="store_true", help="put the weights inside the object file")
+    c.add_argument("--name", help="C name of the entry point, NAME_run (default: the model's name)")
+    c.add_argument("--train", action="store_true",
+                   help="compile the training step: the executable runs --steps steps over data files "
+                        "and writes the updated weights")
+    _add_training(c)
 
     from .runtime.trainer import add_train_arguments
     t = sub.add_parser("train", help="train a model on a data set",
@@ -105,7 +127,7 @@ def cmd_dump(args) -> int:
     graph = src.graph(args.batch, training=train)
     fmt = (lambda g: to_dot(g)) if args.format == "dot" else print_graph
     chunks = []
-    if args.memory or args.source:
+    if args.memory or args.source or args.llvm or args.asm:
         graph = pipeline.run(graph)
         if args.memory:
             from .passes.memplan import memory_report
@@ -116,6 +138,12 @@ def cmd_dump(args) -> int:
             if train:
                 step = training_pipeline(args.loss, Optimizer(args.optimizer)).run(step)
             chunks.append(NumbaExecutable(step).source())
+        if args.llvm or args.asm:
+            from .backends.llvm.bundle import assembly, llvm_ir
+            step = src.graph(args.batch, training=train)
+            if train:
+                step = training_pipeline(args.loss, Optimizer(args.optimizer)).run(step)
+            chunks.append(assembly(step) if args.asm else llvm_ir(step))
     elif args.all:
         chunks.append(f"// ----- {src.name}: as traced -----\n{fmt(graph)}")
         ctx = PassContext(dump_after="all", dump=lambda name, g: chunks.append(f"// ----- after {name} -----\n{fmt(g)}"))
@@ -191,6 +219,26 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from .backends.llvm.bundle import write_bundle
+    from .passes.optimizer import Optimizer
+    from .passes.training import training_pipeline
+    from .runtime.loader import Source
+    from .runtime.weights import load_weights
+
+    src = Source(args.model)
+    graph = src.graph(args.batch, training=args.train)
+    if args.train:
+        graph = training_pipeline(args.loss, Optimizer(args.optimizer)).run(graph)
+    params = load_weights(args.weights, graph) if args.weights else src.params
+    b = write_bundle(graph, args.output, params=params, seed=args.seed, name=args.name or src.name,
+                     embed_weights=args.embed_weights, training=args.train)
+    kind = "training step" if args.train else "inference"
+    print(f"wrote {b.directory}/: model ({kind}), model.h, model.o"
+          + ("" if b.weights is None else ", model.weights") + f"; run {b.executable} --help")
+    return 0
+
+
 def cmd_ops(args) -> int:
     from .ops.registry import REQUIRED, all_ops
     for name, op in sorted(all_ops().items(), key=lambda kv: (kv[1].family, kv[0])):
@@ -211,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .runtime.trainer import cmd_train
             return cmd_train(args)
-        return {"dump": cmd_dump, "run": cmd_run, "ops": cmd_ops}[args.command](args)
+        return {"dump": cmd_dump, "run": cmd_run, "ops": cmd_ops, "compile": cmd_compile}[args.command](args)
     except TdcError as e:
         if debug:
             raise

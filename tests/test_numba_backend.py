@@ -30,11 +30,11 @@ def _values(g, seed=0):
     return vals
 
 
-def _compare(graph, values, rtol, atol=1e-6):
+def _compare(graph, values, rtol, atol=1e-6, backend="numba"):
     inputs = {a.name: values[a.name] for a in graph.inputs}
     params = {a.name: values[a.name] for a in graph.args if a.kind != "input"}
     ref = tdc.compile(graph, params=params)
-    nb = tdc.compile(graph, backend="numba", params=params)
+    nb = tdc.compile(graph, backend=backend, params=params)
     r, n = ref(**inputs), nb(**inputs)
     assert r.keys() == n.keys()
     for k in r:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import TdcError
 
-BACKENDS = ("reference", "numba")
+BACKENDS = ("reference", "numba", "llvm")
 
 
 def compile(graph, backend: str = "reference", params=None, seed: int = 0):
@@ -15,4 +15,7 @@ def compile(graph, backend: str = "reference", params=None, seed: int = 0):
     if backend == "numba":
         from .numba import NumbaExecutable
         return NumbaExecutable(graph, params, seed)
+    if backend == "llvm":
+        from .llvm import LLVMExecutable
+        return LLVMExecutable(graph, params, seed)
     raise TdcError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")

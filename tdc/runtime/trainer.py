@@ -397,8 +397,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-lr", type=int, metavar="BASE_BATCH",
                    help="linear scaling rule: multiply lr by batch / BASE_BATCH (use with --warmup)")
     p.add_argument("--loss", default="softmax_cross_entropy", choices=list(LOSSES))
-    p.add_argument("--backend", default="numba", choices=("numba", "reference"),
-                   help="numba (compiled; the first run compiles for ~30 s, later runs load from the cache) "
+    p.add_argument("--backend", default="numba", choices=("numba", "llvm", "reference"),
+                   help="numba (compiled; the first run compiles for ~30 s, later runs load from the cache), "
+                        "llvm (native code through LLVM, compiled in a few seconds) "
                         "or reference (the numpy interpreter; bitwise-reproducible resumes)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order (default 0)")
     p.add_argument("--checkpoint", metavar="DIR", help="write DIR/last.npz after every epoch")

@@ -34,8 +34,12 @@ def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_npz(path: str) -> dict[str, np.ndarray]:
+    """Arrays by name from a .npz file, or from a native executable's weights file."""
     if not os.path.exists(path):
         raise TdcError(f"{path}: no such file")
+    from ..backends.llvm.weights_file import is_weights_file, read_weights
+    if is_weights_file(path):
+        return read_weights(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}

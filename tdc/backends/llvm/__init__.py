@@ -1,0 +1,133 @@
+"""The LLVM backend: native code for tdc graphs through llvmlite.
+
+`tdc.compile(graph, backend="llvm")` JIT-compiles the graph in-process (MCJIT) and runs it
+with the same interface as the other backends; `tdc.backends.llvm.aot` writes the same
+code as an object file and links it into a standalone executable (see bundle.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+
+from ...errors import TdcError
+from ...ir.graph import Graph
+from ..reference import check_feed
+
+ENTRY_ARGS = (ctypes.c_void_p,) * 4
+
+
+def _llvm():
+    import llvmlite.binding as llvm
+    if not getattr(_llvm, "ready", False):
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        llvm.initialize_native_asmparser()
+        _llvm.ready = True
+    return llvm
+
+
+def target_machine(jit: bool = False):
+    """The host CPU with every feature it has. LLVM prefers 256-bit vectors on AVX-512 CPUs;
+    we ask for 512-bit ones (the loops here are long and FMA-bound)."""
+    llvm = _llvm()
+    features = llvm.get_host_cpu_features().flatten()
+    if "+avx512f" in features:
+        features += ",-prefer-256-bit"
+    target = llvm.Target.from_triple(llvm.get_process_triple())
+    return target.create_target_machine(cpu=llvm.get_host_cpu_name(), features=features, opt=3,
+                                        reloc="pic", codemodel="default", jit=jit)
+
+
+def optimize(ir_text: str, tm):
+    """Parse, verify and optimise generated IR at -O3 with the vectorisers on."""
+    llvm = _llvm()
+    mod = llvm.parse_assembly(ir_text)
+    mod.triple = llvm.get_process_triple()
+    mod.data_layout = str(tm.target_data)
+    mod.verify()
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pto.loop_vectorization = pto.slp_vectorization = pto.loop_unrolling = True
+    pb = llvm.create_pass_builder(tm, pto)
+    pb.getModulePassManager().run(mod, pb)
+    return mod
+
+
+def compile_graph(graph: Graph, name: str = "tdc_graph"):
+    """Optimise the graph for codegen and build its LLVM module. Returns (graph, ModuleBuilder)."""
+    from ..numba import optimize_for_backend
+    from .codegen import build_module
+    g = optimize_for_backend(graph)
+    return g, build_module(g, name)
+
+
+def aligned_bytes(n: int) -> np.ndarray:
+    """A zeroed uint8 buffer of n bytes starting at a 64-byte boundary."""
+    raw = np.zeros(n + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64
+    return raw[start:start + n]
+
+
+def label_error(code: int) -> TdcError:
+    return TdcError(f"a label is out of range (element {code - 1}): labels must be in [0, number of classes)")
+
+
+class LLVMExecutable:
+    backend = "llvm"
+
+    def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0):
+        from ...runtime.init import init_params
+        from .runtime import build_runtime
+        llvm = _llvm()
+        self.source_graph = graph
+        self.graph, mb = compile_graph(graph)
+        self.module_builder = mb
+        self.llvm_ir = str(mb.module)
+        rt = build_runtime()
+        llvm.load_library_permanently(str(rt.shared_lib_path))
+        tm = target_machine(jit=True)
+        mod = optimize(self.llvm_ir, tm)
+        self._engine = llvm.create_mcjit_compiler(mod, tm)
+        self._engine.finalize_object()
+        addr = self._engine.get_function_address(f"{mb.name}_run")
+        self._run = ctypes.CFUNCTYPE(ctypes.c_int64, *ENTRY_ARGS)(addr)
+        threads = os.environ.get("TDC_BLAS_THREADS")
+        if threads:
+            ctypes.CDLL(str(rt.shared_lib_path)).tdc_runtime_set_threads(ctypes.c_int64(int(threads)))
+
+        values = init_params(graph, seed, only_missing=params or {})
+        values.update(params or {})
+        self.weights = aligned_bytes(mb.weights.nbytes)
+        self.state: dict[str, np.ndarray] = {}
+        for a, off in mb.weights.entries:
+            if a.name not in values:
+                raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
+            view = self.weights[off:off + a.type.nbytes].view(a.type.np_dtype).reshape(a.type.shape)
+            view[...] = check_feed(a, values[a.name], a.kind)
+            self.state[a.name] = view
+        self.scratch = aligned_bytes(mb.scratch_bytes)
+        self.inputs = [(a, aligned_bytes(a.type.nbytes).view(a.type.np_dtype).reshape(a.type.shape))
+                       for a in self.graph.inputs]
+        self.outputs = [(n, np.empty(v.type.shape, v.type.np_dtype)) for n, v in self.graph.outputs]
+        self._in_ptrs = (ctypes.c_void_p * max(len(self.inputs), 1))(*[x.ctypes.data for _, x in self.inputs])
+        self._out_ptrs = (ctypes.c_void_p * max(len(self.outputs), 1))(*[x.ctypes.data for _, x in self.outputs])
+
+    def source(self) -> str:
+        """The generated LLVM IR, before optimisation."""
+        return self.llvm_ir
+
+    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+        names = {a.name for a, _ in self.inputs}
+        unknown = set(inputs) - names
+        if unknown:
+            raise TdcError(f"unknown input {sorted(unknown)[0]!r}; the graph takes: "
+                           + ", ".join(f"{a.name}: {a.type}" for a, _ in self.inputs))
+        for a, buf in self.inputs:
+            if a.name not in inputs:
+                raise TdcError(f"missing input {a.name}: {a.type}")
+            buf[...] = check_feed(a, inputs[a.name], "input")
+        code = self._run(self._in_ptrs, self._out_ptrs, self.weights.ctypes.data, self.scratch.ctypes.data)
+        if code:
+            raise label_error(code)
+        return {n: x.copy() for n, x in self.outputs}

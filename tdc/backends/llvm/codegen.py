@@ -1,0 +1,501 @@
+"""From a fused, memory-planned graph to one LLVM module.
+
+The module has one function per fused loop kernel (generated loop nests the vectoriser can
+work on), calls into the C runtime (runtime/tdc_runtime.c: GEMM through OpenBLAS, conv,
+pooling, softmax, losses, batchnorm, dropout) for the other ops, and one entry point:
+
+    i64 NAME_run(ptr inputs, ptr outputs, ptr weights, ptr scratch)
+
+inputs/outputs are arrays of pointers to the caller's tensors (C order). `weights` holds the
+params, consts and state, laid out by `WeightsLayout`; a training step updates them in place.
+`scratch` holds every intermediate value at the offset the memory plan gave it. The entry
+point returns 0, or 1 + the index of a label that was out of range.
+
+The kernel plan (which ops fuse, in what loop nest) is the one the Numba backend renders
+as Python source (`numba.codegen.build_program`); this module renders the same plan as IR.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from llvmlite import ir
+
+from ...errors import TdcError
+from ...ir.graph import Graph, Node, Value
+from ...ops.registry import norm_axis
+from ...passes.memplan import MemoryPlan, align, plan_memory
+from ..numba.codegen import Program, build_program
+from ..numba.loops import Const, LoopKernel, Operand
+from . import scalar as S
+from .scalar import F64, I64, MEM, REG, const
+
+PTR = ir.PointerType()
+LIBRARY_DTYPES = ("f32", "f64")
+
+
+@dataclass
+class WeightsLayout:
+    """Params, consts and state of a graph in one buffer, each at a 64-byte aligned offset."""
+    entries: list[tuple[Value, int]]      # (arg, byte offset)
+    nbytes: int
+
+    @classmethod
+    def of(cls, graph: Graph) -> "WeightsLayout":
+        entries, off = [], 0
+        for a in graph.args:
+            if a.kind != "input":
+                entries.append((a, off))
+                off += align(max(a.type.nbytes, 1))
+        return cls(entries, off)
+
+    def offset(self, arg: Value) -> int:
+        for a, off in self.entries:
+            if a is arg:
+                return off
+        raise KeyError(arg.name)
+
+    def pack(self, values: dict[str, np.ndarray]) -> bytes:
+        buf = np.zeros(self.nbytes, np.uint8)
+        for a, off in self.entries:
+            x = np.ascontiguousarray(values[a.name], a.type.np_dtype)
+            buf[off:off + a.type.nbytes] = x.reshape(-1).view(np.uint8)
+        return buf.tobytes()
+
+
+class ModuleBuilder:
+    def __init__(self, graph: Graph, name: str):
+        self.graph = graph
+        self.name = name
+        self.program: Program = build_program(graph)
+        self.plan: MemoryPlan = plan_memory(graph)
+        self.weights = WeightsLayout.of(graph)
+        self.module = ir.Module(name=name)
+        self.scratch_bytes = self.plan.arena_bytes
+        self.extra: dict[Value, int] = {}         # values the plan leaves unplaced: after the arena
+        self.globals: dict[Value, ir.GlobalVariable] = {}
+        self.aliases: dict[Value, Value] = {}     # reshape outputs that share their input's storage
+        self.copies: dict[Node, tuple[Value, Value]] = {}
+        self.n_kernels = 0
+        self._check()
+
+    # ---- what the backend supports ------------------------------------------------------
+    def _check(self):
+        for name, kind, payload in self.program.plan:
+            nodes = [payload] if isinstance(payload, Node) else []
+            if kind == "fallback" and _one_rank_copy(payload):
+                continue
+            if kind == "fallback":
+                n = payload
+                why = "needs MPI" if n.opdef.family == "comm" else \
+                    f"has no LLVM lowering for {', '.join(sorted({str(v.type.dtype) for v in n.inputs + n.outputs}))}"
+                raise TdcError(f"llvm backend: {n.op} {why} (node {n.outputs[0].name if n.outputs else ''}"
+                               f"{' at ' + n.loc if n.loc else ''})")
+            if kind == "library":
+                dt = _library_dtype(payload)
+                if dt not in LIBRARY_DTYPES:
+                    raise TdcError(f"llvm backend: {payload.op} on {dt} is not supported (only f32 and f64)"
+                                   f"{' at ' + payload.loc if payload.loc else ''}")
+            for n in nodes:
+                if n.op == "matmul" and not all(v.type.rank >= 2 for v in n.inputs):
+                    raise TdcError("internal: matmul of rank < 2")
+
+    # ---- where each value lives ----------------------------------------------------------
+    def _place_values(self):
+        plan = self.plan
+        for v, x in self.program.literal_values.items():
+            data = np.ascontiguousarray(x, v.type.np_dtype).reshape(-1).view(np.uint8).tobytes()
+            g = ir.GlobalVariable(self.module, ir.ArrayType(S.I8, max(len(data), 1)), name=self.module.get_unique_name("lit"))
+            g.global_constant = True
+            g.linkage = "internal"
+            g.align = 64
+            g.initializer = ir.Constant(g.value_type, bytearray(data or b"\0"))
+            self.globals[v] = g
+        for _, kind, payload in self.program.plan:
+            if kind != "view":
+                continue
+            n = payload
+            src, out = n.inputs[0], n.outputs[0]
+            bo, bs = plan.assignments.get(out), plan.assignments.get(src)
+            same = bo is not None and bs is not None and bo.in_arena and bs.in_arena and bo.offset == bs.offset
+            if same or src.kind == "input" or src in self.globals:
+                self.aliases[out] = src
+            else:
+                self.copies[n] = (src, out)
+
+    def _scratch_offset(self, v: Value) -> int:
+        if v not in self.extra:
+            self.extra[v] = self.scratch_bytes
+            self.scratch_bytes += align(max(v.type.nbytes, 1))
+        return self.extra[v]
+
+    def pointer(self, b: ir.IRBuilder, v: Value):
+        while v in self.aliases:
+            v = self.aliases[v]
+        if v in self.globals:
+            return b.bitcast(self.globals[v], PTR)
+        if v.kind == "input":
+            idx = [a for a in self.graph.inputs].index(v)
+            return b.load(b.gep(self.inputs_arg, [ir.Constant(I64, idx)], source_etype=PTR), typ=PTR)
+        if v.kind in ("param", "const", "state"):
+            return b.gep(self.weights_arg, [ir.Constant(I64, self.weights.offset(v))], source_etype=S.I8)
+        buf = self.plan.assignments.get(v)
+        if buf is not None and not buf.in_arena:
+            return self.pointer(b, buf.inplace_of)
+        off = buf.offset if buf is not None else self._scratch_offset(v)
+        return b.gep(self.scratch_arg, [ir.Constant(I64, off)], source_etype=S.I8)
+
+    # ---- the module -----------------------------------------------------------------------
+    def build(self) -> ir.Module:
+        self._place_values()
+        fn = ir.Function(self.module, ir.FunctionType(I64, [PTR] * 4), name=f"{self.name}_run")
+        self.inputs_arg, self.outputs_arg, self.weights_arg, self.scratch_arg = fn.args
+        for a, n in zip(fn.args, ("inputs", "outputs", "weights", "scratch")):
+            a.name = n
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        for name, kind, payload in self.program.plan:
+            if kind == "view":
+                if payload in self.copies:
+                    src, out = self.copies[payload]
+                    self._memcpy(b, self.pointer(b, out), self.pointer(b, src), out.type.nbytes)
+            elif kind == "loop":
+                self._loop_step(b, name, payload)
+            elif kind == "fallback":     # a collective in a world of one rank
+                self._memcpy(b, self.pointer(b, payload.outputs[0]), self.pointer(b, payload.inputs[0]),
+                             payload.outputs[0].type.nbytes)
+            else:
+                b = self._library_step(b, fn, name, payload)
+        # outputs are copied before updates: an output that is an updated param returns its old value
+        for i, (_, v) in enumerate(self.graph.outputs):
+            dst = b.load(b.gep(self.outputs_arg, [ir.Constant(I64, i)], source_etype=PTR), typ=PTR)
+            self._memcpy(b, dst, self.pointer(b, v), v.type.nbytes)
+        for target, v in self.graph.updates:
+            buf = self.plan.assignments.get(v)
+            if buf is not None and not buf.in_arena and buf.inplace_of is target:
+                continue
+            self._memcpy(b, self.pointer(b, target), self.pointer(b, v), v.type.nbytes)
+        b.ret(ir.Constant(I64, 0))
+        return self.module
+
+    def _memcpy(self, b, dst, src, nbytes: int):
+        if nbytes == 0:
+            return
+        fn = self.module.globals.get("llvm.memmove.p0.p0.i64")
+        if fn is None:
+            fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [PTR, PTR, I64, S.I1]),
+                             name="llvm.memmove.p0.p0.i64")
+        b.call(fn, [dst, src, ir.Constant(I64, nbytes), ir.Constant(S.I1, 0)])
+
+    # ---- generated loop kernels -----------------------------------------------------------
+    def _loop_step(self, b, name, payload):
+        values: list[Value] = payload["params"]
+        anchor = payload.get("anchor")
+        if anchor is not None:    # the library op writes its result; the loop is its epilogue
+            self._call_library(b, anchor, out=values[0])
+        kfn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [PTR] * len(values)), name=name)
+        kfn.linkage = "internal"
+        kb = ir.IRBuilder(kfn.append_basic_block("entry"))
+        var_names = [f"a{i}" for i in range(len(values))]
+        ptrs = {p: (arg, v.type.dtype) for p, arg, v in zip(var_names, kfn.args, values)}
+        for arg, p in zip(kfn.args, var_names):
+            arg.name = p
+        if "kernel" in payload:
+            emit_loop_nest(kb, payload["kernel"], ptrs)
+        else:     # strided copies, after an optional fill of the output
+            fill = payload["fill"]
+            if fill is not None:
+                out = values[-1]
+                fill_lk = LoopKernel("fill", [var_names[-1]], [int(np.prod(out.type.shape))], [], [], [], flat=[])
+                fill_lk.stores = [(Operand(var_names[-1], [1]), fill)]
+                emit_loop_nest(kb, fill_lk, ptrs)
+            for lk in payload["copies"]:
+                emit_loop_nest(kb, lk, ptrs)
+        kb.ret_void()
+        b.call(kfn, [self.pointer(b, v) for v in values])
+        self.n_kernels += 1
+
+    # ---- library kernels (the C runtime) ---------------------------------------------------
+    def _library_step(self, b, fn, name, node: Node):
+        code = self._call_library(b, node, out=None)
+        if code is None:
+            return b
+        bad = b.icmp_signed("!=", code, ir.Constant(I64, 0))
+        fail = fn.append_basic_block(f"{name}.bad_label")
+        ok = fn.append_basic_block(f"{name}.ok")
+        b.cbranch(bad, fail, ok)
+        b.position_at_end(fail)
+        b.ret(code)
+        b.position_at_end(ok)
+        return b
+
+    def _call_library(self, b, node: Node, out: Value | None):
+        """Call the runtime for `node`, writing its (first) output to `out` if given. Returns the
+        call's error code for the ops that check labels, else None."""
+        cname, args, checks = library_call(node)
+        outs = list(node.outputs)
+        if out is not None:
+            outs[0] = out
+        ll_args, types = [], []
+        for kind, x in args:
+            if kind == "in":
+                ll_args.append(self.pointer(b, node.inputs[x]))
+                types.append(PTR)
+            elif kind == "out":
+                ll_args.append(self.pointer(b, outs[x]))
+                types.append(PTR)
+            elif kind == "i64":
+                ll_args.append(ir.Constant(I64, int(x)))
+                types.append(I64)
+            elif kind == "f64":
+                ll_args.append(ir.Constant(F64, float(x)))
+                types.append(F64)
+            else:   # a constant table (int64 or float64 array)
+                g = ir.GlobalVariable(self.module, ir.ArrayType(S.I8, x.nbytes),
+                                      name=self.module.get_unique_name("table"))
+                g.global_constant, g.linkage, g.align = True, "internal", 8
+                g.initializer = ir.Constant(g.value_type, bytearray(x.tobytes()))
+                ll_args.append(b.bitcast(g, PTR))
+                types.append(PTR)
+        ret = I64 if checks else ir.VoidType()
+        callee = self.module.globals.get(cname)
+        if callee is None:
+            callee = ir.Function(self.module, ir.FunctionType(ret, types), name=cname)
+        result = b.call(callee, ll_args)
+        return result if checks else None
+
+
+def _one_rank_copy(node: Node) -> bool:
+    """In one process (a world of one rank, like the Numba backend) every collective returns its
+    input: the sum, mean, max or min over one rank, or rank 0's value."""
+    return node.opdef.collective and node.attrs.get("root", 0) == 0 and \
+        all(v.type.dtype in MEM for v in node.inputs + node.outputs)
+
+
+def _library_dtype(node: Node) -> str:
+    return node.outputs[0].type.dtype if node.op == "one_hot" else node.inputs[0].type.dtype
+
+
+def _geometry(node: Node, x_shape, w_shape, y_shape):
+    a = node.attrs
+    N, C, H, W = x_shape
+    CO, _, KH, KW = w_shape
+    OH, OW = y_shape[2], y_shape[3]
+    return [N, C, H, W, CO, KH, KW, OH, OW, a["stride"][0], a["stride"][1], a["pad"][0], a["pad"][1],
+            a["dilation"][0], a["dilation"][1], a["groups"]]
+
+
+def _window(node: Node, x_shape, y_shape, dilation=True):
+    a = node.attrs
+    N, C, H, W = x_shape
+    g = [N, C, H, W, y_shape[2], y_shape[3], a["kernel"][0], a["kernel"][1], a["stride"][0], a["stride"][1],
+         a["pad"][0], a["pad"][1]]
+    return g + ([a["dilation"][0], a["dilation"][1]] if dilation else [])
+
+
+def library_call(node: Node):
+    """(C function, argument list, returns an error code) for a library op. Arguments are
+    ("in", i) / ("out", i) pointers, ("i64", n), ("f64", x), or ("table", array) constants."""
+    from ..numba.codegen import _avg_counts
+    op, a = node.op, node.attrs
+    ins = [v.type.shape for v in node.inputs]
+    outs = [v.type.shape for v in node.outputs]
+    dt = _library_dtype(node)
+    I = [("in", k) for k in range(len(node.inputs))]
+    O = [("out", k) for k in range(len(node.outputs))]
+    i64 = lambda xs: [("i64", x) for x in xs]  # noqa: E731
+
+    def bias():
+        return (I[2], ("i64", 1)) if len(ins) == 3 else (I[0], ("i64", 0))   # an unread pointer without bias
+
+    if op == "linear":
+        K, N = ins[1][1], ins[1][0]
+        args = [I[0], I[1], *bias(), O[0], *i64([int(np.prod(ins[0])) // K, K, N])]
+    elif op == "matmul" and len(ins[0]) == 2 and len(ins[1]) == 2:
+        args = [I[0], I[1], O[0], *i64([ins[0][0], ins[0][1], ins[1][1]])]
+    elif op == "matmul":
+        batch = outs[0][:-2]
+
+        def index_map(shape):
+            ids = np.arange(int(np.prod(shape[:-2]))).reshape(shape[:-2]) if len(shape) > 2 else 0
+            return np.ascontiguousarray(np.broadcast_to(ids, batch), np.int64).reshape(-1)
+
+        M, K, N = ins[0][-2], ins[0][-1], ins[1][-1]
+        args = [I[0], I[1], O[0], *i64([int(np.prod(batch)), M, K, N]),
+                ("table", index_map(ins[0])), ("table", index_map(ins[1]))]
+        op = "matmul_batched"
+    elif op == "conv2d":
+        args = [I[0], I[1], *bias(), O[0], *i64(_geometry(node, ins[0], ins[1], outs[0]))]
+    elif op == "conv2d_grad_input":
+        args = [I[0], I[1], O[0], *i64(_geometry(node, outs[0], ins[1], ins[0]))]
+    elif op == "conv2d_grad_weight":
+        args = [I[0], I[1], O[0], *i64(_geometry(node, ins[0], outs[0], ins[1]))]
+    elif op == "maxpool2d":
+        args = [I[0], O[0], *i64(_window(node, ins[0], outs[0]))]
+    elif op == "maxpool2d_grad":
+        args = [I[0], I[1], O[0], *i64(_window(node, ins[1], ins[0]))]
+    elif op == "maxpool2d_gather":
+        args = [I[0], I[1], O[0], *i64(_window(node, ins[1], outs[0]))]
+    elif op == "avgpool2d":
+        cy, cx = _avg_counts(node, ins[0], outs[0])
+        args = [I[0], O[0], *i64(_window(node, ins[0], outs[0], dilation=False)), ("table", cy), ("table", cx)]
+    elif op == "avgpool2d_grad":
+        cy, cx = _avg_counts(node, outs[0], ins[0])
+        args = [I[0], O[0], *i64(_window(node, outs[0], ins[0], dilation=False)), ("table", cy), ("table", cx)]
+    elif op == "global_avgpool":
+        args = [I[0], O[0], *i64([ins[0][0] * ins[0][1], int(np.prod(ins[0][2:]))])]
+    elif op in ("softmax", "log_softmax"):
+        ax = norm_axis(a["axis"], len(ins[0]))
+        args = [I[0], O[0], *i64([int(np.prod(ins[0][:ax])), ins[0][ax], int(np.prod(ins[0][ax + 1:])),
+                                  op == "log_softmax"])]
+        op = "softmax"
+    elif op == "softmax_cross_entropy":
+        args = [I[0], I[1], ("i64", node.inputs[1].type.np_dtype.itemsize), O[0], *i64(ins[0])]
+    elif op == "one_hot":
+        args = [I[0], ("i64", node.inputs[0].type.np_dtype.itemsize), O[0],
+                *i64([int(np.prod(ins[0])), a["depth"]])]
+    elif op == "mse":
+        args = [I[0], I[1], O[0], ("i64", int(np.prod(ins[0])))]
+    elif op == "batchnorm":
+        x = ins[0]
+        dims = i64([x[0], x[1], int(np.prod(x[2:]))])
+        if a["training"]:
+            args = [*I[:5], ("f64", a["eps"]), ("f64", a["momentum"]), *O[:3], *dims]
+            op = "batchnorm_train"
+        else:
+            args = [*I[:5], ("f64", a["eps"]), O[0], *dims]
+            op = "batchnorm_infer"
+    elif op == "dropout":
+        args = [I[0], I[1], ("i64", node.inputs[1].type.np_dtype.itemsize), ("f64", a["rate"]),
+                ("i64", a["seed"]), O[0], ("i64", int(np.prod(ins[0])))]
+    else:
+        raise TdcError(f"llvm backend: no runtime kernel for {op}")
+    return f"tdc_{op}_{dt}", args, op in ("softmax_cross_entropy", "one_hot")
+
+
+# ---- loop nests -------------------------------------------------------------------------
+
+def emit_loop_nest(b: ir.IRBuilder, lk: LoopKernel, ptrs: dict):
+    """The loops of `lk` at the builder's position. `ptrs` maps each operand variable to
+    (pointer, dtype). Non-reduced dims are outer; a reduction's accumulator opens before its
+    first reduced loop and is stored when the reduced loops close."""
+    dims = lk.dims
+    red = lk.reduce.reduced if lk.reduce is not None else [False] * len(dims)
+    order = [k for k in range(len(dims)) if not red[k]] + [k for k in range(len(dims)) if red[k]]
+    if any(dims[k] == 0 for k in order if not red[k]):
+        return                                  # nothing to compute
+    ivars: dict[int, ir.Value] = {}
+
+    def address(op):
+        idx = ir.Constant(I64, op.offset)
+        for k, s in enumerate(op.strides):
+            if s:
+                term = ivars[k] if s == 1 else b.mul(ivars[k], ir.Constant(I64, s), flags=["nsw"])
+                idx = b.add(idx, term, flags=["nsw"])
+        p, dt = ptrs[op.var]
+        return b.gep(p, [idx], source_etype=MEM[dt], inbounds=True)
+
+    def body():
+        local: dict[str, ir.Value] = {}
+        for name, op in lk.loads:
+            local[name] = S.load(b, address(op), ptrs[op.var][1])
+
+        def val(x, dtype=None):
+            if isinstance(x, Const):
+                return const(x.dtype, x.value)
+            return local[x]
+
+        for s in lk.body:
+            local[s.var] = S.emit(b, s.op, [val(x) for x in s.args], s.in_types, s.out_type, s.attrs)
+        for op, x in lk.stores:
+            S.store(b, val(x), address(op), ptrs[op.var][1])
+        return local, val
+
+    acc_slot = None
+
+    def open_acc():
+        nonlocal acc_slot
+        r = lk.reduce
+        here = b.block
+        b.position_at_start(b.function.entry_basic_block)
+        acc_slot = b.alloca(REG[r.acc_dtype])    # promoted to a register by LLVM (mem2reg)
+        b.position_at_end(here)
+        b.store(const(r.acc_dtype, r.init), acc_slot)
+
+    def close_acc():
+        r = lk.reduce
+        acc = b.load(acc_slot, typ=REG[r.acc_dtype])
+        out_dt = ptrs[r.operand.var][1]
+        if r.kind == "mean":
+            accf = acc if S.is_float(r.acc_dtype) else b.sitofp(acc, F64)
+            acc = b.fmul(accf, const("f64" if not S.is_float(r.acc_dtype) else r.acc_dtype, r.scale))
+            S.store(b, S.convert(b, acc, "f64" if not S.is_float(r.acc_dtype) else r.acc_dtype, out_dt),
+                    address(r.operand), out_dt)
+        else:
+            S.store(b, S.convert(b, acc, r.acc_dtype, out_dt), address(r.operand), out_dt)
+
+    def accumulate(local, val):
+        r = lk.reduce
+        x = val(r.local)
+        src_dt = r.local.dtype if isinstance(r.local, Const) else _local_dtype(lk, r.local, ptrs)
+        x = S.convert(b, x, src_dt, r.acc_dtype)
+        acc = b.load(acc_slot, typ=REG[r.acc_dtype])
+        if r.kind == "max":
+            new = S.fmax(b, acc, x, r.acc_dtype)
+        else:
+            new = b.fadd(acc, x) if S.is_float(r.acc_dtype) else b.add(acc, x)
+        b.store(new, acc_slot)
+
+    def nest(level: int):
+        if level == len(order):
+            if per_element:
+                open_acc()
+            local, val = body()
+            if lk.reduce is not None:
+                accumulate(local, val)
+            if per_element:
+                close_acc()
+            return
+        k = order[level]
+        first_red = red[k] and (level == 0 or not red[order[level - 1]])
+        if first_red:
+            open_acc()
+        if dims[k] > 0:
+            for_range(b, dims[k], lambda i: (ivars.__setitem__(k, i), nest(level + 1)))
+        if first_red:
+            close_acc()
+
+    # every reduced dim had size 1 (collapse dropped it): each element is its own reduction
+    per_element = lk.reduce is not None and not any(red)
+    nest(0)
+
+
+def _local_dtype(lk: LoopKernel, name: str, ptrs) -> str:
+    for local, op in lk.loads:
+        if local == name:
+            return ptrs[op.var][1]
+    for s in lk.body:
+        if s.var == name:
+            return s.out_type.dtype
+    raise TdcError(f"internal: unknown local {name}")
+
+
+def for_range(b: ir.IRBuilder, n: int, body):
+    """for i in range(n): body(i), with n >= 1 known at compile time."""
+    pre = b.block
+    loop = b.append_basic_block("loop")
+    after = b.append_basic_block("after")
+    b.branch(loop)
+    b.position_at_end(loop)
+    i = b.phi(I64, name="i")
+    i.add_incoming(ir.Constant(I64, 0), pre)
+    body(i)
+    nxt = b.add(i, ir.Constant(I64, 1), flags=["nuw", "nsw"])
+    i.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, ir.Constant(I64, n)), loop, after)
+    b.position_at_end(after)
+
+
+def build_module(graph: Graph, name: str) -> ModuleBuilder:
+    mb = ModuleBuilder(graph, name)
+    mb.build()
+    return mb

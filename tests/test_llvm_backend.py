@@ -1,0 +1,166 @@
+"""The LLVM JIT backend against the reference interpreter: every op forward and backward in
+float32 and float64, the example models (inference and training steps), random fused graphs,
+integer and bool elementwise code, and what the generated code looks like."""
+import os
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import tdc
+from tdc.errors import TdcError
+from tdc.frontend import functional as F
+from tdc.frontend.tensor import Builder
+from tdc.ir.graph import Graph
+from tdc.ir.types import TensorType
+from tdc.passes.autodiff import autodiff
+from tdc.passes.retype import retype
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from test_autodiff import CASES, _graph_for  # noqa: E402
+from test_numba_backend import _compare, _random_graph, _values  # noqa: E402
+
+
+def _check(graph, values, rtol, atol=1e-6):
+    return _compare(graph, values, rtol, atol, backend="llvm")
+
+
+@pytest.mark.parametrize("op,inputs,attrs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_op_forward_and_backward_match_reference_f64(op, inputs, attrs):
+    g, values = _graph_for(op, inputs, attrs)
+    _check(autodiff(g, "loss"), values, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("op,inputs,attrs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_op_forward_and_backward_match_reference_f32(op, inputs, attrs):
+    g, values = _graph_for(op, inputs, attrs)
+    g32 = retype(g, "f64", "f32")
+    vals32 = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in values.items()}
+    _check(autodiff(g32, "loss"), vals32, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model,batch,opt", [("mlp", 8, "adam"), ("lenet", 4, "momentum"), ("digits", 8, "sgd"),
+                                             ("vgg", 2, "sgd")])
+def test_training_steps_match_reference(model, batch, opt):
+    mod = __import__(model)
+    g = tdc.train_step(getattr(mod, model), optimizer=tdc.Optimizer(opt, lr=0.01, eps=1e-4), batch=batch)
+    vals = _values(g)
+    vals["y"] = np.arange(batch) % 10
+    vals["lr"] = np.float32(0.01)
+    exe = _check(g, vals, rtol=1e-4, atol=1e-5)
+    # a second step starts from the updated weights held by the executable
+    ref = tdc.compile(g, params={a.name: vals[a.name] for a in g.args if a.kind != "input"})
+    feed = {a.name: vals[a.name] for a in g.inputs}
+    ref(**feed)
+    r2, l2 = ref(**feed), exe(**feed)
+    np.testing.assert_allclose(l2["loss"], r2["loss"], rtol=1e-4)
+
+
+def test_inference_graphs_match_reference():
+    for model in ("mlp", "lenet", "digits", "vgg"):
+        mod = __import__(model)
+        for batch in (1, 3):
+            g = getattr(mod, model).trace(batch=batch)
+            _check(g, _values(g), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_random_graph())
+def test_random_fused_graphs_match_reference(g):
+    _check(g, _values(g), rtol=1e-5, atol=1e-5)
+
+
+_UNARY_ANY = ["neg", "abs", "sign"]
+_INT_BINARY = ["add", "sub", "mul", "div", "maximum", "minimum"]
+_CMP = ["equal", "not_equal", "less", "less_equal", "greater", "greater_equal"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["i8", "i32", "i64", "f32", "f64"]), st.data())
+def test_elementwise_ops_on_every_dtype(dtype, data):
+    """Integer wrap-around, division toward zero (and by zero), comparisons into bools, where,
+    casts both ways, NaN and infinities through maximum/minimum/relu."""
+    shape = (3, 5)
+    g = Graph("dtypes")
+    with Builder(g) as b:
+        x = b.arg("x", TensorType(dtype, shape), "input")
+        y = b.arg("y", TensorType(dtype, shape), "input")
+        outs = {}
+        for op in data.draw(st.lists(st.sampled_from(_UNARY_ANY + (["relu", "exp", "sigmoid"] if dtype[0] == "f" else [])), min_size=1, max_size=3)):
+            outs[f"u_{op}"] = F.apply(op, x)
+        for op in data.draw(st.lists(st.sampled_from(_INT_BINARY), min_size=1, max_size=4)):
+            outs[f"b_{op}"] = F.apply(op, x, y)
+        for op in data.draw(st.lists(st.sampled_from(_CMP), min_size=1, max_size=3)):
+            c = F.apply(op, x, y)
+            outs[f"c_{op}"] = c
+            outs[f"w_{op}"] = F.apply("where", c, x, y)
+        to = data.draw(st.sampled_from(["i8", "i32", "i64", "f32", "f64", "bool"]))
+        outs["cast"] = F.apply("cast", x, to=to)
+        outs["sum"] = F.sum(x, 1)
+        outs["max"] = F.max(y, 0)
+        for k, v in outs.items():
+            g.add_output(k, v.value)
+    rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
+    np_dt = TensorType(dtype, ()).np_dtype
+    if dtype.startswith("i"):
+        info = np.iinfo(np_dt)
+        x = rng.integers(info.min, info.max, shape, dtype=np_dt, endpoint=True)
+        y = rng.integers(-3, 4, shape).astype(np_dt)      # zeros and -1 included
+        x[0, :3] = [info.min, info.max, 0]
+        y[0, :3] = [-1, -1, 0]
+    else:
+        x = (rng.standard_normal(shape) * 100).astype(np_dt)
+        y = rng.standard_normal(shape).astype(np_dt)
+        x[0, :4] = [np.nan, np.inf, -np.inf, 0.5]
+        y[0, :4] = [1.0, np.nan, 2.0, 0.5]
+    ref = tdc.compile(g)(x=x, y=y)
+    out = tdc.compile(g, backend="llvm")(x=x, y=y)
+    for k in ref:
+        assert out[k].dtype == ref[k].dtype and out[k].shape == ref[k].shape, k
+        if k in ("cast",) and dtype.startswith("f") and to.startswith("i"):
+            ok = np.isfinite(x) & (np.abs(x) < 100)     # NaN/overflow casts are platform-defined
+            np.testing.assert_array_equal(out[k][ok], ref[k][ok], err_msg=k)
+        elif k.startswith("b_div") and dtype.startswith("i"):
+            np.testing.assert_array_equal(out[k][y != 0], ref[k][y != 0], err_msg=k)
+        else:
+            np.testing.assert_allclose(out[k], ref[k], rtol=1e-6, err_msg=k)
+
+
+def test_bad_labels_are_a_clear_error():
+    import mlp
+    g = tdc.train_step(mlp.mlp, batch=4)
+    exe = tdc.compile(g, backend="llvm")
+    x = np.zeros((4, 784), np.float32)
+    with pytest.raises(TdcError, match="label is out of range .element 3"):
+        exe(x=x, y=np.array([0, 1, 2, 10]), lr=np.float32(0.1))
+    # the executable still works after the error
+    out = exe(x=x, y=np.array([0, 1, 2, 3]), lr=np.float32(0.1))
+    assert np.isfinite(out["loss"])
+
+
+def test_ir_has_one_function_per_kernel_and_vectorises_for_this_cpu():
+    import lenet
+    from tdc.backends.llvm.bundle import assembly
+    g = lenet.lenet.trace(batch=2)
+    exe = tdc.compile(g, backend="llvm")
+    ir_text = exe.source()
+    assert "define i64 @\"tdc_graph_run\"" in ir_text
+    assert ir_text.count("define internal void") == exe.module_builder.n_kernels >= 3
+    assert "call void @\"tdc_conv2d_f32\"" in ir_text
+    asm = assembly(g)
+    assert "tdc_graph_run" in asm
+    import llvmlite.binding as llvm
+    if "+avx512f" in llvm.get_host_cpu_features().flatten():
+        assert "zmm" in asm
+
+
+def test_unsupported_ops_are_refused_with_the_op_named():
+    g = Graph("comm")
+    with Builder(g) as b:
+        x = b.arg("x", TensorType("f32", (4,)), "input")
+        F.apply("send", x, dst=1)
+        g.add_output("y", F.relu(x).value)
+    with pytest.raises(TdcError, match="llvm backend: send needs MPI"):
+        tdc.compile(g, backend="llvm")
