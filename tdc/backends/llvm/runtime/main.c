@@ -367,6 +367,7 @@ static void npy_open(npy_file *a, const char *path, const char *what) {
     a->file_size = file_size(a->f);
     unsigned char pre[12];
     size_t got = fread(pre, 1, 10, a->f);
+    if (got < 10 && ferror(a->f)) npy_fail(a, "cannot be read: %s", strerror(errno));
     if (got < 6 || memcmp(pre, "\x93NUMPY", 6) != 0) npy_fail(a, "is not a .npy file (bad magic)");
     if (got < 10) npy_fail(a, "is truncated (ends inside the .npy header)");
     int major = pre[6], minor = pre[7];
@@ -527,6 +528,7 @@ static void load_weights(const char *path, unsigned char *buf, int is_default) {
     int64_t fsize = file_size(f);
     unsigned char head[32];
     size_t got = fread(head, 1, sizeof head, f);
+    if (got < sizeof head && ferror(f)) weights_fail(path, "cannot be read: %s", strerror(errno));
     if (got < 8 || memcmp(head, WEIGHTS_MAGIC, 8) != 0)
         weights_fail(path, "is not a tdc weights file (bad magic)");
     if (got < sizeof head) TRUNC(path);
