@@ -1,0 +1,590 @@
+/* tdc runtime: the kernels declared in tdc_runtime.h.
+ *
+ * The file is its own template: the first pass (TDC_TEMPLATE undefined) holds the
+ * dtype-independent helpers, then includes itself twice with T, SFX and GEMM defined,
+ * once for float (_f32) and once for double (_f64). Everything below `#else` is the
+ * template; read it as if T were float.
+ *
+ * Scratch memory (conv's column and result matrices) is malloc'ed once per call and freed
+ * before returning, so no state is shared between calls or threads. The batch is cut into
+ * chunks of images whose column matrices sit side by side (one larger GEMM per group and
+ * chunk, which BLAS runs far better than one small GEMM per image); a chunk holds as many
+ * images as fit in SCRATCH_BYTES, at least one.
+ *
+ * Build: gcc -O3 -march=native -fPIC -Wall -Wextra -std=c11 -I<openblas include> -c tdc_runtime.c
+ * (tdc/backends/llvm/runtime.py does this). Never build with -ffast-math: the kernels rely
+ * on NaN comparisons.
+ */
+#ifndef TDC_TEMPLATE
+
+#include "tdc_runtime.h"
+
+#include <cblas.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SCRATCH_BYTES ((int64_t)8 << 20)
+
+static void *xmalloc(int64_t bytes)
+{
+    void *p = malloc(bytes > 0 ? (size_t)bytes : 1);
+    if (!p) {
+        fprintf(stderr, "tdc runtime: out of memory allocating %lld bytes\n", (long long)bytes);
+        abort();
+    }
+    return p;
+}
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* Images per chunk: the column matrix [K, nb * P] stays within SCRATCH_BYTES and the
+ * GEMM's column count within a BLAS int. */
+static int64_t chunk_images(int64_t N, int64_t K, int64_t P, int64_t elem)
+{
+    int64_t per_image = max64(1, K * P * elem);
+    int64_t nb = max64(1, SCRATCH_BYTES / per_image);
+    if (P > 0)
+        nb = min64(nb, max64(1, INT_MAX / P));
+    return max64(1, min64(nb, N));
+}
+
+/* The outputs o in [*lo, *hi) of n whose tap o * s + off lies in [0, size). */
+static inline void valid_range(int64_t off, int64_t s, int64_t size, int64_t n, int64_t *lo, int64_t *hi)
+{
+    int64_t a = off >= 0 ? 0 : (-off + s - 1) / s;
+    int64_t b = size - off <= 0 ? 0 : (size - off + s - 1) / s;
+    a = min64(a, n);
+    *lo = a;
+    *hi = max64(a, min64(b, n));
+}
+
+/* Signed integer i of an array of `bytes`-wide integers; *ok = 0 for an unsupported width. */
+static inline int64_t load_int(const void *p, int64_t bytes, int64_t i, int *ok)
+{
+    switch (bytes) {
+    case 1: return ((const int8_t *)p)[i];
+    case 2: return ((const int16_t *)p)[i];
+    case 4: return ((const int32_t *)p)[i];
+    case 8: return ((const int64_t *)p)[i];
+    default: *ok = 0; return 0;
+    }
+}
+
+static inline uint64_t splitmix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* Convolution geometry, shared by the three conv kernels. */
+typedef struct {
+    int64_t N, C, H, W, CO, KH, KW, OH, OW, sh, sw, pt, pl, dh, dw, groups;
+} conv_geo;
+
+void tdc_runtime_set_threads(int64_t n)
+{
+    scipy_openblas_set_num_threads((int)max64(1, min64(n, INT_MAX)));
+}
+
+#define TDC_TEMPLATE
+
+#define T float
+#define SFX(name) name##_f32
+#define GEMM scipy_cblas_sgemm
+#include __FILE__
+#undef T
+#undef SFX
+#undef GEMM
+
+#define T double
+#define SFX(name) name##_f64
+#define GEMM scipy_cblas_dgemm
+#include __FILE__
+#undef T
+#undef SFX
+#undef GEMM
+
+#else /* ---- the template: T, SFX(name), GEMM ---------------------------------------- */
+
+/* C[M,N] = op(A) @ op(B) + beta * C, row-major; ta/tb transpose A/B. Empty sizes are
+ * handled here (BLAS rejects leading dimensions of 0). */
+static void SFX(gemm)(int ta, int tb, int64_t M, int64_t N, int64_t K, const T *A, int64_t lda,
+                      const T *B, int64_t ldb, T beta, T *C, int64_t ldc)
+{
+    if (M <= 0 || N <= 0)
+        return;
+    if (K <= 0) {
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t j = 0; j < N; j++)
+                C[i * ldc + j] = beta == 0 ? 0 : beta * C[i * ldc + j];
+        return;
+    }
+    GEMM(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+         (blasint)M, (blasint)N, (blasint)K, (T)1, A, (blasint)lda, B, (blasint)ldb, beta, C, (blasint)ldc);
+}
+
+/* ---- matrix products ---------------------------------------------------------------- */
+
+void SFX(tdc_linear)(const T *x, const T *w, const T *b, int64_t has_bias, T *out,
+                     int64_t M, int64_t K, int64_t N)
+{
+    SFX(gemm)(0, 1, M, N, K, x, K, w, K, 0, out, N);
+    if (has_bias)
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t j = 0; j < N; j++)
+                out[i * N + j] += b[j];
+}
+
+void SFX(tdc_matmul)(const T *a, const T *b, T *out, int64_t M, int64_t K, int64_t N)
+{
+    SFX(gemm)(0, 0, M, N, K, a, K, b, N, 0, out, N);
+}
+
+void SFX(tdc_matmul_batched)(const T *a, const T *b, T *out, int64_t B, int64_t M, int64_t K,
+                             int64_t N, const int64_t *ia, const int64_t *ib)
+{
+    for (int64_t i = 0; i < B; i++)
+        SFX(gemm)(0, 0, M, N, K, a + ia[i] * M * K, K, b + ib[i] * K * N, N, 0, out + i * M * N, N);
+}
+
+/* ---- convolution -------------------------------------------------------------------- */
+
+/* cols[(c*KH + i)*KW + j, y*OW + x] = x_img[c, y*sh - pt + i*dh, x*sw - pl + j*dw], 0 in the
+ * padding; x_img is [cg, H, W] and ld the row stride of cols. */
+static void SFX(im2col)(const conv_geo *g, const T *x_img, int64_t cg, T *cols, int64_t ld)
+{
+    const int64_t H = g->H, W = g->W, OH = g->OH, OW = g->OW;
+    for (int64_t c = 0; c < cg; c++)
+        for (int64_t i = 0; i < g->KH; i++)
+            for (int64_t j = 0; j < g->KW; j++) {
+                T *row = cols + ((c * g->KH + i) * g->KW + j) * ld;
+                int64_t x0, x1;
+                valid_range(j * g->dw - g->pl, g->sw, W, OW, &x0, &x1);
+                for (int64_t y = 0; y < OH; y++) {
+                    T *dst = row + y * OW;
+                    int64_t iy = y * g->sh - g->pt + i * g->dh;
+                    if (iy < 0 || iy >= H) {
+                        memset(dst, 0, (size_t)OW * sizeof(T));
+                        continue;
+                    }
+                    const T *src = x_img + (c * H + iy) * W + j * g->dw - g->pl;
+                    for (int64_t xx = 0; xx < x0; xx++)
+                        dst[xx] = 0;
+                    if (g->sw == 1)
+                        memcpy(dst + x0, src + x0, (size_t)(x1 - x0) * sizeof(T));
+                    else
+                        for (int64_t xx = x0; xx < x1; xx++)
+                            dst[xx] = src[xx * g->sw];
+                    for (int64_t xx = x1; xx < OW; xx++)
+                        dst[xx] = 0;
+                }
+            }
+}
+
+/* The adjoint of im2col: dx_img [cg, H, W] += cols scattered back (padding dropped). */
+static void SFX(col2im_add)(const conv_geo *g, const T *cols, int64_t ld, int64_t cg, T *dx_img)
+{
+    const int64_t H = g->H, W = g->W, OH = g->OH, OW = g->OW;
+    for (int64_t c = 0; c < cg; c++)
+        for (int64_t i = 0; i < g->KH; i++)
+            for (int64_t j = 0; j < g->KW; j++) {
+                const T *row = cols + ((c * g->KH + i) * g->KW + j) * ld;
+                int64_t x0, x1;
+                valid_range(j * g->dw - g->pl, g->sw, W, OW, &x0, &x1);
+                for (int64_t y = 0; y < OH; y++) {
+                    int64_t iy = y * g->sh - g->pt + i * g->dh;
+                    if (iy < 0 || iy >= H)
+                        continue;
+                    const T *src = row + y * OW;
+                    T *dst = dx_img + (c * H + iy) * W + j * g->dw - g->pl;
+                    for (int64_t xx = x0; xx < x1; xx++)
+                        dst[xx * g->sw] += src[xx];
+                }
+            }
+}
+
+/* cols [K, nb*P]: the im2col matrices of images n0..n0+nb (channels c0..c0+cg) side by side. */
+static void SFX(chunk_cols)(const conv_geo *g, const T *x, int64_t n0, int64_t nb, int64_t c0, T *cols)
+{
+    const int64_t P = g->OH * g->OW, cg = g->C / g->groups;
+    for (int64_t n = 0; n < nb; n++)
+        SFX(im2col)(g, x + ((n0 + n) * g->C + c0) * g->H * g->W, cg, cols + n * P, nb * P);
+}
+
+/* gm [cog, nb*P]: channels o0..o0+cog of images n0..n0+nb of gy, in the layout of chunk_cols. */
+static void SFX(chunk_rows)(const conv_geo *g, const T *gy, int64_t n0, int64_t nb, int64_t o0, T *gm)
+{
+    const int64_t P = g->OH * g->OW, cog = g->CO / g->groups;
+    for (int64_t n = 0; n < nb; n++)
+        for (int64_t o = 0; o < cog; o++)
+            memcpy(gm + o * nb * P + n * P, gy + ((n0 + n) * g->CO + o0 + o) * P, (size_t)P * sizeof(T));
+}
+
+#define CONV_GEO {N, C, H, W, CO, KH, KW, OH, OW, sh, sw, pt, pl, dh, dw, groups}
+
+void SFX(tdc_conv2d)(const T *x, const T *w, const T *b, int64_t has_bias, T *out,
+                     int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW,
+                     int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                     int64_t dh, int64_t dw, int64_t groups)
+{
+    const conv_geo g = CONV_GEO;
+    const int64_t P = OH * OW, cg = C / groups, cog = CO / groups, K = cg * KH * KW;
+    const int64_t nb = chunk_images(N, K, P, sizeof(T));
+    T *cols = xmalloc(K * nb * P * (int64_t)sizeof(T));
+    T *res = xmalloc(cog * nb * P * (int64_t)sizeof(T));
+    for (int64_t n0 = 0; n0 < N; n0 += nb) {
+        const int64_t m = min64(nb, N - n0);
+        for (int64_t gi = 0; gi < groups; gi++) {
+            SFX(chunk_cols)(&g, x, n0, m, gi * cg, cols);
+            SFX(gemm)(0, 0, cog, m * P, K, w + gi * cog * K, K, cols, m * P, 0, res, m * P);
+            for (int64_t n = 0; n < m; n++)
+                for (int64_t o = 0; o < cog; o++) {
+                    const T bias = has_bias ? b[gi * cog + o] : (T)0;
+                    const T *src = res + o * m * P + n * P;
+                    T *dst = out + ((n0 + n) * CO + gi * cog + o) * P;
+                    for (int64_t p = 0; p < P; p++)
+                        dst[p] = src[p] + bias;
+                }
+        }
+    }
+    free(cols);
+    free(res);
+}
+
+void SFX(tdc_conv2d_grad_input)(const T *gy, const T *w, T *dx,
+                                int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW,
+                                int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                                int64_t dh, int64_t dw, int64_t groups)
+{
+    const conv_geo g = CONV_GEO;
+    const int64_t P = OH * OW, cg = C / groups, cog = CO / groups, K = cg * KH * KW;
+    const int64_t nb = chunk_images(N, K, P, sizeof(T));
+    memset(dx, 0, (size_t)(N * C * H * W) * sizeof(T));
+    T *cols = xmalloc(K * nb * P * (int64_t)sizeof(T));
+    T *gm = xmalloc(cog * nb * P * (int64_t)sizeof(T));
+    for (int64_t n0 = 0; n0 < N; n0 += nb) {
+        const int64_t m = min64(nb, N - n0);
+        for (int64_t gi = 0; gi < groups; gi++) {
+            SFX(chunk_rows)(&g, gy, n0, m, gi * cog, gm);
+            /* cols [K, m*P] = w_g^T [K, cog] @ gm [cog, m*P] */
+            SFX(gemm)(1, 0, K, m * P, cog, w + gi * cog * K, K, gm, m * P, 0, cols, m * P);
+            for (int64_t n = 0; n < m; n++)
+                SFX(col2im_add)(&g, cols + n * P, m * P, cg, dx + ((n0 + n) * C + gi * cg) * H * W);
+        }
+    }
+    free(cols);
+    free(gm);
+}
+
+void SFX(tdc_conv2d_grad_weight)(const T *x, const T *gy, T *dwt,
+                                 int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW,
+                                 int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                                 int64_t dh, int64_t dw, int64_t groups)
+{
+    const conv_geo g = CONV_GEO;
+    const int64_t P = OH * OW, cg = C / groups, cog = CO / groups, K = cg * KH * KW;
+    const int64_t nb = chunk_images(N, K, P, sizeof(T));
+    memset(dwt, 0, (size_t)(CO * K) * sizeof(T));
+    T *cols = xmalloc(K * nb * P * (int64_t)sizeof(T));
+    T *gm = xmalloc(cog * nb * P * (int64_t)sizeof(T));
+    for (int64_t n0 = 0; n0 < N; n0 += nb) {
+        const int64_t m = min64(nb, N - n0);
+        for (int64_t gi = 0; gi < groups; gi++) {
+            SFX(chunk_cols)(&g, x, n0, m, gi * cg, cols);
+            SFX(chunk_rows)(&g, gy, n0, m, gi * cog, gm);
+            /* dw_g [cog, K] += gm [cog, m*P] @ cols^T [m*P, K] */
+            SFX(gemm)(0, 1, cog, K, m * P, gm, m * P, cols, m * P, 1, dwt + gi * cog * K, K);
+        }
+    }
+    free(cols);
+    free(gm);
+}
+
+#undef CONV_GEO
+
+/* ---- pooling ------------------------------------------------------------------------ */
+
+/* Flat index (iy*W + ix) into the [H, W] image src of the first maximum of window (y, x);
+ * a NaN, once found, stays (numpy's argmax). -1 if the window covers no input. */
+static inline int64_t SFX(argmax_window)(const T *src, int64_t H, int64_t W, int64_t y, int64_t xx,
+                                         int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt,
+                                         int64_t pl, int64_t dh, int64_t dw)
+{
+    T best = -INFINITY;
+    int64_t arg = -1;
+    for (int64_t i = 0; i < kh; i++) {
+        const int64_t iy = y * sh - pt + i * dh;
+        if (iy < 0 || iy >= H)
+            continue;
+        for (int64_t j = 0; j < kw; j++) {
+            const int64_t ix = xx * sw - pl + j * dw;
+            if (ix < 0 || ix >= W)
+                continue;
+            const T v = src[iy * W + ix];
+            if (arg < 0 || v > best || (v != v && best == best)) {
+                best = v;
+                arg = iy * W + ix;
+            }
+        }
+    }
+    return arg;
+}
+
+void SFX(tdc_maxpool2d)(const T *x, T *out, int64_t N, int64_t C, int64_t H, int64_t W,
+                        int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                        int64_t pt, int64_t pl, int64_t dh, int64_t dw)
+{
+    /* windows that tile the input without padding or overhang (2x2 stride 2): no bounds checks */
+    const int tiled = kh == sh && kw == sw && pt == 0 && pl == 0 && dh == 1 && dw == 1
+                      && OH * kh <= H && OW * kw <= W;
+    for (int64_t nc = 0; nc < N * C; nc++) {
+        const T *src = x + nc * H * W;
+        T *dst = out + nc * OH * OW;
+        for (int64_t y = 0; y < OH; y++)
+            for (int64_t xx = 0; xx < OW; xx++) {
+                if (tiled) {
+                    T m = src[y * kh * W + xx * kw];
+                    for (int64_t i = 0; i < kh; i++)
+                        for (int64_t j = 0; j < kw; j++) {
+                            const T v = src[(y * kh + i) * W + xx * kw + j];
+                            if (v > m || v != v)
+                                m = v;
+                        }
+                    dst[y * OW + xx] = m;
+                } else {
+                    const int64_t a = SFX(argmax_window)(src, H, W, y, xx, kh, kw, sh, sw, pt, pl, dh, dw);
+                    dst[y * OW + xx] = a < 0 ? (T)-INFINITY : src[a];
+                }
+            }
+    }
+}
+
+void SFX(tdc_maxpool2d_grad)(const T *gy, const T *x, T *dx, int64_t N, int64_t C, int64_t H,
+                             int64_t W, int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                             int64_t pt, int64_t pl, int64_t dh, int64_t dw)
+{
+    for (int64_t nc = 0; nc < N * C; nc++) {
+        const T *src = x + nc * H * W, *g = gy + nc * OH * OW;
+        T *d = dx + nc * H * W;
+        memset(d, 0, (size_t)(H * W) * sizeof(T));
+        for (int64_t y = 0; y < OH; y++)
+            for (int64_t xx = 0; xx < OW; xx++) {
+                const int64_t a = SFX(argmax_window)(src, H, W, y, xx, kh, kw, sh, sw, pt, pl, dh, dw);
+                if (a >= 0)
+                    d[a] += g[y * OW + xx];
+            }
+    }
+}
+
+void SFX(tdc_maxpool2d_gather)(const T *h, const T *x, T *out, int64_t N, int64_t C, int64_t H,
+                               int64_t W, int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                               int64_t pt, int64_t pl, int64_t dh, int64_t dw)
+{
+    for (int64_t nc = 0; nc < N * C; nc++) {
+        const T *src = x + nc * H * W, *hs = h + nc * H * W;
+        T *dst = out + nc * OH * OW;
+        for (int64_t y = 0; y < OH; y++)
+            for (int64_t xx = 0; xx < OW; xx++) {
+                const int64_t a = SFX(argmax_window)(src, H, W, y, xx, kh, kw, sh, sw, pt, pl, dh, dw);
+                dst[y * OW + xx] = a < 0 ? (T)0 : hs[a];
+            }
+    }
+}
+
+void SFX(tdc_avgpool2d)(const T *x, T *out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH,
+                        int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                        const double *cy, const double *cx)
+{
+    for (int64_t nc = 0; nc < N * C; nc++) {
+        const T *src = x + nc * H * W;
+        T *dst = out + nc * OH * OW;
+        for (int64_t y = 0; y < OH; y++) {
+            const int64_t y0 = max64(0, y * sh - pt), y1 = min64(H, y * sh - pt + kh);
+            for (int64_t xx = 0; xx < OW; xx++) {
+                const int64_t x0 = max64(0, xx * sw - pl), x1 = min64(W, xx * sw - pl + kw);
+                double s = 0.0;
+                for (int64_t iy = y0; iy < y1; iy++)
+                    for (int64_t ix = x0; ix < x1; ix++)
+                        s += src[iy * W + ix];
+                dst[y * OW + xx] = (T)(s / (cy[y] * cx[xx]));
+            }
+        }
+    }
+}
+
+void SFX(tdc_avgpool2d_grad)(const T *gy, T *dx, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH,
+                             int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                             const double *cy, const double *cx)
+{
+    for (int64_t nc = 0; nc < N * C; nc++) {
+        const T *g = gy + nc * OH * OW;
+        T *d = dx + nc * H * W;
+        memset(d, 0, (size_t)(H * W) * sizeof(T));
+        for (int64_t y = 0; y < OH; y++) {
+            const int64_t y0 = max64(0, y * sh - pt), y1 = min64(H, y * sh - pt + kh);
+            for (int64_t xx = 0; xx < OW; xx++) {
+                const int64_t x0 = max64(0, xx * sw - pl), x1 = min64(W, xx * sw - pl + kw);
+                const double v = g[y * OW + xx] / (cy[y] * cx[xx]);
+                for (int64_t iy = y0; iy < y1; iy++)
+                    for (int64_t ix = x0; ix < x1; ix++)
+                        d[iy * W + ix] = (T)(d[iy * W + ix] + v);
+            }
+        }
+    }
+}
+
+void SFX(tdc_global_avgpool)(const T *x, T *out, int64_t NC, int64_t HW)
+{
+    for (int64_t i = 0; i < NC; i++) {
+        double s = 0.0;
+        for (int64_t j = 0; j < HW; j++)
+            s += x[i * HW + j];
+        out[i] = (T)(s / (double)HW);
+    }
+}
+
+/* ---- softmax and losses --------------------------------------------------------------- */
+
+void SFX(tdc_softmax)(const T *x, T *out, int64_t A, int64_t B, int64_t C, int64_t log_)
+{
+    for (int64_t a = 0; a < A; a++)
+        for (int64_t c = 0; c < C; c++) {
+            const T *xs = x + a * B * C + c;
+            T *os = out + a * B * C + c;
+            double m = -INFINITY;
+            for (int64_t i = 0; i < B; i++) {
+                const double v = xs[i * C];
+                if (v > m || v != v)   /* a NaN propagates, as in np.max */
+                    m = v;
+            }
+            double s = 0.0;
+            for (int64_t i = 0; i < B; i++)
+                s += exp(xs[i * C] - m);
+            if (log_) {
+                const double ls = log(s);
+                for (int64_t i = 0; i < B; i++)
+                    os[i * C] = (T)(xs[i * C] - m - ls);
+            } else {
+                for (int64_t i = 0; i < B; i++)
+                    os[i * C] = (T)(exp(xs[i * C] - m) / s);
+            }
+        }
+}
+
+int64_t SFX(tdc_softmax_cross_entropy)(const T *logits, const void *labels, int64_t label_bytes, T *out,
+                                       int64_t N, int64_t K)
+{
+    int ok = 1;
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t lab = load_int(labels, label_bytes, n, &ok);
+        if (!ok)
+            return -1;
+        if (lab < 0 || lab >= K)
+            return n + 1;
+    }
+    double total = 0.0;
+    for (int64_t n = 0; n < N; n++) {
+        const T *z = logits + n * K;
+        double m = -INFINITY;
+        for (int64_t c = 0; c < K; c++)
+            if (z[c] > m || z[c] != z[c])
+                m = z[c];
+        double s = 0.0;
+        for (int64_t c = 0; c < K; c++)
+            s += exp((double)z[c] - m);
+        total += log(s) + m - (double)z[load_int(labels, label_bytes, n, &ok)];
+    }
+    out[0] = (T)(total / (double)N);   /* N == 0 gives NaN, like the mean of nothing */
+    return 0;
+}
+
+int64_t SFX(tdc_one_hot)(const void *idx, int64_t idx_bytes, T *out, int64_t n, int64_t depth)
+{
+    int ok = 1;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t k = load_int(idx, idx_bytes, i, &ok);
+        if (!ok)
+            return -1;
+        if (k < 0 || k >= depth)
+            return i + 1;
+    }
+    memset(out, 0, (size_t)(n * depth) * sizeof(T));
+    for (int64_t i = 0; i < n; i++)
+        out[i * depth + load_int(idx, idx_bytes, i, &ok)] = 1;
+    return 0;
+}
+
+void SFX(tdc_mse)(const T *p, const T *t, T *out, int64_t n)
+{
+    double s = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        const double d = (double)p[i] - (double)t[i];
+        s += d * d;
+    }
+    out[0] = (T)(s / (double)max64(n, 1));
+}
+
+/* ---- batchnorm and dropout -------------------------------------------------------------- */
+
+void SFX(tdc_batchnorm_infer)(const T *x, const T *gamma, const T *beta, const T *mean,
+                              const T *var, double eps, T *out, int64_t N, int64_t C, int64_t S)
+{
+    for (int64_t c = 0; c < C; c++) {
+        const double scale = gamma[c] / sqrt(var[c] + eps);
+        const double shift = beta[c] - mean[c] * scale;
+        for (int64_t n = 0; n < N; n++) {
+            const T *xs = x + (n * C + c) * S;
+            T *os = out + (n * C + c) * S;
+            for (int64_t i = 0; i < S; i++)
+                os[i] = (T)(xs[i] * scale + shift);
+        }
+    }
+}
+
+void SFX(tdc_batchnorm_train)(const T *x, const T *gamma, const T *beta, const T *mean,
+                              const T *var, double eps, double momentum, T *out, T *new_mean,
+                              T *new_var, int64_t N, int64_t C, int64_t S)
+{
+    const double cnt = (double)(N * S);
+    for (int64_t c = 0; c < C; c++) {
+        double s = 0.0;
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t i = 0; i < S; i++)
+                s += x[(n * C + c) * S + i];
+        const double mu = s / cnt;
+        double s2 = 0.0;
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t i = 0; i < S; i++) {
+                const double d = x[(n * C + c) * S + i] - mu;
+                s2 += d * d;
+            }
+        const double v = s2 / cnt;
+        const double scale = gamma[c] / sqrt(v + eps);
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t i = 0; i < S; i++)
+                out[(n * C + c) * S + i] = (T)((x[(n * C + c) * S + i] - mu) * scale + beta[c]);
+        new_mean[c] = (T)(momentum * mean[c] + (1 - momentum) * mu);
+        new_var[c] = (T)(momentum * var[c] + (1 - momentum) * v);
+    }
+}
+
+void SFX(tdc_dropout)(const T *x, const void *key, int64_t key_bytes, double rate, int64_t seed, T *out,
+                      int64_t n)
+{
+    int ok = 1;
+    const uint64_t k = (uint64_t)load_int(key, key_bytes, 0, &ok);
+    const uint64_t base = splitmix64((uint64_t)seed * 0x9E3779B97F4A7C15ULL + k);
+    const double scale = 1.0 / (1.0 - rate);
+    for (int64_t i = 0; i < n; i++) {
+        const uint64_t h = splitmix64((uint64_t)i + base);
+        const double u = (double)(h >> 40) * (1.0 / 16777216.0);
+        out[i] = u >= rate ? (T)(x[i] * scale) : (T)0;
+    }
+}
+
+#endif /* TDC_TEMPLATE */
