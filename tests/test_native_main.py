@@ -642,8 +642,11 @@ def test_training_errors(lin, tmp_path):
     one_error(run(lin, "--input", "x=X12.npy", *base, "--repeat", 3, cwd=tmp_path), 2,
               "--repeat is for inference models")
     one_error(run(lin, "--input", "x=X12.npy", *base, "--steps", -1, cwd=tmp_path), 2, "--steps")
-    one_error(run(lin, "--input", "x=X12.npy", *base, "--save", tmp_path / "no" / "such" / "dir" / "w",
-                  cwd=tmp_path), 1, "cannot write the trained weights")
+    p = run(lin, "--input", "x=X12.npy", *base, "--save", tmp_path / "no" / "such" / "dir" / "w", cwd=tmp_path)
+    one_error(p, 1, "cannot write the trained weights", "No such file or directory")
+    assert "step" not in p.stdout  # checked before training
+    one_error(run(lin, "--input", "x=X12.npy", *base, "--save", tmp_path, cwd=tmp_path), 1,
+              "cannot write the trained weights", "Is a directory")
     assert not [f for f in files_in(tmp_path) if f.endswith(".weights") or f.startswith(".tmp")]
 
 

@@ -212,6 +212,22 @@ static void write_atomic(const char *path, const void *head, size_t head_n, cons
     free(tmp);
 }
 
+/* Fails early (before any run) when `path` cannot be created: its directory is missing or read-only. */
+static void check_writable(const char *path, const char *what) {
+    const char *slash = strrchr(path, '/');
+    char dir[4096];
+    if (!slash) snprintf(dir, sizeof dir, ".");
+    else if (slash == path) snprintf(dir, sizeof dir, "/");
+    else snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
+    struct stat st;
+    if (!*path || (slash && !slash[1])) die(EXIT_ERROR, "cannot write %s to '%s': not a file name", what, path);
+    if (stat(dir, &st) != 0) die(EXIT_ERROR, "cannot write %s to '%s': %s", what, path, strerror(errno));
+    if (!S_ISDIR(st.st_mode)) die(EXIT_ERROR, "cannot write %s to '%s': %s", what, path, strerror(ENOTDIR));
+    if (access(dir, W_OK | X_OK) != 0) die(EXIT_ERROR, "cannot write %s to '%s': %s", what, path, strerror(errno));
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+        die(EXIT_ERROR, "cannot write %s to '%s': %s", what, path, strerror(EISDIR));
+}
+
 /* ---- .npy ------------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -1019,6 +1035,14 @@ int main(int argc, char **argv) {
             batched_input = k;
         }
     }
+
+    /* the places results go, checked before any (possibly long) run */
+    for (int k = 0; k < TDC_NUM_OUTPUTS; k++) {
+        char what[320];
+        snprintf(what, sizeof what, "output '%s'", TDC_OUTPUTS[k].name);
+        if (o.outputs[k]) check_writable(o.outputs[k], what);
+    }
+    if (TDC_TRAINING) check_writable(o.save ? o.save : DEFAULT_SAVE, "the trained weights");
 
     unsigned char *weights = xalloc((size_t)TDC_WEIGHTS_BYTES, "the weights");
     if (o.weights) load_weights(o.weights, weights, 0);
