@@ -127,6 +127,8 @@ int64_t lin_run(const void *const *inputs, void *const *outputs, void *weights, 
     float *w = (float *)wb, *b = (float *)(wb + 64);
     int64_t *step = (int64_t *)(wb + 128);
     float err[4], loss = 0;
+    for (int i = 0; i < 4; i++)  /* stands in for a label check: code 1 + index */
+        if (t[i] != t[i]) return 1 + i;
     for (int i = 0; i < 4; i++) {
         float p = *b;
         for (int j = 0; j < 3; j++) p += x[i * 3 + j] * w[j];
@@ -633,6 +635,12 @@ def test_training_errors(lin, tmp_path):
     np.save(tmp_path / "Xbad.npy", rng.standard_normal((12, 2)).astype(np.float32))
     np.save(tmp_path / "T12.npy", rng.standard_normal(12).astype(np.float32))
     base = ["--input", "t=T12.npy", "--input", "lr=0.1"]
+    T = np.load(tmp_path / "T12.npy")
+    T[6] = np.nan
+    np.save(tmp_path / "Tnan.npy", T)
+    p = run(lin, "--input", "x=X12.npy", "--input", "t=Tnan.npy", "--input", "lr=0.1", "--steps", 5, cwd=tmp_path)
+    one_error(p, 1, "step 2 (batch 1): a label is out of range (element 2 of the batch)")
+    assert "step 1/5" in p.stdout and not os.path.exists(tmp_path / "trained.weights")
     one_error(run(lin, "--input", "x=X10.npy", *base, cwd=tmp_path), 1, "input 'x'", "10 rows",
               "batch size 4")
     one_error(run(lin, "--input", "x=X8.npy", *base, cwd=tmp_path), 1, "different numbers of batches")

@@ -747,11 +747,13 @@ static void print_times(double *t, long long n, const char *unit) {
     printf("time: median %.4f ms, min %.4f ms, max %.4f ms over %lld %s\n", med, t[0], t[n - 1], n, unit);
 }
 
-static void run_failed(int64_t rc, long long step) __attribute__((noreturn));
+static void run_failed(int64_t rc, long long step, long long batch) __attribute__((noreturn));
 
-static void run_failed(int64_t rc, long long step) {
-    char where[64] = "";
-    if (step >= 0) snprintf(where, sizeof where, "step %lld: ", step + 1);
+/* step < 0: an inference run; batch < 0: the inputs are not split into batches */
+static void run_failed(int64_t rc, long long step, long long batch) {
+    char where[96] = "";
+    if (step >= 0 && batch >= 0) snprintf(where, sizeof where, "step %lld (batch %lld): ", step + 1, batch);
+    else if (step >= 0) snprintf(where, sizeof where, "step %lld: ", step + 1);
 #ifdef TDC_ERROR_MESSAGE
     const char *m = TDC_ERROR_MESSAGE(rc);
     if (m) die(EXIT_ERROR, "%s%s", where, m);
@@ -1082,7 +1084,7 @@ int main(int argc, char **argv) {
         double t0 = now_ms();
         int64_t rc = TDC_RUN(in_ptrs, out_ptrs, weights, scratch);
         times[s] = now_ms() - t0;
-        if (rc != 0) run_failed(rc, s);
+        if (rc != 0) run_failed(rc, s, batches > 1 ? (long long)(s % batches) : -1);
         if ((s + 1) % every == 0 || s + 1 == steps) {
             printf("step %lld/%lld:", s + 1, steps);
             for (int k = 0; k < TDC_NUM_OUTPUTS; k++) {
@@ -1105,7 +1107,7 @@ int main(int argc, char **argv) {
         double t0 = now_ms();
         int64_t rc = TDC_RUN(in_ptrs, out_ptrs, weights, scratch);
         times[r] = now_ms() - t0;
-        if (rc != 0) run_failed(rc, -1);
+        if (rc != 0) run_failed(rc, -1, -1);
     }
     for (int k = 0; k < TDC_NUM_OUTPUTS; k++) print_summary(&TDC_OUTPUTS[k], out_ptrs[k]);
     if (o.repeat) print_times(times, runs, "runs");
