@@ -121,6 +121,7 @@ def _build(root: str) -> RuntimeBuild:
               "-o", str(obj)], "compile")
         _run([gcc, "-shared", "-o", str(lib), str(obj), f"-L{ob_lib}", f"-l{OPENBLAS_LIB}",
               f"-Wl,-rpath,{ob_lib}", "-lm", "-Wl,--no-undefined"], "link")
+        os.chmod(tmp, 0o755)   # mkdtemp makes it private
         try:
             os.rename(tmp, final)
         except OSError:
