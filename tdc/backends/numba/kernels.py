@@ -261,9 +261,10 @@ def _argmax_window(x, n, c, y, xx, kh, kw, sh, sw, pt, pl, dh, dw):
 
 
 @njit(cache=True, inline="always")
-def _tiled(kh, kw, sh, sw, pt, pl, dh, dw):
-    """Windows that tile the input exactly (LeNet's and VGG's 2x2 stride 2): a fast path."""
-    return kh == sh and kw == sw and pt == 0 and pl == 0 and dh == 1 and dw == 1
+def _tiled(kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, H, W):
+    """Windows that tile the input exactly (LeNet's and VGG's 2x2 stride 2): a fast path. With
+    ceil_mode a last, partial window would read past the image: those take the general path."""
+    return kh == sh and kw == sw and pt == 0 and pl == 0 and dh == 1 and dw == 1 and oh * kh <= H and ow * kw <= W
 
 
 @njit(cache=True, parallel=True)
@@ -271,7 +272,7 @@ def maxpool2d(x, out, kh, kw, sh, sw, pt, pl, dh, dw):
     N, C = x.shape[0], x.shape[1]
     W = x.shape[3]
     oh, ow = out.shape[2], out.shape[3]
-    tiled = _tiled(kh, kw, sh, sw, pt, pl, dh, dw)
+    tiled = _tiled(kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, x.shape[2], W)
     for nc in prange(N * C):
         n, c = nc // C, nc % C
         src = x[n, c]
@@ -298,7 +299,7 @@ def maxpool2d_grad(gy, x, dx, kh, kw, sh, sw, pt, pl, dh, dw):
     N, C = x.shape[0], x.shape[1]
     W = x.shape[3]
     oh, ow = gy.shape[2], gy.shape[3]
-    tiled = _tiled(kh, kw, sh, sw, pt, pl, dh, dw)
+    tiled = _tiled(kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, x.shape[2], W)
     for nc in prange(N * C):
         n, c = nc // C, nc % C
         d = dx[n, c]
