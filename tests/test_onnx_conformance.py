@@ -300,6 +300,8 @@ SKIPS: dict[str, str] = {
 
 # Cases that fail on the numba backend only.
 NUMBA_SKIPS: dict[str, str] = {}
+# Cases that fail on the LLVM backend only.
+LLVM_SKIPS: dict[str, str] = {}
 
 
 def op_of(case: str) -> str | None:
@@ -363,7 +365,7 @@ def check(case: str, backend: str, skips: dict[str, str]):
 
 def test_skip_tables_name_selected_cases():
     assert len(CASES) > 500, f"only {len(CASES)} cases found in {DATA}"
-    assert not (set(SKIPS) | set(NUMBA_SKIPS)) - set(CASES)
+    assert not (set(SKIPS) | set(NUMBA_SKIPS) | set(LLVM_SKIPS)) - set(CASES)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -374,6 +376,11 @@ def test_reference(case):
 @pytest.mark.parametrize("case", CASES)
 def test_numba(case):
     check(case, "numba", {**SKIPS, **NUMBA_SKIPS})
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_llvm(case):
+    check(case, "llvm", {**SKIPS, **LLVM_SKIPS})
 
 
 def main(argv):

@@ -62,6 +62,18 @@ def compile_graph(graph: Graph, name: str = "tdc_graph"):
     return g, build_module(g, name)
 
 
+def _load_libgcc(llvm):
+    """float16 conversions from double become calls to libgcc (__truncdfhf2); an executable links
+    libgcc anyway, the JIT has to load it."""
+    import ctypes.util
+    name = ctypes.util.find_library("gcc_s")
+    if name:
+        try:
+            llvm.load_library_permanently(name)
+        except RuntimeError:
+            pass
+
+
 def aligned_bytes(n: int) -> np.ndarray:
     """A zeroed uint8 buffer of n bytes starting at a 64-byte boundary."""
     raw = np.zeros(n + 64, np.uint8)
@@ -86,6 +98,7 @@ class LLVMExecutable:
         self.llvm_ir = str(mb.module)
         rt = build_runtime()
         llvm.load_library_permanently(str(rt.shared_lib_path))
+        _load_libgcc(llvm)
         tm = target_machine(jit=True)
         mod = optimize(self.llvm_ir, tm)
         self._engine = llvm.create_mcjit_compiler(mod, tm)

@@ -153,7 +153,7 @@ def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: i
         blas = os.path.join(rt.openblas_lib_dir, "libscipy_openblas.so")
         shutil.copy2(blas, os.path.join(tmp, "libscipy_openblas.so"))
         exe = os.path.join(tmp, "model")
-        _gcc(["-O2", "-std=c11", "-include", hdr, os.path.join(RUNTIME_DIR, "main.c"), obj, str(rt.object_path),
+        _gcc(["-O2", "-std=c11", f'-DTDC_MODEL_HEADER="{os.path.abspath(hdr)}"', os.path.join(RUNTIME_DIR, "main.c"), obj, str(rt.object_path),
               "-L" + tmp, "-lscipy_openblas", "-Wl,-rpath,$ORIGIN", "-lm", "-o", exe], "the executable")
         if not embed_weights:
             write_weights(os.path.join(tmp, "model.weights"), [(a.name, values[a.name]) for a, _ in mb.weights.entries],
@@ -178,6 +178,3 @@ def llvm_ir(graph: Graph, optimized: bool = False) -> str:
     text = str(mb.module)
     return str(optimize(text, target_machine())) if optimized else text
 
-
-def weights_from_values(mb: ModuleBuilder, values: dict[str, np.ndarray]) -> bytes:
-    return mb.weights.pack(values)

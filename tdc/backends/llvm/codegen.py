@@ -67,7 +67,7 @@ class ModuleBuilder:
     def __init__(self, graph: Graph, name: str):
         self.graph = graph
         self.name = name
-        self.program: Program = build_program(graph)
+        self.program: Program = build_program(graph, dtypes=tuple(MEM), render=False)
         self.plan: MemoryPlan = plan_memory(graph)
         self.weights = WeightsLayout.of(graph)
         self.module = ir.Module(name=name)
@@ -89,8 +89,7 @@ class ModuleBuilder:
                 n = payload
                 why = "needs MPI" if n.opdef.family == "comm" else \
                     f"has no LLVM lowering for {', '.join(sorted({str(v.type.dtype) for v in n.inputs + n.outputs}))}"
-                raise TdcError(f"llvm backend: {n.op} {why} (node {n.outputs[0].name if n.outputs else ''}"
-                               f"{' at ' + n.loc if n.loc else ''})")
+                raise TdcError(f"llvm backend: {n.op} {why}{' at ' + n.loc if n.loc else ''}")
             if kind == "library":
                 dt = _library_dtype(payload)
                 if dt not in LIBRARY_DTYPES:

@@ -12,13 +12,16 @@ from ...errors import TdcError
 from ...ir.types import TensorType
 
 I1, I8, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
-F32, F64 = ir.FloatType(), ir.DoubleType()
-REG = {"f32": F32, "f64": F64, "i8": I8, "i32": I32, "i64": I64, "bool": I1}
+F16, F32, F64 = ir.HalfType(), ir.FloatType(), ir.DoubleType()
+REG = {"f16": F16, "f32": F32, "f64": F64, "i8": I8, "i32": I32, "i64": I64, "bool": I1}
 MEM = {**REG, "bool": I8}       # numpy stores a bool in one byte
 
 
+FLOAT_BITS = {"f16": 16, "f32": 32, "f64": 64}
+
+
 def is_float(dtype: str) -> bool:
-    return dtype in ("f32", "f64")
+    return dtype in FLOAT_BITS
 
 
 def const(dtype: str, value) -> ir.Constant:
@@ -43,8 +46,9 @@ def store(b: ir.IRBuilder, value, ptr, dtype: str):
 def intrinsic(module: ir.Module, name: str, dtype: str, n_args: int = 1) -> ir.Function:
     """llvm.<name>.f32 / .f64, or a libm function (tanhf / tanh) when LLVM has no intrinsic."""
     t = REG[dtype]
-    full = f"llvm.{name}.{'f32' if dtype == 'f32' else 'f64'}" if name != "tanh" else \
-        ("tanhf" if dtype == "f32" else "tanh")
+    if name == "tanh" and dtype == "f16":
+        raise TdcError("llvm backend: tanh on f16 is not supported")
+    full = f"llvm.{name}.f{FLOAT_BITS[dtype]}" if name != "tanh" else ("tanhf" if dtype == "f32" else "tanh")
     fn = module.globals.get(full)
     if fn is None:
         fn = ir.Function(module, ir.FunctionType(t, [t] * n_args), name=full)
@@ -60,7 +64,7 @@ def convert(b: ir.IRBuilder, v, src: str, dst: str):
     if src == "bool":
         return b.uitofp(v, REG[dst]) if is_float(dst) else b.zext(v, REG[dst])
     if is_float(src) and is_float(dst):
-        return b.fpext(v, REG[dst]) if dst == "f64" else b.fptrunc(v, REG[dst])
+        return b.fpext(v, REG[dst]) if FLOAT_BITS[dst] > FLOAT_BITS[src] else b.fptrunc(v, REG[dst])
     if is_float(src):
         return b.fptosi(v, REG[dst])
     if is_float(dst):
