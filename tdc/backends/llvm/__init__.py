@@ -105,9 +105,9 @@ class LLVMExecutable:
         self._engine.finalize_object()
         addr = self._engine.get_function_address(f"{mb.name}_run")
         self._run = ctypes.CFUNCTYPE(ctypes.c_int64, *ENTRY_ARGS)(addr)
-        threads = os.environ.get("TDC_BLAS_THREADS")
-        if threads:
-            ctypes.CDLL(str(rt.shared_lib_path)).tdc_runtime_set_threads(ctypes.c_int64(int(threads)))
+        # one BLAS thread unless asked otherwise: two spin against each other on 2 vCPUs (see main.c)
+        threads = max(int(os.environ.get("TDC_BLAS_THREADS", "1")), 1)
+        ctypes.CDLL(str(rt.shared_lib_path)).tdc_runtime_set_threads(ctypes.c_int64(threads))
 
         values = init_params(graph, seed, only_missing=params or {})
         values.update(params or {})
