@@ -59,7 +59,8 @@ def test_inference_executable_matches_reference_and_jit(model, batch, tmp_path):
         assert f"{name}: f32[" in r.stdout
 
 
-@pytest.mark.parametrize("model,batch,opt", [("mlp", 4, "adam"), ("lenet", 2, "momentum"), ("digits", 4, "sgd")])
+@pytest.mark.parametrize("model,batch,opt", [("mlp", 4, "adam"), ("lenet", 2, "momentum"), ("digits", 4, "sgd"),
+                                             ("vgg", 2, "sgd")])
 def test_training_executable_matches_reference_steps(model, batch, opt, tmp_path):
     """Five steps over two batches: the losses printed and the weights written match the reference."""
     g = tdc.train_step(getattr(__import__(model), model), optimizer=tdc.Optimizer(opt, lr=0.01, eps=1e-4),
