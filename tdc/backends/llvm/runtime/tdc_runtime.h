@@ -50,6 +50,21 @@ void tdc_conv2d_grad_weight_f32(const float *x, const float *gy, float *dwt,
                                 int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW,
                                 int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                                 int64_t dh, int64_t dw, int64_t groups);
+/* Conv algorithms, one function per op, algorithm and dtype, named tdc_<op>_<algo>_<dtype>
+ * with the argument lists of tdc_conv2d_f32 / _grad_input / _grad_weight above (whose outputs
+ * they overwrite). im2col: the functions above under this name. direct: loop nests, any
+ * geometry. winograd_f2 / winograd_f4: Winograd F(2x2,3x3) / F(4x4,3x3) with per-point GEMMs
+ * (3x3, stride 1, dilation 1; any other geometry falls back to im2col). fft: 2-D FFT
+ * convolution computed in double, any geometry. */
+#define TDC_CONV_DIMS int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW, \
+                      int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t pt, int64_t pl, \
+                      int64_t dh, int64_t dw, int64_t groups
+void tdc_conv2d_im2col_f32(const float *x, const float *w, const float *b, int64_t has_bias, float *out, TDC_CONV_DIMS);
+void tdc_conv2d_grad_input_im2col_f32(const float *gy, const float *w, float *dx, TDC_CONV_DIMS);
+void tdc_conv2d_grad_weight_im2col_f32(const float *x, const float *gy, float *dwt, TDC_CONV_DIMS);
+void tdc_conv2d_direct_f32(const float *x, const float *w, const float *b, int64_t has_bias, float *out, TDC_CONV_DIMS);
+void tdc_conv2d_grad_input_direct_f32(const float *gy, const float *w, float *dx, TDC_CONV_DIMS);
+void tdc_conv2d_grad_weight_direct_f32(const float *x, const float *gy, float *dwt, TDC_CONV_DIMS);
 /* out[N,C,OH,OW] = max over each window (NaN wins; padding never counts). */
 void tdc_maxpool2d_f32(const float *x, float *out, int64_t N, int64_t C, int64_t H, int64_t W,
                        int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
@@ -111,6 +126,12 @@ void tdc_conv2d_grad_weight_f64(const double *x, const double *gy, double *dwt,
                                 int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW,
                                 int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                                 int64_t dh, int64_t dw, int64_t groups);
+void tdc_conv2d_im2col_f64(const double *x, const double *w, const double *b, int64_t has_bias, double *out, TDC_CONV_DIMS);
+void tdc_conv2d_grad_input_im2col_f64(const double *gy, const double *w, double *dx, TDC_CONV_DIMS);
+void tdc_conv2d_grad_weight_im2col_f64(const double *x, const double *gy, double *dwt, TDC_CONV_DIMS);
+void tdc_conv2d_direct_f64(const double *x, const double *w, const double *b, int64_t has_bias, double *out, TDC_CONV_DIMS);
+void tdc_conv2d_grad_input_direct_f64(const double *gy, const double *w, double *dx, TDC_CONV_DIMS);
+void tdc_conv2d_grad_weight_direct_f64(const double *x, const double *gy, double *dwt, TDC_CONV_DIMS);
 void tdc_maxpool2d_f64(const double *x, double *out, int64_t N, int64_t C, int64_t H, int64_t W,
                        int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                        int64_t pt, int64_t pl, int64_t dh, int64_t dw);
