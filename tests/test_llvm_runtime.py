@@ -232,7 +232,7 @@ def test_conv2d_fixed_shapes(lib, dt, case):
 # copies of the same inputs), per algorithm and dtype. Measured on these tests (max over all
 # cases): see the comments; the bounds leave a margin of roughly 10x.
 
-CONV_ALGOS = ("im2col", "direct")
+CONV_ALGOS = ("im2col", "direct", "winograd_f2", "winograd_f4")
 ALGO_TOL = {
     "im2col": {"f32": 1e-5, "f64": 1e-13},
     "direct": {"f32": 1e-5, "f64": 1e-13},
@@ -240,7 +240,7 @@ ALGO_TOL = {
     "winograd_f4": {"f32": 1e-4, "f64": 1e-12},
     "fft": {"f32": 1e-5, "f64": 1e-12},
 }
-WINOGRAD = ()
+WINOGRAD = ("winograd_f2", "winograd_f4")
 for _a in CONV_ALGOS:
     SIGS[f"conv2d_{_a}"] = SIGS["conv2d"]
     SIGS[f"conv2d_grad_input_{_a}"] = SIGS["conv2d_grad_input"]

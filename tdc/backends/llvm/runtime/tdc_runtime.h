@@ -65,6 +65,15 @@ void tdc_conv2d_grad_weight_im2col_f32(const float *x, const float *gy, float *d
 void tdc_conv2d_direct_f32(const float *x, const float *w, const float *b, int64_t has_bias, float *out, TDC_CONV_DIMS);
 void tdc_conv2d_grad_input_direct_f32(const float *gy, const float *w, float *dx, TDC_CONV_DIMS);
 void tdc_conv2d_grad_weight_direct_f32(const float *x, const float *gy, float *dwt, TDC_CONV_DIMS);
+void tdc_conv2d_winograd_f2_f32(const float *x, const float *w, const float *b, int64_t has_bias, float *out, TDC_CONV_DIMS);
+void tdc_conv2d_grad_input_winograd_f2_f32(const float *gy, const float *w, float *dx, TDC_CONV_DIMS);
+void tdc_conv2d_grad_weight_winograd_f2_f32(const float *x, const float *gy, float *dwt, TDC_CONV_DIMS);
+void tdc_conv2d_winograd_f4_f32(const float *x, const float *w, const float *b, int64_t has_bias, float *out, TDC_CONV_DIMS);
+void tdc_conv2d_grad_input_winograd_f4_f32(const float *gy, const float *w, float *dx, TDC_CONV_DIMS);
+void tdc_conv2d_grad_weight_winograd_f4_f32(const float *x, const float *gy, float *dwt, TDC_CONV_DIMS);
+void tdc_conv2d_fft_f32(const float *x, const float *w, const float *b, int64_t has_bias, float *out, TDC_CONV_DIMS);
+void tdc_conv2d_grad_input_fft_f32(const float *gy, const float *w, float *dx, TDC_CONV_DIMS);
+void tdc_conv2d_grad_weight_fft_f32(const float *x, const float *gy, float *dwt, TDC_CONV_DIMS);
 /* out[N,C,OH,OW] = max over each window (NaN wins; padding never counts). */
 void tdc_maxpool2d_f32(const float *x, float *out, int64_t N, int64_t C, int64_t H, int64_t W,
                        int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
@@ -132,6 +141,15 @@ void tdc_conv2d_grad_weight_im2col_f64(const double *x, const double *gy, double
 void tdc_conv2d_direct_f64(const double *x, const double *w, const double *b, int64_t has_bias, double *out, TDC_CONV_DIMS);
 void tdc_conv2d_grad_input_direct_f64(const double *gy, const double *w, double *dx, TDC_CONV_DIMS);
 void tdc_conv2d_grad_weight_direct_f64(const double *x, const double *gy, double *dwt, TDC_CONV_DIMS);
+void tdc_conv2d_winograd_f2_f64(const double *x, const double *w, const double *b, int64_t has_bias, double *out, TDC_CONV_DIMS);
+void tdc_conv2d_grad_input_winograd_f2_f64(const double *gy, const double *w, double *dx, TDC_CONV_DIMS);
+void tdc_conv2d_grad_weight_winograd_f2_f64(const double *x, const double *gy, double *dwt, TDC_CONV_DIMS);
+void tdc_conv2d_winograd_f4_f64(const double *x, const double *w, const double *b, int64_t has_bias, double *out, TDC_CONV_DIMS);
+void tdc_conv2d_grad_input_winograd_f4_f64(const double *gy, const double *w, double *dx, TDC_CONV_DIMS);
+void tdc_conv2d_grad_weight_winograd_f4_f64(const double *x, const double *gy, double *dwt, TDC_CONV_DIMS);
+void tdc_conv2d_fft_f64(const double *x, const double *w, const double *b, int64_t has_bias, double *out, TDC_CONV_DIMS);
+void tdc_conv2d_grad_input_fft_f64(const double *gy, const double *w, double *dx, TDC_CONV_DIMS);
+void tdc_conv2d_grad_weight_fft_f64(const double *x, const double *gy, double *dwt, TDC_CONV_DIMS);
 void tdc_maxpool2d_f64(const double *x, double *out, int64_t N, int64_t C, int64_t H, int64_t W,
                        int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                        int64_t pt, int64_t pl, int64_t dh, int64_t dw);
