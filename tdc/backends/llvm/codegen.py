@@ -368,7 +368,26 @@ def library_call(node: Node):
                 ("i64", a["seed"]), O[0], ("i64", int(np.prod(ins[0])))]
     else:
         raise TdcError(f"llvm backend: no runtime kernel for {op}")
+    if op.startswith("conv2d"):
+        op = f"{op}_{conv_algorithm(node)}"
     return f"tdc_{op}_{dt}", args, op in ("softmax_cross_entropy", "one_hot")
+
+
+def conv_algorithm(node: Node) -> str:
+    """The runtime function family for a conv node's `algo`. The conv_algo pass has chosen one by
+    the time code is generated; a graph that skipped it ("auto", or "winograd" unresolved) gets
+    im2col, or F(2x2,3x3) when Winograd was asked for and can compute it."""
+    from ...ops.conv import ALGORITHMS, legal_algos
+    a = node.attrs
+    algo = a.get("algo", "auto")
+    w = node.outputs[0] if node.op == "conv2d_grad_weight" else node.inputs[1]
+    kernel = w.type.shape[2:]
+    legal = legal_algos(node.op, kernel, a["stride"], a["dilation"])
+    if algo == "winograd":
+        algo = "winograd_f2"
+    if algo not in ALGORITHMS or algo not in legal:
+        algo = "im2col"
+    return algo
 
 
 # ---- loop nests -------------------------------------------------------------------------
