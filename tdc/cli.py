@@ -30,6 +30,18 @@ def _add_training(p: argparse.ArgumentParser):
                    help="optimizer whose update rules go into the training graph (default: adam)")
 
 
+def add_conv_algo_arguments(p: argparse.ArgumentParser) -> None:
+    """--conv-algo and --autotune, for every command that compiles a graph (run, train, dump)."""
+    from .ops.conv import CONV_ALGOS
+    p.add_argument("--conv-algo", default="auto", choices=CONV_ALGOS, metavar="ALGO",
+                   help="convolution algorithm for every layer that does not choose one in the model: "
+                        + "|".join(CONV_ALGOS) + " (default auto: the cost model picks per layer; winograd: "
+                        "F(2x2,3x3) or F(4x4,3x3); a layer the algorithm cannot compute keeps the best legal one)")
+    p.add_argument("--autotune", action="store_true",
+                   help="time the candidate algorithms of each convolution on first compile instead of using the "
+                        "cost model (cached per layer shape, dtype and machine in ~/.cache/tdc/autotune.json)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="tdc", description="tdc: compile tensor dataflow models (Python DSL, IR text) and run or train them.",
@@ -61,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--llvm", action="store_true", help="print the LLVM IR generated for the graph")
     d.add_argument("--asm", action="store_true", help="print the optimised machine code for this CPU")
     d.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    add_conv_algo_arguments(d)
 
     r = sub.add_parser("run", help="run a model on inputs and print or save its outputs",
                        description="Run a model's inference graph. Params come from --weights or are "
@@ -75,14 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backend to run on (default: numba)")
     r.add_argument("--output", action="append", default=[], metavar="[NAME=]FILE.npy",
                    help="save an output (the first one when NAME is not given)")
+    add_conv_algo_arguments(r)
 
     sub.add_parser("ops", help="list the ops tdc knows, with their attributes")
 
     c = sub.add_parser("compile", help="compile a model to a native executable (no Python at run time)",
-                       description="Compile a model (inference, or with --train its training step) to a bundle "
-                                   "directory: model.o (the generated code), model.h (entry point and buffer "
-                                   "sizes), model.weights (unless --embed-weights) and model, a native "
-                                   "executable. Run `OUT/model --help` to see its inputs.",
+                       description="Compile a model (inference, or with --train its training step) through LLVM\n"
+                                   "to a bundle directory:\n"
+                                   "  model.o        the generated code\n"
+                                   "  model.h        the entry point, buffer sizes, inputs, outputs and weights\n"
+                                   "  model.weights  params and state (unless --embed-weights)\n"
+                                   "  model          a native executable; `OUT/model --help` lists its inputs",
                        epilog="Example:\n  tdc compile examples/lenet.py --batch 1 -o out/lenet\n"
                               "  out/lenet/model --input x=img.npy --output y.npy",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model: the training step (forward, loss, backward and "
                                    "optimizer update) is one compiled graph.")
     add_train_arguments(t)
+    add_conv_algo_arguments(t)
     return ap
 
 
@@ -111,12 +128,14 @@ def cmd_dump(args) -> int:
     from .ir.printer import print_graph
     from .passes.manager import PassContext, Pipeline, get_pass
     from .passes.optimizer import Optimizer
-    from .passes.training import compile_pipeline, training_pipeline
+    from .passes.conv_algo import request_conv_algo
+    from .passes.training import compile_pipeline, conv_algo_pass, training_pipeline
     from .runtime.loader import Source
 
     src = Source(args.model)
-    inference = compile_pipeline()
-    training = Pipeline(training_pipeline(args.loss, Optimizer(args.optimizer)).passes + [get_pass("fuse")])
+    inference = compile_pipeline(args.conv_algo, args.autotune)
+    training = Pipeline(training_pipeline(args.loss, Optimizer(args.optimizer)).passes
+                        + [conv_algo_pass(args.conv_algo, args.autotune), get_pass("fuse")])
     names_inf = [p.name for p in inference.passes]
     names_train = [p.name for p in training.passes]
     if args.after and args.after not in names_inf + names_train:
@@ -137,7 +156,7 @@ def cmd_dump(args) -> int:
             step = src.graph(args.batch, training=train)
             if train:
                 step = training_pipeline(args.loss, Optimizer(args.optimizer)).run(step)
-            chunks.append(NumbaExecutable(step).source())
+            chunks.append(NumbaExecutable(request_conv_algo(step, args.conv_algo), autotune=args.autotune).source())
         if args.llvm or args.asm:
             from .backends.llvm.bundle import assembly, llvm_ir
             step = src.graph(args.batch, training=train)
@@ -199,7 +218,8 @@ def cmd_run(args) -> int:
         raise TdcError(f"missing input {', '.join(missing)}; {src.name} takes {expected} "
                        "(give --input NAME=FILE.npy or --random-inputs)")
     params = load_weights(args.weights, graph) if args.weights else src.params   # an ONNX file's initializers
-    exe = compile(graph, backend=args.backend, params=params, seed=args.seed)
+    exe = compile(graph, backend=args.backend, params=params, seed=args.seed, conv_algo=args.conv_algo,
+                  autotune=args.autotune)
     outputs = exe(**given)
     if args.save_inputs:
         os.makedirs(args.save_inputs, exist_ok=True)

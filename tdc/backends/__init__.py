@@ -6,15 +6,21 @@ from ..errors import TdcError
 BACKENDS = ("reference", "numba", "llvm")
 
 
-def compile(graph, backend: str = "reference", params=None, seed: int = 0):
+def compile(graph, backend: str = "reference", params=None, seed: int = 0, conv_algo: str = "auto",
+            autotune: bool = False):
     """Compile `graph` for `backend`. Params, consts and state come from `params` (name -> array)
-    and, for any not given, from their initializers seeded with `seed`."""
+    and, for any not given, from their initializers seeded with `seed`. `conv_algo` asks for a
+    convolution algorithm wherever a layer asks for none (the conv_algo pass resolves it);
+    `autotune` lets the numba backend time the candidates instead of using the cost model."""
+    if conv_algo != "auto":
+        from ..passes.conv_algo import request_conv_algo
+        graph = request_conv_algo(graph, conv_algo)
     if backend == "reference":
         from .reference import ReferenceExecutable
         return ReferenceExecutable(graph, params, seed)
     if backend == "numba":
         from .numba import NumbaExecutable
-        return NumbaExecutable(graph, params, seed)
+        return NumbaExecutable(graph, params, seed, autotune=autotune)
     if backend == "llvm":
         from .llvm import LLVMExecutable
         return LLVMExecutable(graph, params, seed)

@@ -18,7 +18,25 @@ from ..ir.types import TensorType
 from .registry import Attr, defop, fail, need_float, numel, same_dtype
 from ..frontend import functional as F
 
-CONV_ALGOS = ("auto", "direct", "im2col", "fft", "winograd_f2", "winograd_f4")
+CONV_ALGOS = ("auto", "direct", "im2col", "fft", "winograd", "winograd_f2", "winograd_f4")
+# "auto": not chosen yet (the conv_algo pass picks one); "winograd": F(2x2,3x3) or F(4x4,3x3), the
+# pass picks which. The others name one algorithm. The reference backend ignores the choice.
+ALGORITHMS = ("direct", "im2col", "fft", "winograd_f2", "winograd_f4")
+
+
+def legal_algos(op: str, kernel, stride, dilation) -> tuple[str, ...]:
+    """The algorithms that can compute conv op `op` (conv2d, conv2d_grad_input or conv2d_grad_weight)
+    with this geometry: Winograd needs a 3x3 kernel, stride 1 and dilation 1 (any padding and groups);
+    the others take any geometry."""
+    wino = tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+    return ALGORITHMS if wino else ("direct", "im2col", "fft")
+
+
+ALGO_ATTRS = {
+    "algo": Attr("str", "auto", choices=CONV_ALGOS,
+                 doc="algorithm for the compiled backends (auto: chosen by the conv_algo pass); the reference ignores it"),
+    "algo_note": Attr("str", "", doc="why the algorithm asked for was not used (set by the conv_algo pass)"),
+}
 
 
 # ---- window geometry (shared with pool.py) -------------------------------------
@@ -122,7 +140,7 @@ def conv_out_shape(x_shape, w_shape, stride, pad, dilation, groups, x_name="inpu
     return (n, co, oh, ow)
 
 
-def _conv2d_infer(ins, stride, pad, dilation, groups, algo):
+def _conv2d_infer(ins, stride, pad, dilation, groups, algo, algo_note):
     x, w = ins[0], ins[1]
     need_float(x)
     dt = same_dtype(ins)
@@ -139,7 +157,7 @@ def _im2col(x, kernel, stride, pad, dilation, groups, out_hw):
     return cols.reshape(n, groups, c // groups * kernel[0] * kernel[1], out_hw[0] * out_hw[1])
 
 
-def _conv2d_ref(x, w, b=None, *, stride, pad, dilation, groups, algo):
+def _conv2d_ref(x, w, b=None, *, stride, pad, dilation, groups, algo, algo_note):
     dt, wt = x.dtype, work_dtype(x.dtype)
     n, co = x.shape[0], w.shape[0]
     oh, ow = spatial_out(x.shape[2:], w.shape[2:], stride, pad, dilation)
@@ -152,7 +170,9 @@ def _conv2d_ref(x, w, b=None, *, stride, pad, dilation, groups, algo):
 
 
 def _geometry(attrs) -> dict:
-    return {k: attrs[k] for k in GEOMETRY}
+    """The geometry and the algorithm asked for: the backward ops of a layer inherit its choice
+    (a forward forced to Winograd asks for Winograd backward too; the pass checks legality)."""
+    return {**{k: attrs[k] for k in GEOMETRY}, "algo": attrs["algo"]}
 
 
 def _conv2d_grad(ctx, x, w, b=None):
@@ -170,8 +190,7 @@ def _conv2d_cost(ins, outs, **a):
 
 
 defop("conv2d", "conv", arity=(2, 3),
-      attrs={**GEOMETRY, "algo": Attr("str", "auto", choices=CONV_ALGOS,
-                                      doc="algorithm for the compiled backends; the reference ignores it")},
+      attrs={**GEOMETRY, **ALGO_ATTRS},
       infer=_conv2d_infer, ref=_conv2d_ref, grad=_conv2d_grad, cost=_conv2d_cost,
       doc="conv2d(x, w[, b]): NCHW cross-correlation; w is [Cout, Cin/groups, kh, kw], b is [Cout]")
 
@@ -186,7 +205,7 @@ def _check_g(g: TensorType, want, what):
         fail(f"the output gradient must be {list(want)} (the conv2d output for {what}), got {list(g.shape)}")
 
 
-def _grad_input_infer(ins, input_shape, stride, pad, dilation, groups):
+def _grad_input_infer(ins, input_shape, stride, pad, dilation, groups, algo, algo_note):
     g, w = ins
     need_float(g)
     dt = same_dtype(ins)
@@ -195,7 +214,7 @@ def _grad_input_infer(ins, input_shape, stride, pad, dilation, groups):
     return TensorType(dt, input_shape)
 
 
-def _grad_input_ref(g, w, *, input_shape, stride, pad, dilation, groups):
+def _grad_input_ref(g, w, *, input_shape, stride, pad, dilation, groups, algo, algo_note):
     dt, wt = g.dtype, work_dtype(g.dtype)
     n, c, h, wd = input_shape
     co, cg, kh, kw = w.shape
@@ -216,7 +235,7 @@ def _grad_input_grad(ctx, g, w):
             F.apply("conv2d_grad_weight", ctx.g, g, weight_shape=w.shape, **geo)]
 
 
-def _grad_weight_infer(ins, weight_shape, stride, pad, dilation, groups):
+def _grad_weight_infer(ins, weight_shape, stride, pad, dilation, groups, algo, algo_note):
     x, g = ins
     need_float(x)
     dt = same_dtype(ins)
@@ -225,7 +244,7 @@ def _grad_weight_infer(ins, weight_shape, stride, pad, dilation, groups):
     return TensorType(dt, weight_shape)
 
 
-def _grad_weight_ref(x, g, *, weight_shape, stride, pad, dilation, groups):
+def _grad_weight_ref(x, g, *, weight_shape, stride, pad, dilation, groups, algo, algo_note):
     dt, wt = x.dtype, work_dtype(x.dtype)
     n = x.shape[0]
     co = weight_shape[0]
@@ -255,10 +274,10 @@ def _grad_weight_cost(ins, outs, **a):
 
 
 defop("conv2d_grad_input", "conv", arity=(2, 2),
-      attrs={"input_shape": Attr("ints", length=4, doc="shape of conv2d's x"), **GEOMETRY},
+      attrs={"input_shape": Attr("ints", length=4, doc="shape of conv2d's x"), **GEOMETRY, **ALGO_ATTRS},
       infer=_grad_input_infer, ref=_grad_input_ref, grad=_grad_input_grad, cost=_grad_input_cost,
       doc="conv2d_grad_input(g, w): the gradient of conv2d w.r.t. x, given the output gradient g")
 defop("conv2d_grad_weight", "conv", arity=(2, 2),
-      attrs={"weight_shape": Attr("ints", length=4, doc="shape of conv2d's w"), **GEOMETRY},
+      attrs={"weight_shape": Attr("ints", length=4, doc="shape of conv2d's w"), **GEOMETRY, **ALGO_ATTRS},
       infer=_grad_weight_infer, ref=_grad_weight_ref, grad=_grad_weight_grad, cost=_grad_weight_cost,
       doc="conv2d_grad_weight(x, g): the gradient of conv2d w.r.t. w, given the output gradient g")

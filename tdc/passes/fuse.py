@@ -28,7 +28,9 @@ def is_elementwise(node: Node) -> bool:
 
 
 def is_anchor(node: Node) -> bool:
-    return node.op in ANCHOR_OPS and (node.op != "matmul" or all(v.type.rank == 2 for v in node.inputs))
+    # an FFT convolution runs at Python level (numpy.fft): no generated epilogue around it
+    return node.op in ANCHOR_OPS and (node.op != "matmul" or all(v.type.rank == 2 for v in node.inputs)) \
+        and not (node.op == "conv2d" and node.attrs["algo"] == "fft")
 
 
 def is_literal(node: Node | None) -> bool:

@@ -178,7 +178,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
           resume: bool = False, metrics: str | None = None, plot: str | None = None,
           save_weights: str | None = None, max_steps: int | None = None, log_every: int = 1,
           params: dict[str, np.ndarray] | None = None, progress: bool = True, verbose: bool = True,
-          out=print) -> TrainResult:
+          out=print, conv_algo: str = "auto", autotune: bool = False) -> TrainResult:
     """Train `model` (a Model or "FILE.py[:NAME]") on `data` (a Dataset, "digits" or "mnist:DIR").
 
     schedule: a Schedule, or a name (constant|step|cosine) built with warmup/step_size/gamma and,
@@ -187,6 +187,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
       steps, and when stopping at `max_steps`. resume=True continues from it (or starts afresh,
       with a note, when there is none yet).
     max_steps: stop once this many steps (counted over the whole run, including before a resume) are done.
+    conv_algo, autotune: convolution algorithm choice, as for `tdc.compile`.
     metrics: a JSON-lines file: {epoch, step, loss, lr, accuracy} every `log_every` steps and
       {epoch, step, loss, test_accuracy, test_loss} after every epoch's evaluation.
     """
@@ -255,12 +256,12 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                 out(f"resuming from {ck.path}: step {step}, epoch {epoch0 + 1}, batch {pos0}/{steps_per_epoch}")
         elif verbose:
             out(f"no checkpoint in {checkpoint} yet; starting from scratch")
-    exe = compile_graph(train_graph, backend=backend, params=params, seed=seed)
+    exe = compile_graph(train_graph, backend=backend, params=params, seed=seed, conv_algo=conv_algo, autotune=autotune)
     infer_args = [a.name for a in infer_graph.args if a.kind != "input"]
     # The inference executable owns copies that are refreshed in place before each evaluation:
     # a backend may bind its buffers at compile time, so replacing dict entries would go unseen.
     eval_exe = compile_graph(infer_graph, backend=backend, params={k: exe.state[k].copy() for k in infer_args},
-                             seed=seed)
+                             seed=seed, conv_algo=conv_algo, autotune=autotune)
 
     records: list[dict] = []
     metrics_file = None
@@ -287,8 +288,11 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                             epochs=epochs, schedule=repr(schedule), backend=backend, **settings)
 
     def run_eval() -> tuple[int, float]:
-        for k in infer_args:
-            eval_exe.state[k][...] = exe.state[k]
+        if hasattr(eval_exe, "set_state"):   # an executable that keeps derived weights (Winograd filters)
+            eval_exe.set_state({k: exe.state[k] for k in infer_args})
+        else:
+            for k in infer_args:
+                eval_exe.state[k][...] = exe.state[k]
         return evaluate(eval_exe, input_name, output, x_test, y_test, batch, loss)
 
     losses: list[np.ndarray] = []
@@ -421,6 +425,7 @@ def cmd_train(args) -> int:
                    scale_lr=args.scale_lr, backend=args.backend, seed=args.seed, checkpoint=args.checkpoint,
                    checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                    resume=args.resume, metrics=args.metrics, plot=args.plot, save_weights=args.save_weights,
-                   max_steps=args.max_steps, progress=not args.no_progress)
+                   max_steps=args.max_steps, progress=not args.no_progress,
+                   conv_algo=getattr(args, "conv_algo", "auto"), autotune=getattr(args, "autotune", False))
     print(result.summary())
     return 0

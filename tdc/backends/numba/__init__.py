@@ -21,15 +21,16 @@ import numpy as np  # noqa: E402
 from ...errors import TdcError  # noqa: E402
 from ...ir.graph import Graph, Value
 from ..reference import check_feed
-from .codegen import LIBRARY, Program, build_program
+from .codegen import CONV_OPS, LIBRARY, Program, build_program
 
 CACHE_DIR = os.environ.get("TDC_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "tdc", "numba"))
 
 
-def optimize_for_backend(graph: Graph) -> Graph:
-    """The passes every compiled backend runs before code generation."""
+def optimize_for_backend(graph: Graph, autotune: bool = False) -> Graph:
+    """The passes every compiled backend runs before code generation (with --autotune, the
+    conv_algo pass times each convolution's candidates on this backend)."""
     from ...passes.training import compile_pipeline
-    return compile_pipeline().run(graph)
+    return compile_pipeline(autotune=autotune).run(graph)
 
 
 def load_module(source: str):
@@ -65,6 +66,10 @@ def prepare_runtime() -> None:
         from numba.np.ufunc.parallel import _launch_threads
         from threadpoolctl import threadpool_limits
         _launch_threads()
+        try:   # Numba's np.dot calls SciPy's OpenBLAS (not numpy's): load it so the limit reaches it
+            import scipy.linalg.cython_blas  # noqa: F401
+        except ImportError:
+            pass
         threadpool_limits(int(os.environ.get("TDC_BLAS_THREADS", "1")), user_api="blas")
         _prepared = True
 
@@ -76,11 +81,11 @@ _prepared = False
 class NumbaExecutable:
     backend = "numba"
 
-    def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0):
+    def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0, autotune: bool = False):
         from ...runtime.init import init_params
         prepare_runtime()
         self.source_graph = graph
-        self.graph = optimize_for_backend(graph)
+        self.graph = optimize_for_backend(graph, autotune)
         self.program: Program = build_program(self.graph)
         values = init_params(graph, seed, only_missing=params or {})
         values.update(params or {})
@@ -173,12 +178,14 @@ class NumbaExecutable:
             if kind == "loop":
                 args = [arrays[v] for v in payload["params"]]
                 if payload["anchor"] is not None:
-                    args += [arrays[v] for v in payload["anchor"].inputs]
+                    args += [arrays[v] for v in payload["anchor"].inputs] + payload.get("extra", [])
                 segments[-1].append(f"{name}({', '.join(expr(a) for a in args)})")
             elif kind == "library":
                 n = payload
-                fn, args = LIBRARY[n.op](n, [arrays[v] for v in n.inputs], [arrays[v] for v in n.outputs])
-                segments[-1].append(f"K.{fn.__name__}({', '.join(expr(a) for a in args)})   # {name}: {n.op}")
+                ins, outs = [arrays[v] for v in n.inputs], [arrays[v] for v in n.outputs]
+                fn, args = LIBRARY[n.op](n, ins, outs, self.program) if n.op in CONV_OPS else LIBRARY[n.op](n, ins, outs)
+                mod = "CA" if fn.__module__.endswith("conv_algos") else "K"
+                segments[-1].append(f"{mod}.{fn.__name__}({', '.join(expr(a) for a in args)})   # {name}: {n.op}")
             else:
                 python_steps[len(segments) - 1] = (name, _fallback(payload),
                                                    tuple(arrays[v] for v in payload.inputs + payload.outputs))
@@ -201,6 +208,29 @@ class NumbaExecutable:
                         if arrays[v] is not self.state[t.name]]
         self.outputs = [(n, arrays[v]) for n, v in self.graph.outputs]
         self.inputs = [(a, arrays[a]) for a in self.graph.inputs]
+        self._hide_cached_weights()
+
+    def _hide_cached_weights(self):
+        """Params whose Winograd filter transform is kept between calls are shown read-only in
+        `state` (an in-place write would leave the transform stale); `set_state` replaces them."""
+        self._filter_caches: dict[str, list[np.ndarray]] = {}
+        for name, ustate in self.program.filter_caches:
+            self._filter_caches.setdefault(name, []).append(ustate)
+        self._owned = {name: self.state[name] for name in self._filter_caches}
+        for name, arr in self._owned.items():
+            view = arr.view()
+            view.flags.writeable = False
+            self.state[name] = view
+
+    def set_state(self, values: dict[str, np.ndarray]) -> None:
+        """Copy new values into params or state (in place: the buffers stay bound)."""
+        for name, x in values.items():
+            if name not in self.state:
+                raise TdcError(f"no param or state named {name!r}")
+            arg = next(a for a in self.graph.args if a.name == name)
+            self._owned.get(name, self.state[name])[...] = check_feed(arg, x, arg.kind)
+            for ustate in self._filter_caches.get(name, ()):
+                ustate[0] = 1
 
     def source(self) -> str:
         """The generated kernels and the driver that runs them in order over the planned buffers."""
@@ -232,6 +262,9 @@ class NumbaExecutable:
 def _fallback(node):
     """Run an op without a Numba lowering through its numpy reference."""
     opdef, attrs, n_in = node.opdef, node.attrs, len(node.inputs)
+    if node.op in CONV_OPS and attrs["algo"] == "fft":
+        from .conv_algos import fft_step
+        return fft_step(node)
     if node.op in ("send", "recv"):
         raise TdcError(f"{node.op} needs several processes; the numba backend runs one (rank 0 of 1)")
 
