@@ -421,6 +421,15 @@ def test_maxpool2d_nan_and_ties_explicitly(lib):
     np.testing.assert_array_equal(dx, [[[[0, 10, 0, 20], [0, 0, 0, 0]]]])
 
 
+def test_maxpool2d_ties_without_nan_take_the_first(lib):
+    """The 2x2 fast path (no NaN in the image) breaks ties like the general path."""
+    x = np.array([[[[1, 3, 3, 0], [3, 2, 5, 5]]]], np.float32)
+    dims = (1, 1, 2, 4, 1, 2, 2, 2, 2, 2, 0, 0, 1, 1)
+    dx = nan_like(x.shape, "f32")
+    call(lib, "maxpool2d_grad", "f32", np.array([[[[10, 20]]]], np.float32), x, dx, *dims)
+    np.testing.assert_array_equal(dx, [[[[0, 10, 0, 0], [0, 0, 20, 0]]]])
+
+
 def avg_counts(in_hw, out_hw, kernel, stride, pad, include):
     """cy, cx as the Numba codegen computes them (_avg_counts)."""
     cy = avgpool_counts.py_func(in_hw[0], kernel[0], stride[0], pad[0], pad[2], out_hw[0], include)
