@@ -220,7 +220,8 @@ def test_conv2d_and_grads(lib, dt, case):
     dict(N=3, groups=1, cg=6, cog=16, H=14, W=14, KH=5, KW=5, stride=(1, 1), pad=(0, 0, 0, 0), dilation=(1, 1)),
     # depthwise, strided, asymmetric padding, dilation
     dict(N=2, groups=8, cg=1, cog=2, H=11, W=9, KH=3, KW=3, stride=(2, 3), pad=(1, 0, 2, 1), dilation=(2, 1)),
-    # big enough that the batch is cut into several chunks (one with fewer images)
+    # big enough that the batch is cut into several chunks (one with fewer images), and split
+    # unevenly over the runtime's threads (above its 2 MFLOP threshold)
     dict(N=5, groups=2, cg=8, cog=3, H=64, W=64, KH=3, KW=3, stride=(1, 1), pad=(1, 1, 1, 1), dilation=(1, 1)),
 ])
 def test_conv2d_fixed_shapes(lib, dt, case):

@@ -154,7 +154,7 @@ def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: i
         shutil.copy2(blas, os.path.join(tmp, "libscipy_openblas.so"))
         exe = os.path.join(tmp, "model")
         _gcc(["-O2", "-std=c11", f'-DTDC_MODEL_HEADER="{os.path.abspath(hdr)}"', os.path.join(RUNTIME_DIR, "main.c"), obj, str(rt.object_path),
-              "-L" + tmp, "-lscipy_openblas", "-Wl,-rpath,$ORIGIN", "-lm", "-o", exe], "the executable")
+              "-L" + tmp, "-lscipy_openblas", "-Wl,-rpath,$ORIGIN", "-lpthread", "-lm", "-o", exe], "the executable")
         if not embed_weights:
             write_weights(os.path.join(tmp, "model.weights"), [(a.name, values[a.name]) for a, _ in mb.weights.entries],
                           layout=_layout(mb), payload_bytes=mb.weights.nbytes)

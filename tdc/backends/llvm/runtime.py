@@ -46,7 +46,7 @@ class RuntimeBuild:
     def link_args(self) -> list[str]:
         """What gcc needs, after the program's own objects, to link an executable using the runtime."""
         return [str(self.object_path), f"-L{self.openblas_lib_dir}", f"-l{OPENBLAS_LIB}",
-                f"-Wl,-rpath,{self.openblas_lib_dir}", "-lm"]
+                f"-Wl,-rpath,{self.openblas_lib_dir}", "-lpthread", "-lm"]
 
 
 def cache_root() -> Path:
@@ -120,7 +120,7 @@ def _build(root: str) -> RuntimeBuild:
         _run([gcc, *CFLAGS, f"-I{RUNTIME_DIR}", f"-I{ob_inc}", "-c", str(RUNTIME_DIR / "tdc_runtime.c"),
               "-o", str(obj)], "compile")
         _run([gcc, "-shared", "-o", str(lib), str(obj), f"-L{ob_lib}", f"-l{OPENBLAS_LIB}",
-              f"-Wl,-rpath,{ob_lib}", "-lm", "-Wl,--no-undefined"], "link")
+              f"-Wl,-rpath,{ob_lib}", "-lpthread", "-lm", "-Wl,--no-undefined"], "link")
         os.chmod(tmp, 0o755)   # mkdtemp makes it private
         try:
             os.rename(tmp, final)

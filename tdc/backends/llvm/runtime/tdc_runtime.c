@@ -17,10 +17,13 @@
  */
 #ifndef TDC_TEMPLATE
 
+#define _POSIX_C_SOURCE 200809L   /* pthreads and sysconf under -std=c11 */
 #include "tdc_runtime.h"
 
 #include <cblas.h>
 #include <limits.h>
+#include <pthread.h>
+#include <unistd.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,6 +43,97 @@ static void *xmalloc(int64_t bytes)
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* ---- threads ----------------------------------------------------------------------------
+ * A pool of worker threads that sleep on a condition variable between calls (never spin: two
+ * spinning pools on 2 vCPUs cost milliseconds per call here). parallel_for(n, work, fn, ctx)
+ * runs fn(ctx, begin, end) on contiguous parts of [0, n), one per thread, the caller taking
+ * part 0. Threads: TDC_THREADS, else the online CPUs (tdc_runtime_set_threads sets BLAS's). */
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
+
+#define MAX_THREADS 64
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake, done;
+    int threads;              /* including the caller; 0: not started */
+    uint64_t generation;      /* bumped per call: each worker runs once per generation */
+    int pending;
+    range_fn fn;
+    void *ctx;
+    int64_t n;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, NULL, 0};
+
+static void part(int64_t n, int t, int parts, int64_t *b, int64_t *e)
+{
+    *b = n * t / parts;
+    *e = n * (t + 1) / parts;
+}
+
+static void *pool_worker(void *arg)
+{
+    const int t = (int)(intptr_t)arg;
+    uint64_t seen = 0;
+    pthread_mutex_lock(&pool.mu);
+    for (;;) {
+        while (pool.generation == seen)
+            pthread_cond_wait(&pool.wake, &pool.mu);
+        seen = pool.generation;
+        range_fn fn = pool.fn;
+        void *ctx = pool.ctx;
+        int64_t b, e;
+        part(pool.n, t, pool.threads, &b, &e);
+        pthread_mutex_unlock(&pool.mu);
+        if (b < e)
+            fn(ctx, b, e);
+        pthread_mutex_lock(&pool.mu);
+        if (--pool.pending == 0)
+            pthread_cond_signal(&pool.done);
+    }
+    return NULL;
+}
+
+static int pool_threads(void)
+{
+    if (pool.threads == 0) {   /* first use; callers of the runtime are single-threaded */
+        const char *s = getenv("TDC_THREADS");
+        long n = s ? strtol(s, NULL, 10) : sysconf(_SC_NPROCESSORS_ONLN);
+        n = n < 1 ? 1 : (n > MAX_THREADS ? MAX_THREADS : n);
+        int started = 1;
+        for (int t = 1; t < n; t++) {
+            pthread_t th;
+            if (pthread_create(&th, NULL, pool_worker, (void *)(intptr_t)t) != 0)
+                break;
+            pthread_detach(th);
+            started++;
+        }
+        pool.threads = started;
+    }
+    return pool.threads;
+}
+
+/* fn over [0, n) on the pool, when `work` (about the flops) pays for waking the threads. */
+static void parallel_for(int64_t n, double work, range_fn fn, void *ctx)
+{
+    if (n <= 1 || work < 2e6 || pool_threads() == 1) {
+        fn(ctx, 0, n);
+        return;
+    }
+    pthread_mutex_lock(&pool.mu);
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.n = n;
+    pool.pending = pool.threads - 1;
+    pool.generation++;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+    int64_t b, e;
+    part(n, 0, pool.threads, &b, &e);
+    fn(ctx, b, e);
+    pthread_mutex_lock(&pool.mu);
+    while (pool.pending > 0)
+        pthread_cond_wait(&pool.done, &pool.mu);
+    pthread_mutex_unlock(&pool.mu);
+}
 
 /* Images per chunk: the column matrix [K, nb * P] stays within SCRATCH_BYTES and the
  * GEMM's column count within a BLAS int. */
@@ -506,26 +600,33 @@ static void SFX(chunk_rows)(const conv_geo *g, const T *gy, int64_t n0, int64_t 
 
 #define CONV_GEO {N, C, H, W, CO, KH, KW, OH, OW, sh, sw, pt, pl, dh, dw, groups}
 
-void SFX(tdc_conv2d)(const T *x, const T *w, const T *b, int64_t has_bias, T *out,
-                     int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW,
-                     int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
-                     int64_t dh, int64_t dw, int64_t groups)
+typedef struct {
+    conv_geo g;
+    const T *x, *w, *b;
+    int64_t has_bias;
+    T *out;
+} SFX(conv_job);
+
+/* Images [n_begin, n_end) of a forward convolution, in chunks whose columns sit side by side. */
+static void SFX(conv2d_images)(void *ctx, int64_t n_begin, int64_t n_end)
 {
-    const conv_geo g = CONV_GEO;
-    const int64_t P = OH * OW, cg = C / groups, cog = CO / groups, K = cg * KH * KW;
-    const int64_t nb = chunk_images(N, K, P, sizeof(T));
+    const SFX(conv_job) *j = ctx;
+    const conv_geo *g = &j->g;
+    const int64_t P = g->OH * g->OW, groups = g->groups, cg = g->C / groups, CO = g->CO, cog = CO / groups;
+    const int64_t K = cg * g->KH * g->KW;
+    const int64_t nb = chunk_images(n_end - n_begin, K, P, sizeof(T));
     T *cols = xmalloc(K * nb * P * (int64_t)sizeof(T));
     T *res = xmalloc(cog * nb * P * (int64_t)sizeof(T));
-    for (int64_t n0 = 0; n0 < N; n0 += nb) {
-        const int64_t m = min64(nb, N - n0);
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += nb) {
+        const int64_t m = min64(nb, n_end - n0);
         for (int64_t gi = 0; gi < groups; gi++) {
-            SFX(chunk_cols)(&g, x, n0, m, gi * cg, cols);
-            SFX(gemm)(0, 0, cog, m * P, K, w + gi * cog * K, K, cols, m * P, 0, res, m * P);
+            SFX(chunk_cols)(g, j->x, n0, m, gi * cg, cols);
+            SFX(gemm)(0, 0, cog, m * P, K, j->w + gi * cog * K, K, cols, m * P, 0, res, m * P);
             for (int64_t n = 0; n < m; n++)
                 for (int64_t o = 0; o < cog; o++) {
-                    const T bias = has_bias ? b[gi * cog + o] : (T)0;
+                    const T bias = j->has_bias ? j->b[gi * cog + o] : (T)0;
                     const T *src = res + o * m * P + n * P;
-                    T *dst = out + ((n0 + n) * CO + gi * cog + o) * P;
+                    T *dst = j->out + ((n0 + n) * CO + gi * cog + o) * P;
                     for (int64_t p = 0; p < P; p++)
                         dst[p] = src[p] + bias;
                 }
@@ -533,6 +634,16 @@ void SFX(tdc_conv2d)(const T *x, const T *w, const T *b, int64_t has_bias, T *ou
     }
     free(cols);
     free(res);
+}
+
+void SFX(tdc_conv2d)(const T *x, const T *w, const T *b, int64_t has_bias, T *out,
+                     int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW,
+                     int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                     int64_t dh, int64_t dw, int64_t groups)
+{
+    SFX(conv_job) j = {CONV_GEO, x, w, b, has_bias, out};
+    const double flops = 2.0 * N * CO * OH * OW * (C / groups) * KH * KW;
+    parallel_for(N, flops, SFX(conv2d_images), &j);    /* the images are split over the threads */
 }
 
 void SFX(tdc_conv2d_grad_input)(const T *gy, const T *w, T *dx,
