@@ -31,7 +31,7 @@ def _add_training(p: argparse.ArgumentParser):
 
 
 def add_conv_algo_arguments(p: argparse.ArgumentParser) -> None:
-    """--conv-algo and --autotune, for every command that compiles a graph (run, train, dump)."""
+    """--conv-algo and --autotune, for every command that compiles a graph (run, train, dump, compile)."""
     from .ops.conv import CONV_ALGOS
     p.add_argument("--conv-algo", default="auto", choices=CONV_ALGOS, metavar="ALGO",
                    help="convolution algorithm for every layer that does not choose one in the model: "
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile the training step: the executable runs --steps steps over data files "
                         "and writes the updated weights")
     _add_training(c)
+    add_conv_algo_arguments(c)
 
     from .runtime.trainer import add_train_arguments
     t = sub.add_parser("train", help="train a model on a data set",
@@ -162,7 +163,8 @@ def cmd_dump(args) -> int:
             step = src.graph(args.batch, training=train)
             if train:
                 step = training_pipeline(args.loss, Optimizer(args.optimizer)).run(step)
-            chunks.append(assembly(step) if args.asm else llvm_ir(step))
+            step = request_conv_algo(step, args.conv_algo)
+            chunks.append(assembly(step, args.autotune) if args.asm else llvm_ir(step, autotune=args.autotune))
     elif args.all:
         chunks.append(f"// ----- {src.name}: as traced -----\n{fmt(graph)}")
         ctx = PassContext(dump_after="all", dump=lambda name, g: chunks.append(f"// ----- after {name} -----\n{fmt(g)}"))
@@ -241,6 +243,7 @@ def cmd_run(args) -> int:
 
 def cmd_compile(args) -> int:
     from .backends.llvm.bundle import write_bundle
+    from .passes.conv_algo import request_conv_algo
     from .passes.optimizer import Optimizer
     from .passes.training import training_pipeline
     from .runtime.loader import Source
@@ -251,8 +254,9 @@ def cmd_compile(args) -> int:
     if args.train:
         graph = training_pipeline(args.loss, Optimizer(args.optimizer)).run(graph)
     params = load_weights(args.weights, graph) if args.weights else src.params
-    b = write_bundle(graph, args.output, params=params, seed=args.seed, name=args.name or src.name,
-                     embed_weights=args.embed_weights, training=args.train)
+    b = write_bundle(request_conv_algo(graph, args.conv_algo), args.output, params=params, seed=args.seed,
+                     name=args.name or src.name, embed_weights=args.embed_weights, training=args.train,
+                     autotune=args.autotune)
     kind = "training step" if args.train else "inference"
     print(f"wrote {b.directory}/: model ({kind}), model.h, model.o"
           + ("" if b.weights is None else ", model.weights") + f"; run {b.executable} --help")

@@ -11,7 +11,7 @@ def compile(graph, backend: str = "reference", params=None, seed: int = 0, conv_
     """Compile `graph` for `backend`. Params, consts and state come from `params` (name -> array)
     and, for any not given, from their initializers seeded with `seed`. `conv_algo` asks for a
     convolution algorithm wherever a layer asks for none (the conv_algo pass resolves it);
-    `autotune` lets the numba backend time the candidates instead of using the cost model."""
+    `autotune` times the candidates (as the numba backend runs them) instead of using the cost model."""
     if conv_algo != "auto":
         from ..passes.conv_algo import request_conv_algo
         graph = request_conv_algo(graph, conv_algo)
@@ -23,5 +23,5 @@ def compile(graph, backend: str = "reference", params=None, seed: int = 0, conv_
         return NumbaExecutable(graph, params, seed, autotune=autotune)
     if backend == "llvm":
         from .llvm import LLVMExecutable
-        return LLVMExecutable(graph, params, seed)
+        return LLVMExecutable(graph, params, seed, autotune=autotune)
     raise TdcError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")

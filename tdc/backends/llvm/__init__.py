@@ -54,11 +54,13 @@ def optimize(ir_text: str, tm):
     return mod
 
 
-def compile_graph(graph: Graph, name: str = "tdc_graph"):
-    """Optimise the graph for codegen and build its LLVM module. Returns (graph, ModuleBuilder)."""
+def compile_graph(graph: Graph, name: str = "tdc_graph", autotune: bool = False):
+    """Optimise the graph for codegen (the compile pipeline the numba backend runs too, with its
+    conv_algo pass; --autotune times the candidates as the numba backend runs them) and build
+    its LLVM module. Returns (graph, ModuleBuilder)."""
     from ..numba import optimize_for_backend
     from .codegen import build_module
-    g = optimize_for_backend(graph)
+    g = optimize_for_backend(graph, autotune)
     return g, build_module(g, name)
 
 
@@ -88,12 +90,12 @@ def label_error(code: int) -> TdcError:
 class LLVMExecutable:
     backend = "llvm"
 
-    def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0):
+    def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0, autotune: bool = False):
         from ...runtime.init import init_params
         from .runtime import build_runtime
         llvm = _llvm()
         self.source_graph = graph
-        self.graph, mb = compile_graph(graph)
+        self.graph, mb = compile_graph(graph, autotune=autotune)
         self.module_builder = mb
         self.llvm_ir = str(mb.module)
         rt = build_runtime()

@@ -122,14 +122,15 @@ def _gcc(args: list[str], what: str):
 
 
 def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: int = 0,
-                 name: str | None = None, embed_weights: bool = False, training: bool = False) -> Bundle:
+                 name: str | None = None, embed_weights: bool = False, training: bool = False,
+                 autotune: bool = False) -> Bundle:
     """Compile `graph` into the bundle directory `out_dir` (created or refreshed)."""
     from ...runtime.init import init_params
     from ..reference import check_feed
     from .runtime import build_runtime
 
     cname = c_name(name or graph.name)
-    g, mb = compile_graph(graph, cname)
+    g, mb = compile_graph(graph, cname, autotune)
     values = init_params(graph, seed, only_missing=params or {})
     values.update(params or {})
     for a, _ in mb.weights.entries:
@@ -167,14 +168,14 @@ def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: i
                   training)
 
 
-def assembly(graph: Graph) -> str:
+def assembly(graph: Graph, autotune: bool = False) -> str:
     """The optimised machine code for `graph`, as assembly text."""
-    _, mb = compile_graph(graph)
+    _, mb = compile_graph(graph, autotune=autotune)
     return target_machine().emit_assembly(optimize(str(mb.module), target_machine()))
 
 
-def llvm_ir(graph: Graph, optimized: bool = False) -> str:
-    _, mb = compile_graph(graph)
+def llvm_ir(graph: Graph, optimized: bool = False, autotune: bool = False) -> str:
+    _, mb = compile_graph(graph, autotune=autotune)
     text = str(mb.module)
     return str(optimize(text, target_machine())) if optimized else text
 

@@ -67,7 +67,7 @@ class ModuleBuilder:
     def __init__(self, graph: Graph, name: str):
         self.graph = graph
         self.name = name
-        self.program: Program = build_program(graph, dtypes=tuple(MEM), render=False)
+        self.program: Program = build_program(graph, dtypes=tuple(MEM), for_numba=False)
         self.plan: MemoryPlan = plan_memory(graph)
         self.weights = WeightsLayout.of(graph)
         self.module = ir.Module(name=name)

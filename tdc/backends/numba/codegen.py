@@ -35,8 +35,9 @@ class Step:
 
 
 class Program:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, for_numba: bool = True):
         self.graph = graph
+        self.for_numba = for_numba            # False: another backend turns this plan into code itself
         self.sources: list[str] = []          # generated kernel functions
         self.plan: list[tuple] = []           # (kernel name, kind, payload) in order
         self.literal_values: dict[Value, np.ndarray] = {}
@@ -52,15 +53,18 @@ class Program:
         return head + "\n\n".join(self.sources)
 
 
-def build_program(graph: Graph) -> Program:
-    prog = Program(graph)
+def build_program(graph: Graph, dtypes: tuple[str, ...] = SUPPORTED_DTYPES, for_numba: bool = True) -> Program:
+    """The kernel plan of `graph`; kernels touching a dtype outside `dtypes` become fallbacks.
+    With for_numba=False (the LLVM backend) no Numba source is written and FFT convolutions are
+    library kernels like the others."""
+    prog = Program(graph, for_numba)
     for n in graph.nodes:
         if is_literal(n):
             prog.literal_values[n.outputs[0]] = n.opdef.ref(**n.attrs)
     users = graph.users()
     roots = set(graph.roots())
     for name, nodes in kernels(graph):
-        _lower_kernel(prog, name, nodes, users, roots)
+        _lower_kernel(prog, name, nodes, users, roots, dtypes)
     return prog
 
 
@@ -68,9 +72,9 @@ def _escapes(v: Value, group: set, users, roots) -> bool:
     return v in roots or any(u not in group for u in users.get(v, []))
 
 
-def _lower_kernel(prog: Program, name: str, nodes: list[Node], users, roots):
+def _lower_kernel(prog: Program, name: str, nodes: list[Node], users, roots, dtypes):
     group = set(nodes)
-    dtypes_ok = all(v.type.dtype in SUPPORTED_DTYPES for n in nodes for v in list(n.inputs) + n.outputs)
+    dtypes_ok = all(v.type.dtype in dtypes for n in nodes for v in list(n.inputs) + n.outputs)
     first = nodes[0]
     if len(nodes) == 1 and first.op in VIEW_OPS:
         prog.plan.append((name, "view", first))
@@ -84,7 +88,7 @@ def _lower_kernel(prog: Program, name: str, nodes: list[Node], users, roots):
     if loopable:
         prog.plan.append((name, "loop", _elementwise_kernel(prog, name, nodes, None, group, users, roots)))
         return
-    if len(nodes) == 1 and first.op in CONV_OPS and first.attrs["algo"] == "fft":
+    if prog.for_numba and len(nodes) == 1 and first.op in CONV_OPS and first.attrs["algo"] == "fft":
         prog.plan.append((name, "fallback", first))
         prog.fallbacks.append(f"{name}: {first.op} by FFT (numpy.fft, Python level)")
         return
@@ -191,7 +195,8 @@ def _elementwise_kernel(prog, name, nodes, anchor: Node | None, group, users, ro
         extra = conv_extra(prog, anchor_info) if anchor_info.op == "conv2d" else []
         lk.params = params + [f"b{i}" for i in range(len(anchor_info.inputs))] + [f"s{i}" for i in range(len(extra))]
         lk.prologue = _anchor_call(anchor_info, params[0])
-    prog.sources.append(lk.source())
+    if prog.for_numba:
+        prog.sources.append(lk.source())
     return {"params": arrays, "anchor": anchor_info, "kernel": lk, "extra": extra}
 
 
@@ -265,6 +270,8 @@ def _copy_kernel(prog, name, node: Node) -> dict:
         dims, _ = collapse(shape, [src, dst])
         loops.append(LoopKernel(f"{name}_{j}", [src.var, dst.var], dims, [("x0", src)], [], [(dst, "x0")],
                                 flat=[src.var, dst.var]))
+    if not prog.for_numba:
+        return {"params": list(node.inputs) + [out], "anchor": None, "copies": loops, "fill": fill}
     body = ["@njit(cache=True)", f"def {name}({', '.join(params)}):"]
     if fill is not None:
         body.append(f"    {params[-1]}[...] = {literal(fill.value, fill.dtype)}")
