@@ -82,7 +82,6 @@ class ModuleBuilder:
     # ---- what the backend supports ------------------------------------------------------
     def _check(self):
         for name, kind, payload in self.program.plan:
-            nodes = [payload] if isinstance(payload, Node) else []
             if kind == "fallback" and _one_rank_copy(payload):
                 continue
             if kind == "fallback":
@@ -95,21 +94,13 @@ class ModuleBuilder:
                 if dt not in LIBRARY_DTYPES:
                     raise TdcError(f"llvm backend: {payload.op} on {dt} is not supported (only f32 and f64)"
                                    f"{' at ' + payload.loc if payload.loc else ''}")
-            for n in nodes:
-                if n.op == "matmul" and not all(v.type.rank >= 2 for v in n.inputs):
-                    raise TdcError("internal: matmul of rank < 2")
 
     # ---- where each value lives ----------------------------------------------------------
     def _place_values(self):
         plan = self.plan
         for v, x in self.program.literal_values.items():
             data = np.ascontiguousarray(x, v.type.np_dtype).reshape(-1).view(np.uint8).tobytes()
-            g = ir.GlobalVariable(self.module, ir.ArrayType(S.I8, max(len(data), 1)), name=self.module.get_unique_name("lit"))
-            g.global_constant = True
-            g.linkage = "internal"
-            g.align = 64
-            g.initializer = ir.Constant(g.value_type, bytearray(data or b"\0"))
-            self.globals[v] = g
+            self.globals[v] = self._constant_bytes("lit", data or b"\0", 64)
         for _, kind, payload in self.program.plan:
             if kind != "view":
                 continue
@@ -117,10 +108,19 @@ class ModuleBuilder:
             src, out = n.inputs[0], n.outputs[0]
             bo, bs = plan.assignments.get(out), plan.assignments.get(src)
             same = bo is not None and bs is not None and bo.in_arena and bs.in_arena and bo.offset == bs.offset
-            if same or src.kind == "input" or src in self.globals:
+            root = src
+            while root in self.aliases:
+                root = self.aliases[root]
+            if same or root.kind == "input" or root in self.globals:   # storage nothing writes to
                 self.aliases[out] = src
             else:
                 self.copies[n] = (src, out)
+
+    def _constant_bytes(self, prefix: str, data: bytes, alignment: int) -> ir.GlobalVariable:
+        g = ir.GlobalVariable(self.module, ir.ArrayType(S.I8, len(data)), name=self.module.get_unique_name(prefix))
+        g.global_constant, g.linkage, g.align = True, "internal", alignment
+        g.initializer = ir.Constant(g.value_type, bytearray(data))
+        return g
 
     def _scratch_offset(self, v: Value) -> int:
         if v not in self.extra:
@@ -249,11 +249,7 @@ class ModuleBuilder:
                 ll_args.append(ir.Constant(F64, float(x)))
                 types.append(F64)
             else:   # a constant table (int64 or float64 array)
-                g = ir.GlobalVariable(self.module, ir.ArrayType(S.I8, x.nbytes),
-                                      name=self.module.get_unique_name("table"))
-                g.global_constant, g.linkage, g.align = True, "internal", 8
-                g.initializer = ir.Constant(g.value_type, bytearray(x.tobytes()))
-                ll_args.append(b.bitcast(g, PTR))
+                ll_args.append(b.bitcast(self._constant_bytes("table", x.tobytes() or b"\0", 8), PTR))
                 types.append(PTR)
         ret = I64 if checks else ir.VoidType()
         callee = self.module.globals.get(cname)
