@@ -28,16 +28,19 @@ from .manager import register_pass
 CONV_OPS = ("conv2d", "conv2d_grad_input", "conv2d_grad_weight")
 WINOGRAD = {"winograd_f2": 2, "winograd_f4": 4}
 
-# Rates measured on this machine (2 cores, AVX-512, batch-1 layers of benchmarks/conv.py; BLAS on
-# one thread per Numba thread). Seconds = work / rate + fixed overhead.
+# Rates measured on this machine (2 cores, AVX-512; batch-1 layers of benchmarks/conv.py, BLAS on one
+# thread per Numba thread). Seconds = work / rate + a fixed overhead. The ranking is what matters.
 RATES = {
-    "gemm": 90e9,          # flop/s of the BLAS GEMMs (im2col, Winograd's per-point products)
-    "direct": 12e9,        # flop/s of the direct loop nest
+    "gemm": 40e9,          # flop/s of one thread's BLAS GEMM (im2col runs min(N, 2) chunks in parallel;
+                           # Winograd's per-point GEMMs run on both threads)
+    "weights": 1.0e9,      # elements/s of GEMM operands packed once per call (filters, transformed filters)
+    "direct": 8e9,         # flop/s of the direct loop nest
     "im2col": 1.2e9,       # elements/s gathered into (or scattered from) im2col columns
     "wino": 1.0e9,         # transformed elements/s (tiles in, products out, filters)
     "fft": 1.5e9,          # flop/s of numpy.fft (5 n log2 n per complex transform, half for real)
     "cgemm": 20e9,         # flop/s of the complex per-frequency products (numpy matmul)
 }
+THREADS = 2
 OVERHEAD = {"direct": 20e-6, "im2col": 20e-6, "fft": 300e-6, "winograd_f2": 40e-6, "winograd_f4": 40e-6}
 
 
@@ -79,7 +82,8 @@ def estimate(p: dict, algo: str, filter_cached: bool = False) -> float:
         return t + flops / RATES["direct"]
     if algo == "im2col":
         cols = n * c * kh * kw * oh * ow      # elements of the column matrices
-        return t + flops / RATES["gemm"] + cols / RATES["im2col"]
+        return t + flops / (RATES["gemm"] * min(n, THREADS)) + cols / RATES["im2col"] \
+            + co * cg * kh * kw / RATES["weights"]
     if algo in WINOGRAD:
         m = WINOGRAD[algo]
         a2 = (m + 2) ** 2
@@ -89,8 +93,10 @@ def estimate(p: dict, algo: str, filter_cached: bool = False) -> float:
         moved = a2 * tiles * (c + co)          # input tiles and products (or gradient tiles)
         if not filter_cached or p["op"] == "conv2d_grad_weight":
             moved += a2 * co * cg
-        # F(4x4) transforms do about twice the arithmetic per element of F(2x2)'s
-        return t + gemm / RATES["gemm"] + moved * (1.0 if m == 2 else 1.6) / RATES["wino"]
+        # F(4x4) transforms do more arithmetic per element than F(2x2)'s; every call streams the
+        # transformed filters through the GEMMs (alpha^2 of them: what makes F(4x4) lose on 7x7)
+        return t + gemm / (RATES["gemm"] * THREADS) + a2 * co * cg / RATES["weights"] \
+            + moved * (1.0 if m == 2 else 1.6) / RATES["wino"]
     if algo == "fft":
         ph, pw = h + p["pad"][0] + p["pad"][2], w + p["pad"][1] + p["pad"][3]
         f = ph * pw
