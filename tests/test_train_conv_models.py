@@ -6,7 +6,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from tdc.cli import main
 from tdc.runtime.data import load_digits, write_idx

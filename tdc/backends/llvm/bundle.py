@@ -17,7 +17,6 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-import numpy as np
 from llvmlite import ir
 
 from ...errors import TdcError

@@ -22,7 +22,6 @@ reader and writer live in runtime/main.c; both sides must agree byte for byte.
 """
 from __future__ import annotations
 
-import os
 import struct
 from typing import Iterable, NamedTuple
 
