@@ -1,13 +1,14 @@
 """ONNX backend node tests (the cases the installed onnx package ships) through tdc's importer,
-on the reference and the numba backends.
+on the reference, numba and LLVM backends.
 
 Cases are selected by the op-name prefix of their directory (test_conv_*, test_maxpool_*, ...).
 Inputs that tdc needs at import (a Reshape's shape, Pad's pads, reduction axes: see
 tdc.onnx.STATIC_INPUTS) are graph inputs in these cases; the harness fixes them to the case's
 values, as a user would with load(..., constants=...). Every other input stays an input.
 
-The numba backend runs every case too (about a minute of Numba compiling with a cold cache).
-Every case tdc does not pass is listed in SKIPS (NUMBA_SKIPS: numba only) with the reason; a
+The numba and LLVM backends run every case too (about a minute of Numba compiling with a cold
+cache; the LLVM cases take about 25 s). Every case tdc does not pass is listed in SKIPS
+(NUMBA_SKIPS, LLVM_SKIPS: one backend only) with the reason; a
 listed case is still run, and fails the test once it passes, so the tables stay true.
 
     python tests/test_onnx_conformance.py     # prints the per-op pass counts table (docs/onnx.md)
@@ -385,7 +386,7 @@ def test_llvm(case):
 
 def main(argv):
     """Run every case and print the markdown table of docs/onnx.md."""
-    backends = argv or ["reference", "numba"]
+    backends = argv or ["reference", "numba", "llvm"]
     passed: dict[str, dict[str, int]] = {}
     total: dict[str, int] = {}
     reasons: dict[str, dict[str, int]] = {}
