@@ -201,3 +201,18 @@ def test_every_conv_algorithm_is_honoured_forward_and_backward(algo):
             assert f'@"tdc_{n.op}_{conv_algorithm(n)}_f32"' in exe.source()
             if tuple(n.attrs["stride"]) != (1, 1):
                 assert not conv_algorithm(n).startswith("winograd")
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba", "llvm"])
+def test_set_state_replaces_params_on_every_backend(backend):
+    import mlp
+    g = mlp.mlp.trace(batch=2)
+    a, b = _values(g, seed=1), _values(g, seed=2)
+    x = a["x"]
+    params_b = {k: v for k, v in b.items() if k != "x"}
+    exe = tdc.compile(g, backend=backend, params={k: v for k, v in a.items() if k != "x"})
+    exe.set_state(params_b)
+    want = tdc.compile(g, params=params_b)(x=x)["out"]
+    np.testing.assert_allclose(exe(x=x)["out"], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TdcError, match="no param or state named 'nope'"):
+        exe.set_state({"nope": np.zeros(1)})

@@ -121,6 +121,14 @@ class ReferenceExecutable:
                     raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
                 self.state[a.name] = check_feed(a, values[a.name], a.kind)
 
+    def set_state(self, values: dict[str, np.ndarray]) -> None:
+        """Replace params or state by name (every backend has this; see NumbaExecutable.set_state)."""
+        args = {a.name: a for a in self.graph.args if a.kind != "input"}
+        for name, x in values.items():
+            if name not in args:
+                raise TdcError(f"no param or state named {name!r}")
+            self.state[name] = np.array(check_feed(args[name], x, args[name].kind))
+
     def feed(self, inputs: dict) -> dict[Value, np.ndarray]:
         names = {a.name for a in self.graph.inputs}
         unknown = set(inputs) - names

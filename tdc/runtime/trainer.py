@@ -288,11 +288,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                             epochs=epochs, schedule=repr(schedule), backend=backend, **settings)
 
     def run_eval() -> tuple[int, float]:
-        if hasattr(eval_exe, "set_state"):   # an executable that keeps derived weights (Winograd filters)
-            eval_exe.set_state({k: exe.state[k] for k in infer_args})
-        else:
-            for k in infer_args:
-                eval_exe.state[k][...] = exe.state[k]
+        eval_exe.set_state({k: exe.state[k] for k in infer_args})
         return evaluate(eval_exe, input_name, output, x_test, y_test, batch, loss)
 
     losses: list[np.ndarray] = []

@@ -128,6 +128,14 @@ class LLVMExecutable:
         self._in_ptrs = (ctypes.c_void_p * max(len(self.inputs), 1))(*[x.ctypes.data for _, x in self.inputs])
         self._out_ptrs = (ctypes.c_void_p * max(len(self.outputs), 1))(*[x.ctypes.data for _, x in self.outputs])
 
+    def set_state(self, values: dict[str, np.ndarray]) -> None:
+        """Copy new values into params or state (in place: the generated code reads these buffers)."""
+        args = {a.name: a for a, _ in self.module_builder.weights.entries}
+        for name, x in values.items():
+            if name not in args:
+                raise TdcError(f"no param or state named {name!r}")
+            self.state[name][...] = check_feed(args[name], x, args[name].kind)
+
     def source(self) -> str:
         """The generated LLVM IR, before optimisation."""
         return self.llvm_ir
