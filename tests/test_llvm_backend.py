@@ -216,3 +216,24 @@ def test_set_state_replaces_params_on_every_backend(backend):
     np.testing.assert_allclose(exe(x=x)["out"], want, rtol=1e-5, atol=1e-6)
     with pytest.raises(TdcError, match="no param or state named 'nope'"):
         exe.set_state({"nope": np.zeros(1)})
+
+
+def test_autotune_times_the_c_kernels_and_caches_per_backend(tmp_path, monkeypatch):
+    """--autotune on the LLVM backend measures the C runtime's candidates (not Numba's), keeps them
+    under their own cache key, and picks the fastest measured one."""
+    import json
+    from tdc.passes.conv_algo import conv_choices, select_conv_algos
+    monkeypatch.setenv("TDC_CACHE_DIR", str(tmp_path))
+    g = Graph("c")
+    with Builder(g) as b:
+        x = b.arg("x", TensorType("f32", (2, 8, 12, 12)), "input")
+        w = b.arg("w", TensorType("f32", (8, 8, 3, 3)), "param")
+        g.add_output("y", F.conv2d(x, w, pad=1).value)
+    chosen = conv_choices(select_conv_algos(g, autotune=True, backend="llvm"))
+    cache = json.loads((tmp_path / "autotune.json").read_text())
+    (key, entry), = cache.items()
+    assert key.endswith("|llvm")
+    assert set(entry["ms"]) == {"direct", "im2col", "fft", "winograd_f2", "winograd_f4"}
+    assert chosen[0][1] == entry["algo"] == min(entry["ms"], key=entry["ms"].get)
+    exe = tdc.compile(g, backend="llvm", autotune=True, params={"w": np.ones((8, 8, 3, 3), np.float32)})
+    assert f'tdc_conv2d_{entry["algo"]}_f32' in exe.source()

@@ -43,6 +43,14 @@ RATES = {
 THREADS = 2
 OVERHEAD = {"direct": 20e-6, "im2col": 20e-6, "fft": 300e-6, "winograd_f2": 40e-6, "winograd_f4": 40e-6}
 
+# The LLVM backend's C runtime (benchmarks/conv_c.py, BLAS on one thread): GEMMs run on one core,
+# except that a forward im2col convolution splits its images over the runtime's threads; the
+# Winograd transforms are slower than Numba's (F(4x4)'s especially) and the filter is transformed
+# on every call. Fitted to 3x3 layers of 64-512 channels: im2col 3.7 ms, F2 4.7, F4 7.4, direct
+# 22 ms at 64x56x56.
+LLVM_RATES = {**RATES, "gemm": 80e9, "direct": 10e9, "im2col": 2e9, "wino": 0.5e9, "fft": 5e9, "cgemm": 5e9}
+BACKENDS = ("numba", "llvm")
+
 
 def conv_problem(node: Node) -> dict:
     """The sizes of a conv op, whichever of the three it is: x [N, C, H, W], w [Co, cg, kh, kw],
@@ -70,20 +78,24 @@ def macs(p: dict) -> int:
     return n * co * oh * ow * cg * kh * kw
 
 
-def estimate(p: dict, algo: str, filter_cached: bool = False) -> float:
-    """Estimated seconds for conv problem `p` (see conv_problem) by `algo`."""
+def estimate(p: dict, algo: str, filter_cached: bool = False, backend: str = "numba") -> float:
+    """Estimated seconds for conv problem `p` (see conv_problem) by `algo` on `backend`."""
     n, c, h, w = p["x"]
     co, cg, kh, kw = p["w"]
     _, _, oh, ow = p["y"]
     g = p["groups"]
     flops = 2 * macs(p)
     t = OVERHEAD[algo]
+    llvm = backend == "llvm"
+    rates = LLVM_RATES if llvm else RATES
+    gemm_threads = 1 if llvm else THREADS                     # Winograd's per-point GEMMs
+    image_threads = (THREADS if p["op"] == "conv2d" else 1) if llvm else THREADS   # im2col's images
     if algo == "direct":
-        return t + flops / RATES["direct"]
+        return t + flops / rates["direct"]
     if algo == "im2col":
         cols = n * c * kh * kw * oh * ow      # elements of the column matrices
-        return t + flops / (RATES["gemm"] * min(n, THREADS)) + cols / RATES["im2col"] \
-            + co * cg * kh * kw / RATES["weights"]
+        return t + flops / (rates["gemm"] * min(n, image_threads)) + cols / rates["im2col"] \
+            + co * cg * kh * kw / rates["weights"]
     if algo in WINOGRAD:
         m = WINOGRAD[algo]
         a2 = (m + 2) ** 2
@@ -95,15 +107,15 @@ def estimate(p: dict, algo: str, filter_cached: bool = False) -> float:
             moved += a2 * co * cg
         # F(4x4) transforms do more arithmetic per element than F(2x2)'s; every call streams the
         # transformed filters through the GEMMs (alpha^2 of them: what makes F(4x4) lose on 7x7)
-        return t + gemm / (RATES["gemm"] * THREADS) + a2 * co * cg / RATES["weights"] \
-            + moved * (1.0 if m == 2 else 1.6) / RATES["wino"]
+        return t + gemm / (rates["gemm"] * gemm_threads) + a2 * co * cg / rates["weights"] \
+            + moved * (1.0 if m == 2 else (3.0 if llvm else 1.6)) / rates["wino"]
     if algo == "fft":
         ph, pw = h + p["pad"][0] + p["pad"][2], w + p["pad"][1] + p["pad"][3]
         f = ph * pw
         spectra = n * c + co * cg + n * co
         transforms = spectra * 2.5 * f * math.log2(max(f, 2))
         products = 8 * n * co * cg * ph * (pw // 2 + 1)
-        return t + transforms / RATES["fft"] + products / RATES["cgemm"]
+        return t + transforms / rates["fft"] + products / rates["cgemm"]
     raise TdcError(f"internal: no cost for conv algorithm {algo!r}")
 
 
@@ -154,14 +166,17 @@ def write_cache_entry(key: str, entry: dict, path: str | None = None) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def autotune_choice(node: Node, candidates: tuple[str, ...]) -> str:
-    """The fastest of `candidates` for this node, measured on the numba backend once and cached."""
+def autotune_choice(node: Node, candidates: tuple[str, ...], backend: str = "numba") -> str:
+    """The fastest of `candidates` for this node, measured on `backend` once and cached."""
     p = conv_problem(node)
-    key = cache_key(p)
+    key = cache_key(p) + ("" if backend == "numba" else f"|{backend}")
     entry = read_cache().get(key)
     if entry and entry.get("algo") in candidates and all(c in entry.get("ms", {}) for c in candidates):
         return entry["algo"]
-    from ..backends.numba.conv_algos import time_conv
+    if backend == "llvm":
+        from ..backends.llvm.codegen import time_conv
+    else:
+        from ..backends.numba.conv_algos import time_conv
     times = dict(entry.get("ms", {})) if entry else {}
     for algo in candidates:
         if algo not in times:
@@ -173,8 +188,9 @@ def autotune_choice(node: Node, candidates: tuple[str, ...]) -> str:
 
 # ---- the pass ---------------------------------------------------------------------------------
 
-def choose(node: Node, request: str, autotune: bool = False, filter_cached: bool = False) -> tuple[str, str]:
-    """(algorithm, note) for conv node `node` asked to use `request`."""
+def choose(node: Node, request: str, autotune: bool = False, filter_cached: bool = False,
+           backend: str = "numba") -> tuple[str, str]:
+    """(algorithm, note) for conv node `node` asked to use `request`, on `backend`."""
     ok = legal(node)
     if request in ok:
         return request, ""
@@ -193,10 +209,10 @@ def choose(node: Node, request: str, autotune: bool = False, filter_cached: bool
     else:
         raise TdcError(f"unknown conv algorithm {request!r}; choose from {', '.join(CONV_ALGOS)}")
     if autotune:
-        best = autotune_choice(node, wanted)
+        best = autotune_choice(node, wanted, backend)
     else:
         p = conv_problem(node)
-        best = min(wanted, key=lambda c: estimate(p, c, filter_cached))
+        best = min(wanted, key=lambda c: estimate(p, c, filter_cached and backend == "numba", backend))
     return best, (f"{note}; using {best}" if note else "")
 
 
@@ -205,16 +221,19 @@ def _filter_cached(graph: Graph, node: Node) -> bool:
     return w is not None and w.is_arg and w.kind in ("param", "const") and not any(t is w for t, _ in graph.updates)
 
 
-def select_conv_algos(graph: Graph, default: str = "auto", autotune: bool = False) -> Graph:
-    """Set `algo` on every conv node: its own request, else `default`, resolved as described above."""
+def select_conv_algos(graph: Graph, default: str = "auto", autotune: bool = False, backend: str = "numba") -> Graph:
+    """Set `algo` on every conv node: its own request, else `default`, resolved as described above
+    for `backend` (numba or llvm: their kernels differ, and so do their costs)."""
     if default not in CONV_ALGOS:
         raise TdcError(f"unknown conv algorithm {default!r}; choose from {', '.join(CONV_ALGOS)}")
+    if backend not in BACKENDS:
+        raise TdcError(f"conv_algo: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     g = graph.copy()
     for n in g.nodes:
         if n.op not in CONV_OPS:
             continue
         request = n.attrs["algo"] if n.attrs["algo"] != "auto" else default
-        algo, note = choose(n, request, autotune, _filter_cached(g, n))
+        algo, note = choose(n, request, autotune, _filter_cached(g, n), backend)
         n.attrs = {**n.attrs, "algo": algo, "algo_note": note or n.attrs.get("algo_note", "")}
     return g
 

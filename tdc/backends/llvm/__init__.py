@@ -55,12 +55,12 @@ def optimize(ir_text: str, tm):
 
 
 def compile_graph(graph: Graph, name: str = "tdc_graph", autotune: bool = False):
-    """Optimise the graph for codegen (the compile pipeline the numba backend runs too, with its
-    conv_algo pass; --autotune times the candidates as the numba backend runs them) and build
-    its LLVM module. Returns (graph, ModuleBuilder)."""
+    """Optimise the graph for codegen (the compile pipeline the numba backend runs too; its
+    conv_algo pass picks by the C runtime's costs, or with --autotune by timing the C kernels)
+    and build its LLVM module. Returns (graph, ModuleBuilder)."""
     from ..numba import optimize_for_backend
     from .codegen import build_module
-    g = optimize_for_backend(graph, autotune)
+    g = optimize_for_backend(graph, autotune, backend="llvm")
     return g, build_module(g, name)
 
 

@@ -513,3 +513,38 @@ def build_module(graph: Graph, name: str) -> ModuleBuilder:
     mb = ModuleBuilder(graph, name)
     mb.build()
     return mb
+
+
+def time_conv(node: Node, algo: str, reps: int = 3) -> float:
+    """Seconds one call of the C runtime takes for conv op `node` by `algo` on random data (best of
+    `reps`, after a warm-up call): what --autotune measures for this backend."""
+    import ctypes
+    import time
+
+    from .runtime import build_runtime
+    lib = ctypes.CDLL(str(build_runtime().shared_lib_path))
+    trial = Node(node.op, node.inputs, {**node.attrs, "algo": algo}, node.placement, node.loc)
+    trial.outputs = node.outputs
+    cname, spec, _ = library_call(trial)
+    rng = np.random.default_rng(0)
+    ins = [rng.standard_normal(v.type.shape).astype(v.type.np_dtype) for v in node.inputs]
+    outs = [np.empty(v.type.shape, v.type.np_dtype) for v in node.outputs]
+    keep, args = [], []
+    for kind, x in spec:
+        if kind in ("in", "out"):
+            args.append(ctypes.c_void_p((ins if kind == "in" else outs)[x].ctypes.data))
+        elif kind == "i64":
+            args.append(ctypes.c_int64(int(x)))
+        elif kind == "f64":
+            args.append(ctypes.c_double(float(x)))
+        else:
+            keep.append(np.ascontiguousarray(x))
+            args.append(ctypes.c_void_p(keep[-1].ctypes.data))
+    fn = getattr(lib, cname)
+    fn(*args)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t0)
+    return best

@@ -26,11 +26,11 @@ from .codegen import CONV_OPS, LIBRARY, Program, build_program
 CACHE_DIR = os.environ.get("TDC_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "tdc", "numba"))
 
 
-def optimize_for_backend(graph: Graph, autotune: bool = False) -> Graph:
-    """The passes every compiled backend runs before code generation (with --autotune, the
-    conv_algo pass times each convolution's candidates on this backend)."""
+def optimize_for_backend(graph: Graph, autotune: bool = False, backend: str = "numba") -> Graph:
+    """The passes every compiled backend runs before code generation; the conv_algo pass picks by
+    `backend`'s costs (with --autotune, by timing each convolution's candidates on it)."""
     from ...passes.training import compile_pipeline
-    return compile_pipeline(autotune=autotune).run(graph)
+    return compile_pipeline(autotune=autotune, backend=backend).run(graph)
 
 
 def load_module(source: str):
