@@ -204,6 +204,9 @@ def test_cli_compile_and_run_with_llvm(tmp_path, capsys):
     assert "define i64" in capsys.readouterr().out
     assert main(["compile", os.path.join(ROOT, "examples", "nothere.py"), "-o", str(tmp_path / "c")]) == 1
     assert not (tmp_path / "c").exists()
+    (tmp_path / "afile").write_text("")
+    assert main(["compile", os.path.join(ROOT, "examples", "mlp.py"), "-o", str(tmp_path / "afile")]) == 1
+    assert "cannot write the bundle to" in capsys.readouterr().err
 
 
 def test_onnx_model_compiles_to_an_executable_matching_onnxruntime(tmp_path):

@@ -141,9 +141,13 @@ def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: i
     rt = build_runtime()
     mod = optimize(str(mb.module), target_machine())
 
-    os.makedirs(out_dir, exist_ok=True)
-    # build in a temporary directory next to the bundle, then move each file in place
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tmpdir = tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-")
+    except OSError as e:
+        raise TdcError(f"cannot write the bundle to {out_dir}: {e.strerror or e}") from None
+    # build in a temporary directory inside the bundle, then move each file in place
+    with tmpdir as tmp:
         obj = os.path.join(tmp, "model.o")
         with open(obj, "wb") as f:
             f.write(target_machine().emit_object(mod))
