@@ -410,6 +410,15 @@ def test_maxpool2d_tiled_windows(lib, dt, nan, H, W, ceil_mode):
     assert check_maxpool(lib, dt, 2, 3, H, W, (2, 2), (2, 2), (0, 0, 0, 0), (1, 1), ceil_mode, nan, 7)
 
 
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("nan", [False, True])
+def test_maxpool2d_grad_split_over_threads(lib, dt, nan):
+    """15 planes of 30x30: enough work that the gradient's planes are split (unevenly) over the
+    runtime's threads, through the 2x2 path and the general one."""
+    assert check_maxpool(lib, dt, 3, 5, 30, 30, (2, 2), (2, 2), (0, 0, 0, 0), (1, 1), False, nan, 3)
+    assert check_maxpool(lib, dt, 3, 5, 30, 30, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), True, nan, 4)
+
+
 def test_maxpool2d_nan_and_ties_explicitly(lib):
     x = np.array([[[[1, 3, 3, np.nan], [3, 2, np.nan, 0]]]], np.float32)   # [1,1,2,4], 2x2 windows
     dims = (1, 1, 2, 4, 1, 2, 2, 2, 2, 2, 0, 0, 1, 1)
