@@ -14,31 +14,21 @@ from tdc.frontend import functional as F
 from tdc.frontend.tensor import Builder
 from tdc.ir.graph import Graph
 from tdc.ir.types import TensorType
-from tdc.passes.autodiff import autodiff
-from tdc.passes.retype import retype
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-from test_autodiff import CASES, _graph_for  # noqa: E402
-from test_numba_backend import _compare, _random_graph, _values  # noqa: E402
+from test_autodiff import CASES  # noqa: E402
+from test_numba_backend import _compare, _random_graph, _values, check_op_case  # noqa: E402
 
 
 def _check(graph, values, rtol, atol=1e-6):
     return _compare(graph, values, rtol, atol, backend="llvm")
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f64"])
 @pytest.mark.parametrize("op,inputs,attrs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_op_forward_and_backward_match_reference_f64(op, inputs, attrs):
-    g, values = _graph_for(op, inputs, attrs)
-    _check(autodiff(g, "loss"), values, rtol=1e-9, atol=1e-10)
-
-
-@pytest.mark.parametrize("op,inputs,attrs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_op_forward_and_backward_match_reference_f32(op, inputs, attrs):
-    g, values = _graph_for(op, inputs, attrs)
-    g32 = retype(g, "f64", "f32")
-    vals32 = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in values.items()}
-    _check(autodiff(g32, "loss"), vals32, rtol=1e-4, atol=1e-5)
+def test_op_forward_and_backward_match_reference(op, inputs, attrs, dtype):
+    check_op_case(op, inputs, attrs, dtype, "llvm")
 
 
 @pytest.mark.parametrize("model,batch,opt", [("mlp", 8, "adam"), ("lenet", 4, "momentum"), ("digits", 8, "sgd"),

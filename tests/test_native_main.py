@@ -17,7 +17,6 @@ from tdc.errors import TdcError
 MAIN_C = os.path.join(os.path.dirname(__file__), "..", "tdc", "backends", "llvm", "runtime", "main.c")
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-std=c11", "-Werror"]
 
-pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 
 # ---- fake models ----------------------------------------------------------------------------------
 

@@ -50,18 +50,25 @@ def _compare(graph, values, rtol, atol=1e-6, backend="numba"):
 _F64 = [c for c in CASES if c[0].split("_")[0] not in ("conv2d", "maxpool2d", "avgpool2d")]
 
 
+def check_op_case(op, inputs, attrs, dtype, backend):
+    """One autodiff case (forward and gradients) on `backend` against the reference, in `dtype`."""
+    g, values = _graph_for(op, inputs, attrs)
+    if dtype == "f64":
+        _compare(autodiff(g, "loss"), values, rtol=1e-9, atol=1e-10, backend=backend)
+        return
+    g32 = retype(g, "f64", "f32")
+    vals32 = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in values.items()}
+    _compare(autodiff(g32, "loss"), vals32, rtol=1e-4, atol=1e-5, backend=backend)
+
+
 @pytest.mark.parametrize("op,inputs,attrs", _F64, ids=[f"{c[0]}-{i}" for i, c in enumerate(_F64)])
 def test_op_forward_and_backward_match_reference_f64(op, inputs, attrs):
-    g, values = _graph_for(op, inputs, attrs)
-    _compare(autodiff(g, "loss"), values, rtol=1e-9, atol=1e-10)
+    check_op_case(op, inputs, attrs, "f64", "numba")
 
 
 @pytest.mark.parametrize("op,inputs,attrs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_op_forward_and_backward_match_reference_f32(op, inputs, attrs):
-    g, values = _graph_for(op, inputs, attrs)
-    g32 = retype(g, "f64", "f32")
-    vals32 = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in values.items()}
-    _compare(autodiff(g32, "loss"), vals32, rtol=1e-4, atol=1e-5)
+    check_op_case(op, inputs, attrs, "f32", "numba")
 
 
 @pytest.mark.parametrize("model,batch,opt", [("mlp", 8, "adam"), ("lenet", 4, "momentum"), ("digits", 8, "sgd"),

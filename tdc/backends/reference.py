@@ -102,6 +102,19 @@ def run(graph: Graph, feed: dict[Value, np.ndarray]) -> dict[Value, np.ndarray]:
     return run_ranks(graph, [feed])[0]
 
 
+def copy_inputs(slots: list, given: dict) -> None:
+    """Copy each given input into its buffer (slots: (arg, array) pairs), after checking that the
+    names are the graph's and each value's shape and dtype fit (the compiled backends' calls)."""
+    unknown = set(given) - {a.name for a, _ in slots}
+    if unknown:
+        raise TdcError(f"unknown input {sorted(unknown)[0]!r}; the graph takes: "
+                       + ", ".join(f"{a.name}: {a.type}" for a, _ in slots))
+    for a, buf in slots:
+        if a.name not in given:
+            raise TdcError(f"missing input {a.name}: {a.type}")
+        buf[...] = check_feed(a, given[a.name], "input")
+
+
 class ReferenceExecutable:
     """`exe(**inputs)` -> {output name: array}. Params, consts and state are held by the
     executable (set from a dict or initialised from a seed); updates are written back after each call."""

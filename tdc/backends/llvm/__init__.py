@@ -13,7 +13,7 @@ import numpy as np
 
 from ...errors import TdcError
 from ...ir.graph import Graph
-from ..reference import check_feed
+from ..reference import check_feed, copy_inputs
 
 ENTRY_ARGS = (ctypes.c_void_p,) * 4
 
@@ -141,15 +141,7 @@ class LLVMExecutable:
         return self.llvm_ir
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
-        names = {a.name for a, _ in self.inputs}
-        unknown = set(inputs) - names
-        if unknown:
-            raise TdcError(f"unknown input {sorted(unknown)[0]!r}; the graph takes: "
-                           + ", ".join(f"{a.name}: {a.type}" for a, _ in self.inputs))
-        for a, buf in self.inputs:
-            if a.name not in inputs:
-                raise TdcError(f"missing input {a.name}: {a.type}")
-            buf[...] = check_feed(a, inputs[a.name], "input")
+        copy_inputs(self.inputs, inputs)
         code = self._run(self._in_ptrs, self._out_ptrs, self.weights.ctypes.data, self.scratch.ctypes.data)
         if code:
             raise label_error(code)

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from ...errors import TdcError  # noqa: E402
 from ...ir.graph import Graph, Value
-from ..reference import check_feed
+from ..reference import check_feed, copy_inputs
 from .codegen import CONV_OPS, LIBRARY, Program, build_program
 
 CACHE_DIR = os.environ.get("TDC_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "tdc", "numba"))
@@ -238,15 +238,7 @@ class NumbaExecutable:
         return self.program.module_source() + "\n\n" + fallbacks + self.driver_source
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
-        names = {a.name for a, _ in self.inputs}
-        unknown = set(inputs) - names
-        if unknown:
-            raise TdcError(f"unknown input {sorted(unknown)[0]!r}; the graph takes: "
-                           + ", ".join(f"{a.name}: {a.type}" for a, _ in self.inputs))
-        for a, buf in self.inputs:
-            if a.name not in inputs:
-                raise TdcError(f"missing input {a.name}: {a.type}")
-            buf[...] = check_feed(a, inputs[a.name], "input")
+        copy_inputs(self.inputs, inputs)
         try:
             for fn, args in self.steps:
                 fn(*args)

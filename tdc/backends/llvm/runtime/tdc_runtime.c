@@ -156,6 +156,16 @@ static inline void valid_range(int64_t off, int64_t s, int64_t size, int64_t n, 
     *hi = max64(a, min64(b, n));
 }
 
+/* For each kernel column j: the output columns [xs[2j], xs[2j+1]) whose tap j lies inside the
+ * image (the direct kernels' inner loops run over these). Freed by the caller. */
+static int64_t *column_ranges(int64_t KW, int64_t W, int64_t OW, int64_t sw, int64_t pl, int64_t dw)
+{
+    int64_t *xs = xmalloc(2 * KW * (int64_t)sizeof(int64_t));
+    for (int64_t j = 0; j < KW; j++)
+        valid_range(j * dw - pl, sw, W, OW, &xs[2 * j], &xs[2 * j + 1]);
+    return xs;
+}
+
 /* Signed integer i of an array of `bytes`-wide integers; *ok = 0 for an unsupported width. */
 static inline int64_t load_int(const void *p, int64_t bytes, int64_t i, int *ok)
 {
@@ -754,9 +764,7 @@ void SFX(tdc_conv2d_direct)(const T *x, const T *w, const T *b, int64_t has_bias
     const int64_t cg = C / groups, cog = CO / groups, KK = KH * KW;
     const int64_t rb = max64(1, min64(OH, DIRECT_ACC_BYTES / (int64_t)sizeof(T) / max64(1, DIRECT_OB * OW)));
     T *acc = xmalloc(DIRECT_OB * rb * OW * (int64_t)sizeof(T));
-    int64_t *xs = xmalloc(2 * KW * (int64_t)sizeof(int64_t));   /* valid output columns per j */
-    for (int64_t j = 0; j < KW; j++)
-        valid_range(j * dw - pl, sw, W, OW, &xs[2 * j], &xs[2 * j + 1]);
+    int64_t *xs = column_ranges(KW, W, OW, sw, pl, dw);
     for (int64_t n = 0; n < N; n++)
         for (int64_t gi = 0; gi < groups; gi++)
             for (int64_t ob = 0; ob < cog; ob += DIRECT_OB) {
@@ -806,9 +814,7 @@ void SFX(tdc_conv2d_grad_input_direct)(const T *gy, const T *w, T *dx,
     const int64_t cg = C / groups, cog = CO / groups, KK = KH * KW;
     const int64_t rb = max64(1, min64(H, DIRECT_ACC_BYTES / (int64_t)sizeof(T) / max64(1, DIRECT_OB * W)));
     T *acc = xmalloc(DIRECT_OB * rb * W * (int64_t)sizeof(T));
-    int64_t *xs = xmalloc(2 * KW * (int64_t)sizeof(int64_t));
-    for (int64_t j = 0; j < KW; j++)
-        valid_range(j * dw - pl, sw, W, OW, &xs[2 * j], &xs[2 * j + 1]);
+    int64_t *xs = column_ranges(KW, W, OW, sw, pl, dw);
     for (int64_t n = 0; n < N; n++)
         for (int64_t gi = 0; gi < groups; gi++)
             for (int64_t cb = 0; cb < cg; cb += DIRECT_OB) {
@@ -853,9 +859,7 @@ void SFX(tdc_conv2d_grad_weight_direct)(const T *x, const T *gy, T *dwt,
 {
     const int64_t cg = C / groups, cog = CO / groups, KK = KH * KW;
     T *acc = xmalloc(KK * OW * (int64_t)sizeof(T));
-    int64_t *xs = xmalloc(2 * KW * (int64_t)sizeof(int64_t));
-    for (int64_t j = 0; j < KW; j++)
-        valid_range(j * dw - pl, sw, W, OW, &xs[2 * j], &xs[2 * j + 1]);
+    int64_t *xs = column_ranges(KW, W, OW, sw, pl, dw);
     for (int64_t o = 0; o < CO; o++) {
         const int64_t gi = o / cog;
         for (int64_t c = 0; c < cg; c++) {
