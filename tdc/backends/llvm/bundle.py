@@ -139,7 +139,8 @@ def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: i
     if embed_weights:
         _embed(mb, mb.weights.pack(values))
     rt = build_runtime()
-    mod = optimize(str(mb.module), target_machine())
+    tm = target_machine()
+    mod = optimize(str(mb.module), tm)
 
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -150,7 +151,7 @@ def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: i
     with tmpdir as tmp:
         obj = os.path.join(tmp, "model.o")
         with open(obj, "wb") as f:
-            f.write(target_machine().emit_object(mod))
+            f.write(tm.emit_object(mod))
         hdr = os.path.join(tmp, "model.h")
         with open(hdr, "w") as f:
             f.write(header_text(mb, training, embed_weights))
@@ -174,11 +175,11 @@ def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: i
 def assembly(graph: Graph, autotune: bool = False) -> str:
     """The optimised machine code for `graph`, as assembly text."""
     _, mb = compile_graph(graph, autotune=autotune)
-    return target_machine().emit_assembly(optimize(str(mb.module), target_machine()))
+    tm = target_machine()
+    return tm.emit_assembly(optimize(str(mb.module), tm))
 
 
-def llvm_ir(graph: Graph, optimized: bool = False, autotune: bool = False) -> str:
+def llvm_ir(graph: Graph, autotune: bool = False) -> str:
+    """The LLVM IR generated for `graph`, before optimisation (one function per kernel)."""
     _, mb = compile_graph(graph, autotune=autotune)
-    text = str(mb.module)
-    return str(optimize(text, target_machine())) if optimized else text
-
+    return str(mb.module)
