@@ -1,8 +1,11 @@
-"""Build the C runtime of the LLVM backend (runtime/tdc_runtime.c) once per machine.
+"""Build the C runtime of the LLVM backend once per machine.
 
-`build_runtime()` compiles the runtime with gcc into a cache directory and returns where the
-results are:
-  * `tdc_runtime.o`: linked into standalone executables (see `RuntimeBuild.link_args()`);
+The runtime is one C file per family of ops (runtime/linalg.c, conv_*.c, pool.c, reduce.c,
+loss.c, norm.c, and common.c for memory and the thread pool), declared in tdc_runtime.h.
+`build_runtime()` compiles them with gcc (in parallel) into a cache directory and returns where
+the results are:
+  * `tdc_runtime.o`: every family in one relocatable object, linked into standalone
+    executables (see `RuntimeBuild.link_args()`);
   * `libtdc_runtime.so`: loaded into the JIT's process (llvmlite's load_library_permanently),
     linked against scipy-openblas32's libscipy_openblas with an rpath to its directory.
 
@@ -27,7 +30,9 @@ from pathlib import Path
 from ...errors import TdcError
 
 RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
-SOURCES = ("tdc_runtime.c", "tdc_runtime.h")
+FAMILIES = ("common", "linalg", "conv_im2col", "conv_direct", "conv_winograd", "conv_fft", "pool", "reduce",
+            "loss", "norm")
+SOURCES = tuple(f"{f}.c" for f in FAMILIES) + ("tdc_runtime.h", "internal.h", "instantiate.h")
 CFLAGS = ("-O3", "-march=native", "-fPIC", "-Wall", "-Wextra", "-std=c11")
 OBJECT = "tdc_runtime.o"
 SHARED = "libtdc_runtime.so"
@@ -65,7 +70,7 @@ def _openblas_dirs() -> tuple[Path, Path]:
 def _gcc() -> str:
     gcc = shutil.which("gcc")
     if gcc is None:
-        raise TdcError("gcc not found on PATH: the LLVM backend needs it to build its C runtime (tdc_runtime.c)")
+        raise TdcError("gcc not found on PATH: the LLVM backend needs it to build its C runtime (tdc/backends/llvm/runtime/*.c)")
     return gcc
 
 
@@ -87,13 +92,15 @@ def _first_error(stderr: str) -> str:
     return lines[0] if lines else "(no output)"
 
 
-def _run(cmd: list[str], what: str) -> None:
+def _run(cmds: list[list[str]], what: str) -> None:
+    """Run the gcc commands `cmds` side by side; the first failure is the error."""
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for cmd in cmds]
     except OSError as e:
         raise TdcError(f"could not run gcc to {what} the LLVM runtime: {e}") from e
-    if r.returncode != 0:
-        raise TdcError(f"gcc failed to {what} the LLVM runtime (tdc_runtime.c): {_first_error(r.stderr)}")
+    errors = [(cmd, p.communicate()[1]) for cmd, p in zip(cmds, procs) if p.wait() != 0]
+    if errors:
+        raise TdcError(f"gcc failed to {what} the LLVM runtime: {_first_error(errors[0][1])}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,10 +124,12 @@ def _build(root: str) -> RuntimeBuild:
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
     try:
         obj, lib = tmp / OBJECT, tmp / SHARED
-        _run([gcc, *CFLAGS, f"-I{RUNTIME_DIR}", f"-I{ob_inc}", "-c", str(RUNTIME_DIR / "tdc_runtime.c"),
-              "-o", str(obj)], "compile")
-        _run([gcc, "-shared", "-o", str(lib), str(obj), f"-L{ob_lib}", f"-l{OPENBLAS_LIB}",
-              f"-Wl,-rpath,{ob_lib}", "-lpthread", "-lm", "-Wl,--no-undefined"], "link")
+        parts = [tmp / f"{f}.o" for f in FAMILIES]
+        _run([[gcc, *CFLAGS, f"-I{RUNTIME_DIR}", f"-I{ob_inc}", "-c", str(RUNTIME_DIR / f"{f}.c"), "-o", str(o)]
+              for f, o in zip(FAMILIES, parts)], "compile")
+        _run([[gcc, "-r", "-nostdlib", "-o", str(obj), *map(str, parts)]], "combine")
+        _run([[gcc, "-shared", "-o", str(lib), str(obj), f"-L{ob_lib}", f"-l{OPENBLAS_LIB}",
+               f"-Wl,-rpath,{ob_lib}", "-lpthread", "-lm", "-Wl,--no-undefined"]], "link")
         os.chmod(tmp, 0o755)   # mkdtemp makes it private
         try:
             os.rename(tmp, final)

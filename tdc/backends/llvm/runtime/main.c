@@ -12,7 +12,7 @@
    Every error is one line on stderr: "PROG: error: ...".
 
    The weights file format ("TDCW", little-endian) is shared with
-   tdc/backends/llvm/weights_file.py:
+   tdc/ir/weights.py:
        "TDCWGT01", u64 payload_bytes, u64 n_entries, u64 FNV-1a-64(payload),
        entries {u32 name_len, name, u32 dtype, u32 rank, i64 shape[rank], u64 offset, u64 nbytes},
        zero padding to a multiple of 64, payload. */

@@ -1,4 +1,5 @@
-/* tdc runtime: the non-elementwise kernels the LLVM backend calls (tdc_runtime.c).
+/* tdc runtime: the non-elementwise kernels the LLVM backend calls (one .c file per family of
+ * ops: linalg.c, conv_*.c, pool.c, reduce.c, loss.c, norm.c; common.c for memory and threads).
  *
  * One function per op and dtype: suffix _f32 (T = float) or _f64 (T = double); the two
  * families have identical argument lists. Every array is C-contiguous; every integer

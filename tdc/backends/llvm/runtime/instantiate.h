@@ -1,0 +1,19 @@
+/* Compile the template part of the family file TDC_SELF twice: for float (_f32) and double
+ * (_f64). Included at the end of a family file's first part (see internal.h). */
+#define TDC_TEMPLATE
+
+#define T float
+#define SFX(name) name##_f32
+#define GEMM scipy_cblas_sgemm
+#include TDC_SELF
+#undef T
+#undef SFX
+#undef GEMM
+
+#define T double
+#define SFX(name) name##_f64
+#define GEMM scipy_cblas_dgemm
+#include TDC_SELF
+#undef T
+#undef SFX
+#undef GEMM
