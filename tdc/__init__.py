@@ -17,10 +17,12 @@ __version__ = "0.1.0"
 from .errors import IRParseError, ShapeError, TdcError, VerifyError  # noqa: E402,F401
 from .ir.graph import Graph, Node, Value  # noqa: E402,F401
 from .ir.types import TensorType  # noqa: E402,F401
+from . import ops  # noqa: E402,F401  (defines every op)
 from .frontend.model import DTYPE_SPECS, Model, model  # noqa: E402,F401
-from .frontend.tensor import Builder, Tensor  # noqa: E402,F401
-from .frontend import functional, nn  # noqa: E402,F401
-from .frontend.functional import *  # noqa: E402,F401,F403  (the DSL's ops: tdc.relu, tdc.conv2d, ...)
+from .ops.tensor import Builder, Tensor  # noqa: E402,F401
+from .ops import functional  # noqa: E402,F401
+from .frontend import nn  # noqa: E402,F401
+from .ops.functional import *  # noqa: E402,F401,F403  (the DSL's ops: tdc.relu, tdc.conv2d, ...)
 from .backends import compile  # noqa: E402,F401
 
 f32, f64, f16 = DTYPE_SPECS["f32"], DTYPE_SPECS["f64"], DTYPE_SPECS["f16"]

@@ -56,14 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("dump", help="print a model's IR, optionally after compiler passes",
-                       description="Print the IR of a model: as traced, or after a pass of the inference "
-                                   "pipeline (dce,cse) or the training pipeline (loss,autodiff,optimizer,dce,cse).")
+                       description="Print a model at any stage of the compile: the IR as traced, after any pass, "
+                                   "the kernel plan and memory plan the backends render, or their code.\n"
+                                   "  inference pipeline: bnfold,fold,simplify,cse,dce,conv_algo,fuse\n"
+                                   "  training pipeline:  loss,autodiff,optimizer,fold,simplify,cse,dce, then the "
+                                   "inference pipeline",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(d)
     g = d.add_mutually_exclusive_group()
-    g.add_argument("--after", metavar="PASS", help="run the pipeline up to PASS and print the result "
+    g.add_argument("--after", metavar="PASS", help="run the pipeline up to the first PASS and print the result "
                    "(a training pass such as autodiff selects the training pipeline)")
-    g.add_argument("--all", action="store_true", help="print the IR before and after every pass")
-    d.add_argument("--train", action="store_true", help="use the training pipeline")
+    g.add_argument("--all", action="store_true", help="print every stage: as traced, after every pass, the kernel "
+                   "plan and the memory plan")
+    d.add_argument("--train", action="store_true", help="the training step (alone: as the training passes leave it)")
+    d.add_argument("--backend", default="numba", choices=("numba", "llvm"),
+                   help="whose compile to show (convolution algorithms are priced per backend; default: numba)")
+    d.add_argument("--plan", action="store_true", help="print the kernel plan: each kernel, what it computes and "
+                   "where its results live")
     _add_training(d)
     d.add_argument("--format", choices=("text", "dot"), default="text", help="IR text or Graphviz DOT")
     d.add_argument("--memory", action="store_true",
@@ -124,22 +133,35 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def dump_pipelines(args):
+    """(inference, training) pipelines exactly as the compiled backends run them for the target
+    of --backend: the training one is the loss, autodiff and optimizer passes, then the same
+    compile pipeline."""
+    from .backends import get_target
+    from .lower.pipeline import compile_pipeline
+    from .passes.manager import Pipeline
+    from .passes.optimizer import Optimizer
+    from .passes.training import training_pipeline
+
+    compile_ = compile_pipeline(get_target(args.backend), args.conv_algo, args.autotune)
+    training = training_pipeline(args.loss, Optimizer(args.optimizer))
+    return compile_, Pipeline(training.passes + compile_.passes), len(training.passes)
+
+
 def cmd_dump(args) -> int:
     from .ir.dot import to_dot
     from .ir.printer import print_graph
-    from .passes.manager import PassContext, Pipeline, get_pass
-    from .passes.optimizer import Optimizer
+    from .lower.memplan import memory_report, plan_memory
+    from .lower.plan import build_plan, describe_plan
     from .passes.conv_algo import request_conv_algo
-    from .passes.training import compile_pipeline, conv_algo_pass, training_pipeline
+    from .passes.manager import PassContext, Pipeline
     from .runtime.loader import Source
 
     src = Source(args.model)
-    inference = compile_pipeline(args.conv_algo, args.autotune)
-    training = Pipeline(training_pipeline(args.loss, Optimizer(args.optimizer)).passes
-                        + [conv_algo_pass(args.conv_algo, args.autotune), get_pass("fuse")])
+    inference, training, n_train = dump_pipelines(args)
     names_inf = [p.name for p in inference.passes]
     names_train = [p.name for p in training.passes]
-    if args.after and args.after not in names_inf + names_train:
+    if args.after and args.after not in names_train:
         raise TdcError(f"unknown pass {args.after!r}; the inference pipeline is {','.join(names_inf)} and the "
                        f"training pipeline is {','.join(names_train)}")
     train = args.train or (args.after is not None and args.after not in names_inf)
@@ -147,37 +169,46 @@ def cmd_dump(args) -> int:
     graph = src.graph(args.batch, training=train)
     fmt = (lambda g: to_dot(g)) if args.format == "dot" else print_graph
     chunks = []
-    if args.memory or args.source or args.llvm or args.asm:
-        graph = pipeline.run(graph)
+
+    def step_graph():
+        """The graph a backend is given: the training step, or the model (with --conv-algo asked)."""
+        g = Pipeline(training.passes[:n_train]).run(graph) if train else graph
+        return request_conv_algo(g, args.conv_algo)
+
+    if args.memory or args.plan or args.source or args.llvm or args.asm:
+        lowered = pipeline.run(graph)
+        if args.plan:
+            from .backends import get_target
+            chunks.append(describe_plan(build_plan(lowered, get_target(args.backend).loop_dtypes),
+                                        plan_memory(lowered)))
         if args.memory:
-            from .passes.memplan import memory_report
-            chunks.append(memory_report(graph))
+            chunks.append(memory_report(lowered))
         if args.source:   # the executable's kernels and driver (Numba compiles them only when first run)
             from .backends.numba import NumbaExecutable
-            step = src.graph(args.batch, training=train)
-            if train:
-                step = training_pipeline(args.loss, Optimizer(args.optimizer)).run(step)
-            chunks.append(NumbaExecutable(request_conv_algo(step, args.conv_algo), autotune=args.autotune).source())
+            chunks.append(NumbaExecutable(step_graph(), autotune=args.autotune).source())
         if args.llvm or args.asm:
             from .backends.llvm.bundle import assembly, llvm_ir
-            step = src.graph(args.batch, training=train)
-            if train:
-                step = training_pipeline(args.loss, Optimizer(args.optimizer)).run(step)
-            step = request_conv_algo(step, args.conv_algo)
-            chunks.append(assembly(step, args.autotune) if args.asm else llvm_ir(step, autotune=args.autotune))
+            chunks.append(assembly(step_graph(), args.autotune) if args.asm
+                          else llvm_ir(step_graph(), autotune=args.autotune))
     elif args.all:
-        chunks.append(f"// ----- {src.name}: as traced -----\n{fmt(graph)}")
+        from .backends import get_target
+        chunks.append(f"// ----- DSL: {src.name} as traced -----\n{fmt(graph)}")
         ctx = PassContext(dump_after="all", dump=lambda name, g: chunks.append(f"// ----- after {name} -----\n{fmt(g)}"))
-        pipeline.run(graph, ctx)
+        lowered = pipeline.run(graph, ctx)
+        memory = plan_memory(lowered)
+        chunks.append(f"// ----- lowered: the kernel plan the {args.backend} backend renders -----\n"
+                      + describe_plan(build_plan(lowered, get_target(args.backend).loop_dtypes), memory))
+        chunks.append(f"// ----- lowered: the memory plan -----\n{memory_report(lowered, memory)}")
     elif args.after:
         upto = [p.name for p in pipeline.passes].index(args.after) + 1
-        graph = Pipeline(pipeline.passes[:upto]).run(graph)
-        chunks.append(fmt(graph))
+        chunks.append(fmt(Pipeline(pipeline.passes[:upto]).run(graph)))
+    elif train:
+        chunks.append(fmt(Pipeline(training.passes[:n_train]).run(graph)))
     else:
         chunks.append(fmt(graph))
     text = "\n".join(c.rstrip("\n") + "\n" for c in chunks)
     if args.output:
-        from .runtime.weights import atomic_write
+        from .files import atomic_write
         atomic_write(args.output, lambda f: f.write(text.encode()))
     else:
         sys.stdout.write(text)
@@ -207,7 +238,8 @@ def cmd_run(args) -> int:
     from .backends import compile
     from .runtime.inputs import random_inputs, read_npy
     from .runtime.loader import Source
-    from .runtime.weights import atomic_write, load_weights
+    from .files import atomic_write
+    from .ir.weights import load_weights
 
     src = Source(args.model)
     graph = src.graph(args.batch)
@@ -247,7 +279,7 @@ def cmd_compile(args) -> int:
     from .passes.optimizer import Optimizer
     from .passes.training import training_pipeline
     from .runtime.loader import Source
-    from .runtime.weights import load_weights
+    from .ir.weights import load_weights
 
     src = Source(args.model)
     graph = src.graph(args.batch, training=args.train)
@@ -264,7 +296,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_ops(args) -> int:
-    from .ops.registry import REQUIRED, all_ops
+    from .ir.opdef import REQUIRED, all_ops
     for name, op in sorted(all_ops().items(), key=lambda kv: (kv[1].family, kv[0])):
         attrs = ", ".join(f"{k}" if a.default is REQUIRED else f"{k}={a.default!r}" for k, a in op.attrs.items())
         print(f"{op.family:12s} {name}({attrs})  {op.doc}")

@@ -5,14 +5,14 @@ import pytest
 
 import tdc
 from tdc.errors import TdcError
-from tdc.frontend import functional as F
-from tdc.frontend.tensor import Builder
+from tdc.ops import functional as F
+from tdc.ops.tensor import Builder
 from tdc.ir.graph import Graph
 from tdc.ir.types import TensorType
-from tdc.ops.registry import all_ops
+from tdc.ir.opdef import all_ops
 from tdc.passes.autodiff import autodiff
-from tdc.passes.gradcheck import gradcheck
-from tdc.runtime.init import init_params
+from tdc.runtime.gradcheck import gradcheck
+from tdc.frontend.init import init_params
 
 TOL = 1e-5
 
@@ -189,7 +189,7 @@ def test_broadcast_gradient_is_reduced_to_the_input_shape():
 def test_integer_inputs_get_no_gradient_and_model_checks():
     g = _mlp_graph()
     with Builder(g) as b:
-        from tdc.frontend.tensor import Tensor
+        from tdc.ops.tensor import Tensor
         y = b.arg("y", TensorType("i64", (3,)), "input")
         g.add_output("loss", F.softmax_cross_entropy(Tensor(g.output("out"), b), y).value)
     rng = np.random.default_rng(1)
@@ -206,7 +206,7 @@ def test_integer_inputs_get_no_gradient_and_model_checks():
 def test_inputs_can_be_differentiated_on_request():
     g = _mlp_graph()
     with Builder(g) as b:
-        from tdc.frontend.tensor import Tensor
+        from tdc.ops.tensor import Tensor
         g.add_output("loss", F.sum(Tensor(g.output("out"), b)).value)
     d = autodiff(g, "loss", wrt=["x"])
     assert [n for n, _ in d.outputs] == ["out", "loss", "grad.x"]
@@ -219,7 +219,7 @@ def test_loss_must_be_a_scalar():
 
 
 def test_missing_gradient_rule_is_a_clear_error():
-    from tdc.ops.registry import _REGISTRY, OpDef
+    from tdc.ir.opdef import _REGISTRY, OpDef
     _REGISTRY["test_nograd"] = OpDef("test_nograd", "test", infer=lambda ins: ins[0], ref=lambda x: x.copy())
     try:
         g = Graph("t")

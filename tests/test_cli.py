@@ -73,7 +73,7 @@ def test_run_with_random_inputs_saves_and_reloads(capsys, tmp_path):
 
 
 def test_run_with_weights(capsys, tmp_path):
-    from tdc.runtime.weights import save_weights
+    from tdc.ir.weights import save_weights
     import tdc
     sys.path.insert(0, EX)
     import mlp

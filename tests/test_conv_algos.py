@@ -22,9 +22,34 @@ from tdc.ir.parser import parse_graph as parse
 from tdc.ir.printer import print_graph
 from tdc.ir.types import TensorType
 from tdc.ops.conv import ALGORITHMS, legal_algos
+from tdc.backends.numba.target import TARGET as NUMBA
 from tdc.passes import conv_algo as P
+from tdc.passes.target import Rates, Target
 
 from helpers import FAST
+
+
+class FixedTarget(Target):
+    """The numba target's structure with given rates: the pass's logic, free of this machine's
+    noise. By default the model as written (no overhead, scale 1, nothing per plane)."""
+    name = "fixed"
+    caches_filter_transforms = True
+
+    def __init__(self, conv=None, threads=2):
+        self._threads = threads
+        self._rates = Rates(1e11, 1e10, conv or {a: (0.0, 1.0, 0.0) for a in ALGORITHMS})
+
+    def threads(self):
+        return self._threads
+
+    def time_conv(self, node, algo):
+        return NUMBA.time_conv(node, algo)
+
+    def time_matmul(self, m, k, n):
+        return NUMBA.time_matmul(m, k, n)
+
+
+MODEL = FixedTarget()
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
@@ -180,8 +205,8 @@ def _conv_graph(x_shape, w_shape, training=False, **attrs):
     w = g.add_arg("w", TensorType("f32", w_shape), "param", {"init": "he_normal"})
     (y,) = g.emit("conv2d", [x, w], attrs)
     if training:
-        from tdc.frontend import functional as F
-        from tdc.frontend.tensor import Builder, Tensor
+        from tdc.ops import functional as F
+        from tdc.ops.tensor import Builder, Tensor
         with Builder(g) as b:
             loss = F.apply("reduce_sum", Tensor(y, b) * Tensor(y, b), axes=None)
         g.add_output("loss", loss.value)
@@ -197,7 +222,7 @@ def _conv_graph(x_shape, w_shape, training=False, **attrs):
        c=st.sampled_from([1, 8, 64]))
 def test_selector_never_picks_an_illegal_algorithm(k, stride, dil, request, c):
     g = _conv_graph((2, c, 12, 12), (c, c) + k, training=True, stride=stride, dilation=dil, algo=request)
-    out = P.select_conv_algos(g)
+    out = P.select_conv_algos(g, MODEL)
     for n in out.nodes:
         if n.op in P.CONV_OPS:
             legal = legal_algos(n.op, k, stride, dil)
@@ -212,7 +237,7 @@ def test_selector_never_picks_an_illegal_algorithm(k, stride, dil, request, c):
 
 def test_forced_algorithm_falls_back_and_the_dump_says_so():
     g = _conv_graph((1, 4, 9, 9), (4, 4, 3, 3), stride=2, pad=1, algo="winograd_f4")
-    out = P.select_conv_algos(g)
+    out = P.select_conv_algos(g, MODEL)
     (n,) = [n for n in out.nodes if n.op == "conv2d"]
     assert n.attrs["algo"] in ("direct", "im2col", "fft")
     text = print_graph(out)
@@ -220,7 +245,7 @@ def test_forced_algorithm_falls_back_and_the_dump_says_so():
     assert print_graph(parse(text)) == text
     # asked globally: the same, and a legal request is kept as is
     g2 = P.request_conv_algo(_conv_graph((1, 4, 9, 9), (4, 4, 3, 3), pad=1), "winograd_f4")
-    assert [n.attrs["algo"] for n in P.select_conv_algos(g2).nodes if n.op == "conv2d"] == ["winograd_f4"]
+    assert [n.attrs["algo"] for n in P.select_conv_algos(g2, MODEL).nodes if n.op == "conv2d"] == ["winograd_f4"]
 
 
 def test_backward_ops_inherit_the_layer_choice():
@@ -231,19 +256,19 @@ def test_backward_ops_inherit_the_layer_choice():
 def test_cost_model_prefers_winograd_on_wide_3x3_and_never_fft_on_small_kernels():
     for c, hw in ((64, 56), (128, 28), (256, 14)):
         g = _conv_graph((1, c, hw, hw), (c, c, 3, 3), pad=1)
-        (n,) = [n for n in P.select_conv_algos(g).nodes if n.op == "conv2d"]
+        (n,) = [n for n in P.select_conv_algos(g, MODEL).nodes if n.op == "conv2d"]
         assert n.attrs["algo"].startswith("winograd"), (c, n.attrs["algo"])
     g = _conv_graph((1, 256, 56, 56), (64, 256, 1, 1))
-    (n,) = [n for n in P.select_conv_algos(g).nodes if n.op == "conv2d"]
+    (n,) = [n for n in P.select_conv_algos(g, MODEL).nodes if n.op == "conv2d"]
     assert n.attrs["algo"] in ("im2col", "direct")
     p = P.conv_problem(n)
-    assert P.estimate(p, "fft") > P.estimate(p, "im2col")
+    assert P.estimate(p, "fft", MODEL) > P.estimate(p, "im2col", MODEL)
 
 
 def test_autotune_writes_and_reuses_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TDC_CACHE_DIR", str(tmp_path))
     g = _conv_graph((1, 4, 8, 8), (4, 4, 3, 3), pad=1)
-    out = P.select_conv_algos(g, autotune=True)
+    out = P.select_conv_algos(g, NUMBA, autotune=True)
     (n,) = [n for n in out.nodes if n.op == "conv2d"]
     data = json.loads((tmp_path / "autotune.json").read_text())
     (key,) = data
@@ -253,8 +278,63 @@ def test_autotune_writes_and_reuses_the_cache(tmp_path, monkeypatch):
     data[key]["algo"] = "fft"
     (tmp_path / "autotune.json").write_text(json.dumps(data))
     monkeypatch.setattr(CA, "time_conv", lambda *a, **k: pytest.fail("remeasured a cached layer"))
-    out = P.select_conv_algos(g, autotune=True)
+    out = P.select_conv_algos(g, NUMBA, autotune=True)
     assert [n.attrs["algo"] for n in out.nodes if n.op == "conv2d"] == ["fft"]
+
+
+def test_calibration_recovers_known_costs_and_is_cached(tmp_path, monkeypatch):
+    """A target whose kernels take exactly overhead + scale * model + per_plane * planes: the fit
+    finds those coefficients, writes them under the CPU model, and a new target object reads them
+    back instead of timing again."""
+    monkeypatch.setenv("TDC_CACHE_DIR", str(tmp_path))
+    truth = {a: (2e-5 * (i + 1), 0.5 + 0.25 * i, 1e-7 * i) for i, a in enumerate(ALGORITHMS)}
+    timed = []
+
+    class Synthetic(FixedTarget):
+        name = "synthetic"
+
+        def __init__(self):
+            self._threads = 2
+
+        def time_conv(self, node, algo):
+            timed.append(algo)
+            o, sc, pp = truth[algo]
+            p = P.conv_problem(node)
+            return o + sc * P.modelled(p, algo, self) + pp * P.planes(p)
+
+        def time_matmul(self, m, k, n):
+            return 2 * m * k * n / 5e10
+
+    rates = Synthetic().rates()
+    assert len(timed) == len(ALGORITHMS) * len(P.PROBES)
+    for algo, want in truth.items():
+        np.testing.assert_allclose(rates.conv[algo], want, rtol=1e-6, atol=1e-12, err_msg=algo)
+    np.testing.assert_allclose(rates.gemm_flops, 5e10, rtol=1e-6)
+    cached = json.loads((tmp_path / "targets.json").read_text())
+    (key,) = cached
+    assert key.startswith("synthetic|") and P.machine_id() in key
+    assert Synthetic().rates().conv == rates.conv and len(timed) == len(ALGORITHMS) * len(P.PROBES)
+
+
+def test_nonnegative_fit_drops_a_column_rather_than_going_negative():
+    rows = [(1.0, 1.0, 0.0), (1.0, 2.0, 0.0), (1.0, 3.0, 0.0)]
+    measured = [3.0, 2.0, 1.0]          # falls with the work: no non-negative slope explains it
+    coef = P.nonnegative_fit(rows, measured)
+    assert min(coef) >= 0 and coef[1] == 0
+
+
+def test_numba_target_is_calibrated_on_this_machine():
+    """The real calibration: every algorithm fitted with finite, non-negative coefficients, and the
+    calibrated model within 4x of the kernels it was fitted to on the probe layers."""
+    rates = NUMBA.rates()
+    assert rates.gemm_flops > 1e9 and rates.copy_bytes > 1e8
+    assert set(rates.conv) == set(ALGORITHMS)
+    for algo in ALGORITHMS:
+        assert all(np.isfinite(c) and c >= 0 for c in rates.conv[algo]), (algo, rates.conv[algo])
+    node = P.probe_node(*P.PROBES[1])
+    for algo in ALGORITHMS:
+        est, got = P.estimate(P.conv_problem(node), algo, NUMBA), NUMBA.time_conv(node, algo)
+        assert got / 4 < est < got * 4, (algo, est, got)
 
 
 # ---- through the numba executable ----------------------------------------------------------------

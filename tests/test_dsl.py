@@ -8,7 +8,7 @@ import pytest
 import tdc
 from tdc import nn
 from tdc.errors import ShapeError, TdcError
-from tdc.runtime.init import init_params
+from tdc.frontend.init import init_params
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 sys.path.insert(0, EXAMPLES)

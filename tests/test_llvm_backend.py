@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tdc
 from tdc.errors import TdcError
-from tdc.frontend import functional as F
-from tdc.frontend.tensor import Builder
+from tdc.ops import functional as F
+from tdc.ops.tensor import Builder
 from tdc.ir.graph import Graph
 from tdc.ir.types import TensorType
 
@@ -212,6 +212,7 @@ def test_autotune_times_the_c_kernels_and_caches_per_backend(tmp_path, monkeypat
     """--autotune on the LLVM backend measures the C runtime's candidates (not Numba's), keeps them
     under their own cache key, and picks the fastest measured one."""
     import json
+    from tdc.backends.llvm.target import TARGET
     from tdc.passes.conv_algo import conv_choices, select_conv_algos
     monkeypatch.setenv("TDC_CACHE_DIR", str(tmp_path))
     g = Graph("c")
@@ -219,7 +220,7 @@ def test_autotune_times_the_c_kernels_and_caches_per_backend(tmp_path, monkeypat
         x = b.arg("x", TensorType("f32", (2, 8, 12, 12)), "input")
         w = b.arg("w", TensorType("f32", (8, 8, 3, 3)), "param")
         g.add_output("y", F.conv2d(x, w, pad=1).value)
-    chosen = conv_choices(select_conv_algos(g, autotune=True, backend="llvm"))
+    chosen = conv_choices(select_conv_algos(g, TARGET, autotune=True))
     cache = json.loads((tmp_path / "autotune.json").read_text())
     (key, entry), = cache.items()
     assert key.endswith("|llvm")

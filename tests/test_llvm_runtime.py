@@ -1,4 +1,4 @@
-"""The LLVM backend's C runtime (tdc/backends/llvm/runtime/tdc_runtime.c), called through
+"""The LLVM backend's C runtime (tdc/backends/llvm/runtime/*.c), called through
 ctypes and checked against the numpy references of the ops (tdc/ops), f32 and f64.
 
 Products (GEMM, conv) are checked against an error bound: the reference evaluated on
@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from tdc.backends.llvm.runtime import build_runtime
-from tdc.backends.numba.kernels import avgpool_counts
+from tdc.lower.plan import avgpool_counts
 from tdc.errors import ShapeError, TdcError
 from tdc.ir.types import TensorType
 from tdc.ops.norm import dropout_keep
-from tdc.ops.registry import get_op
+from tdc.ir.opdef import get_op
 
 SETTINGS = settings(max_examples=40, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -441,9 +441,9 @@ def test_maxpool2d_ties_without_nan_take_the_first(lib):
 
 
 def avg_counts(in_hw, out_hw, kernel, stride, pad, include):
-    """cy, cx as the Numba codegen computes them (_avg_counts)."""
-    cy = avgpool_counts.py_func(in_hw[0], kernel[0], stride[0], pad[0], pad[2], out_hw[0], include)
-    cx = avgpool_counts.py_func(in_hw[1], kernel[1], stride[1], pad[1], pad[3], out_hw[1], include)
+    """cy, cx as the Numba codegen computes them (avgpool_divisors)."""
+    cy = avgpool_counts(in_hw[0], kernel[0], stride[0], pad[0], pad[2], out_hw[0], include)
+    cx = avgpool_counts(in_hw[1], kernel[1], stride[1], pad[1], pad[3], out_hw[1], include)
     return cy.astype(np.float64), cx.astype(np.float64)
 
 

@@ -17,7 +17,7 @@ from tdc.backends.reference import run
 from tdc.ir.graph import Graph
 from tdc.passes.fuse import fuse, is_literal
 from tdc.ir.types import TensorType
-from tdc.passes.memplan import (ALIGN, MemoryPlanError, align, layer_table, memory_report,
+from tdc.lower.memplan import (ALIGN, MemoryPlanError, align, layer_table, memory_report,
                                 plan_memory, split_kernels)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))

@@ -11,8 +11,8 @@ import pytest
 
 import tdc
 from tdc.backends.llvm.bundle import write_bundle
-from tdc.backends.llvm.weights_file import read_weights
-from tdc.runtime.init import init_params
+from tdc.ir.weights import read_weights
+from tdc.frontend.init import init_params
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.join(HERE, "..")
@@ -88,7 +88,7 @@ def test_training_executable_matches_reference_steps(model, batch, opt, tmp_path
     for name, value in ref.state.items():
         np.testing.assert_allclose(trained[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
     # the trained weights go back into tdc: an inference bundle or a run can start from them
-    from tdc.runtime.weights import load_weights
+    from tdc.ir.weights import load_weights
     infer = getattr(__import__(model), model).trace(batch=batch)
     assert set(load_weights(str(tmp_path / "t.weights"), infer)) == {a.name for a in infer.args if a.kind != "input"}
 

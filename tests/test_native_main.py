@@ -1,5 +1,5 @@
 """The generic program of a native bundle (backends/llvm/runtime/main.c) and the weights file
-format (backends/llvm/weights_file.py), checked with hand-written fake models: a generated-style
+format (tdc/ir/weights.py), checked with hand-written fake models: a generated-style
 header plus a small C file implementing the entry point, linked with main.c by gcc."""
 import os
 import random
@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tdc.backends.llvm import weights_file as wf
+from tdc.ir import weights as wf
 from tdc.errors import TdcError
 
 MAIN_C = os.path.join(os.path.dirname(__file__), "..", "tdc", "backends", "llvm", "runtime", "main.c")
@@ -657,7 +657,7 @@ def test_training_errors(lin, tmp_path):
     assert not [f for f in files_in(tmp_path) if f.endswith(".weights") or f.startswith(".tmp")]
 
 
-# ---- weights_file.py ----------------------------------------------------------------------------------
+# ---- ir/weights.py: the TDCW format ----------------------------------------------------------------------------------
 
 def test_weights_file_roundtrip_all_dtypes(tmp_path):
     rng = np.random.default_rng(0)

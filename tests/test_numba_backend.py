@@ -9,13 +9,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tdc
 from tdc.errors import TdcError
-from tdc.frontend import functional as F
-from tdc.frontend.tensor import Builder
+from tdc.ops import functional as F
+from tdc.ops.tensor import Builder
 from tdc.ir.graph import Graph
 from tdc.ir.types import TensorType
 from tdc.passes.autodiff import autodiff
 from tdc.passes.retype import retype
-from tdc.runtime.init import init_params
+from tdc.frontend.init import init_params
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from test_autodiff import CASES, _graph_for  # noqa: E402
@@ -95,7 +95,7 @@ def test_fused_kernels_are_fewer_than_ops_and_source_is_shown():
     g = tdc.train_step(lenet.lenet, batch=4)
     exe = tdc.compile(g, backend="numba")
     n_ops = sum(1 for n in g.nodes if n.op not in ("constant", "full"))
-    assert len(exe.program.plan) < n_ops
+    assert len(exe.program.steps) < n_ops
     src = exe.source()
     assert "@njit" in src and "prange" in src or "range" in src
 

@@ -16,7 +16,7 @@ from tdc.errors import TdcError
 from tdc.ir.graph import Graph
 from tdc.ir.parser import parse_graph
 from tdc.ir.types import TensorType
-from tdc.runtime.init import init_params
+from tdc.frontend.init import init_params
 from tdc.runtime.loader import load_model
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")

@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tdc.backends.reference import run
 from tdc.errors import ShapeError
-from tdc.frontend import functional as F
-from tdc.frontend.tensor import Builder
+from tdc.ops import functional as F
+from tdc.ops.tensor import Builder
 from tdc.ir.graph import Graph
 from tdc.ir.types import TensorType
-from tdc.ops.registry import get_op
+from tdc.ir.opdef import get_op
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

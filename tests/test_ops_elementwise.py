@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from helpers import (FAST, FLOAT_DTYPES, INT_DTYPES, MEDIUM, NP, RTOL, all_indices, array_of, bcast_shape,
                      broadcast_pair, from_dict, infer_op, run_op, shapes, source_index)
 from tdc.errors import ShapeError
-from tdc.frontend import functional as F
-from tdc.frontend.tensor import Builder
+from tdc.ops import functional as F
+from tdc.ops.tensor import Builder
 from tdc.backends.reference import run
 from tdc.ir.graph import Graph
 from tdc.ir.types import TensorType

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import (FAST, MEDIUM, NP, all_indices, array_of, bcast_shape, broadcast_pair, infer_op, run_op,
+from helpers import (FAST, NP, all_indices, array_of, bcast_shape, broadcast_pair, infer_op, run_op,
                      shapes, source_index)
 from tdc.errors import ShapeError
 from tdc.ir.types import TensorType

@@ -14,7 +14,7 @@ from tdc.backends.reference import run_ranks
 from tdc.errors import ShapeError, TdcError
 from tdc.ir.graph import Graph
 from tdc.ir.types import TensorType
-from tdc.ops.registry import all_ops
+from tdc.ir.opdef import all_ops
 
 EPS = {"f32": 2.0 ** -24, "f64": 2.0 ** -53}
 SUB = {dt: float(np.finfo(NP[dt]).smallest_subnormal) for dt in EPS}   # absolute rounding below normal range

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import FAST, MEDIUM, NP, all_indices, array_of, infer_op, run_op, shapes, source_index
+from helpers import FAST, NP, all_indices, array_of, infer_op, run_op, shapes, source_index
 from tdc.backends.reference import run
 from tdc.errors import ShapeError
-from tdc.frontend import functional as F
-from tdc.frontend.tensor import Builder
+from tdc.ops import functional as F
+from tdc.ops.tensor import Builder
 from tdc.ir.graph import Graph
 from tdc.ir.types import TensorType
 

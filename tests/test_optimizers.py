@@ -4,8 +4,8 @@ import pytest
 
 import tdc
 from tdc.errors import TdcError
-from tdc.frontend import functional as F
-from tdc.frontend.tensor import Builder
+from tdc.ops import functional as F
+from tdc.ops.tensor import Builder
 from tdc.ir.graph import Graph
 from tdc.ir.types import TensorType
 from tdc.passes.autodiff import autodiff

@@ -6,12 +6,12 @@ import pytest
 
 import tdc
 from tdc.errors import TdcError
-from tdc.frontend import functional as F
-from tdc.frontend.tensor import Builder
+from tdc.ops import functional as F
+from tdc.ops.tensor import Builder
 from tdc.ir.graph import Graph
 from tdc.ir.types import TensorType
 from tdc.passes.manager import PassContext, Pipeline, get_pass
-from tdc.runtime.weights import load_weights, save_weights
+from tdc.ir.weights import load_weights, save_weights
 
 
 def _graph_with_waste():

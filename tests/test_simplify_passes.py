@@ -9,12 +9,12 @@ from hypothesis import strategies as st
 
 import tdc
 from tdc.backends.reference import run
-from tdc.frontend import functional as F
-from tdc.frontend.tensor import Builder
+from tdc.ops import functional as F
+from tdc.ops.tensor import Builder
 from tdc.ir.graph import Graph
 from tdc.ir.types import TensorType
 from tdc.passes.manager import Pipeline
-from tdc.runtime.init import init_params
+from tdc.frontend.init import init_params
 
 from helpers import MEDIUM
 

@@ -20,7 +20,7 @@ from tdc.runtime.data import Dataset, load_digits
 from tdc.runtime.loader import Source
 from tdc.runtime.schedule import Constant, Cosine, StepDecay, Warmup, make_schedule, scaled_lr
 from tdc.runtime.trainer import add_train_arguments, cmd_train, train
-from tdc.runtime.weights import load_weights
+from tdc.ir.weights import load_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "examples", "digits.py")

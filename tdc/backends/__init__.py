@@ -25,3 +25,15 @@ def compile(graph, backend: str = "reference", params=None, seed: int = 0, conv_
         from .llvm import LLVMExecutable
         return LLVMExecutable(graph, params, seed, autotune=autotune)
     raise TdcError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+
+
+def get_target(backend: str):
+    """The Target of a compiled backend (numba or llvm): what the compile pipeline's passes
+    know of it (passes/target.py)."""
+    if backend == "numba":
+        from .numba.target import TARGET
+        return TARGET
+    if backend == "llvm":
+        from .llvm.target import TARGET
+        return TARGET
+    raise TdcError(f"no compile target for backend {backend!r}; choose numba or llvm")

@@ -11,24 +11,7 @@ import numpy as np
 from ..errors import TdcError
 from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
-
-
-def check_feed(arg: Value, array, what: str) -> np.ndarray:
-    """Convert a user-supplied array for `arg`, or raise a one-line error naming it."""
-    a = np.asarray(array)
-    want = arg.type
-    if tuple(a.shape) != want.shape:
-        raise TdcError(f"{what} {arg.name}: expected shape {list(want.shape)} ({want}), got {list(a.shape)}")
-    if a.dtype != want.np_dtype:
-        got = a.dtype
-        # Python-made data (int64 labels, float64 images) is converted when no value changes.
-        if np.can_cast(got, want.np_dtype, casting="same_kind") or (got.kind in "iu" and want.np_dtype.kind in "iu"):
-            conv = a.astype(want.np_dtype)
-            if got.kind in "iub" and not np.array_equal(conv.astype(got), a):
-                raise TdcError(f"{what} {arg.name}: values do not fit {want.dtype}")
-            return conv
-        raise TdcError(f"{what} {arg.name}: expected dtype {want.dtype} ({want}), got {got}")
-    return a
+from .executable import check_feed, initial_state
 
 
 class Mailbox:
@@ -102,19 +85,6 @@ def run(graph: Graph, feed: dict[Value, np.ndarray]) -> dict[Value, np.ndarray]:
     return run_ranks(graph, [feed])[0]
 
 
-def copy_inputs(slots: list, given: dict) -> None:
-    """Copy each given input into its buffer (slots: (arg, array) pairs), after checking that the
-    names are the graph's and each value's shape and dtype fit (the compiled backends' calls)."""
-    unknown = set(given) - {a.name for a, _ in slots}
-    if unknown:
-        raise TdcError(f"unknown input {sorted(unknown)[0]!r}; the graph takes: "
-                       + ", ".join(f"{a.name}: {a.type}" for a, _ in slots))
-    for a, buf in slots:
-        if a.name not in given:
-            raise TdcError(f"missing input {a.name}: {a.type}")
-        buf[...] = check_feed(a, given[a.name], "input")
-
-
 class ReferenceExecutable:
     """`exe(**inputs)` -> {output name: array}. Params, consts and state are held by the
     executable (set from a dict or initialised from a seed); updates are written back after each call."""
@@ -122,17 +92,8 @@ class ReferenceExecutable:
     backend = "reference"
 
     def __init__(self, graph: Graph, params: dict[str, np.ndarray] | None = None, seed: int = 0):
-        from ..runtime.init import init_params
         self.graph = graph
-        values = init_params(graph, seed) if params is None else {}
-        if params is not None:
-            values = {**init_params(graph, seed, only_missing=params), **params}
-        self.state: dict[str, np.ndarray] = {}
-        for a in graph.args:
-            if a.kind != "input":
-                if a.name not in values:
-                    raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
-                self.state[a.name] = check_feed(a, values[a.name], a.kind)
+        self.state: dict[str, np.ndarray] = initial_state(graph, params, seed)
 
     def set_state(self, values: dict[str, np.ndarray]) -> None:
         """Replace params or state by name (every backend has this; see NumbaExecutable.set_state)."""

@@ -18,7 +18,7 @@ import inspect
 from ..errors import TdcError
 from ..ir.graph import Graph
 from ..ir.types import DTYPES, TensorType
-from .tensor import Builder, Tensor
+from ..ops.tensor import Builder, Tensor
 
 
 class InputSpec:

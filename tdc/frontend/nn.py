@@ -6,10 +6,10 @@ is called after its kind and position (conv1, conv2, linear1, ...).
 from __future__ import annotations
 
 from ..errors import ShapeError
-from . import functional as F
-from .functional import (avgpool2d, flatten, global_avgpool, leaky_relu, log_softmax, maxpool2d,  # noqa: F401
-                         relu, sigmoid, softmax, tanh)
-from .tensor import Builder, Tensor
+from ..ops import functional as F
+from ..ops.functional import (avgpool2d, flatten, global_avgpool, leaky_relu, log_softmax, maxpool2d,  # noqa: F401
+                             relu, sigmoid, softmax, tanh)
+from ..ops.tensor import Builder, Tensor
 
 
 def _layer(x: Tensor, kind: str, name: str | None) -> tuple[Builder, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import networkx as nx
 
 from ..errors import ShapeError, TdcError
+from .opdef import get_op
 from .types import TensorType
 
 ARG_KINDS = ("input", "param", "const", "state")
@@ -52,7 +53,6 @@ class Node:
 
     @property
     def opdef(self):
-        from ..ops.registry import get_op
         return get_op(self.op)
 
     @property
@@ -86,7 +86,6 @@ class Graph:
     def emit(self, op: str, inputs: list[Value], attrs: dict | None = None, placement: str | None = None,
              loc: str | None = None, names: list[str | None] | None = None) -> list[Value]:
         """Append a node, checking its inputs and attributes and inferring its output types."""
-        from ..ops.registry import get_op
         opdef = get_op(op)
         attrs = opdef.normalize_attrs(attrs or {})
         in_types = [v.type for v in inputs]

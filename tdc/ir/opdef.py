@@ -1,9 +1,10 @@
-"""The op registry: every op is defined once, here, and every stage reads it.
+"""What an op is, and the registry every stage looks ops up in.
 
 An `OpDef` holds an op's attributes (with defaults and validation), its shape
 and dtype inference (which the verifier also uses), its numpy reference
-semantics, its gradient rule (a VJP written in tdc ops), its cost, and its
-lowerings per backend. Op families live in the sibling modules.
+semantics, its gradient rule (a VJP written in tdc ops) and its cost. The op
+families in `tdc.ops` define them and fill the registry when `tdc.ops` is
+imported (importing `tdc` does it); the IR only looks them up by name.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ShapeError, TdcError
-from ..ir.types import DTYPES, TensorType
+from .types import DTYPES, TensorType
 
 REQUIRED = object()
 ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "dtype", "tensor")
@@ -115,7 +116,6 @@ class OpDef:
     side_effect: bool = False           # never removed by DCE (send)
     collective: bool = False            # ref runs over all simulated ranks at once
     doc: str = ""
-    lowerings: dict[str, Callable] = field(default_factory=dict)
 
     def normalize_attrs(self, attrs: dict) -> dict:
         unknown = set(attrs) - set(self.attrs)
@@ -171,7 +171,6 @@ def defop(name: str, family: str, **kw) -> OpDef:
 
 
 def get_op(name: str) -> OpDef:
-    _load_families()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -179,64 +178,4 @@ def get_op(name: str) -> OpDef:
 
 
 def all_ops() -> dict[str, OpDef]:
-    _load_families()
     return dict(_REGISTRY)
-
-
-_loaded = False
-
-
-def _load_families():
-    global _loaded
-    if not _loaded:
-        from . import comm, conv, elementwise, linalg, loss, norm, pool, reduce, shape  # noqa: F401
-        _loaded = True
-
-
-# ---- helpers shared by op families ------------------------------------------
-
-def fail(msg: str):
-    raise ShapeError(msg)
-
-
-def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
-    rank = max((len(s) for s in shapes), default=0)
-    out = []
-    for i in range(rank):
-        dims = {s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0}
-        dims.discard(1)
-        if len(dims) > 1:
-            fail("shapes " + " and ".join(str(list(s)) for s in shapes) + " do not broadcast")
-        out.append(dims.pop() if dims else 1)
-    return tuple(out)
-
-
-def same_dtype(types: list[TensorType]) -> str:
-    dts = {t.dtype for t in types}
-    if len(dts) != 1:
-        fail("dtypes differ: " + ", ".join(sorted(dts)) + " (insert a cast)")
-    return dts.pop()
-
-
-def need_float(t: TensorType, what: str = "input"):
-    if t.dtype not in ("f16", "f32", "f64"):
-        fail(f"{what} must be a float tensor, got {t}")
-
-
-def norm_axis(axis: int, rank: int) -> int:
-    if not -rank <= axis < max(rank, 1):
-        fail(f"axis {axis} is out of range for rank {rank}")
-    return axis % rank if rank else 0
-
-
-def norm_axes(axes, rank: int) -> tuple[int, ...]:
-    if axes is None:
-        return tuple(range(rank))
-    out = tuple(sorted({norm_axis(a, rank) for a in axes}))
-    if len(out) != len(axes):
-        fail(f"repeated axis in {list(axes)}")
-    return out
-
-
-def numel(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1

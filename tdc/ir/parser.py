@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import IRParseError, ShapeError, TdcError
 from .graph import ARG_KINDS, Graph, Value
+from .opdef import get_op
 from .printer import is_numbered
 from .types import DTYPES, TensorType
 
@@ -290,7 +291,6 @@ class _Parser:
 
     @staticmethod
     def registry_op(name: str):
-        from ..ops.registry import get_op
         return get_op(name)
 
     def attr_dict(self, opdef) -> tuple[dict, dict]:

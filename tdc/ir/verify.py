@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..errors import TdcError, VerifyError
 from .graph import ARG_KINDS, Graph, Node
+from .opdef import attrs_key
 
 
 def _where(i: int, node: Node) -> str:
@@ -38,7 +39,6 @@ def check_types(g: Graph) -> None:
 
 def verify(g: Graph) -> None:
     """Raise VerifyError describing the first broken invariant."""
-    from ..ops.registry import attrs_key
 
     def fail(msg):
         raise VerifyError(f"graph {g.name}: {msg}")

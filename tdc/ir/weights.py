@@ -1,8 +1,14 @@
-"""The weights file of a native bundle ("TDCW"): every param and state tensor of a compiled
-graph in one flat buffer, as the generated code addresses it.
+"""A graph's params, consts and state on disk, in the two formats tdc reads and writes.
 
-Layout (little-endian):
+* `.npz` (numpy's zip of arrays, one per name): what `tdc train --save-weights` and
+  checkpoints write; `load_weights` checks a file against a graph's arguments.
+* The native bundle's weights file ("TDCW"): every tensor of a compiled graph in one flat
+  buffer, as the generated code addresses it; the C reader and writer live in the LLVM
+  backend's runtime/main.c, and both sides must agree byte for byte.
 
+`load_npz` and `load_weights` read either format.
+
+TDCW layout (little-endian):
     bytes 0..7   magic b"TDCWGT01"
     u64          payload_bytes          (the model's TDC_WEIGHTS_BYTES)
     u64          n_entries
@@ -13,8 +19,7 @@ Layout (little-endian):
     payload      payload_bytes bytes; entry i at payload[offset : offset + nbytes]
 
 dtype is the code of DTYPE_CODES (the TDC_F32... enum of the generated header). Offsets are
-64-byte aligned (layout_for), and payload_bytes is a multiple of 64 (payload_size). The C
-reader and writer live in runtime/main.c; both sides must agree byte for byte.
+64-byte aligned (layout_for), and payload_bytes is a multiple of 64 (payload_size).
 
     layout = layout_for([("w", w), ("b", b)])       # offsets, nbytes: what the codegen emits
     write_weights("out/model.weights", [("w", w), ("b", b)], layout)
@@ -22,13 +27,16 @@ reader and writer live in runtime/main.c; both sides must agree byte for byte.
 """
 from __future__ import annotations
 
+import os
 import struct
+import zipfile
 from typing import Iterable, NamedTuple
 
 import numpy as np
 
-from ...errors import TdcError
-from ...runtime.weights import atomic_write
+from ..errors import TdcError
+from ..files import atomic_write
+from .graph import Graph
 
 MAGIC = b"TDCWGT01"
 ALIGN = 64
@@ -266,6 +274,51 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+
+# ---- .npz files --------------------------------------------------------------------------------
+
+def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    atomic_write(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+    """Arrays by name from a .npz file, or from a native executable's weights file."""
+    if not os.path.exists(path):
+        raise TdcError(f"{path}: no such file")
+    if is_weights_file(path):
+        return read_weights(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise TdcError(f"{path}: not a readable .npz weights file ({e})") from None
+
+
+def save_weights(path: str, values: dict[str, np.ndarray]) -> None:
+    save_npz(path, values)
+
+
+def load_weights(path: str, graph: Graph, strict: bool = True) -> dict[str, np.ndarray]:
+    """The params, consts and state of `graph` from `path`, checked by name, shape and dtype.
+    With strict=False, args missing from the file are left out (they get initialised)."""
+    data = load_npz(path)
+    out = {}
+    for a in graph.args:
+        if a.kind == "input":
+            continue
+        if a.name not in data:
+            if strict and a.kind != "state":
+                raise TdcError(f"{path}: no value for {a.kind} {a.name} ({a.type})")
+            continue
+        x = data[a.name]
+        if x.shape != a.type.shape:
+            raise TdcError(f"{path}: {a.kind} {a.name} has shape {list(x.shape)}, the model needs {list(a.type.shape)}")
+        if x.dtype != a.type.np_dtype:
+            raise TdcError(f"{path}: {a.kind} {a.name} has dtype {x.dtype}, the model needs {a.type.dtype}")
+        out[a.name] = x
+    return out
+
+
 # ---- checksum --------------------------------------------------------------------------------
 
 _fnv_jit = None
@@ -306,4 +359,5 @@ def fnv1a64(data) -> int:
 
 __all__ = ["ALIGN", "DTYPE_CODES", "CODE_DTYPES", "LayoutEntry", "MAGIC", "encode_weights",
            "fnv1a64", "is_weights_file", "layout_for", "pack_payload", "payload_size",
-           "read_weights", "read_weights_layout", "write_weights"]
+           "read_weights", "read_weights_layout", "write_weights",
+           "save_npz", "load_npz", "save_weights", "load_weights"]

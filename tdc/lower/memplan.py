@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 from ..errors import TdcError
 from ..ir.graph import Graph, Node, Value
-from .autodiff import GRAD_PREFIX
-from .fuse import is_literal, kernels as fused_kernels
-from .optimizer import SLOTS
+from ..passes.autodiff import GRAD_PREFIX
+from ..passes.fuse import is_literal, kernels as fused_kernels
+from ..passes.optimizer import SLOTS
 
 ALIGN = 64
 

@@ -12,8 +12,8 @@ import numpy as np
 
 from ..errors import TdcError
 from ..ir.graph import Graph, Value
-from ..runtime.init import init_params
-from ..runtime.weights import atomic_write
+from ..frontend.init import init_params
+from ..files import atomic_write
 from .importer import DTYPES   # first: it turns a missing onnx package into a TdcError
 
 import onnx

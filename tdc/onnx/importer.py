@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import TdcError
 from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
-from ..ops.registry import broadcast_shapes
+from ..ops.common import broadcast_shapes
 
 try:
     import onnx

@@ -7,8 +7,9 @@ import numpy as np
 
 from ..errors import ShapeError
 from ..ir.types import TensorType
-from ..frontend import functional as F
-from .registry import Attr, defop, fail, numel
+from . import functional as F
+from ..ir.opdef import Attr, defop
+from .common import fail, numel
 
 _REDUCERS = {"sum": np.add, "max": np.maximum, "min": np.minimum}
 

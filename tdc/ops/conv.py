@@ -15,8 +15,9 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ..ir.types import TensorType
-from .registry import Attr, defop, fail, need_float, numel, same_dtype
-from ..frontend import functional as F
+from ..ir.opdef import Attr, defop
+from .common import fail, need_float, numel, same_dtype
+from . import functional as F
 
 CONV_ALGOS = ("auto", "direct", "im2col", "fft", "winograd", "winograd_f2", "winograd_f4")
 # "auto": not chosen yet (the conv_algo pass picks one); "winograd": F(2x2,3x3) or F(4x4,3x3), the

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.types import TensorType, is_float
-from .registry import Attr, broadcast_shapes, defop, fail, need_float, numel, same_dtype
-from ..frontend import functional as F
+from ..ir.opdef import Attr, defop
+from .common import broadcast_shapes, fail, need_float, numel, same_dtype
+from . import functional as F
 
 
 def _ew_cost(flops_per_elem):

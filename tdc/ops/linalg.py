@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.types import TensorType
-from ..frontend import functional as F
-from .registry import broadcast_shapes, defop, fail, need_float, numel, same_dtype
+from . import functional as F
+from ..ir.opdef import defop
+from .common import broadcast_shapes, fail, need_float, numel, same_dtype
 
 
 def _swap_last(x):

@@ -5,8 +5,9 @@ import numpy as np
 
 from ..errors import TdcError
 from ..ir.types import TensorType
-from ..frontend import functional as F
-from .registry import Attr, defop, fail, need_float, numel
+from . import functional as F
+from ..ir.opdef import Attr, defop
+from .common import fail, need_float, numel
 
 
 def _check_labels(labels, n_classes):

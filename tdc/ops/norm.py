@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..frontend import functional as F
-from .registry import Attr, defop, fail, need_float, numel, same_dtype
+from . import functional as F
+from ..ir.opdef import Attr, defop
+from .common import fail, need_float, numel, same_dtype
 
 # ---- batchnorm --------------------------------------------------------------------
 # Channels are dim 1; statistics are taken over every other dim. Training mode normalizes

@@ -10,8 +10,9 @@ import numpy as np
 
 from ..ir.types import TensorType
 from .conv import add_windows, ceil_extra, pad_input, spatial_out, windows, work_dtype
-from .registry import Attr, defop, fail, need_float, numel
-from ..frontend import functional as F
+from ..ir.opdef import Attr, defop
+from .common import fail, need_float, numel
+from . import functional as F
 
 
 def _window_attrs(dilation: bool, **extra) -> dict:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..frontend import functional as F
-from .registry import Attr, defop, fail, need_float, norm_axes, norm_axis, numel
+from . import functional as F
+from ..ir.opdef import Attr, defop
+from .common import fail, need_float, norm_axes, norm_axis, numel
 
 _REDUCE_ATTRS = {"axes": Attr("ints", None, optional=True), "keepdims": Attr("bool", False)}
 

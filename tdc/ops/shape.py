@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.types import TensorType
-from ..frontend import functional as F
-from .registry import Attr, broadcast_shapes, defop, fail, norm_axis, numel, same_dtype
+from . import functional as F
+from ..ir.opdef import Attr, defop
+from .common import broadcast_shapes, fail, norm_axis, numel, same_dtype
 
 
 def _copy_cost(ins, outs, **a):

@@ -189,7 +189,7 @@ class Tensor:
     def ne(self, o): return self._ap("not_equal", o)
     __hash__ = object.__hash__
 
-    # methods: thin wrappers over tdc.frontend.functional
+    # methods: thin wrappers over tdc.ops.functional
     def __getattr__(self, name):
         from . import functional as F
         fn = getattr(F, name, None)

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import TdcError
 from ..ir.graph import Graph, Node, Value
 from ..ops.reduce import reduced_shape
-from ..ops.registry import get_op
+from ..ir.opdef import get_op
 from .fold import constant_array, is_constant, uniform_value
 from .manager import register_pass
 from .simplify import _remap, dce

@@ -10,8 +10,8 @@ the rules (sum_to); integer and bool values never carry gradients.
 from __future__ import annotations
 
 from ..errors import TdcError
-from ..frontend import functional as F
-from ..frontend.tensor import Builder, Tensor
+from ..ops import functional as F
+from ..ops.tensor import Builder, Tensor
 from ..ir.graph import Graph, Value
 from ..ir.types import is_float
 

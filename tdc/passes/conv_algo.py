@@ -7,49 +7,47 @@ every layer that asks for nothing by `--conv-algo` (`request_conv_algo`). The pa
 the algorithm to run. An algorithm that cannot compute the node (Winograd needs a 3x3 kernel,
 stride 1 and dilation 1) is replaced by the cheapest legal one, and `algo_note` says so.
 
-"Cheapest" is the analytic cost model below (arithmetic from the lecture's table, plus transform
-and memory work, with rates measured on this machine), or with autotune=True the measured time
-of each candidate on the numba backend, cached on disk per (op, shapes, stride, pad, dilation,
-groups, dtype, machine) in `autotune.json` under the cache directory (~/.cache/tdc, or
-$TDC_CACHE_DIR).
+"Cheapest" is for the target the graph is compiled for (its kernels differ, so do their costs):
+the analytic cost model below (arithmetic from the lecture's table, plus transform and memory
+work), calibrated on this machine against the target's own kernels; or with autotune=True the
+measured time of each candidate on the target, cached on disk per (op, shapes, stride, pad,
+dilation, groups, dtype, machine, target) in `autotune.json` under the cache directory
+(~/.cache/tdc, or $TDC_CACHE_DIR).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
+
+import numpy as np
 
 from ..errors import TdcError
+from ..files import cache_dir
 from ..ir.graph import Graph, Node
+from ..ir.types import TensorType
 from ..ops.conv import ALGORITHMS, CONV_ALGOS, legal_algos
-from .manager import register_pass
+from .target import Target, machine_id, read_json, update_json
 
 CONV_OPS = ("conv2d", "conv2d_grad_input", "conv2d_grad_weight")
 WINOGRAD = {"winograd_f2": 2, "winograd_f4": 4}
 
-# Rates measured on this machine (2 cores, AVX-512; batch-1 layers of benchmarks/conv.py, BLAS on one
-# thread per Numba thread). Seconds = work / rate + a fixed overhead. The ranking is what matters.
-RATES = {
-    "gemm": 40e9,          # flop/s of one thread's BLAS GEMM (im2col runs min(N, 2) chunks in parallel;
-                           # Winograd's per-point GEMMs run on both threads)
+# The model's structure: relative costs of the work each algorithm does. Seconds = work / rate;
+# each target's calibration then fits, per algorithm, a scale of this modelled time and a fixed
+# overhead to its own kernels on this machine (calibrate_conv), so only the ratios inside one
+# algorithm's formula come from here.
+NOMINAL = {
+    "gemm": 40e9,          # flop/s of one thread's BLAS GEMM
     "weights": 1.0e9,      # elements/s of GEMM operands packed once per call (filters, transformed filters)
     "direct": 8e9,         # flop/s of the direct loop nest
     "im2col": 1.2e9,       # elements/s gathered into (or scattered from) im2col columns
     "wino": 1.0e9,         # transformed elements/s (tiles in, products out, filters)
-    "fft": 1.5e9,          # flop/s of numpy.fft (5 n log2 n per complex transform, half for real)
-    "cgemm": 20e9,         # flop/s of the complex per-frequency products (numpy matmul)
+    "fft": 1.5e9,          # flop/s of the transforms (5 n log2 n per complex transform, half for real)
+    "cgemm": 20e9,         # flop/s of the complex per-frequency products
 }
-THREADS = 2
-OVERHEAD = {"direct": 20e-6, "im2col": 20e-6, "fft": 300e-6, "winograd_f2": 40e-6, "winograd_f4": 40e-6}
-
-# The LLVM backend's C runtime (benchmarks/conv_c.py, BLAS on one thread): GEMMs run on one core,
-# except that a forward im2col convolution splits its images over the runtime's threads; the
-# Winograd transforms are slower than Numba's (F(4x4)'s especially) and the filter is transformed
-# on every call. Fitted to 3x3 layers of 64-512 channels: im2col 3.7 ms, F2 4.7, F4 7.4, direct
-# 22 ms at 64x56x56.
-LLVM_RATES = {**RATES, "gemm": 80e9, "direct": 10e9, "im2col": 2e9, "wino": 0.5e9, "fft": 5e9, "cgemm": 5e9}
-BACKENDS = ("numba", "llvm")
+# The conv2d layers the calibration times every algorithm on (3x3, stride 1: every algorithm can
+# compute them): one where fixed costs dominate, one where the arithmetic does, and one of many
+# small planes, where the per-plane work of transforms and loop setup does.
+PROBES = (((1, 4, 8, 8), (4, 4, 3, 3)), ((1, 64, 28, 28), (64, 64, 3, 3)), ((16, 16, 8, 8), (16, 16, 3, 3)))
 
 
 def conv_problem(node: Node) -> dict:
@@ -78,24 +76,22 @@ def macs(p: dict) -> int:
     return n * co * oh * ow * cg * kh * kw
 
 
-def estimate(p: dict, algo: str, filter_cached: bool = False, backend: str = "numba") -> float:
-    """Estimated seconds for conv problem `p` (see conv_problem) by `algo` on `backend`."""
+def modelled(p: dict, algo: str, target: Target, filter_cached: bool = False) -> float:
+    """The analytic time of conv problem `p` (see conv_problem) by `algo` on `target`, before
+    calibration: arithmetic from the lecture's table plus transform and memory work."""
     n, c, h, w = p["x"]
     co, cg, kh, kw = p["w"]
     _, _, oh, ow = p["y"]
     g = p["groups"]
     flops = 2 * macs(p)
-    t = OVERHEAD[algo]
-    llvm = backend == "llvm"
-    rates = LLVM_RATES if llvm else RATES
-    gemm_threads = 1 if llvm else THREADS                     # Winograd's per-point GEMMs
-    image_threads = (THREADS if p["op"] == "conv2d" else 1) if llvm else THREADS   # im2col's images
+    r = NOMINAL
     if algo == "direct":
-        return t + flops / rates["direct"]
+        return flops / r["direct"]
     if algo == "im2col":
         cols = n * c * kh * kw * oh * ow      # elements of the column matrices
-        return t + flops / (rates["gemm"] * min(n, image_threads)) + cols / rates["im2col"] \
-            + co * cg * kh * kw / rates["weights"]
+        # images are split over threads: each gathers its columns and runs its GEMM
+        return (flops / r["gemm"] + cols / r["im2col"]) / min(n, target.image_threads(p["op"])) \
+            + co * cg * kh * kw / r["weights"]
     if algo in WINOGRAD:
         m = WINOGRAD[algo]
         a2 = (m + 2) ** 2
@@ -107,36 +103,78 @@ def estimate(p: dict, algo: str, filter_cached: bool = False, backend: str = "nu
             moved += a2 * co * cg
         # F(4x4) transforms do more arithmetic per element than F(2x2)'s; every call streams the
         # transformed filters through the GEMMs (alpha^2 of them: what makes F(4x4) lose on 7x7)
-        return t + gemm / (rates["gemm"] * gemm_threads) + a2 * co * cg / rates["weights"] \
-            + moved * (1.0 if m == 2 else (3.0 if llvm else 1.6)) / rates["wino"]
+        return gemm / (r["gemm"] * target.gemm_threads()) + a2 * co * cg / r["weights"] \
+            + moved * (1.0 if m == 2 else target.wino_f4_transform_cost) / r["wino"]
     if algo == "fft":
         ph, pw = h + p["pad"][0] + p["pad"][2], w + p["pad"][1] + p["pad"][3]
         f = ph * pw
         spectra = n * c + co * cg + n * co
         transforms = spectra * 2.5 * f * math.log2(max(f, 2))
         products = 8 * n * co * cg * ph * (pw // 2 + 1)
-        return t + transforms / rates["fft"] + products / rates["cgemm"]
+        return transforms / r["fft"] + products / r["cgemm"]
     raise TdcError(f"internal: no cost for conv algorithm {algo!r}")
+
+
+def planes(p: dict) -> int:
+    """Image planes the kernels visit (input and output channels of every image): what per-task
+    costs scale with."""
+    n, c = p["x"][:2]
+    return n * (c + p["y"][1])
+
+
+def estimate(p: dict, algo: str, target: Target, filter_cached: bool = False) -> float:
+    """Estimated seconds for conv problem `p` by `algo` on `target`: the modelled time, scaled and
+    offset by what the target's calibration on this machine found."""
+    overhead, scale, per_plane = target.rates().conv[algo]
+    return overhead + scale * modelled(p, algo, target, filter_cached and target.caches_filter_transforms) \
+        + per_plane * planes(p)
+
+
+def probe_node(x_shape, w_shape) -> Node:
+    g = Graph("probe")
+    x = g.add_arg("x", TensorType("f32", x_shape), "input")
+    w = g.add_arg("w", TensorType("f32", w_shape), "param")
+    g.emit("conv2d", [x, w], {"pad": (1, 1, 1, 1)})
+    return g.nodes[0]
+
+
+def calibrate_conv(target: Target) -> dict[str, tuple[float, float, float]]:
+    """(overhead, scale, per-plane seconds) per algorithm: the non-negative coefficients for which
+    overhead + scale * modelled time + per_plane * planes best matches (in relative error) the
+    target's kernels timed on the probe layers."""
+    nodes = [probe_node(*shapes) for shapes in PROBES]
+    fits = {}
+    for algo in ALGORITHMS:
+        rows = [(1.0, modelled(conv_problem(n), algo, target), planes(conv_problem(n))) for n in nodes]
+        measured = [target.time_conv(n, algo) for n in nodes]
+        fits[algo] = nonnegative_fit(rows, measured)
+    return fits
+
+
+def nonnegative_fit(rows, measured) -> tuple[float, ...]:
+    """Non-negative coefficients c minimising sum((rows . c - m) / m)^2: least squares over every
+    subset of the columns, keeping the best fit whose coefficients are all >= 0."""
+    a = np.array(rows, float) / np.array(measured, float)[:, None]
+    ones = np.ones(len(measured))
+    best, best_err = None, float("inf")
+    k = a.shape[1]
+    for mask in range(1, 1 << k):
+        cols = [j for j in range(k) if mask >> j & 1]
+        c, *_ = np.linalg.lstsq(a[:, cols], ones, rcond=None)
+        if (c < 0).any():
+            continue
+        err = float(np.sum((a[:, cols] @ c - ones) ** 2))
+        if err < best_err:
+            full = np.zeros(k)
+            full[cols] = c
+            best, best_err = full, err
+    return tuple(float(x) for x in best)
 
 
 # ---- autotuning -------------------------------------------------------------------------------
 
-def machine_id() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} x{os.cpu_count()}"
-
-
 def cache_path() -> str:
-    base = os.environ.get("TDC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tdc")
-    return os.path.join(base, "autotune.json")
+    return os.path.join(cache_dir(), "autotune.json")
 
 
 def cache_key(p: dict) -> str:
@@ -146,51 +184,30 @@ def cache_key(p: dict) -> str:
 
 
 def read_cache(path: str | None = None) -> dict:
-    path = path or cache_path()
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return read_json(path or cache_path())
 
 
-def write_cache_entry(key: str, entry: dict, path: str | None = None) -> None:
-    """Add one decision to the cache file (read, update, write to a temporary file, rename)."""
-    from ..runtime.weights import atomic_write
-    path = path or cache_path()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    data = read_cache(path)
-    data[key] = entry
-    text = json.dumps(data, indent=1, sort_keys=True)
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def autotune_choice(node: Node, candidates: tuple[str, ...], backend: str = "numba") -> str:
-    """The fastest of `candidates` for this node, measured on `backend` once and cached."""
+def autotune_choice(node: Node, candidates: tuple[str, ...], target: Target) -> str:
+    """The fastest of `candidates` for this node, measured on `target` once and cached."""
     p = conv_problem(node)
-    key = cache_key(p) + ("" if backend == "numba" else f"|{backend}")
+    key = cache_key(p) + ("" if target.name == "numba" else f"|{target.name}")
     entry = read_cache().get(key)
     if entry and entry.get("algo") in candidates and all(c in entry.get("ms", {}) for c in candidates):
         return entry["algo"]
-    if backend == "llvm":
-        from ..backends.llvm.codegen import time_conv
-    else:
-        from ..backends.numba.conv_algos import time_conv
     times = dict(entry.get("ms", {})) if entry else {}
     for algo in candidates:
         if algo not in times:
-            times[algo] = time_conv(node, algo) * 1e3
+            times[algo] = target.time_conv(node, algo) * 1e3
     best = min(candidates, key=lambda c: times[c])
-    write_cache_entry(key, {"algo": best, "ms": times})
+    update_json(cache_path(), key, {"algo": best, "ms": times})
     return best
 
 
 # ---- the pass ---------------------------------------------------------------------------------
 
-def choose(node: Node, request: str, autotune: bool = False, filter_cached: bool = False,
-           backend: str = "numba") -> tuple[str, str]:
-    """(algorithm, note) for conv node `node` asked to use `request`, on `backend`."""
+def choose(node: Node, request: str, target: Target, autotune: bool = False,
+           filter_cached: bool = False) -> tuple[str, str]:
+    """(algorithm, note) for conv node `node` asked to use `request`, on `target`."""
     ok = legal(node)
     if request in ok:
         return request, ""
@@ -209,10 +226,10 @@ def choose(node: Node, request: str, autotune: bool = False, filter_cached: bool
     else:
         raise TdcError(f"unknown conv algorithm {request!r}; choose from {', '.join(CONV_ALGOS)}")
     if autotune:
-        best = autotune_choice(node, wanted, backend)
+        best = autotune_choice(node, wanted, target)
     else:
         p = conv_problem(node)
-        best = min(wanted, key=lambda c: estimate(p, c, filter_cached and backend == "numba", backend))
+        best = min(wanted, key=lambda c: estimate(p, c, target, filter_cached))
     return best, (f"{note}; using {best}" if note else "")
 
 
@@ -221,27 +238,19 @@ def _filter_cached(graph: Graph, node: Node) -> bool:
     return w is not None and w.is_arg and w.kind in ("param", "const") and not any(t is w for t, _ in graph.updates)
 
 
-def select_conv_algos(graph: Graph, default: str = "auto", autotune: bool = False, backend: str = "numba") -> Graph:
+def select_conv_algos(graph: Graph, target: Target, default: str = "auto", autotune: bool = False) -> Graph:
     """Set `algo` on every conv node: its own request, else `default`, resolved as described above
-    for `backend` (numba or llvm: their kernels differ, and so do their costs)."""
+    for `target`."""
     if default not in CONV_ALGOS:
         raise TdcError(f"unknown conv algorithm {default!r}; choose from {', '.join(CONV_ALGOS)}")
-    if backend not in BACKENDS:
-        raise TdcError(f"conv_algo: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     g = graph.copy()
     for n in g.nodes:
         if n.op not in CONV_OPS:
             continue
         request = n.attrs["algo"] if n.attrs["algo"] != "auto" else default
-        algo, note = choose(n, request, autotune, _filter_cached(g, n), backend)
+        algo, note = choose(n, request, target, autotune, _filter_cached(g, n))
         n.attrs = {**n.attrs, "algo": algo, "algo_note": note or n.attrs.get("algo_note", "")}
     return g
-
-
-@register_pass("conv_algo")
-def conv_algo(graph: Graph) -> Graph:
-    """Pick an algorithm for every convolution (cost model; --autotune measures)."""
-    return select_conv_algos(graph)
 
 
 def request_conv_algo(graph: Graph, algo: str) -> Graph:
@@ -262,4 +271,5 @@ def conv_choices(graph: Graph) -> list[tuple[str, str, str]]:
     return [(n.op, n.attrs["algo"], n.attrs.get("algo_note", "")) for n in graph.nodes if n.op in CONV_OPS]
 
 
-__all__ = ["ALGORITHMS", "select_conv_algos", "request_conv_algo", "estimate", "choose", "conv_problem"]
+__all__ = ["ALGORITHMS", "select_conv_algos", "request_conv_algo", "estimate", "choose", "conv_problem",
+           "calibrate_conv", "machine_id"]

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import TdcError
-from ..frontend import functional as F
-from ..frontend.tensor import Builder, Tensor
+from ..ops import functional as F
+from ..ops.tensor import Builder, Tensor
 from ..ir.graph import Graph
 from ..ir.types import TensorType
 from .autodiff import GRAD_PREFIX

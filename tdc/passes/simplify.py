@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..ir.graph import Graph, Value
-from ..ops.registry import attrs_key
+from ..ir.opdef import attrs_key
 from .manager import register_pass
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from functools import partial
 
 from ..errors import TdcError
-from ..frontend import functional as F
+from ..ops import functional as F
 from ..frontend.model import Model
-from ..frontend.tensor import Builder, Tensor
+from ..ops.tensor import Builder, Tensor
 from ..ir.graph import Graph
 from ..ir.types import TensorType
 from .autodiff import autodiff
@@ -61,25 +61,6 @@ def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer 
     if simplify:
         passes += [get_pass(n) for n in SIMPLIFY]
     return Pipeline(passes)
-
-
-def conv_algo_pass(conv_algo: str = "auto", autotune: bool = False, backend: str = "numba") -> Pass:
-    """The conv_algo pass for `backend`, asking for `conv_algo` where a layer asks for nothing
-    (see passes/conv_algo.py)."""
-    from .conv_algo import select_conv_algos
-    if conv_algo == "auto" and not autotune and backend == "numba":
-        return get_pass("conv_algo")
-    how = ("measured" if autotune else "cost model") + f" of the {backend} backend" \
-        + (f", {conv_algo} asked" if conv_algo != "auto" else "")
-    return Pass("conv_algo", partial(select_conv_algos, default=conv_algo, autotune=autotune, backend=backend),
-                f"pick a convolution algorithm per layer ({how})")
-
-
-def compile_pipeline(conv_algo: str = "auto", autotune: bool = False, backend: str = "numba") -> Pipeline:
-    """What the compiled backends run before code generation: fold inference batchnorm into its
-    convolution, simplify, pick convolution algorithms (by `backend`'s costs), then fuse into kernels."""
-    return Pipeline([get_pass(n) for n in ("bnfold",) + SIMPLIFY]
-                    + [conv_algo_pass(conv_algo, autotune, backend), get_pass("fuse")])
 
 
 def train_step(model: Model | Graph, loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import TdcError
 from ..ir.graph import Graph
-from .weights import atomic_write
+from ..files import atomic_write
 
 FORMAT = "tdc-checkpoint"
 VERSION = 1

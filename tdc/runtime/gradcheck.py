@@ -6,8 +6,8 @@ import numpy as np
 from ..backends.reference import run
 from ..errors import TdcError
 from ..ir.graph import Graph
-from .autodiff import GRAD_PREFIX, autodiff, pick_loss
-from .retype import retype
+from ..passes.autodiff import GRAD_PREFIX, autodiff, pick_loss
+from ..passes.retype import retype
 
 
 def gradcheck(graph: Graph, values: dict[str, np.ndarray], loss: str | None = None, wrt: list[str] | None = None,

@@ -29,7 +29,8 @@ from ..passes.training import LOSSES, train_step
 from .checkpoint import LAST, check_compatible, check_settings, load_checkpoint, save_checkpoint
 from .data import Dataset, check_labels, fit_to_model, load_data
 from .schedule import SCHEDULES, Schedule, make_schedule
-from .weights import atomic_write, save_npz
+from ..files import atomic_write
+from ..ir.weights import save_npz
 
 # Adam at 2e-3 beat 1e-3 on the digits CNN (batch 16-64, 8-12 epochs); the others are common starting points.
 DEFAULT_EPOCHS = 10

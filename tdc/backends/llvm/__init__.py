@@ -13,7 +13,8 @@ import numpy as np
 
 from ...errors import TdcError
 from ...ir.graph import Graph
-from ..reference import check_feed, copy_inputs
+from ...lower.pipeline import optimize_for_target
+from ..executable import check_feed, copy_inputs, initial_state
 
 ENTRY_ARGS = (ctypes.c_void_p,) * 4
 
@@ -55,12 +56,12 @@ def optimize(ir_text: str, tm):
 
 
 def compile_graph(graph: Graph, name: str = "tdc_graph", autotune: bool = False):
-    """Optimise the graph for codegen (the compile pipeline the numba backend runs too; its
-    conv_algo pass picks by the C runtime's costs, or with --autotune by timing the C kernels)
-    and build its LLVM module. Returns (graph, ModuleBuilder)."""
-    from ..numba import optimize_for_backend
+    """Optimise the graph for codegen (the compile pipeline, whose conv_algo pass picks by the C
+    runtime's costs, or with --autotune by timing the C kernels) and build its LLVM module.
+    Returns (graph, ModuleBuilder)."""
     from .codegen import build_module
-    g = optimize_for_backend(graph, autotune, backend="llvm")
+    from .target import TARGET
+    g = optimize_for_target(graph, TARGET, autotune)
     return g, build_module(g, name)
 
 
@@ -91,7 +92,6 @@ class LLVMExecutable:
     backend = "llvm"
 
     def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0, autotune: bool = False):
-        from ...runtime.init import init_params
         from .runtime import build_runtime
         llvm = _llvm()
         self.source_graph = graph
@@ -111,15 +111,12 @@ class LLVMExecutable:
         threads = max(int(os.environ.get("TDC_BLAS_THREADS", "1")), 1)
         ctypes.CDLL(str(rt.shared_lib_path)).tdc_runtime_set_threads(ctypes.c_int64(threads))
 
-        values = init_params(graph, seed, only_missing=params or {})
-        values.update(params or {})
+        values = initial_state(self.graph, params, seed)
         self.weights = aligned_bytes(mb.weights.nbytes)
         self.state: dict[str, np.ndarray] = {}
         for a, off in mb.weights.entries:
-            if a.name not in values:
-                raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
             view = self.weights[off:off + a.type.nbytes].view(a.type.np_dtype).reshape(a.type.shape)
-            view[...] = check_feed(a, values[a.name], a.kind)
+            view[...] = values[a.name]
             self.state[a.name] = view
         self.scratch = aligned_bytes(mb.scratch_bytes)
         self.inputs = [(a, aligned_bytes(a.type.nbytes).view(a.type.np_dtype).reshape(a.type.shape))

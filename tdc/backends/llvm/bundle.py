@@ -23,7 +23,7 @@ from ...errors import TdcError
 from ...ir.graph import Graph
 from . import compile_graph, optimize, target_machine
 from .codegen import ModuleBuilder
-from .weights_file import DTYPE_CODES, LayoutEntry, write_weights
+from ...ir.weights import DTYPE_CODES, LayoutEntry, write_weights
 
 RUNTIME_DIR = os.path.join(os.path.dirname(__file__), "runtime")
 
@@ -124,18 +124,12 @@ def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: i
                  name: str | None = None, embed_weights: bool = False, training: bool = False,
                  autotune: bool = False) -> Bundle:
     """Compile `graph` into the bundle directory `out_dir` (created or refreshed)."""
-    from ...runtime.init import init_params
-    from ..reference import check_feed
+    from ..executable import initial_state
     from .runtime import build_runtime
 
     cname = c_name(name or graph.name)
     g, mb = compile_graph(graph, cname, autotune)
-    values = init_params(graph, seed, only_missing=params or {})
-    values.update(params or {})
-    for a, _ in mb.weights.entries:
-        if a.name not in values:
-            raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
-        values[a.name] = check_feed(a, values[a.name], a.kind)
+    values = initial_state(g, params, seed)
     if embed_weights:
         _embed(mb, mb.weights.pack(values))
     rt = build_runtime()

@@ -1,8 +1,9 @@
 """From a fused, memory-planned graph to one LLVM module.
 
 The module has one function per fused loop kernel (generated loop nests the vectoriser can
-work on), calls into the C runtime (runtime/tdc_runtime.c: GEMM through OpenBLAS, conv,
-pooling, softmax, losses, batchnorm, dropout) for the other ops, and one entry point:
+work on), calls into the C runtime (runtime/*.c, one file per op family: GEMM through
+OpenBLAS, conv, pooling, softmax, losses, batchnorm, dropout) for the other ops, and one entry
+point:
 
     i64 NAME_run(ptr inputs, ptr outputs, ptr weights, ptr scratch)
 
@@ -11,8 +12,8 @@ params, consts and state, laid out by `WeightsLayout`; a training step updates t
 `scratch` holds every intermediate value at the offset the memory plan gave it. The entry
 point returns 0, or 1 + the index of a label that was out of range.
 
-The kernel plan (which ops fuse, in what loop nest) is the one the Numba backend renders
-as Python source (`numba.codegen.build_program`); this module renders the same plan as IR.
+The kernel plan (which ops fuse, in what loop nest: tdc/lower/plan.py) is the one every
+compiled backend renders; this module renders it as IR.
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ from llvmlite import ir
 
 from ...errors import TdcError
 from ...ir.graph import Graph, Node, Value
-from ...ops.registry import norm_axis
-from ...passes.memplan import MemoryPlan, align, plan_memory
-from ..numba.codegen import Program, build_program
-from ..numba.loops import Const, LoopKernel, Operand
+from ...lower.loops import Const, LoopKernel, Operand
+from ...lower.memplan import MemoryPlan, align, plan_memory
+from ...lower.plan import Copy, Fallback, KernelPlan, Library, Loop, View, avgpool_divisors, build_plan
+from ...ops.common import norm_axis
 from . import scalar as S
 from .scalar import F64, I64, MEM, REG, const
 
@@ -67,7 +68,7 @@ class ModuleBuilder:
     def __init__(self, graph: Graph, name: str):
         self.graph = graph
         self.name = name
-        self.program: Program = build_program(graph, dtypes=tuple(MEM), for_numba=False)
+        self.program: KernelPlan = build_plan(graph, tuple(MEM))
         self.plan: MemoryPlan = plan_memory(graph)
         self.weights = WeightsLayout.of(graph)
         self.module = ir.Module(name=name)
@@ -81,19 +82,19 @@ class ModuleBuilder:
 
     # ---- what the backend supports ------------------------------------------------------
     def _check(self):
-        for name, kind, payload in self.program.plan:
-            if kind == "fallback" and _one_rank_copy(payload):
+        for step in self.program.steps:
+            if isinstance(step, Fallback) and _one_rank_copy(step.node):
                 continue
-            if kind == "fallback":
-                n = payload
+            if isinstance(step, Fallback):
+                n = step.node
                 why = "needs MPI" if n.opdef.family == "comm" else \
                     f"has no LLVM lowering for {', '.join(sorted({str(v.type.dtype) for v in n.inputs + n.outputs}))}"
                 raise TdcError(f"llvm backend: {n.op} {why}{' at ' + n.loc if n.loc else ''}")
-            if kind == "library":
-                dt = _library_dtype(payload)
+            if isinstance(step, Library):
+                dt = _library_dtype(step.node)
                 if dt not in LIBRARY_DTYPES:
-                    raise TdcError(f"llvm backend: {payload.op} on {dt} is not supported (only f32 and f64)"
-                                   f"{' at ' + payload.loc if payload.loc else ''}")
+                    raise TdcError(f"llvm backend: {step.node.op} on {dt} is not supported (only f32 and f64)"
+                                   f"{' at ' + step.node.loc if step.node.loc else ''}")
 
     # ---- where each value lives ----------------------------------------------------------
     def _place_values(self):
@@ -101,10 +102,10 @@ class ModuleBuilder:
         for v, x in self.program.literal_values.items():
             data = np.ascontiguousarray(x, v.type.np_dtype).reshape(-1).view(np.uint8).tobytes()
             self.globals[v] = self._constant_bytes("lit", data or b"\0", 64)
-        for _, kind, payload in self.program.plan:
-            if kind != "view":
+        for step in self.program.steps:
+            if not isinstance(step, View):
                 continue
-            n = payload
+            n = step.node
             src, out = n.inputs[0], n.outputs[0]
             bo, bs = plan.assignments.get(out), plan.assignments.get(src)
             same = bo is not None and bs is not None and bo.in_arena and bs.in_arena and bo.offset == bs.offset
@@ -152,18 +153,19 @@ class ModuleBuilder:
         for a, n in zip(fn.args, ("inputs", "outputs", "weights", "scratch")):
             a.name = n
         b = ir.IRBuilder(fn.append_basic_block("entry"))
-        for name, kind, payload in self.program.plan:
-            if kind == "view":
-                if payload in self.copies:
-                    src, out = self.copies[payload]
+        for step in self.program.steps:
+            if isinstance(step, View):
+                if step.node in self.copies:
+                    src, out = self.copies[step.node]
                     self._memcpy(b, self.pointer(b, out), self.pointer(b, src), out.type.nbytes)
-            elif kind == "loop":
-                self._loop_step(b, name, payload)
-            elif kind == "fallback":     # a collective in a world of one rank
-                self._memcpy(b, self.pointer(b, payload.outputs[0]), self.pointer(b, payload.inputs[0]),
-                             payload.outputs[0].type.nbytes)
+            elif isinstance(step, (Loop, Copy)):
+                self._loop_step(b, step)
+            elif isinstance(step, Fallback):     # a collective in a world of one rank
+                node = step.node
+                self._memcpy(b, self.pointer(b, node.outputs[0]), self.pointer(b, node.inputs[0]),
+                             node.outputs[0].type.nbytes)
             else:
-                b = self._library_step(b, fn, name, payload)
+                b = self._library_step(b, fn, step.name, step.node)
         # outputs are copied before updates: an output that is an updated param returns its old value
         for i, (_, v) in enumerate(self.graph.outputs):
             dst = b.load(b.gep(self.outputs_arg, [ir.Constant(I64, i)], source_etype=PTR), typ=PTR)
@@ -186,28 +188,26 @@ class ModuleBuilder:
         b.call(fn, [dst, src, ir.Constant(I64, nbytes), ir.Constant(S.I1, 0)])
 
     # ---- generated loop kernels -----------------------------------------------------------
-    def _loop_step(self, b, name, payload):
-        values: list[Value] = payload["params"]
-        anchor = payload.get("anchor")
-        if anchor is not None:    # the library op writes its result; the loop is its epilogue
-            self._call_library(b, anchor, out=values[0])
-        kfn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [PTR] * len(values)), name=name)
+    def _loop_step(self, b, step: Loop | Copy):
+        values: list[Value] = step.values
+        if isinstance(step, Loop) and step.anchor is not None:   # the library op writes; the loop is its epilogue
+            self._call_library(b, step.anchor, out=values[0])
+        kfn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [PTR] * len(values)), name=step.name)
         kfn.linkage = "internal"
         kb = ir.IRBuilder(kfn.append_basic_block("entry"))
         var_names = [f"a{i}" for i in range(len(values))]
         ptrs = {p: (arg, v.type.dtype) for p, arg, v in zip(var_names, kfn.args, values)}
         for arg, p in zip(kfn.args, var_names):
             arg.name = p
-        if "kernel" in payload:
-            emit_loop_nest(kb, payload["kernel"], ptrs)
+        if isinstance(step, Loop):
+            emit_loop_nest(kb, step.kernel, ptrs)
         else:     # strided copies, after an optional fill of the output
-            fill = payload["fill"]
-            if fill is not None:
+            if step.fill is not None:
                 out = values[-1]
-                fill_lk = LoopKernel("fill", [var_names[-1]], [int(np.prod(out.type.shape))], [], [], [], flat=[])
-                fill_lk.stores = [(Operand(var_names[-1], [1]), fill)]
+                fill_lk = LoopKernel("fill", [var_names[-1]], [int(np.prod(out.type.shape))], [], [], [])
+                fill_lk.stores = [(Operand(var_names[-1], [1]), step.fill)]
                 emit_loop_nest(kb, fill_lk, ptrs)
-            for lk in payload["copies"]:
+            for lk in step.copies:
                 emit_loop_nest(kb, lk, ptrs)
         kb.ret_void()
         b.call(kfn, [self.pointer(b, v) for v in values])
@@ -290,7 +290,6 @@ def _window(node: Node, x_shape, y_shape, dilation=True):
 def library_call(node: Node):
     """(C function, argument list, returns an error code) for a library op. Arguments are
     ("in", i) / ("out", i) pointers, ("i64", n), ("f64", x), or ("table", array) constants."""
-    from ..numba.codegen import _avg_counts
     op, a = node.op, node.attrs
     ins = [v.type.shape for v in node.inputs]
     outs = [v.type.shape for v in node.outputs]
@@ -331,10 +330,10 @@ def library_call(node: Node):
     elif op == "maxpool2d_gather":
         args = [I[0], I[1], O[0], *i64(_window(node, ins[1], outs[0]))]
     elif op == "avgpool2d":
-        cy, cx = _avg_counts(node, ins[0], outs[0])
+        cy, cx = avgpool_divisors(node, ins[0], outs[0])
         args = [I[0], O[0], *i64(_window(node, ins[0], outs[0], dilation=False)), ("table", cy), ("table", cx)]
     elif op == "avgpool2d_grad":
-        cy, cx = _avg_counts(node, outs[0], ins[0])
+        cy, cx = avgpool_divisors(node, outs[0], ins[0])
         args = [I[0], O[0], *i64(_window(node, outs[0], ins[0], dilation=False)), ("table", cy), ("table", cx)]
     elif op == "global_avgpool":
         args = [I[0], O[0], *i64([ins[0][0] * ins[0][1], int(np.prod(ins[0][2:]))])]
@@ -513,38 +512,3 @@ def build_module(graph: Graph, name: str) -> ModuleBuilder:
     mb = ModuleBuilder(graph, name)
     mb.build()
     return mb
-
-
-def time_conv(node: Node, algo: str, reps: int = 3) -> float:
-    """Seconds one call of the C runtime takes for conv op `node` by `algo` on random data (best of
-    `reps`, after a warm-up call): what --autotune measures for this backend."""
-    import ctypes
-    import time
-
-    from .runtime import build_runtime
-    lib = ctypes.CDLL(str(build_runtime().shared_lib_path))
-    trial = Node(node.op, node.inputs, {**node.attrs, "algo": algo}, node.placement, node.loc)
-    trial.outputs = node.outputs
-    cname, spec, _ = library_call(trial)
-    rng = np.random.default_rng(0)
-    ins = [rng.standard_normal(v.type.shape).astype(v.type.np_dtype) for v in node.inputs]
-    outs = [np.empty(v.type.shape, v.type.np_dtype) for v in node.outputs]
-    keep, args = [], []
-    for kind, x in spec:
-        if kind in ("in", "out"):
-            args.append(ctypes.c_void_p((ins if kind == "in" else outs)[x].ctypes.data))
-        elif kind == "i64":
-            args.append(ctypes.c_int64(int(x)))
-        elif kind == "f64":
-            args.append(ctypes.c_double(float(x)))
-        else:
-            keep.append(np.ascontiguousarray(x))
-            args.append(ctypes.c_void_p(keep[-1].ctypes.data))
-    fn = getattr(lib, cname)
-    fn(*args)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - t0)
-    return best

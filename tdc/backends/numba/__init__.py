@@ -19,18 +19,14 @@ import sys  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ...errors import TdcError  # noqa: E402
-from ...ir.graph import Graph, Value
-from ..reference import check_feed, copy_inputs
-from .codegen import CONV_OPS, LIBRARY, Program, build_program
-
-CACHE_DIR = os.environ.get("TDC_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "tdc", "numba"))
-
-
-def optimize_for_backend(graph: Graph, autotune: bool = False, backend: str = "numba") -> Graph:
-    """The passes every compiled backend runs before code generation; the conv_algo pass picks by
-    `backend`'s costs (with --autotune, by timing each convolution's candidates on it)."""
-    from ...passes.training import compile_pipeline
-    return compile_pipeline(autotune=autotune, backend=backend).run(graph)
+from ...files import cache_dir  # noqa: E402
+from ...ir.graph import Graph, Value  # noqa: E402
+from ...lower.memplan import plan_memory  # noqa: E402
+from ...lower.pipeline import optimize_for_target  # noqa: E402
+from ...lower.plan import CONV_OPS, Copy, Library, Loop, View, build_plan  # noqa: E402
+from ..executable import check_feed, copy_inputs, initial_state  # noqa: E402
+from .codegen import LIBRARY, NumbaProgram, is_python_step, render  # noqa: E402
+from .target import TARGET  # noqa: E402
 
 
 def load_module(source: str):
@@ -39,8 +35,9 @@ def load_module(source: str):
     name = f"tdc_gen_{digest}"
     if name in sys.modules:
         return sys.modules[name]
-    os.makedirs(CACHE_DIR, exist_ok=True)
-    path = os.path.join(CACHE_DIR, name + ".py")
+    directory = cache_dir("numba")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name + ".py")
     if not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
@@ -82,19 +79,12 @@ class NumbaExecutable:
     backend = "numba"
 
     def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0, autotune: bool = False):
-        from ...runtime.init import init_params
         prepare_runtime()
         self.source_graph = graph
-        self.graph = optimize_for_backend(graph, autotune)
-        self.program: Program = build_program(self.graph)
-        values = init_params(graph, seed, only_missing=params or {})
-        values.update(params or {})
-        self.state: dict[str, np.ndarray] = {}
-        for a in self.graph.args:
-            if a.kind != "input":
-                if a.name not in values:
-                    raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
-                self.state[a.name] = np.array(check_feed(a, values[a.name], a.kind), order="C")   # a private copy
+        self.graph = optimize_for_target(graph, TARGET, autotune)
+        self.program: NumbaProgram = render(build_plan(self.graph, TARGET.loop_dtypes))
+        self.state: dict[str, np.ndarray] = {name: np.array(x, order="C")    # private copies
+                                             for name, x in initial_state(self.graph, params, seed).items()}
         self._allocate()
         self._bind()
 
@@ -102,7 +92,6 @@ class NumbaExecutable:
     def _allocate(self):
         """Every buffered value gets its slice of one arena, as the memory plan says; updates the
         plan writes in place use the param's own storage; reshapes are views where they can be."""
-        from ...passes.memplan import plan_memory
         self.plan = plan = plan_memory(self.graph)
         self.arena = np.empty(max(plan.arena_bytes, 1), np.uint8)
         arrays: dict[Value, np.ndarray] = {}
@@ -120,9 +109,9 @@ class NumbaExecutable:
                 return self.state[b.inplace_of.name]
             return self.arena[b.offset:b.offset + v.type.nbytes].view(v.type.np_dtype).reshape(v.type.shape)
 
-        for _, kind, payload in self.program.plan:
-            if kind == "view":
-                n = payload
+        for step in self.program.steps:
+            if isinstance(step, View):
+                n = step.node
                 src, out = n.inputs[0], n.outputs[0]
                 bo, bs = plan.assignments.get(out), plan.assignments.get(src)
                 same = bo is not None and bs is not None and bo.offset == bs.offset and bo.in_arena
@@ -132,12 +121,12 @@ class NumbaExecutable:
                     arrays[out] = buffer(out)
                     self.copies.append((n, arrays[out], arrays[src].reshape(out.type.shape)))
                 continue
-            if kind == "loop":
-                nodes = [v.producer for v in payload["params"] if v.producer is not None]
-                if payload["anchor"] is not None:
-                    nodes.append(payload["anchor"])
+            if isinstance(step, (Loop, Copy)):
+                nodes = [v.producer for v in step.values if v.producer is not None]
+                if isinstance(step, Loop) and step.anchor is not None:
+                    nodes.append(step.anchor)
             else:
-                nodes = [payload]
+                nodes = [step.node]
             for n in nodes:
                 if n.op in ("constant", "full"):
                     continue
@@ -169,26 +158,27 @@ class NumbaExecutable:
         copies = {n: (dst, src) for n, dst, src in self.copies}
         segments: list[list[str]] = [[]]
         python_steps: dict[int, tuple] = {}   # segment index after which a fallback runs
-        for name, kind, payload in self.program.plan:
-            if kind == "view":
-                if payload in copies:
-                    dst, src = copies[payload]
+        for step in self.program.steps:
+            name = step.name
+            if isinstance(step, View):
+                if step.node in copies:
+                    dst, src = copies[step.node]
                     segments[-1].append(f"{expr(dst)}[...] = {expr(src)}")
                 continue
-            if kind == "loop":
-                args = [arrays[v] for v in payload["params"]]
-                if payload["anchor"] is not None:
-                    args += [arrays[v] for v in payload["anchor"].inputs] + payload.get("extra", [])
+            if isinstance(step, (Loop, Copy)):
+                args = [arrays[v] for v in step.values]
+                if isinstance(step, Loop) and step.anchor is not None:
+                    args += [arrays[v] for v in step.anchor.inputs] + self.program.loop_extra.get(name, [])
                 segments[-1].append(f"{name}({', '.join(expr(a) for a in args)})")
-            elif kind == "library":
-                n = payload
+            elif isinstance(step, Library) and not is_python_step(step):
+                n = step.node
                 ins, outs = [arrays[v] for v in n.inputs], [arrays[v] for v in n.outputs]
                 fn, args = LIBRARY[n.op](n, ins, outs, self.program) if n.op in CONV_OPS else LIBRARY[n.op](n, ins, outs)
                 mod = "CA" if fn.__module__.endswith("conv_algos") else "K"
                 segments[-1].append(f"{mod}.{fn.__name__}({', '.join(expr(a) for a in args)})   # {name}: {n.op}")
             else:
-                python_steps[len(segments) - 1] = (name, _fallback(payload),
-                                                   tuple(arrays[v] for v in payload.inputs + payload.outputs))
+                n = step.node
+                python_steps[len(segments) - 1] = (name, _fallback(n), tuple(arrays[v] for v in n.inputs + n.outputs))
                 segments.append([])
         lines = []
         for k, seg in enumerate(segments):

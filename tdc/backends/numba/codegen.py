@@ -1,47 +1,32 @@
-"""From a fused graph to a program: generated Numba source for each fused kernel, a
-list of steps (kernel, bound arguments) for the driver, and the buffers they use.
+"""Rendering a kernel plan (tdc/lower/plan.py) as Numba source: one @njit function per loop
+or copy kernel, and for each library step the hand-written kernel (kernels.py, conv_algos.py)
+it calls with which arguments. The executable (`__init__.py`) turns this into a driver.
 
-Kernel kinds:
-  * elementwise / reduction kernels -> a generated loop nest (loops.py);
-  * matmul / linear / conv2d with an epilogue -> the library kernel, then a loop over
-    its output (in place);
-  * other ops -> a library kernel from kernels.py called with bound views;
-  * reshape / flatten -> no kernel: the output is a view of the input;
-  * ops with no Numba lowering (comm ops, float16) -> the numpy reference, marked in the
-    source as a fallback.
+Numba has no FFT: FFT convolutions run at Python level (numpy.fft) between the driver's
+segments, as do the plan's fallbacks (their numpy reference); the source lists both.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ...errors import TdcError
-from ...ir.graph import Graph, Node, Value
-from ...ops.conv import spatial_out
-from ...passes.fuse import LITERAL_OPS, REDUCE_OPS, is_literal, kernels
-from ...ops.registry import norm_axes, norm_axis
+from ...ir.graph import Node
+from ...lower.plan import CONV_OPS, Copy, Fallback, KernelPlan, Library, Loop, avgpool_divisors
+from ...ops.common import norm_axis
 from . import conv_algos as CA
 from . import kernels as K
-from .loops import Const, LoopKernel, Operand, Reduce, ScalarOp, broadcast_strides, c_strides, collapse, literal
+from .loops import literal, loop_source
 
-VIEW_OPS = ("reshape", "flatten")
 SUPPORTED_DTYPES = ("f32", "f64", "i8", "i32", "i64", "bool")
 
 
-class Step:
-    """One call the driver makes: fn(*args). `label` is what the source listing shows."""
-
-    def __init__(self, fn, args, label: str, kernel: str):
-        self.fn, self.args, self.label, self.kernel = fn, args, label, kernel
-
-
-class Program:
-    def __init__(self, graph: Graph, for_numba: bool = True):
-        self.graph = graph
-        self.for_numba = for_numba            # False: another backend turns this plan into code itself
+class NumbaProgram:
+    def __init__(self, plan: KernelPlan):
+        self.graph = plan.graph
+        self.steps = plan.steps
+        self.literal_values = plan.literal_values
         self.sources: list[str] = []          # generated kernel functions
-        self.plan: list[tuple] = []           # (kernel name, kind, payload) in order
-        self.literal_values: dict[Value, np.ndarray] = {}
-        self.fallbacks: list[str] = []
+        self.fallbacks: list[str] = []        # steps run at Python level, for the source listing
+        self.loop_extra: dict[str, list] = {}  # loop name -> extra arguments of its anchor (Winograd scratch)
         # Winograd filter transforms kept between calls: (weight arg name, ustate array); see conv_algos
         self.filter_caches: list[tuple[str, np.ndarray]] = []
 
@@ -53,151 +38,31 @@ class Program:
         return head + "\n\n".join(self.sources)
 
 
-def build_program(graph: Graph, dtypes: tuple[str, ...] = SUPPORTED_DTYPES, for_numba: bool = True) -> Program:
-    """The kernel plan of `graph`; kernels touching a dtype outside `dtypes` become fallbacks.
-    With for_numba=False (the LLVM backend) no Numba source is written and FFT convolutions are
-    library kernels like the others."""
-    prog = Program(graph, for_numba)
-    for n in graph.nodes:
-        if is_literal(n):
-            prog.literal_values[n.outputs[0]] = n.opdef.ref(**n.attrs)
-    users = graph.users()
-    roots = set(graph.roots())
-    for name, nodes in kernels(graph):
-        _lower_kernel(prog, name, nodes, users, roots, dtypes)
+def is_python_step(step) -> bool:
+    """Whether a step runs at Python level: a fallback, or an FFT convolution."""
+    return isinstance(step, Fallback) or (isinstance(step, Library) and step.node.op in CONV_OPS
+                                          and step.node.attrs["algo"] == "fft")
+
+
+def render(plan: KernelPlan) -> NumbaProgram:
+    prog = NumbaProgram(plan)
+    for step in plan.steps:
+        if isinstance(step, Loop):
+            extra_params, prologue = [], []
+            if step.anchor is not None:
+                anchor = step.anchor
+                extra = conv_extra(prog, anchor) if anchor.op == "conv2d" else []
+                prog.loop_extra[step.name] = extra
+                extra_params = [f"b{i}" for i in range(len(anchor.inputs))] + [f"s{i}" for i in range(len(extra))]
+                prologue = _anchor_call(anchor, step.kernel.params[0])
+            prog.sources.append(loop_source(step.kernel, extra_params, prologue))
+        elif isinstance(step, Copy):
+            prog.sources.append(_copy_source(step))
+        elif isinstance(step, Fallback):
+            prog.fallbacks.append(f"{step.name}: {step.node.op}" + (" (dtype)" if step.why == "dtype" else ""))
+        elif is_python_step(step):
+            prog.fallbacks.append(f"{step.name}: {step.node.op} by FFT (numpy.fft, Python level)")
     return prog
-
-
-def _escapes(v: Value, group: set, users, roots) -> bool:
-    return v in roots or any(u not in group for u in users.get(v, []))
-
-
-def _lower_kernel(prog: Program, name: str, nodes: list[Node], users, roots, dtypes):
-    group = set(nodes)
-    dtypes_ok = all(v.type.dtype in dtypes for n in nodes for v in list(n.inputs) + n.outputs)
-    first = nodes[0]
-    if len(nodes) == 1 and first.op in VIEW_OPS:
-        prog.plan.append((name, "view", first))
-        return
-    if not dtypes_ok:
-        for n in nodes:
-            prog.plan.append((name, "fallback", n))
-            prog.fallbacks.append(f"{name}: {n.op} (dtype)")
-        return
-    loopable = all(n.opdef.family == "elementwise" or n.op in REDUCE_OPS or n.op == "broadcast_to" for n in nodes)
-    if loopable:
-        prog.plan.append((name, "loop", _elementwise_kernel(prog, name, nodes, None, group, users, roots)))
-        return
-    if prog.for_numba and len(nodes) == 1 and first.op in CONV_OPS and first.attrs["algo"] == "fft":
-        prog.plan.append((name, "fallback", first))
-        prog.fallbacks.append(f"{name}: {first.op} by FFT (numpy.fft, Python level)")
-        return
-    if first.op in ("matmul", "linear", "conv2d") and len(nodes) > 1:
-        prog.plan.append((name, "loop", _elementwise_kernel(prog, name, nodes[1:], first, group, users, roots)))
-        return
-    if len(nodes) != 1:
-        raise TdcError(f"internal: kernel {name} mixes {[n.op for n in nodes]}")
-    if first.op in ("transpose", "slice", "slice_grad", "pad", "concat"):
-        prog.plan.append((name, "loop", _copy_kernel(prog, name, first)))
-        return
-    if first.op in LIBRARY:
-        prog.plan.append((name, "library", first))
-        return
-    prog.plan.append((name, "fallback", first))
-    prog.fallbacks.append(f"{name}: {first.op}")
-
-
-# ---- elementwise and reduction kernels ----------------------------------------------
-
-def _elementwise_kernel(prog, name, nodes, anchor: Node | None, group, users, roots) -> dict:
-    """A loop over the iteration shape computing every node of the chain per element."""
-    last = nodes[-1]
-    reduce_node = last if last.op in REDUCE_OPS else None
-    iter_shape = list(reduce_node.inputs[0].type.shape if reduce_node else last.outputs[0].type.shape)
-    if anchor is not None:
-        iter_shape = list(anchor.outputs[0].type.shape)
-    params: list[str] = []
-    arrays: list[Value] = []      # the Value bound to each param, in order
-    local: dict[Value, str] = {}
-    loads, body, stores = [], [], []
-    operands: list[Operand] = []
-
-    def param_for(v: Value) -> str:
-        if v in arrays:
-            return params[arrays.index(v)]
-        p = f"a{len(params)}"
-        params.append(p)
-        arrays.append(v)
-        return p
-
-    def read(v: Value) -> str:
-        if v in local:
-            return local[v]
-        if v.producer is not None and is_literal(v.producer) and v.type.shape == () :
-            return Const(prog.literal_values[v].reshape(()).item(), v.type.dtype)
-        if v.producer is not None and v.producer.op == "full":
-            return Const(v.producer.attrs["value"], v.type.dtype)
-        p = param_for(v)
-        op = Operand(p, broadcast_strides(v.type.shape, iter_shape))
-        operands.append(op)
-        name_ = f"x{len(loads)}"
-        loads.append((name_, op))
-        local[v] = name_
-        return name_
-
-    anchor_info = None
-    if anchor is not None:
-        # the anchor writes its result into a buffer; the epilogue reads it there
-        anchor_info = anchor
-        read(anchor.outputs[0])
-    for i, n in enumerate(nodes):
-        if n is reduce_node:
-            break
-        args = [read(v) for v in n.inputs]
-        out = n.outputs[0]
-        var = f"v{i}"
-        body.append(ScalarOp(var, n.op, args, [v.type for v in n.inputs], out.type, n.attrs))
-        local[out] = var
-        if _escapes(out, group, users, roots):
-            p = param_for(out)
-            op = Operand(p, broadcast_strides(out.type.shape, iter_shape))
-            operands.append(op)
-            stores.append((op, var))
-    reduce = None
-    keep_apart: set[int] = set()
-    if reduce_node is not None:
-        x = reduce_node.inputs[0]
-        val = read(x)
-        axes = norm_axes(reduce_node.attrs["axes"], len(iter_shape))
-        keep_apart = set(axes)
-        out = reduce_node.outputs[0]
-        kept_shape = [1 if k in axes else d for k, d in enumerate(iter_shape)]
-        st = c_strides(kept_shape)
-        op = Operand(param_for(out), [0 if k in axes else st[k] for k in range(len(iter_shape))])
-        operands.append(op)
-        kind = {"reduce_sum": "sum", "reduce_mean": "mean", "reduce_max": "max"}[reduce_node.op]
-        count = int(np.prod([iter_shape[k] for k in axes])) if axes else 1
-        acc_dt = "f64" if out.type.dtype.startswith("f") else out.type.dtype
-        if kind != "max":
-            init = 0
-        elif acc_dt.startswith("f"):
-            init = -np.inf
-        else:
-            init = int(np.iinfo(out.type.np_dtype).min)
-        reduce = Reduce(op, val, kind, (1.0 / count) if kind == "mean" else 1, [], init, acc_dt)
-    dims, red = collapse(iter_shape, operands, keep_apart)
-    lk = LoopKernel(name, params, dims, loads, body, stores, flat=list(params))
-    if reduce is not None:
-        reduce.reduced = red
-        lk.reduce = reduce
-    extra: list = []
-    if anchor_info is not None:
-        extra = conv_extra(prog, anchor_info) if anchor_info.op == "conv2d" else []
-        lk.params = params + [f"b{i}" for i in range(len(anchor_info.inputs))] + [f"s{i}" for i in range(len(extra))]
-        lk.prologue = _anchor_call(anchor_info, params[0])
-    if prog.for_numba:
-        prog.sources.append(lk.source())
-    return {"params": arrays, "anchor": anchor_info, "kernel": lk, "extra": extra}
 
 
 def _anchor_call(node: Node, out_param: str) -> list[str]:
@@ -227,58 +92,15 @@ def _plain_2d(node: Node) -> bool:
     return all(v.type.rank == 2 for v in node.inputs)
 
 
-# ---- copies with strides: transpose, slice, slice_grad, pad, concat ---------------------
-
-def _copy_kernel(prog, name, node: Node) -> dict:
-    """Strided copies; slice_grad and pad first fill the output (param a{n_in}) with `fill`."""
-    x_types = [v.type for v in node.inputs]
-    out = node.outputs[0]
-    a = node.attrs
-    fill = None
-    if node.op == "transpose":
-        st = c_strides(x_types[0].shape)
-        copies = [(list(out.type.shape), Operand("a0", [st[p] for p in a["perm"]]), Operand("a1", c_strides(out.type.shape)))]
-    elif node.op == "slice":
-        st = c_strides(x_types[0].shape)
-        off = sum(s * t for s, t in zip(a["starts"], st))
-        copies = [(list(out.type.shape), Operand("a0", [t * s for t, s in zip(st, a["steps"])], off),
-                   Operand("a1", c_strides(out.type.shape)))]
-    elif node.op == "slice_grad":
-        st = c_strides(out.type.shape)
-        off = sum(s * t for s, t in zip(a["starts"], st))
-        fill = Const(0, out.type.dtype)
-        copies = [(list(x_types[0].shape), Operand("a0", c_strides(x_types[0].shape)),
-                   Operand("a1", [t * s for t, s in zip(st, a["steps"])], off))]
-    elif node.op == "pad":
-        st = c_strides(out.type.shape)
-        r = len(st)
-        off = sum(a["pads"][k] * st[k] for k in range(r))
-        fill = Const(a["value"], out.type.dtype)
-        copies = [(list(x_types[0].shape), Operand("a0", c_strides(x_types[0].shape)), Operand("a1", list(st), off))]
-    else:   # concat
-        ax = norm_axis(a["axis"], out.type.rank)
-        st = c_strides(out.type.shape)
-        copies, off = [], 0
-        for i, t in enumerate(x_types):
-            copies.append((list(t.shape), Operand(f"a{i}", c_strides(t.shape)),
-                           Operand(f"a{len(x_types)}", list(st), off * st[ax])))
-            off += t.shape[ax]
-    n_in = len(node.inputs)
-    params = [f"a{i}" for i in range(n_in + 1)]
-    loops = []
-    for j, (shape, src, dst) in enumerate(copies):
-        dims, _ = collapse(shape, [src, dst])
-        loops.append(LoopKernel(f"{name}_{j}", [src.var, dst.var], dims, [("x0", src)], [], [(dst, "x0")],
-                                flat=[src.var, dst.var]))
-    if not prog.for_numba:
-        return {"params": list(node.inputs) + [out], "anchor": None, "copies": loops, "fill": fill}
-    body = ["@njit(cache=True)", f"def {name}({', '.join(params)}):"]
-    if fill is not None:
-        body.append(f"    {params[-1]}[...] = {literal(fill.value, fill.dtype)}")
-    for lk in loops:
+def _copy_source(step: Copy) -> str:
+    """The strided copies of `step` as one function over (inputs..., output)."""
+    params = [f"a{i}" for i in range(len(step.node.inputs) + 1)]
+    body = ["@njit(cache=True)", f"def {step.name}({', '.join(params)}):"]
+    if step.fill is not None:
+        body.append(f"    {params[-1]}[...] = {literal(step.fill.value, step.fill.dtype)}")
+    for lk in step.copies:
         body.append(f"    {lk.name}({lk.params[0]}, {lk.params[1]})")
-    prog.sources.append("\n\n".join(lk.source() for lk in loops) + "\n\n" + "\n".join(body) + "\n")
-    return {"params": list(node.inputs) + [out], "anchor": None, "copies": loops, "fill": fill}
+    return "\n\n".join(loop_source(lk) for lk in step.copies) + "\n\n" + "\n".join(body) + "\n"
 
 
 # ---- library kernels: argument binding ------------------------------------------------
@@ -291,15 +113,6 @@ def _geo(a):
 def _win(a):
     return (a["kernel"][0], a["kernel"][1], a["stride"][0], a["stride"][1], a["pad"][0], a["pad"][1],
             a["dilation"][0], a["dilation"][1])
-
-
-def _avg_counts(node, in_shape, out_shape):
-    a = node.attrs
-    cy = K.avgpool_counts(in_shape[2], a["kernel"][0], a["stride"][0], a["pad"][0], a["pad"][2], out_shape[2],
-                          a["count_include_pad"])
-    cx = K.avgpool_counts(in_shape[3], a["kernel"][1], a["stride"][1], a["pad"][1], a["pad"][3], out_shape[3],
-                          a["count_include_pad"])
-    return cy.astype(np.float64), cx.astype(np.float64)
 
 
 def _softmax_args(node, ins, outs):
@@ -343,10 +156,7 @@ def _key_array(k: np.ndarray) -> np.ndarray:
     return k.reshape(1)
 
 
-CONV_OPS = ("conv2d", "conv2d_grad_input", "conv2d_grad_weight")
-
-
-def conv_extra(prog: Program | None, node: Node) -> list:
+def conv_extra(prog: "NumbaProgram | None", node: Node) -> list:
     """The extra arguments a conv node's kernel takes: Winograd's matrices and scratch buffers
     (none for the other algorithms). An inference graph's filter transform of a param that the
     graph never updates is computed once and kept (ustate 1; the executable resets it when the
@@ -398,9 +208,9 @@ LIBRARY = {
     "maxpool2d_grad": lambda n, i, o: (K.maxpool2d_grad, (i[0], i[1], o[0]) + _win(n.attrs)),
     "maxpool2d_gather": lambda n, i, o: (K.maxpool2d_gather, (i[0], i[1], o[0]) + _win(n.attrs)),
     "avgpool2d": lambda n, i, o: (K.avgpool2d, (i[0], o[0]) + _win({**n.attrs, "dilation": (1, 1)})[:6]
-                                  + _avg_counts(n, i[0].shape, o[0].shape)),
+                                  + avgpool_divisors(n, i[0].shape, o[0].shape)),
     "avgpool2d_grad": lambda n, i, o: (K.avgpool2d_grad, (i[0], o[0]) + _win({**n.attrs, "dilation": (1, 1)})[:6]
-                                       + _avg_counts(n, o[0].shape, i[0].shape)),
+                                       + avgpool_divisors(n, o[0].shape, i[0].shape)),
     "global_avgpool": lambda n, i, o: (K.global_avgpool, (i[0], o[0])),
     "softmax": _softmax_args,
     "log_softmax": _softmax_args,

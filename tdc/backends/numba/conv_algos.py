@@ -545,9 +545,8 @@ def fft_step(node):
 def time_conv(node, algo: str, reps: int = 3) -> float:
     """Seconds one run of conv op `node` takes by `algo` on random data (best of `reps`, after a
     first run that compiles). For autotuning: the node's attributes other than algo are kept."""
-    import time
-
     from ...ir.graph import Node
+    from ...passes.target import best_time
     from .codegen import LIBRARY
     rng = np.random.default_rng(0)
     ins = [rng.standard_normal(v.type.shape).astype(v.type.np_dtype) for v in node.inputs]
@@ -560,10 +559,4 @@ def time_conv(node, algo: str, reps: int = 3) -> float:
     else:
         fn, args = LIBRARY[node.op](trial, ins, outs, None)
         run = lambda: fn(*args)           # noqa: E731
-    run()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_time(run, reps)

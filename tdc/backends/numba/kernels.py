@@ -340,24 +340,6 @@ def maxpool2d_gather(h, x, out, kh, kw, sh, sw, pt, pl, dh, dw):
                 out[n, c, y, xx] = h[n, c, a // W, a % W]
 
 
-@njit(cache=True)
-def avgpool_counts(size, k, s, lo, hi, n_out, include_pad):
-    """Divisor per output position along one dim: window cells inside the input
-    (or inside the padded input with include_pad); cells past the padded input never count."""
-    counts = np.empty(n_out, np.int64)
-    for o in range(n_out):
-        cnt = 0
-        for i in range(k):
-            p = o * s - lo + i
-            if include_pad:
-                if -lo <= p < size + hi:
-                    cnt += 1
-            elif 0 <= p < size:
-                cnt += 1
-        counts[o] = cnt
-    return counts
-
-
 @njit(cache=True, parallel=True)
 def avgpool2d(x, out, kh, kw, sh, sw, pt, pl, cy, cx):
     N, C, H, W = x.shape

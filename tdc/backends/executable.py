@@ -1,0 +1,53 @@
+"""What every backend's executable shares: checking and binding the caller's arrays, and the
+initial values of params, consts and state."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import TdcError
+from ..frontend.init import init_params
+from ..ir.graph import Graph, Value
+
+
+def check_feed(arg: Value, array, what: str) -> np.ndarray:
+    """Convert a user-supplied array for `arg`, or raise a one-line error naming it."""
+    a = np.asarray(array)
+    want = arg.type
+    if tuple(a.shape) != want.shape:
+        raise TdcError(f"{what} {arg.name}: expected shape {list(want.shape)} ({want}), got {list(a.shape)}")
+    if a.dtype != want.np_dtype:
+        got = a.dtype
+        # Python-made data (int64 labels, float64 images) is converted when no value changes.
+        if np.can_cast(got, want.np_dtype, casting="same_kind") or (got.kind in "iu" and want.np_dtype.kind in "iu"):
+            conv = a.astype(want.np_dtype)
+            if got.kind in "iub" and not np.array_equal(conv.astype(got), a):
+                raise TdcError(f"{what} {arg.name}: values do not fit {want.dtype}")
+            return conv
+        raise TdcError(f"{what} {arg.name}: expected dtype {want.dtype} ({want}), got {got}")
+    return a
+
+
+def copy_inputs(slots: list, given: dict) -> None:
+    """Copy each given input into its buffer (slots: (arg, array) pairs), after checking that the
+    names are the graph's and each value's shape and dtype fit (the compiled backends' calls)."""
+    unknown = set(given) - {a.name for a, _ in slots}
+    if unknown:
+        raise TdcError(f"unknown input {sorted(unknown)[0]!r}; the graph takes: "
+                       + ", ".join(f"{a.name}: {a.type}" for a, _ in slots))
+    for a, buf in slots:
+        if a.name not in given:
+            raise TdcError(f"missing input {a.name}: {a.type}")
+        buf[...] = check_feed(a, given[a.name], "input")
+
+
+def initial_state(graph: Graph, params: dict | None, seed: int) -> dict[str, np.ndarray]:
+    """The value of every param, const and state arg of `graph`: from `params` (name -> array),
+    else drawn from its initializer with `seed`; each checked against the arg's type."""
+    values = {**init_params(graph, seed, only_missing=params or {}), **(params or {})}
+    state = {}
+    for a in graph.args:
+        if a.kind != "input":
+            if a.name not in values:
+                raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
+            state[a.name] = check_feed(a, values[a.name], a.kind)
+    return state

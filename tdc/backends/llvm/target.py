@@ -1,0 +1,72 @@
+"""The LLVM backend as the passes see it (passes/target.py)."""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+
+from ...ir.graph import Node
+from ...passes.target import Target, available_cores, best_time
+from .codegen import LIBRARY_DTYPES, library_call
+from .scalar import MEM
+
+
+def runtime_library():
+    from .runtime import build_runtime
+    return ctypes.CDLL(str(build_runtime().shared_lib_path))
+
+
+class LLVMTarget(Target):
+    name = "llvm"
+    loop_dtypes = tuple(MEM)
+    library_dtypes = LIBRARY_DTYPES
+    caches_filter_transforms = False       # the C Winograd transforms the filter on every call
+    conv_gemm_threads_all = False          # its GEMMs run on one BLAS thread
+    conv_image_threads_ops = ("conv2d", "conv2d_grad_input")   # what the runtime's pool splits by image
+    wino_f4_transform_cost = 3.0
+
+    def threads(self) -> int:
+        env = os.environ.get("TDC_THREADS")
+        return max(1, int(env)) if env and env.isdigit() else available_cores()
+
+    def time_conv(self, node, algo: str) -> float:
+        return time_conv(node, algo)
+
+    def time_matmul(self, m: int, k: int, n: int) -> float:
+        lib = runtime_library()
+        lib.tdc_runtime_set_threads(ctypes.c_int64(1))
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+        out = np.empty((m, n), np.float32)
+        ptr = [ctypes.c_void_p(x.ctypes.data) for x in (a, b, out)]
+        dims = [ctypes.c_int64(d) for d in (m, k, n)]
+        return best_time(lambda: lib.tdc_matmul_f32(*ptr, *dims))
+
+
+def time_conv(node: Node, algo: str, reps: int = 3) -> float:
+    """Seconds one call of the C runtime takes for conv op `node` by `algo` on random data (best of
+    `reps`, after a warm-up call): what --autotune measures for this backend."""
+    lib = runtime_library()
+    trial = Node(node.op, node.inputs, {**node.attrs, "algo": algo}, node.placement, node.loc)
+    trial.outputs = node.outputs
+    cname, spec, _ = library_call(trial)
+    rng = np.random.default_rng(0)
+    ins = [rng.standard_normal(v.type.shape).astype(v.type.np_dtype) for v in node.inputs]
+    outs = [np.empty(v.type.shape, v.type.np_dtype) for v in node.outputs]
+    keep, args = [], []
+    for kind, x in spec:
+        if kind in ("in", "out"):
+            args.append(ctypes.c_void_p((ins if kind == "in" else outs)[x].ctypes.data))
+        elif kind == "i64":
+            args.append(ctypes.c_int64(int(x)))
+        elif kind == "f64":
+            args.append(ctypes.c_double(float(x)))
+        else:
+            keep.append(np.ascontiguousarray(x))
+            args.append(ctypes.c_void_p(keep[-1].ctypes.data))
+    fn = getattr(lib, cname)
+    return best_time(lambda: fn(*args), reps)
+
+
+TARGET = LLVMTarget()

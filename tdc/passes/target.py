@@ -1,0 +1,166 @@
+"""What a pass may know about the backend it compiles for: its Target.
+
+A Target says which dtypes a backend's generated loops and its library kernels handle, how
+many threads it runs, how to time one of its kernels (for --autotune), and its cost rates.
+Each compiled backend defines its own (backends/numba/target.py, backends/llvm/target.py);
+passes receive one and never import a backend.
+
+The rates are not constants fitted once: the CPU differs between machines (AVX-512 on one,
+AVX2 only on another), so they are measured by a short calibration the first time a target
+needs them on a machine, and kept in $TDC_CACHE_DIR/targets.json (~/.cache/tdc) under the
+backend and the CPU model:
+  * `gemm_flops`: float32 GEMM flop/s of the backend's matrix product on one thread;
+  * `copy_bytes`: bytes/s of a large memory copy (read + write);
+  * `conv`: per convolution algorithm, (overhead seconds, scale, seconds per image plane) fitted
+    so that the conv_algo pass's analytic model times the backend's own kernels on three probe
+    layers (passes/conv_algo.py: `calibrate_conv`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..files import atomic_write, cache_dir
+
+CALIBRATION_VERSION = 3
+
+
+def machine_id() -> str:
+    """The CPU model and the number of cores this process may use: what rates depend on."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()}"
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Rates:
+    gemm_flops: float
+    copy_bytes: float
+    conv: dict[str, tuple[float, ...]]       # algorithm -> (overhead s, scale of the modelled time, s per plane)
+
+
+class Target(ABC):
+    """A compiled backend as the passes see it. Subclasses set the class attributes and
+    implement the timers."""
+    name = "generic"
+    loop_dtypes: tuple[str, ...] = ()       # dtypes its generated loops handle
+    library_dtypes: tuple[str, ...] = ()    # dtypes its library kernels (GEMM, convolution, ...) handle
+    caches_filter_transforms = False         # an inference executable keeps Winograd filter transforms of params
+    conv_gemm_threads_all = True             # Winograd's per-point GEMMs use every thread (else one)
+    conv_image_threads_ops: tuple[str, ...] = ("conv2d", "conv2d_grad_input", "conv2d_grad_weight")
+    wino_f4_transform_cost = 1.6             # F(4x4)'s transform work per element, relative to F(2x2)'s
+
+    def threads(self) -> int:
+        return available_cores()
+
+    def gemm_threads(self) -> int:
+        return self.threads() if self.conv_gemm_threads_all else 1
+
+    def image_threads(self, op: str) -> int:
+        """Threads that split a convolution's images (im2col runs one GEMM per image chunk)."""
+        return self.threads() if op in self.conv_image_threads_ops else 1
+
+    @abstractmethod
+    def time_conv(self, node, algo: str) -> float:
+        """Seconds one call of this backend's kernel for conv op `node` by `algo` takes."""
+
+    @abstractmethod
+    def time_matmul(self, m: int, k: int, n: int) -> float:
+        """Seconds one float32 [m, k] x [k, n] product takes on one thread."""
+
+    # ---- rates ------------------------------------------------------------------------------
+    def cache_key(self) -> str:
+        return f"{self.name}|{machine_id()}|v{CALIBRATION_VERSION}"
+
+    def rates(self) -> Rates:
+        """This machine's rates for this target: from the cache, or measured now (once)."""
+        cached = getattr(self, "_rates", None)
+        if cached is not None:
+            return cached
+        key = self.cache_key()
+        entry = read_json(targets_path()).get(key)
+        rates = _rates_from(entry)
+        if rates is None:
+            rates = self.calibrate()
+            update_json(targets_path(), key, {"gemm_flops": rates.gemm_flops, "copy_bytes": rates.copy_bytes,
+                                              "conv": {a: list(v) for a, v in rates.conv.items()},
+                                              "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
+        self._rates = rates
+        return rates
+
+    def calibrate(self) -> Rates:
+        from .conv_algo import calibrate_conv   # the conv model is the pass's; it fits itself to this target
+        return Rates(gemm_flops=measure_gemm(self), copy_bytes=measure_copy(), conv=calibrate_conv(self))
+
+
+def _rates_from(entry) -> Rates | None:
+    try:
+        conv = {a: (float(o), float(s), float(t)) for a, (o, s, t) in entry["conv"].items()}
+        return Rates(float(entry["gemm_flops"]), float(entry["copy_bytes"]), conv)
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def best_time(fn, reps: int = 5) -> float:
+    """The fastest of `reps` timed calls after one warm-up call (the minimum is what a noisy,
+    shared machine distorts least)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_gemm(target: Target, size: int = 256) -> float:
+    return 2.0 * size ** 3 / target.time_matmul(size, size, size)
+
+
+def measure_copy(nbytes: int = 1 << 25) -> float:
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    return 2.0 * nbytes / best_time(lambda: np.copyto(dst, src), reps=3)
+
+
+# ---- the cache file ------------------------------------------------------------------------------
+
+def targets_path() -> str:
+    return os.path.join(cache_dir(), "targets.json")
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def update_json(path: str, key: str, entry) -> None:
+    """Set one key of a JSON cache file (read, update, write to a temporary file, rename)."""
+    data = read_json(path)
+    data[key] = entry
+    text = json.dumps(data, indent=1, sort_keys=True)
+    atomic_write(path, lambda f: f.write(text.encode()))
