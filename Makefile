@@ -58,6 +58,8 @@ demo: $(STAMP)
 	    print(f'   trained natively, evaluated by the LLVM JIT: test accuracy {(p == y).mean():.4f}')"
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache    # the layers point down (pyproject.toml: [tool.importlinter])
+	$(VENV)/bin/ruff check tdc tests benchmarks examples
 	$(PY) -m pytest -n 2 tests
 
 clean:

@@ -62,7 +62,6 @@ def tdc_runner(node, algo, x, w, b, out):
 
 
 def ort_runner(x, w, b, pad, threads):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[pad] * 4, kernel_shape=list(w.shape[2:]))
