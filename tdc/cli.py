@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and writes the updated weights")
     _add_training(c)
     add_conv_algo_arguments(c)
+    from .runtime.launch import add_parallel_arguments
+    add_parallel_arguments(c)
 
     from .runtime.trainer import add_train_arguments
     t = sub.add_parser("train", help="train a model on a data set",
@@ -281,15 +283,21 @@ def cmd_compile(args) -> int:
     from .runtime.loader import Source
     from .ir.weights import load_weights
 
+    from .runtime.launch import parallel_config
+    parallel = parallel_config(args)
+    if parallel is not None and not args.train:
+        raise TdcError("--ranks is for training steps: add --train")
     src = Source(args.model)
-    graph = src.graph(args.batch, training=args.train)
+    graph = src.training_graph(args.batch, parallel) if args.train else src.graph(args.batch)
     if args.train:
-        graph = training_pipeline(args.loss, Optimizer(args.optimizer)).run(graph)
+        graph = training_pipeline(args.loss, Optimizer(args.optimizer), parallel=parallel).run(graph)
     params = load_weights(args.weights, graph) if args.weights else src.params
     b = write_bundle(request_conv_algo(graph, args.conv_algo), args.output, params=params, seed=args.seed,
                      name=args.name or src.name, embed_weights=args.embed_weights, training=args.train,
                      autotune=args.autotune)
     kind = "training step" if args.train else "inference"
+    if parallel is not None:
+        kind += f" of one of {parallel.ranks} data-parallel ranks: run it with mpiexec -n {parallel.ranks}"
     print(f"wrote {b.directory}/: model ({kind}), model.h, model.o"
           + ("" if b.weights is None else ", model.weights") + f"; run {b.executable} --help")
     return 0
@@ -314,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.command == "train":
             from .runtime.trainer import cmd_train
-            return cmd_train(args)
+            return cmd_train(args, argv)
         return {"dump": cmd_dump, "run": cmd_run, "ops": cmd_ops, "compile": cmd_compile}[args.command](args)
     except TdcError as e:
         if debug:

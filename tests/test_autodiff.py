@@ -92,6 +92,8 @@ CASES = [
     ("mse", [any_(3, 2), any_(3, 2)], {}),
     ("allreduce", [any_(3)], {"op": "sum"}),
     ("allreduce", [any_(3)], {"op": "mean"}),
+    ("allreduce_start", [any_(3)], {"op": "sum", "algo": "ring", "world": 1}),
+    ("allreduce_wait", [any_(3)], {}),
     ("broadcast", [any_(3)], {"root": 0}),
     ("reduce_to", [any_(3)], {"root": 0}),
     ("conv2d", [any_(2, 3, 5, 5), any_(4, 3, 3, 3), any_(4)], {}),

@@ -154,13 +154,13 @@ def test_ir_has_one_function_per_kernel_and_vectorises_for_this_cpu():
         assert "zmm" in asm
 
 
-def test_unsupported_ops_are_refused_with_the_op_named():
+def test_point_to_point_in_a_world_of_one_is_refused_with_the_op_named():
     g = Graph("comm")
     with Builder(g) as b:
         x = b.arg("x", TensorType("f32", (4,)), "input")
         F.apply("send", x, dst=1)
         g.add_output("y", F.relu(x).value)
-    with pytest.raises(TdcError, match="llvm backend: send needs MPI"):
+    with pytest.raises(TdcError, match="llvm backend: send needs several processes"):
         tdc.compile(g, backend="llvm")
 
 

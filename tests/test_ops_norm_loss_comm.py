@@ -292,6 +292,24 @@ def test_allreduce_over_three_ranks(op, dt):
             assert math.isclose(out[0, j].item(), want, rel_tol=1e-7), (op, j)
 
 
+@pytest.mark.parametrize("op", ["sum", "mean", "max"])
+def test_allreduce_start_then_wait_is_the_allreduce(op):
+    """Split in two, the collective happens at the start (every rank's buffer in flight) and the
+    wait hands the result on: together they equal allreduce, on every simulated rank."""
+    g = Graph("split")
+    x = g.add_arg("x", TensorType("f32", (1, 3)), "input")
+    (h,) = g.emit("allreduce_start", [x], {"op": op, "algo": "tree", "world": 3})
+    (y,) = g.emit("allreduce_wait", [h])
+    (z,) = g.emit("allreduce", [x], {"op": op})
+    g.add_output("y", y)
+    g.add_output("z", z)
+    envs = run_ranks(g, [{x: v.astype(np.float32)} for v in RANK_VALUES])
+    for env in envs:
+        np.testing.assert_array_equal(env[y], env[z])
+        want = {"sum": np.sum, "mean": np.mean, "max": np.max}[op]([v[0] for v in RANK_VALUES], axis=0)
+        np.testing.assert_allclose(env[y][0], want, rtol=1e-6)
+
+
 def test_allreduce_default_is_sum_and_keeps_scalars():
     outs = run_op_ranks("allreduce", [[np.array(float(r))] for r in range(4)])
     assert [o[0].item() for o in outs] == [6.0] * 4 and outs[0][0].shape == ()
@@ -382,7 +400,7 @@ TESTED = {
     "shape": {"reshape", "flatten", "transpose", "broadcast_to", "concat", "slice", "slice_grad", "pad"},
     "norm": {"batchnorm", "dropout"},
     "loss": {"softmax_cross_entropy", "mse", "one_hot"},
-    "comm": {"allreduce", "broadcast", "reduce_to", "send", "recv"},
+    "comm": {"allreduce", "allreduce_start", "allreduce_wait", "broadcast", "reduce_to", "send", "recv"},
 }
 
 

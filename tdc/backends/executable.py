@@ -51,3 +51,8 @@ def initial_state(graph: Graph, params: dict | None, seed: int) -> dict[str, np.
                 raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
             state[a.name] = check_feed(a, values[a.name], a.kind)
     return state
+
+
+def graph_ranks(graph: Graph) -> int:
+    """The number of ranks a step was compiled for: the `world` of its collectives (1 if none)."""
+    return max([n.attrs.get("world", 0) for n in graph.nodes if n.opdef.collective] + [1])

@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import TdcError
 from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
-from .executable import check_feed, initial_state
+from .executable import check_feed, graph_ranks, initial_state
 
 
 class Mailbox:
@@ -87,13 +87,20 @@ def run(graph: Graph, feed: dict[Value, np.ndarray]) -> dict[Value, np.ndarray]:
 
 class ReferenceExecutable:
     """`exe(**inputs)` -> {output name: array}. Params, consts and state are held by the
-    executable (set from a dict or initialised from a seed); updates are written back after each call."""
+    executable (set from a dict or initialised from a seed); updates are written back after each call.
+
+    A step compiled for N ranks (data_parallel) runs on N simulated ranks: each input whose first
+    dim is N times the graph's is the global batch, cut into one shard per rank; the others go to
+    every rank. Outputs and `state` are rank 0's (the averaged loss and the params are the same on
+    every rank)."""
 
     backend = "reference"
 
     def __init__(self, graph: Graph, params: dict[str, np.ndarray] | None = None, seed: int = 0):
         self.graph = graph
+        self.ranks = graph_ranks(graph)
         self.state: dict[str, np.ndarray] = initial_state(graph, params, seed)
+        self.rank_states = [dict(self.state) for _ in range(self.ranks - 1)]   # ranks 1.. (0 is `state`)
 
     def set_state(self, values: dict[str, np.ndarray]) -> None:
         """Replace params or state by name (every backend has this; see NumbaExecutable.set_state)."""
@@ -102,8 +109,10 @@ class ReferenceExecutable:
             if name not in args:
                 raise TdcError(f"no param or state named {name!r}")
             self.state[name] = np.array(check_feed(args[name], x, args[name].kind))
+            for st in self.rank_states:
+                st[name] = self.state[name]
 
-    def feed(self, inputs: dict) -> dict[Value, np.ndarray]:
+    def feed(self, inputs: dict, state: dict | None = None) -> dict[Value, np.ndarray]:
         names = {a.name for a in self.graph.inputs}
         unknown = set(inputs) - names
         if unknown:
@@ -117,11 +126,34 @@ class ReferenceExecutable:
                                    + ", ".join(f"{x.name}: {x.type}" for x in self.graph.inputs))
                 feed[a] = check_feed(a, inputs[a.name], "input")
             else:
-                feed[a] = self.state[a.name]
+                feed[a] = (self.state if state is None else state)[a.name]
         return feed
 
+    def comm_stats(self) -> tuple[int, float]:
+        """(bytes sent, seconds waited): the simulated ranks send nothing over a wire."""
+        return 0, 0.0
+
+    def shard(self, inputs: dict, rank: int) -> dict:
+        """Rank `rank`'s part of global inputs: rows [rank * b, (rank + 1) * b) of each input
+        whose first dim is ranks * b for the graph's b."""
+        out = {}
+        for a in self.graph.inputs:
+            x = np.asarray(inputs[a.name]) if a.name in inputs else None
+            shape = a.type.shape
+            if x is not None and shape and x.ndim == len(shape) and x.shape[0] == self.ranks * shape[0] \
+                    and x.shape[1:] == shape[1:]:
+                x = x[rank * shape[0]:(rank + 1) * shape[0]]
+            if x is not None:
+                out[a.name] = x
+        return {**{k: v for k, v in inputs.items() if k not in out}, **out}
+
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
-        env = run(self.graph, self.feed(inputs))
-        for target, v in self.graph.updates:
-            self.state[target.name] = env[v]
-        return {name: env[v] for name, v in self.graph.outputs}
+        if self.ranks == 1:
+            envs = [run(self.graph, self.feed(inputs))]
+        else:
+            states = [self.state] + self.rank_states
+            envs = run_ranks(self.graph, [self.feed(self.shard(inputs, r), states[r]) for r in range(self.ranks)])
+        for st, env in zip([self.state] + self.rank_states, envs):
+            for target, v in self.graph.updates:
+                st[target.name] = env[v]
+        return {name: envs[0][v] for name, v in self.graph.outputs}

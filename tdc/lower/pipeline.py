@@ -1,6 +1,6 @@
 """The compile pipeline every compiled backend runs before it renders a kernel plan.
 
-    graph -> bnfold, fold, simplify, cse, dce -> conv_algo (for the target) -> fuse
+    graph -> bnfold, fold, simplify, cse, dce -> conv_algo (for the target) -> schedule_comm -> fuse
           -> build_plan (kernels) + plan_memory (buffers) -> the backend renders them
 """
 from __future__ import annotations
@@ -25,9 +25,10 @@ def conv_algo_pass(target: Target, conv_algo: str = "auto", autotune: bool = Fal
 
 def compile_pipeline(target: Target, conv_algo: str = "auto", autotune: bool = False) -> Pipeline:
     """Fold inference batchnorm into its convolution, simplify, pick convolution algorithms (by
-    `target`'s costs), then fuse into kernels."""
+    `target`'s costs), put each allreduce start and wait where they overlap most, then fuse into
+    kernels."""
     return Pipeline([get_pass(n) for n in ("bnfold",) + SIMPLIFY]
-                    + [conv_algo_pass(target, conv_algo, autotune), get_pass("fuse")])
+                    + [conv_algo_pass(target, conv_algo, autotune), get_pass("schedule_comm"), get_pass("fuse")])
 
 
 def optimize_for_target(graph: Graph, target: Target, autotune: bool = False) -> Graph:

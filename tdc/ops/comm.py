@@ -14,7 +14,7 @@ from .common import fail, numel
 _REDUCERS = {"sum": np.add, "max": np.maximum, "min": np.minimum}
 
 
-def _allreduce_ref(per_rank, ranks, op):
+def _allreduce_ref(per_rank, ranks, op, algo="auto", world=0):
     xs = [ins[0] for ins in per_rank]
     if op == "mean":
         total = np.sum(xs, axis=0, dtype=xs[0].dtype) / len(xs)
@@ -38,9 +38,34 @@ def _comm_cost(ins, outs, **a):
     return numel(ins[0].shape) if ins else 0
 
 
-defop("allreduce", "comm", attrs={"op": Attr("str", "sum", choices=("sum", "mean", "max", "min"))},
+ALLREDUCE_ALGOS = ("auto", "mpi", "ring", "doubling", "tree")
+_ALLREDUCE_ATTRS = {
+    "op": Attr("str", "sum", choices=("sum", "mean", "max", "min")),
+    "algo": Attr("str", "auto", choices=ALLREDUCE_ALGOS,
+                 doc="mpi: the MPI library's MPI_Allreduce; ring: reduce-scatter then allgather; doubling: "
+                     "recursive doubling; tree: binomial reduce then broadcast; auto: not chosen yet"),
+    "world": Attr("int", 0, doc="the number of ranks the step was compiled for (0: any)"),
+}
+
+defop("allreduce", "comm", attrs=_ALLREDUCE_ATTRS,
       infer=_same, ref=_allreduce_ref, grad=_allreduce_grad, collective=True, cost=_comm_cost,
       doc="every rank gets the reduction over all ranks")
+
+
+# A split allreduce, so that other work runs while the message is on the wire: allreduce_start
+# hands its input to the communicator and returns the buffer in flight (its value is not defined
+# until the wait); allreduce_wait(h) blocks until the reduction into h is complete and returns
+# it. Every use of the result goes through the wait, so the buffer lives from start to wait.
+def _start_grad(ctx, x):
+    return [F.apply("allreduce", ctx.g, **ctx.attrs)]
+
+
+defop("allreduce_start", "comm", attrs=_ALLREDUCE_ATTRS, infer=_same, ref=_allreduce_ref, grad=_start_grad,
+      collective=True, cost=_comm_cost,
+      doc="start an allreduce of x; its result is read through allreduce_wait")
+defop("allreduce_wait", "comm", infer=_same, ref=lambda h: h.copy(), grad=lambda ctx, h: [ctx.g],
+      cost=_comm_cost, doc="wait for the allreduce started by allreduce_start(h) and return the reduction "
+                           "(h itself when nothing is in flight)")
 
 
 def _broadcast_ref(per_rank, ranks, root):

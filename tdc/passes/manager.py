@@ -45,7 +45,7 @@ def get_pass(name: str) -> Pass:
 
 def _load_passes():
     from . import simplify  # noqa: F401  (registers dce, cse)
-    from . import algebra, fold, fuse  # noqa: F401  (registers simplify, bnfold, fold, fuse)
+    from . import algebra, data_parallel, fold, fuse  # noqa: F401  (registers simplify, bnfold, schedule_comm, fold, fuse)
 
 
 @dataclass

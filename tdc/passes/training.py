@@ -17,6 +17,7 @@ from ..ops.tensor import Builder, Tensor
 from ..ir.graph import Graph
 from ..ir.types import TensorType
 from .autodiff import autodiff
+from .data_parallel import DataParallel, data_parallel, sync_batchnorm
 from .manager import Pass, PassContext, Pipeline, get_pass
 from .optimizer import Optimizer, add_optimizer
 
@@ -53,18 +54,35 @@ SIMPLIFY = ("fold", "simplify", "cse", "dce")
 
 
 def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,
-                      simplify: bool = True) -> Pipeline:
+                      simplify: bool = True, parallel: DataParallel | None = None) -> Pipeline:
+    """loss, autodiff, optimizer (and simplification); with `parallel`, the step of one of
+    `parallel.ranks` data-parallel ranks: sync_batchnorm (if asked) before autodiff and
+    data_parallel after it."""
     opt = optimizer or Optimizer()
-    passes = [Pass("loss", partial(add_loss, loss=loss), "append the loss and its label input"),
-              Pass("autodiff", partial(autodiff, loss="loss"), "reverse-mode gradients of the loss"),
-              Pass("optimizer", partial(add_optimizer, opt=opt), f"{opt.name} updates of every param")]
+    passes = [Pass("loss", partial(add_loss, loss=loss), "append the loss and its label input")]
+    if parallel is not None and parallel.sync_bn:
+        passes.append(Pass("sync_batchnorm", partial(sync_batchnorm, cfg=parallel),
+                           "batchnorm with batch statistics averaged over the ranks"))
+    passes.append(Pass("autodiff", partial(autodiff, loss="loss"), "reverse-mode gradients of the loss"))
+    if parallel is not None:
+        passes.append(Pass("data_parallel", partial(data_parallel, cfg=parallel),
+                           f"average gradients over {parallel.ranks} ranks (bucketed allreduce)"))
+    passes.append(Pass("optimizer", partial(add_optimizer, opt=opt), f"{opt.name} updates of every param"))
     if simplify:
         passes += [get_pass(n) for n in SIMPLIFY]
     return Pipeline(passes)
 
 
 def train_step(model: Model | Graph, loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,
-               batch: int | None = None, ctx: PassContext | None = None) -> Graph:
-    """One graph doing forward, backward and update for `model` (a @tdc.model or a training-mode Graph)."""
-    g = model.trace(batch, training=True) if isinstance(model, Model) else model
-    return training_pipeline(loss, optimizer).run(g, ctx)
+               batch: int | None = None, ctx: PassContext | None = None,
+               parallel: DataParallel | None = None) -> Graph:
+    """One graph doing forward, backward and update for `model` (a @tdc.model or a training-mode
+    Graph). With `parallel`, the step of one rank: a model is traced at batch / ranks (batch: the
+    global batch, by default the model's own)."""
+    if isinstance(model, Model):
+        if parallel is not None:
+            batch = parallel.split_batch(batch or model.batch)
+        g = model.trace(batch, training=True)
+    else:
+        g = model
+    return training_pipeline(loss, optimizer, parallel=parallel).run(g, ctx)

@@ -95,3 +95,11 @@ class Source:
         if batch is not None:
             raise TdcError(f"{self.spec}: --batch does not apply to an IR file (its shapes are fixed)")
         return self.fixed
+
+    def training_graph(self, batch: int | None = None, parallel=None) -> Graph:
+        """The training-mode graph one rank runs: with data parallelism (`parallel`, a
+        DataParallel) a model is traced at batch / ranks, `batch` being the global batch (by
+        default the model's own); a fixed graph's batch is already one rank's."""
+        if parallel is not None and self.model is not None:
+            batch = parallel.split_batch(batch or self.model.batch)
+        return self.graph(batch, training=True)

@@ -13,6 +13,7 @@ resumed losses equal those of an uninterrupted run exactly.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -22,12 +23,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backends import compile as compile_graph
+from ..backends.comm import World1, check_world, communicator, fail_job, launched_ranks
 from ..errors import TdcError
+from ..ir.printer import print_graph
+from ..passes.data_parallel import DataParallel
 from ..frontend.model import Model
 from ..passes.optimizer import SLOTS, Optimizer
 from ..passes.training import LOSSES, train_step
 from .checkpoint import LAST, check_compatible, check_settings, load_checkpoint, save_checkpoint
 from .data import Dataset, check_labels, fit_to_model, load_data
+from .launch import add_parallel_arguments, announce_rank, launch, needs_launch, parallel_config
 from .schedule import SCHEDULES, Schedule, make_schedule
 from ..files import atomic_write
 from ..ir.weights import save_npz
@@ -51,6 +56,7 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)   # the evaluation records
     state: dict[str, np.ndarray] = field(default_factory=dict)
+    rank: int = 0                   # this process's rank; only rank 0 evaluates
 
     def summary(self) -> str:
         done = (f"{self.epoch} epoch{'' if self.epoch == 1 else 's'}" if self.epoch >= self.epochs
@@ -179,7 +185,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
           resume: bool = False, metrics: str | None = None, plot: str | None = None,
           save_weights: str | None = None, max_steps: int | None = None, log_every: int = 1,
           params: dict[str, np.ndarray] | None = None, progress: bool = True, verbose: bool = True,
-          out=print, conv_algo: str = "auto", autotune: bool = False) -> TrainResult:
+          out=print, conv_algo: str = "auto", autotune: bool = False, parallel: DataParallel | None = None,
+          comm_timeout: float = 30.0) -> TrainResult:
     """Train `model` (a Model or "FILE.py[:NAME]") on `data` (a Dataset, "digits" or "mnist:DIR").
 
     schedule: a Schedule, or a name (constant|step|cosine) built with warmup/step_size/gamma and,
@@ -189,6 +196,11 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
       with a note, when there is none yet).
     max_steps: stop once this many steps (counted over the whole run, including before a resume) are done.
     conv_algo, autotune: convolution algorithm choice, as for `tdc.compile`.
+    parallel: data parallelism (a DataParallel): `batch` is the global batch, each rank trains on
+      its part (batch / ranks) and the gradients are averaged over the ranks every step. On the
+      reference backend the ranks are simulated in this process; on numba and llvm this process is
+      one rank of an MPI job of parallel.ranks processes (`tdc train --ranks N` starts them), and
+      rank 0 alone prints, evaluates, writes metrics, checkpoints and weights.
     metrics: a JSON-lines file: {epoch, step, loss, lr, accuracy} every `log_every` steps and
       {epoch, step, loss, test_accuracy, test_loss} after every epoch's evaluation.
     """
@@ -214,6 +226,17 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         raise TdcError(f"model {model.name} takes {len(types)} inputs ({', '.join(types)}); "
                        "training feeds one input of samples")
     input_name, input_type = next(iter(types.items()))
+    ranks = parallel.ranks if parallel is not None else 1
+    local = parallel.split_batch(batch) if parallel is not None else batch   # samples per rank and step
+    simulated = backend == "reference"       # the reference backend runs every rank itself
+    comm = communicator(comm_timeout) if not simulated else World1()
+    if ranks > 1 and not simulated:
+        check_world(ranks, comm)
+    rank = comm.rank
+    announce_rank(rank)
+    root = rank == 0
+    if not root:                             # rank 0 speaks and writes for the job
+        verbose, progress, metrics, plot, save_weights = False, False, None, None, None
     infer_graph = model.trace(batch, training=False)
     if len(infer_graph.outputs) != 1:
         raise TdcError(f"model {model.name} has {len(infer_graph.outputs)} outputs; training needs one "
@@ -239,8 +262,13 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         schedule = make_schedule(schedule, optimizer.lr, total_steps, warmup=warmup, step_size=step_size,
                                  gamma=gamma, batch=batch, base_batch=scale_lr)
 
-    train_graph = train_step(model, loss, optimizer, batch)
+    train_graph = train_step(model, loss, optimizer, batch, parallel=parallel)
     settings = {"batch": batch, "loss": loss, "data": data.name, "train_samples": n}
+    if ranks > 1:
+        settings["ranks"] = ranks
+        comm.agree(hashlib.sha256((print_graph(train_graph) + repr(sorted(settings.items())) + repr(
+            (seed, epochs, max_steps, repr(schedule))) + str(data.x_train.shape)).encode()).hexdigest()[:16],
+            "the training step and its settings (model, --batch, --optimizer, --lr, data, ...)")
     step, epoch0, pos0 = 0, 0, 0
     epoch_loss, epoch_correct, epoch_seen = 0.0, 0, 0
     if resume:
@@ -282,7 +310,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
             metrics_file.flush()
 
     def save(epoch: int, position: int):
-        if checkpoint:
+        if checkpoint and root:
             save_checkpoint(checkpoint, exe.state, model=model.name, step=step, epoch=epoch, position=position,
                             seed=seed, optimizer=optimizer.to_dict(), keep=keep_checkpoints,
                             epoch_loss=epoch_loss, epoch_correct=epoch_correct, epoch_seen=epoch_seen,
@@ -310,21 +338,28 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                         stopped = True
                         break
                     idx = order[i * batch:(i + 1) * batch]
+                    mine = idx if simulated else idx[rank * local:(rank + 1) * local]   # this rank's shard
                     lr = schedule.lr_at(step)
-                    res = exe(**{input_name: x_train[idx],
-                                 "y": _targets(y_train[idx], loss, num_classes, target_dtype), "lr": np.float32(lr)})
+                    sent0, wait0 = exe.comm_stats()
+                    res = exe(**{input_name: x_train[mine],
+                                 "y": _targets(y_train[mine], loss, num_classes, target_dtype), "lr": np.float32(lr)})
+                    sent1, wait1 = exe.comm_stats()
                     value = res["loss"]
                     losses.append(value)
                     step, position = step + 1, i + 1
-                    correct = int(np.sum(np.argmax(res[output], axis=1) == y_train[idx]))
+                    # the training accuracy of rank 0's part of the batch (its output)
+                    correct = int(np.sum(np.argmax(res[output], axis=1) == y_train[idx[:local]]))
                     epoch_loss += float(value)
                     epoch_correct += correct
-                    epoch_seen += batch
+                    epoch_seen += local
                     if step % log_every == 0:
-                        log({"epoch": epoch + 1, "step": step, "loss": float(value), "lr": lr,
-                             "accuracy": correct / batch})
+                        record = {"epoch": epoch + 1, "step": step, "loss": float(value), "lr": lr,
+                                  "accuracy": correct / local}
+                        if ranks > 1:
+                            record.update(bytes_sent=sent1 - sent0, comm_wait_ms=(wait1 - wait0) * 1e3)
+                        log(record)
                     rate = (position - first) * batch / max(time.perf_counter() - t_epoch, 1e-9)
-                    bar.update(epoch_loss / (epoch_seen / batch), epoch_correct / epoch_seen, rate)
+                    bar.update(epoch_loss / (epoch_seen / local), epoch_correct / epoch_seen, rate)
                     if checkpoint_every and step % checkpoint_every == 0 and position < steps_per_epoch:
                         save(epoch, position)
             finally:
@@ -333,9 +368,9 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                 save(epoch, position)
                 break
             seconds = time.perf_counter() - t_epoch
-            correct, test_loss = run_eval()
+            correct, test_loss = run_eval() if root else (0, 0.0)
             last_eval = (step, correct, test_loss)
-            mean_loss = epoch_loss / max(epoch_seen / batch, 1)
+            mean_loss = epoch_loss / max(epoch_seen / local, 1)
             record = {"epoch": epoch + 1, "step": step, "loss": mean_loss,
                       "test_accuracy": correct / len(y_test), "test_loss": test_loss}
             log(record)
@@ -357,13 +392,14 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
     if last_eval is not None and last_eval[0] == step:
         _, correct, test_loss = last_eval
     else:
-        correct, test_loss = run_eval()
+        correct, test_loss = run_eval() if root else (0, 0.0)
     if save_weights:
         save_npz(save_weights, {k: exe.state[k] for k in infer_args})
     if plot:
         _write_plot(plot, records, out)
     return TrainResult(np.array(losses, np.float32), first_step, step, epoch, epochs, correct / len(y_test),
-                       test_loss, correct, len(y_test), time.perf_counter() - t_start, history, dict(exe.state))
+                       test_loss, correct, len(y_test), time.perf_counter() - t_start, history, dict(exe.state),
+                       rank)
 
 
 def _write_line(line: str, out, progress: bool):
@@ -412,17 +448,30 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="FILE.png", help="plot loss and accuracy (needs matplotlib)")
     p.add_argument("--save-weights", metavar="FILE.npz", help="save the trained weights for tdc run --weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_parallel_arguments(p)
 
 
-def cmd_train(args) -> int:
+def cmd_train(args, argv: list[str] | None = None) -> int:
+    """`tdc train`; with --ranks N on a compiled backend, this process starts the N ranks under
+    mpiexec (argv: its own command line, by default sys.argv's) unless it is one of them already."""
+    parallel = parallel_config(args)
+    if parallel is not None and args.backend != "reference" and needs_launch(parallel.ranks):
+        return launch(parallel.ranks, sys.argv[1:] if argv is None else argv)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     opt = Optimizer(args.optimizer, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    result = train(args.model, args.data, epochs=args.epochs, batch=args.batch, optimizer=opt, loss=args.loss,
-                   schedule=args.schedule, warmup=args.warmup, step_size=args.step_size, gamma=args.gamma,
-                   scale_lr=args.scale_lr, backend=args.backend, seed=args.seed, checkpoint=args.checkpoint,
-                   checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-                   resume=args.resume, metrics=args.metrics, plot=args.plot, save_weights=args.save_weights,
-                   max_steps=args.max_steps, progress=not args.no_progress,
-                   conv_algo=getattr(args, "conv_algo", "auto"), autotune=getattr(args, "autotune", False))
-    print(result.summary())
+    try:
+        result = train(args.model, args.data, epochs=args.epochs, batch=args.batch, optimizer=opt, loss=args.loss,
+                       schedule=args.schedule, warmup=args.warmup, step_size=args.step_size, gamma=args.gamma,
+                       scale_lr=args.scale_lr, backend=args.backend, seed=args.seed, checkpoint=args.checkpoint,
+                       checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                       resume=args.resume, metrics=args.metrics, plot=args.plot, save_weights=args.save_weights,
+                       max_steps=args.max_steps, progress=not args.no_progress,
+                       conv_algo=getattr(args, "conv_algo", "auto"), autotune=getattr(args, "autotune", False),
+                       parallel=parallel, comm_timeout=args.comm_timeout)
+    except Exception as e:
+        if launched_ranks() > 1 and not getattr(args, "debug", False):   # one rank alone would leave the others waiting
+            fail_job(str(e) if isinstance(e, TdcError) else f"internal error: {type(e).__name__}: {e}")
+        raise
+    if result.rank == 0:
+        print(result.summary())
     return 0

@@ -6,6 +6,7 @@ code as an object file and links it into a standalone executable (see bundle.py)
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 
@@ -100,6 +101,8 @@ class LLVMExecutable:
         self.llvm_ir = str(mb.module)
         rt = build_runtime()
         llvm.load_library_permanently(str(rt.shared_lib_path))
+        if mb.uses_comm:
+            self._start_comm(llvm)
         _load_libgcc(llvm)
         tm = target_machine(jit=True)
         mod = optimize(self.llvm_ir, tm)
@@ -124,6 +127,32 @@ class LLVMExecutable:
         self.outputs = [(n, np.empty(v.type.shape, v.type.np_dtype)) for n, v in self.graph.outputs]
         self._in_ptrs = (ctypes.c_void_p * max(len(self.inputs), 1))(*[x.ctypes.data for _, x in self.inputs])
         self._out_ptrs = (ctypes.c_void_p * max(len(self.outputs), 1))(*[x.ctypes.data for _, x in self.outputs])
+
+    def _start_comm(self, llvm):
+        """Load comm.c's library and start it (MPI, tdc's communicator and its thread); the world
+        must be the one the step was compiled for."""
+        from ..comm import check_world, communicator
+        from ..executable import graph_ranks
+        from .runtime import build_comm
+        lib_path = str(build_comm().shared_lib_path)
+        llvm.load_library_permanently(lib_path)
+        self._comm = ctypes.CDLL(lib_path)
+        self._comm.tdc_comm_stats.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_double)]
+        py = communicator()       # MPI is started the same way in every backend (mpi4py, under mpiexec)
+        size = self._comm.tdc_comm_init(ctypes.c_double(getattr(py, "timeout", 30.0)))
+        atexit.register(self._comm.tdc_comm_stop)   # before mpi4py finalizes MPI (atexit runs last-in first)
+        check_world(graph_ranks(self.source_graph), type("World", (), {"size": size})())
+        p2p = sorted({n.op for n in self.graph.nodes if n.op in ("send", "recv")})
+        if size == 1 and p2p:
+            raise TdcError(f"llvm backend: {p2p[0]} needs several processes; this one runs alone (rank 0 of 1)")
+
+    def comm_stats(self) -> tuple[int, float]:
+        """(bytes sent, seconds waited) by this process's communication so far."""
+        if getattr(self, "_comm", None) is None:
+            return 0, 0.0
+        nbytes, secs = ctypes.c_int64(), ctypes.c_double()
+        self._comm.tdc_comm_stats(ctypes.byref(nbytes), ctypes.byref(secs))
+        return nbytes.value, secs.value
 
     def set_state(self, values: dict[str, np.ndarray]) -> None:
         """Copy new values into params or state (in place: the generated code reads these buffers)."""

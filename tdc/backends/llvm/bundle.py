@@ -10,6 +10,7 @@ The executable and a user's own program (examples/embed/) use the bundle through
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from llvmlite import ir
 
 from ...errors import TdcError
 from ...ir.graph import Graph
+from ..executable import graph_ranks
 from . import compile_graph, optimize, target_machine
 from .codegen import ModuleBuilder
 from ...ir.weights import DTYPE_CODES, LayoutEntry, write_weights
@@ -77,6 +79,9 @@ typedef struct {{ const char *name; int32_t dtype; int32_t rank; int64_t shape[8
 #define TDC_EMBEDDED_WEIGHTS {int(embedded)}    /* 1: model.o holds the initial weights: {n}_weights_data */
 #define TDC_WEIGHTS_BYTES {mb.weights.nbytes}  /* params, consts, state: one buffer, 64-byte aligned */
 #define TDC_SCRATCH_BYTES {mb.scratch_bytes}  /* activations: one buffer, 64-byte aligned */
+#define TDC_COMM {int(mb.uses_comm)}                /* 1: the step talks to other ranks (MPI: runtime/comm.c) */
+#define TDC_RANKS {graph_ranks(g)}                /* the number of ranks it was compiled for */
+#define TDC_FINGERPRINT 0x{fingerprint(mb)}ULL   /* a hash of the generated code: every rank must run the same */
 #define TDC_NUM_INPUTS {len(ins)}
 #define TDC_NUM_OUTPUTS {len(outs)}
 #define TDC_NUM_WEIGHTS {len(ws)}
@@ -96,6 +101,11 @@ extern const unsigned char {n}_weights_data[TDC_WEIGHTS_BYTES];
 #endif
 #endif
 """
+
+
+def fingerprint(mb: ModuleBuilder) -> str:
+    """16 hex digits of a hash of the module's IR (before the weights are embedded)."""
+    return hashlib.sha256(str(mb.module).encode()).hexdigest()[:16]
 
 
 def _embed(mb: ModuleBuilder, data: bytes):
@@ -125,11 +135,12 @@ def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: i
                  autotune: bool = False) -> Bundle:
     """Compile `graph` into the bundle directory `out_dir` (created or refreshed)."""
     from ..executable import initial_state
-    from .runtime import build_runtime
+    from .runtime import build_comm, build_runtime
 
     cname = c_name(name or graph.name)
     g, mb = compile_graph(graph, cname, autotune)
     values = initial_state(g, params, seed)
+    header = header_text(mb, training, embed_weights)   # before the weights go into the module
     if embed_weights:
         _embed(mb, mb.weights.pack(values))
     rt = build_runtime()
@@ -148,12 +159,14 @@ def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: i
             f.write(tm.emit_object(mod))
         hdr = os.path.join(tmp, "model.h")
         with open(hdr, "w") as f:
-            f.write(header_text(mb, training, embed_weights))
+            f.write(header)
         blas = os.path.join(rt.openblas_lib_dir, "libscipy_openblas.so")
         shutil.copy2(blas, os.path.join(tmp, "libscipy_openblas.so"))
         exe = os.path.join(tmp, "model")
-        _gcc(["-O2", "-std=c11", f'-DTDC_MODEL_HEADER="{os.path.abspath(hdr)}"', os.path.join(RUNTIME_DIR, "main.c"), obj, str(rt.object_path),
-              "-L" + tmp, "-lscipy_openblas", "-Wl,-rpath,$ORIGIN", "-lpthread", "-lm", "-o", exe], "the executable")
+        comm = build_comm().link_args() if mb.uses_comm else []   # MPI: found through an absolute rpath
+        _gcc(["-O2", "-std=c11", f'-DTDC_MODEL_HEADER="{os.path.abspath(hdr)}"', os.path.join(RUNTIME_DIR, "main.c"),
+              obj, str(rt.object_path), *comm, "-L" + tmp, "-lscipy_openblas", "-Wl,-rpath,$ORIGIN", "-lpthread",
+              "-lm", "-o", exe], "the executable")
         if not embed_weights:
             write_weights(os.path.join(tmp, "model.weights"), [(a.name, values[a.name]) for a, _ in mb.weights.entries],
                           layout=_layout(mb), payload_bytes=mb.weights.nbytes)

@@ -78,12 +78,15 @@ class ModuleBuilder:
         self.aliases: dict[Value, Value] = {}     # reshape outputs that share their input's storage
         self.copies: dict[Node, tuple[Value, Value]] = {}
         self.n_kernels = 0
+        self.comm_slots: dict[Value, int] = {}    # allreduce_start output -> its job slot in comm.c
+        self.uses_comm = any(isinstance(st, Fallback) and st.node.opdef.family == "comm" for st in self.program.steps)
         self._check()
 
     # ---- what the backend supports ------------------------------------------------------
     def _check(self):
         for step in self.program.steps:
-            if isinstance(step, Fallback) and _one_rank_copy(step.node):
+            if isinstance(step, Fallback) and step.node.opdef.family == "comm":
+                _check_comm(step.node)
                 continue
             if isinstance(step, Fallback):
                 n = step.node
@@ -160,10 +163,8 @@ class ModuleBuilder:
                     self._memcpy(b, self.pointer(b, out), self.pointer(b, src), out.type.nbytes)
             elif isinstance(step, (Loop, Copy)):
                 self._loop_step(b, step)
-            elif isinstance(step, Fallback):     # a collective in a world of one rank
-                node = step.node
-                self._memcpy(b, self.pointer(b, node.outputs[0]), self.pointer(b, node.inputs[0]),
-                             node.outputs[0].type.nbytes)
+            elif isinstance(step, Fallback):     # communication: calls into comm.c
+                self._comm_step(b, step.node)
             else:
                 b = self._library_step(b, fn, step.name, step.node)
         # outputs are copied before updates: an output that is an updated param returns its old value
@@ -213,6 +214,40 @@ class ModuleBuilder:
         b.call(kfn, [self.pointer(b, v) for v in values])
         self.n_kernels += 1
 
+    # ---- communication (runtime/comm.c) -----------------------------------------------------
+    def _comm_step(self, b, node: Node):
+        a = node.attrs
+        i64 = lambda x: ir.Constant(I64, int(x))  # noqa: E731
+        ins = [self.pointer(b, v) for v in node.inputs]
+        outs = [self.pointer(b, v) for v in node.outputs]
+        v = (node.inputs or node.outputs)[0]
+        n, dt = v.type.size, v.type.dtype
+        if node.op == "allreduce":
+            self._call(b, f"tdc_comm_allreduce_{dt}", [ins[0], outs[0], i64(n), i64(COMM_OPS[a["op"]]),
+                                                       i64(COMM_ALGOS[a["algo"]])])
+        elif node.op == "allreduce_start":
+            slot = self.comm_slots.setdefault(node.outputs[0], len(self.comm_slots))
+            self._call(b, f"tdc_comm_allreduce_start_{dt}", [ins[0], outs[0], i64(n), i64(COMM_OPS[a["op"]]),
+                                                             i64(COMM_ALGOS[a["algo"]]), i64(slot)])
+        elif node.op == "allreduce_wait":
+            if node.inputs[0] in self.comm_slots:      # else nothing is in flight: the wait is a copy
+                self._call(b, "tdc_comm_wait", [i64(self.comm_slots[node.inputs[0]])])
+            self._memcpy(b, outs[0], ins[0], v.type.nbytes)
+        elif node.op == "broadcast":
+            self._call(b, "tdc_comm_broadcast", [ins[0], outs[0], i64(v.type.nbytes), i64(a["root"])])
+        elif node.op == "reduce_to":
+            self._call(b, f"tdc_comm_reduce_to_{dt}", [ins[0], outs[0], i64(n), i64(a["root"])])
+        elif node.op == "send":
+            self._call(b, "tdc_comm_send", [ins[0], i64(v.type.nbytes), i64(a["dst"])])
+        else:
+            self._call(b, "tdc_comm_recv", [outs[0], i64(v.type.nbytes), i64(a["src"])])
+
+    def _call(self, b, name: str, args: list):
+        fn = self.module.globals.get(name)
+        if fn is None:
+            fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [x.type for x in args]), name=name)
+        b.call(fn, args)
+
     # ---- library kernels (the C runtime) ---------------------------------------------------
     def _library_step(self, b, fn, name, node: Node):
         code = self._call_library(b, node, out=None)
@@ -259,11 +294,17 @@ class ModuleBuilder:
         return result if checks else None
 
 
-def _one_rank_copy(node: Node) -> bool:
-    """In one process (a world of one rank, like the Numba backend) every collective returns its
-    input: the sum, mean, max or min over one rank, or rank 0's value."""
-    return node.opdef.collective and node.attrs.get("root", 0) == 0 and \
-        all(v.type.dtype in MEM for v in node.inputs + node.outputs)
+COMM_OPS = {"sum": 0, "mean": 1, "max": 2, "min": 3}
+COMM_ALGOS = {"auto": 0, "mpi": 0, "ring": 1, "doubling": 2, "tree": 3}   # auto: the library's choice
+
+
+def _check_comm(node: Node) -> None:
+    """What comm.c can do: reductions of f32 and f64; moving bytes of any dtype."""
+    reduces = node.op in ("allreduce", "allreduce_start", "reduce_to")
+    dt = (node.inputs or node.outputs)[0].type.dtype
+    if reduces and dt not in ("f32", "f64"):
+        raise TdcError(f"llvm backend: {node.op} of {dt} is not supported (f32 and f64 are)"
+                       f"{' at ' + node.loc if node.loc else ''}")
 
 
 def _library_dtype(node: Node) -> str:

@@ -103,44 +103,110 @@ def _run(cmds: list[list[str]], what: str) -> None:
         raise TdcError(f"gcc failed to {what} the LLVM runtime: {_first_error(errors[0][1])}")
 
 
-@functools.lru_cache(maxsize=None)
-def _build(root: str) -> RuntimeBuild:
-    gcc = _gcc()
-    ob_inc, ob_lib = _openblas_dirs()
+def _cached(root: str, sources: list[Path], key: tuple, outputs: tuple[str, ...], build) -> Path:
+    """The cache subdirectory for (sources, key): built by build(tmp_dir) into a temporary directory
+    that is then renamed into place, unless it already holds `outputs`."""
     h = hashlib.sha256()
-    for name in SOURCES:
-        h.update(name.encode() + b"\0" + (RUNTIME_DIR / name).read_bytes() + b"\0")
-    try:
-        version = subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout
-    except OSError as e:
-        raise TdcError(f"could not run gcc ({gcc}): {e}") from e
-    for part in (CFLAGS, version, _cpu_id(), platform.machine(), str(ob_inc), str(ob_lib)):
+    for path in sources:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for part in key:
         h.update(repr(part).encode() + b"\0")
     final = Path(root) / h.hexdigest()[:16]
-    result = RuntimeBuild(final, final / OBJECT, final / SHARED, RUNTIME_DIR, ob_inc, ob_lib)
-    if result.object_path.exists() and result.shared_lib_path.exists():
-        return result
+    if all((final / o).exists() for o in outputs):
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
     try:
-        obj, lib = tmp / OBJECT, tmp / SHARED
-        parts = [tmp / f"{f}.o" for f in FAMILIES]
-        _run([[gcc, *CFLAGS, f"-I{RUNTIME_DIR}", f"-I{ob_inc}", "-c", str(RUNTIME_DIR / f"{f}.c"), "-o", str(o)]
-              for f, o in zip(FAMILIES, parts)], "compile")
-        _run([[gcc, "-r", "-nostdlib", "-o", str(obj), *map(str, parts)]], "combine")
-        _run([[gcc, "-shared", "-o", str(lib), str(obj), f"-L{ob_lib}", f"-l{OPENBLAS_LIB}",
-               f"-Wl,-rpath,{ob_lib}", "-lpthread", "-lm", "-Wl,--no-undefined"]], "link")
+        build(tmp)
         os.chmod(tmp, 0o755)   # mkdtemp makes it private
         try:
             os.rename(tmp, final)
         except OSError:
             # another process finished first; use its build if complete
-            if not (result.object_path.exists() and result.shared_lib_path.exists()):
+            if not all((final / o).exists() for o in outputs):
                 raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return result
+    return final
+
+
+def _gcc_key(gcc: str) -> tuple:
+    try:
+        version = subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout
+    except OSError as e:
+        raise TdcError(f"could not run gcc ({gcc}): {e}") from e
+    return (CFLAGS, version, _cpu_id(), platform.machine())
+
+
+@functools.lru_cache(maxsize=None)
+def _build(root: str) -> RuntimeBuild:
+    gcc = _gcc()
+    ob_inc, ob_lib = _openblas_dirs()
+
+    def build(tmp: Path):
+        parts = [tmp / f"{f}.o" for f in FAMILIES]
+        _run([[gcc, *CFLAGS, f"-I{RUNTIME_DIR}", f"-I{ob_inc}", "-c", str(RUNTIME_DIR / f"{f}.c"), "-o", str(o)]
+              for f, o in zip(FAMILIES, parts)], "compile")
+        _run([[gcc, "-r", "-nostdlib", "-o", str(tmp / OBJECT), *map(str, parts)]], "combine")
+        _run([[gcc, "-shared", "-o", str(tmp / SHARED), str(tmp / OBJECT), f"-L{ob_lib}", f"-l{OPENBLAS_LIB}",
+               f"-Wl,-rpath,{ob_lib}", "-lpthread", "-lm", "-Wl,--no-undefined"]], "link")
+
+    final = _cached(root, [RUNTIME_DIR / n for n in SOURCES], _gcc_key(gcc) + (str(ob_inc), str(ob_lib)),
+                    (OBJECT, SHARED), build)
+    return RuntimeBuild(final, final / OBJECT, final / SHARED, RUNTIME_DIR, ob_inc, ob_lib)
+
+
+# ---- communication (comm.c): built only for graphs that talk to other ranks ----------------------
+
+COMM_SOURCES = ("comm.c", "tdc_comm.h")
+COMM_OBJECT, COMM_SHARED = "tdc_comm.o", "libtdc_comm.so"
+
+
+@dataclass(frozen=True)
+class CommBuild:
+    object_path: Path            # tdc_comm.o, for executables
+    shared_lib_path: Path        # libtdc_comm.so, for the JIT
+    mpi_include_dir: Path        # holds mpi.h
+    mpi_lib_dir: Path            # holds libmpi.so
+
+    def link_args(self) -> list[str]:
+        return [str(self.object_path), f"-L{self.mpi_lib_dir}", "-lmpi", f"-Wl,-rpath,{self.mpi_lib_dir}", "-lpthread"]
+
+
+def mpi_dirs() -> tuple[Path, Path]:
+    """mpi.h's and libmpi's directories, from the mpich package (a dependency of tdc)."""
+    import importlib.metadata
+    try:
+        files = importlib.metadata.files("mpich") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    found = {f.name: Path(f.locate()).resolve().parent for f in files if f.name in ("mpi.h", "libmpi.so")}
+    if len(found) < 2:
+        raise TdcError("communication between ranks needs MPI: the mpich package (pip install mpich mpi4py) "
+                       "with mpi.h and libmpi.so")
+    return found["mpi.h"], found["libmpi.so"]
+
+
+@functools.lru_cache(maxsize=None)
+def _build_comm(root: str) -> CommBuild:
+    gcc = _gcc()
+    inc, lib = mpi_dirs()
+
+    def build(tmp: Path):
+        _run([[gcc, *CFLAGS, f"-I{RUNTIME_DIR}", f"-I{inc}", "-c", str(RUNTIME_DIR / "comm.c"), "-o",
+               str(tmp / COMM_OBJECT)]], "compile")
+        _run([[gcc, "-shared", "-o", str(tmp / COMM_SHARED), str(tmp / COMM_OBJECT), f"-L{lib}", "-lmpi",
+               f"-Wl,-rpath,{lib}", "-lpthread", "-Wl,--no-undefined"]], "link")
+
+    final = _cached(root, [RUNTIME_DIR / n for n in COMM_SOURCES], _gcc_key(gcc) + (str(inc), str(lib)),
+                    (COMM_OBJECT, COMM_SHARED), build)
+    return CommBuild(final / COMM_OBJECT, final / COMM_SHARED, inc, lib)
+
+
+def build_comm() -> CommBuild:
+    """Compile comm.c against the MPI library if this machine's cache lacks it."""
+    return _build_comm(str(cache_root()))
 
 
 def build_runtime() -> RuntimeBuild:

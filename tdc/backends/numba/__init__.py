@@ -24,7 +24,8 @@ from ...ir.graph import Graph, Value  # noqa: E402
 from ...lower.memplan import plan_memory  # noqa: E402
 from ...lower.pipeline import optimize_for_target  # noqa: E402
 from ...lower.plan import CONV_OPS, Copy, Library, Loop, View, build_plan  # noqa: E402
-from ..executable import check_feed, copy_inputs, initial_state  # noqa: E402
+from ..comm import check_world, comm_step, communicator  # noqa: E402
+from ..executable import check_feed, copy_inputs, graph_ranks, initial_state  # noqa: E402
 from .codegen import LIBRARY, NumbaProgram, is_python_step, render  # noqa: E402
 from .target import TARGET  # noqa: E402
 
@@ -81,6 +82,9 @@ class NumbaExecutable:
     def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0, autotune: bool = False):
         prepare_runtime()
         self.source_graph = graph
+        self.comm = communicator()
+        check_world(graph_ranks(graph), self.comm)
+        self._pending: dict = {}      # allreduce_start value -> its job, until the wait
         self.graph = optimize_for_target(graph, TARGET, autotune)
         self.program: NumbaProgram = render(build_plan(self.graph, TARGET.loop_dtypes))
         self.state: dict[str, np.ndarray] = {name: np.array(x, order="C")    # private copies
@@ -178,11 +182,13 @@ class NumbaExecutable:
                 segments[-1].append(f"{mod}.{fn.__name__}({', '.join(expr(a) for a in args)})   # {name}: {n.op}")
             else:
                 n = step.node
-                python_steps[len(segments) - 1] = (name, _fallback(n), tuple(arrays[v] for v in n.inputs + n.outputs))
+                python_steps[len(segments) - 1] = (name, self._python_step(n),
+                                                   tuple(arrays[v] for v in n.inputs + n.outputs))
                 segments.append([])
         lines = []
         for k, seg in enumerate(segments):
-            lines += ["@njit(cache=True)", f"def drive{k}(b):"] + [f"    {s}" for s in seg or ["pass"]] + ["", ""]
+            # nogil: the communication thread moves gradients while the kernels run
+            lines += ["@njit(cache=True, nogil=True)", f"def drive{k}(b):"] + [f"    {s}" for s in seg or ["pass"]] + ["", ""]
         self.driver_source = "\n".join(lines)
         self.module = load_module(self.program.module_source() + "\n\n" + self.driver_source)
         self.buffers = tuple(bufs)
@@ -227,6 +233,15 @@ class NumbaExecutable:
         fallbacks = "".join(f"# numpy fallback: {f}\n" for f in self.program.fallbacks)
         return self.program.module_source() + "\n\n" + fallbacks + self.driver_source
 
+    def comm_stats(self) -> tuple[int, float]:
+        """(bytes sent, seconds waited) by this process's communication so far."""
+        return self.comm.bytes_sent, self.comm.wait_seconds
+
+    def _python_step(self, node):
+        if node.opdef.family == "comm":
+            return comm_step(node, self.comm, self._pending)
+        return _fallback(node)
+
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         copy_inputs(self.inputs, inputs)
         try:
@@ -247,14 +262,9 @@ def _fallback(node):
     if node.op in CONV_OPS and attrs["algo"] == "fft":
         from .conv_algos import fft_step
         return fft_step(node)
-    if node.op in ("send", "recv"):
-        raise TdcError(f"{node.op} needs several processes; the numba backend runs one (rank 0 of 1)")
 
     def run(*arrays):
-        if opdef.collective:   # one process is a world of one rank
-            res = opdef.ref([list(arrays[:n_in])], ranks=[0], **attrs)[0]
-        else:
-            res = opdef.ref(*arrays[:n_in], **attrs)
+        res = opdef.ref(*arrays[:n_in], **attrs)
         res = res if isinstance(res, tuple) else (res,)
         for dst, r in zip(arrays[n_in:], res):
             dst[...] = r

@@ -45,6 +45,14 @@
 #ifndef TDC_MODEL
 #error "no model header: build with -DTDC_MODEL_HEADER='\"OUT/model.h\"'"
 #endif
+#ifndef TDC_COMM          /* a header that predates communication (or a hand-written test model) */
+#define TDC_COMM 0
+#define TDC_RANKS 1
+#define TDC_FINGERPRINT 0ULL
+#endif
+#if TDC_COMM
+#include "tdc_comm.h"     /* data parallelism: MPI through runtime/comm.c */
+#endif
 
 enum { EXIT_ERROR = 1, EXIT_USAGE = 2 };
 enum { MAX_NPY_RANK = 32, MAX_NPY_HEADER = 1 << 20, MAX_NAME = 4096, PREVIEW = 8 };
@@ -57,6 +65,7 @@ enum { MAX_NPY_RANK = 32, MAX_NPY_HEADER = 1 << 20, MAX_NAME = 4096, PREVIEW = 8
 
 static const char *prog = "model";
 static char *pending_tmp = NULL; /* a temp file to remove if we die while writing it */
+static int rank = 0, world = 1; /* this process's place in an MPI job (TDC_COMM) */
 
 /* ---- errors -------------------------------------------------------------------------------- */
 
@@ -72,7 +81,30 @@ static void die(int status, const char *fmt, ...) {
         if ((unsigned char)*p < 0x20 || *p == 0x7f) *p = '?';
     if (pending_tmp) unlink(pending_tmp);
     fflush(stdout);
+    if (world > 1) {      /* the other ranks would wait for this one: end them all */
+        fprintf(stderr, "%s: error: rank %d: %s\n", prog, rank, msg);
+#if TDC_COMM
+        fflush(stderr);
+        tdc_comm_abort("stopping the job");
+#endif
+    }
     fprintf(stderr, "%s: error: %s\n", prog, msg);
+    exit(status);
+}
+
+/* An error every rank finds alike (the world size, the arguments): rank 0 says it, all stop. */
+MAYBE_UNUSED static void die_all(int status, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
+
+MAYBE_UNUSED static void die_all(int status, const char *fmt, ...) {
+    char msg[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (rank == 0) fprintf(stderr, "%s: error: %s\n", prog, msg);
+#if TDC_COMM
+    tdc_comm_finish();
+#endif
     exit(status);
 }
 
@@ -768,8 +800,9 @@ static void run_failed(int64_t rc, long long step, long long batch) {
 
 static void usage_line(FILE *out) {
 #if TDC_TRAINING
-    fprintf(out, "usage: %s --input NAME=FILE.npy|NUMBER ... [--steps N] [--print-every K] [--weights FILE]\n"
-                 "       [--save FILE] [--output NAME=FILE.npy ...]\n", prog);
+    fprintf(out, "usage: %s%s --input NAME=FILE.npy|NUMBER ... [--steps N] [--print-every K] [--weights FILE]\n"
+                 "       [--save FILE] [--output NAME=FILE.npy ...]%s\n", TDC_RANKS > 1 ? "mpiexec -n N " : "", prog,
+            TDC_COMM ? " [--comm-timeout S]" : "");
 #else
     fprintf(out, "usage: %s --input NAME=FILE.npy|NUMBER ... [--output NAME=FILE.npy ...] [--weights FILE]\n"
                  "       [--repeat N]\n", prog);
@@ -809,6 +842,9 @@ static void help(const char *argv0) {
            "  --output NAME=FILE  write that output as .npy (written atomically); a bare FILE when there\n"
            "                      is one output. Every output is summarized on stdout.\n"
            "  --weights FILE      the weights file (tdc weights format)\n");
+#if TDC_COMM
+    printf("  --comm-timeout S    seconds to wait for another rank before stopping the job (default 30)\n");
+#endif
 #if TDC_TRAINING
     printf("  --steps N           training steps (default: one pass over the batches)\n"
            "  --print-every K     print the scalar outputs every K steps (default: about 10 lines)\n"
@@ -821,6 +857,12 @@ static void help(const char *argv0) {
 #else
     printf("  --repeat N          run N times; print the median, min and max time per run\n"
            "  -h, --help          this help\n");
+#endif
+#if TDC_COMM
+    if (TDC_RANKS > 1)
+        printf("\nData parallel: compiled for %d ranks; run it with mpiexec -n %d. The input files hold global\n"
+               "batches (%d x the inputs' dim 0): rank r takes the r-th part of each, gradients are averaged\n"
+               "over the ranks every step, and rank 0 prints and saves.\n", TDC_RANKS, TDC_RANKS, TDC_RANKS);
 #endif
     printf("\nexit status: 0 success, 1 error (input data, weights, a run-time error such as a label out\n"
            "of range, writing files), 2 usage error (options, input and output names).\n");
@@ -880,6 +922,7 @@ typedef struct {
     const char *outputs[TDC_NUM_OUTPUTS + 1];
     const char *weights, *save;
     long long repeat, steps, print_every;
+    double comm_timeout;
 } options;
 
 static void wrong_mode(const char *flag) {
@@ -899,7 +942,7 @@ static void parse_args(int argc, char **argv, options *o) {
             exit(0);
         }
         static const char *const flags[] = {"--input", "--output", "--weights", "--repeat",
-                                            "--steps", "--print-every", "--save"};
+                                            "--steps", "--print-every", "--save", "--comm-timeout"};
         const char *flag = NULL, *val = NULL;
         for (size_t k = 0; k < sizeof flags / sizeof flags[0]; k++) {
             size_t n = strlen(flags[k]);
@@ -937,6 +980,11 @@ static void parse_args(int argc, char **argv, options *o) {
         } else if (!strcmp(flag, "--print-every")) {
             if (!TDC_TRAINING) wrong_mode(flag);
             o->print_every = positive(flag, val);
+        } else if (!strcmp(flag, "--comm-timeout")) {
+            if (!TDC_COMM) usage_error("--comm-timeout is for executables that talk to other ranks (tdc compile --ranks N)");
+            char *end;
+            o->comm_timeout = strtod(val, &end);
+            if (*end || !(o->comm_timeout > 0)) usage_error("--comm-timeout must be a number of seconds > 0, got '%s'", val);
         } else {
             if (!TDC_TRAINING) wrong_mode(flag);
             o->save = val;
@@ -1034,6 +1082,13 @@ int main(int argc, char **argv) {
 
     options o;
     parse_args(argc, argv, &o);
+#if TDC_COMM
+    world = (int)tdc_comm_init(o.comm_timeout);
+    rank = (int)tdc_comm_rank();
+    if (TDC_RANKS > 1 && world != TDC_RANKS)
+        die_all(EXIT_USAGE, "`%s` was compiled for %d ranks but runs in a world of %d: start it with "
+                "mpiexec -n %d", TDC_MODEL, TDC_RANKS, world, TDC_RANKS);
+#endif
 
     input_data ins[TDC_NUM_INPUTS + 1];
     memset(ins, 0, sizeof ins);
@@ -1049,6 +1104,17 @@ int main(int argc, char **argv) {
             batches = ins[k].batches;
             batched_input = k;
         }
+    }
+
+    /* data parallelism: each step takes `world` batches of the files, one per rank */
+    if (world > 1 && TDC_TRAINING) {
+        if (batched_input >= 0 && batches % world != 0)
+            die_all(EXIT_ERROR, "input '%s' holds %lld batches of %lld rows: not a whole number of global batches "
+                    "(%d ranks x %lld rows)", TDC_INPUTS[batched_input].name, (long long)batches,
+                    (long long)TDC_INPUTS[batched_input].shape[0], world, (long long)TDC_INPUTS[batched_input].shape[0]);
+        if (batched_input < 0)
+            die_all(EXIT_ERROR, "with %d ranks the input files must hold the global batch (%d x the model's batch)",
+                    world, world);
     }
 
     /* the places results go, checked before any (possibly long) run */
@@ -1079,26 +1145,36 @@ int main(int argc, char **argv) {
     for (int k = 0; k < TDC_NUM_OUTPUTS; k++) out_ptrs[k] = xalloc((size_t)TDC_OUTPUTS[k].nbytes, "an output");
 
 #if TDC_TRAINING
-    long long steps = o.steps ? o.steps : (long long)batches;
+    const int64_t global = batches / world;   /* global batches in the files */
+    long long steps = o.steps ? o.steps : (long long)global;
     long long every = o.print_every ? o.print_every : (steps >= 10 ? steps / 10 : 1);
     const char *save = o.save ? o.save : DEFAULT_SAVE;
+#if TDC_COMM
+    tdc_comm_agree(TDC_FINGERPRINT ^ ((uint64_t)steps * 0x9E3779B97F4A7C15ULL) ^ ((uint64_t)batches << 32),
+                   "the program and its arguments (model, --steps, input files)");
+#endif
     double *times = malloc((size_t)steps * sizeof *times);
     if (!times) die(EXIT_ERROR, "out of memory (%lld steps)", steps);
-    printf("training `%s`: %lld steps", TDC_MODEL, steps);
-    if (batches > 1) printf(" over %lld batches", (long long)batches);
-    printf("\n");
+    if (rank == 0) {
+        printf("training `%s`: %lld steps", TDC_MODEL, steps);
+        if (global > 1) printf(" over %lld batches", (long long)global);
+        if (world > 1) printf(" on %d ranks (%lld samples per rank and step)", world,
+                              (long long)(TDC_NUM_INPUTS ? TDC_INPUTS[batched_input < 0 ? 0 : batched_input].shape[0] : 0));
+        printf("\n");
+    }
     for (long long s = 0; s < steps; s++) {
         for (int k = 0; k < TDC_NUM_INPUTS; k++) {
             if (ins[k].batches <= 1) continue;
             size_t n = (size_t)TDC_INPUTS[k].nbytes;
-            memcpy(ins[k].stage, ins[k].data + (size_t)(s % ins[k].batches) * n, n);
+            int64_t b = (int64_t)(s % global) * world + rank;    /* this rank's shard of global batch s */
+            memcpy(ins[k].stage, ins[k].data + (size_t)b * n, n);
             in_ptrs[k] = ins[k].stage;
         }
         double t0 = now_ms();
         int64_t rc = TDC_RUN(in_ptrs, out_ptrs, weights, scratch);
         times[s] = now_ms() - t0;
-        if (rc != 0) run_failed(rc, s, batches > 1 ? (long long)(s % batches) : -1);
-        if ((s + 1) % every == 0 || s + 1 == steps) {
+        if (rc != 0) run_failed(rc, s, batches > 1 ? (long long)(s % global) : -1);
+        if (rank == 0 && ((s + 1) % every == 0 || s + 1 == steps)) {
             printf("step %lld/%lld:", s + 1, steps);
             for (int k = 0; k < TDC_NUM_OUTPUTS; k++) {
                 if (elems_of(TDC_OUTPUTS[k].rank, TDC_OUTPUTS[k].shape) != 1) continue;
@@ -1109,9 +1185,20 @@ int main(int argc, char **argv) {
             fflush(stdout);
         }
     }
-    print_times(times, steps, "steps");
-    save_weights(save, weights);
-    printf("saved the trained weights to %s\n", save);
+    if (rank == 0) {     /* every rank holds the same weights */
+        print_times(times, steps, "steps");
+#if TDC_COMM
+        if (world > 1) {
+            int64_t sent;
+            double waited;
+            tdc_comm_stats(&sent, &waited);
+            printf("communication: %.3f MB sent per step, %.3f ms per step waiting\n", (double)sent / steps / 1e6,
+                   waited * 1e3 / steps);
+        }
+#endif
+        save_weights(save, weights);
+        printf("saved the trained weights to %s\n", save);
+    }
 #else
     long long runs = o.repeat ? o.repeat : 1;
     double *times = malloc((size_t)runs * sizeof *times);
@@ -1133,5 +1220,8 @@ int main(int argc, char **argv) {
         printf("wrote %s to %s\n", TDC_OUTPUTS[k].name, o.outputs[k]);
     }
     free(times);
+#if TDC_COMM
+    tdc_comm_finish();
+#endif
     return 0;
 }
