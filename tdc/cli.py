@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the kernel plan and memory plan the backends render, or their code.\n"
                                    "  inference pipeline: bnfold,fold,simplify,cse,dce,conv_algo,fuse\n"
                                    "  training pipeline:  loss,autodiff,optimizer,fold,simplify,cse,dce, then the "
-                                   "inference pipeline",
+                                   "inference pipeline\n"
+                                   "  with --ranks N:     loss,[sync_batchnorm,]autodiff,data_parallel,optimizer,...",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(d)
     g = d.add_mutually_exclusive_group()
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--asm", action="store_true", help="print the optimised machine code for this CPU")
     d.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     add_conv_algo_arguments(d)
+    from .runtime.launch import add_parallel_arguments
+    add_parallel_arguments(d)
 
     r = sub.add_parser("run", help="run a model on inputs and print or save its outputs",
                        description="Run a model's inference graph. Params come from --weights or are "
@@ -145,8 +148,9 @@ def dump_pipelines(args):
     from .passes.optimizer import Optimizer
     from .passes.training import training_pipeline
 
+    from .runtime.launch import parallel_config
     compile_ = compile_pipeline(get_target(args.backend), args.conv_algo, args.autotune)
-    training = training_pipeline(args.loss, Optimizer(args.optimizer))
+    training = training_pipeline(args.loss, Optimizer(args.optimizer), parallel=parallel_config(args))
     return compile_, Pipeline(training.passes + compile_.passes), len(training.passes)
 
 
@@ -168,7 +172,10 @@ def cmd_dump(args) -> int:
                        f"training pipeline is {','.join(names_train)}")
     train = args.train or (args.after is not None and args.after not in names_inf)
     pipeline = training if train else inference
-    graph = src.graph(args.batch, training=train)
+    if args.ranks > 1 and not train:
+        raise TdcError("--ranks applies to the training step: add --train")
+    from .runtime.launch import parallel_config
+    graph = src.training_graph(args.batch, parallel_config(args)) if train else src.graph(args.batch)
     fmt = (lambda g: to_dot(g)) if args.format == "dot" else print_graph
     chunks = []
 

@@ -222,13 +222,17 @@ def _pack_chain(start: Node) -> set[Node]:
     return chain
 
 
+UNPACK_OPS = ("mul", "slice", "reshape")
+
+
 def _unpack_chain(g: Graph, wait: Node) -> set[Node]:
-    """The wait and the nodes computed from it alone (scaling, slices, reshapes)."""
+    """The wait and what unpacks its result: the scaling by 1/N, slices and reshapes computed from
+    it and literals alone."""
     chain = {wait}
     made = set(wait.outputs)
     for m in g.nodes[g.nodes.index(wait) + 1:]:
-        if m.inputs and all(v in made or v.is_arg or (v.producer is not None and v.producer.op in ("constant", "full"))
-                            for v in m.inputs) and any(v in made for v in m.inputs):
+        if m.op in UNPACK_OPS and any(v in made for v in m.inputs) and \
+                all(v in made or (v.producer is not None and v.producer.op in ("constant", "full")) for v in m.inputs):
             chain.add(m)
             made.update(m.outputs)
     return chain
