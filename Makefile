@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := test,examples,onnx
+EXTRAS := test,examples,onnx,plot
 
 .PHONY: demo test venv clean
 
@@ -56,6 +56,18 @@ demo: $(STAMP)
 	    --input x=out/digits_x_test.npy --output out/digits_native_pred.npy > /dev/null
 	$(PY) -c "import numpy as np; p = np.load('out/digits_native_pred.npy').argmax(1); y = np.load('out/digits_y_test.npy'); \
 	    print(f'   trained natively, evaluated by the LLVM JIT: test accuracy {(p == y).mean():.4f}')"
+	@echo
+	@echo "== 7. Data parallelism: each step split over 2 MPI ranks, gradients averaged by allreduce"
+	@echo "   The step of one rank, with its communication (buckets of gradients, started as soon as"
+	@echo "   backprop has made them, waited for just before the optimizer reads them):"
+	$(TDC) dump examples/digits.py --batch 32 --train --ranks 2 --optimizer sgd --after schedule_comm | grep allreduce
+	@echo "   Training on 2 ranks (tdc starts them under mpiexec; rank 0 prints):"
+	$(TDC) train examples/digits.py --batch 32 --lr 2e-3 --schedule cosine --epochs 4 --backend llvm --ranks 2 \
+	    --no-progress --metrics out/digits_dp_metrics.jsonl
+	@echo "   ...and natively: one executable, started on 2 ranks by mpiexec, no Python:"
+	$(TDC) compile examples/digits.py --batch 16 --train --optimizer sgd --ranks 2 -o out/digits_dp
+	$(VENV)/bin/mpiexec -n 2 out/digits_dp/model --input x=out/digits_x_train.npy --input y=out/digits_y_train.npy \
+	    --input lr=0.05 --steps 300 --print-every 100 --save out/digits_dp.weights
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache    # the layers point down (pyproject.toml: [tool.importlinter])

@@ -106,6 +106,14 @@ def test_load_mnist(tmp_path, sep, gz):
     assert load_data(f"mnist:{tmp_path}").x_train.shape == (6, 1, 28, 28)
 
 
+def test_mnist_dir_may_start_with_a_tilde(tmp_path, monkeypatch):
+    """`--data mnist:~/mnist`, as the README writes it: ~ is the home directory, as in a shell."""
+    (tmp_path / "mnist").mkdir()
+    _fake_mnist(tmp_path / "mnist")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_data("mnist:~/mnist").x_train.shape == (6, 1, 28, 28)
+
+
 def test_mnist_count_mismatch(tmp_path):
     _fake_mnist(tmp_path, labels={"train": np.zeros(5, np.uint8), "t10k": np.zeros(4, np.uint8)})
     with pytest.raises(TdcError, match="has 6 images but .*train-labels-idx1-ubyte has 5 labels"):

@@ -177,7 +177,7 @@ def load_data(spec: str, seed: int = 0) -> Dataset:
     if kind == "mnist":
         if not arg:
             raise TdcError("--data mnist needs the directory of the IDX files: mnist:DIR")
-        return load_mnist(arg)
+        return load_mnist(os.path.expanduser(arg))     # mnist:~/mnist, as a shell would
     raise TdcError(f"unknown data set {spec!r}; use digits or mnist:DIR")
 
 

@@ -90,11 +90,19 @@ def announce_rank(rank: int) -> None:
         print(f"{RANK_LINE} {rank} pid {os.getpid()}", file=sys.stderr, flush=True)
 
 
+def rank_threads(ranks: int) -> dict[str, str]:
+    """Threads per rank when `ranks` ranks share this machine: its cores split between them (the
+    LLVM runtime's pool and Numba's), unless the environment says otherwise."""
+    from ..passes.target import available_cores
+    n = str(max(1, available_cores() // ranks))
+    return {"TDC_THREADS": n, "NUMBA_NUM_THREADS": n}
+
+
 def launch(ranks: int, argv: list[str]) -> int:
     """Run `tdc <argv>` on `ranks` ranks under mpiexec and return its exit status; errors become
     one line naming the rank."""
     cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "tdc.cli", *argv]
-    env = {**os.environ, LAUNCHED: str(ranks)}
+    env = {**rank_threads(ranks), **os.environ, LAUNCHED: str(ranks)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     ours: list[str] = []         # the ranks' own error lines
