@@ -178,25 +178,25 @@ def test_data_parallel_steps_equal_one_process(ranks):
         assert r["bytes_sent"] > 0
 
 
-@pytest.fixture(scope="module")
-def native_dp(tmp_path_factory):
-    """The MLP's SGD training step compiled for 2 ranks (global batch 16), and data for 10 steps."""
-    d = tmp_path_factory.mktemp("native_dp")
+@pytest.fixture(scope="module", params=[2, 4])
+def native_dp(request, tmp_path_factory):
+    """The MLP's SGD training step compiled for 2 or 4 ranks (global batch 16), and data for 10 steps."""
+    d = tmp_path_factory.mktemp(f"native_dp{request.param}")
     assert main(["compile", str(EXAMPLES / "mlp.py"), "--train", "--batch", "16", "--optimizer", "sgd",
-                 "--ranks", "2", "-o", str(d / "b")]) == 0
+                 "--ranks", str(request.param), "-o", str(d / "b")]) == 0
     rng = np.random.default_rng(0)
     np.save(d / "x.npy", rng.standard_normal((160, 784)).astype(np.float32))
     np.save(d / "y.npy", rng.integers(0, 10, 160))
-    return d
+    return d, request.param
 
 
-def test_native_executable_trains_on_two_ranks_like_one_process(native_dp):
-    d = native_dp
+def test_native_executable_trains_on_n_ranks_like_one_process(native_dp):
+    d, n = native_dp
     args = [str(d / "b" / "model"), "--input", f"x={d / 'x.npy'}", "--input", f"y={d / 'y.npy'}",
             "--input", "lr=0.05", "--steps", "20", "--print-every", "20", "--save", str(d / "w.weights")]
-    p = mpirun(2, args)
+    p = mpirun(n, args)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.count("step 20/20") == 1 and "on 2 ranks" in p.stdout and "MB sent per step" in p.stdout
+    assert p.stdout.count("step 20/20") == 1 and f"on {n} ranks" in p.stdout and "MB sent per step" in p.stdout
     x, y = np.load(d / "x.npy"), np.load(d / "y.npy")
     one = tdc.compile(tdc.train_step(mlp.mlp, batch=16, optimizer=tdc.Optimizer("sgd")), seed=0)
     for s in range(20):
@@ -209,11 +209,12 @@ def test_native_executable_trains_on_two_ranks_like_one_process(native_dp):
 
 
 def test_native_executable_refuses_another_world_size_or_a_rank_with_other_arguments(native_dp):
-    d = native_dp
+    d, n = native_dp
     base = [str(d / "b" / "model"), "--input", f"x={d / 'x.npy'}", "--input", f"y={d / 'y.npy'}", "--input", "lr=0.05"]
     p = mpirun(3, base + ["--steps", "2"])
-    assert p.returncode != 0 and "compiled for 2 ranks but runs in a world of 3: start it with mpiexec -n 2" in p.stderr
-    p = subprocess.run([MPIEXEC, "-n", "1", *base, "--steps", "2", ":", "-n", "1", *base, "--steps", "3"],
+    assert p.returncode != 0 and f"compiled for {n} ranks but runs in a world of 3: start it with mpiexec -n {n}" \
+        in p.stderr
+    p = subprocess.run([MPIEXEC, "-n", "1", *base, "--steps", "2", ":", "-n", str(n - 1), *base, "--steps", "3"],
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode != 0 and "the ranks disagree on the program and its arguments" in p.stderr
 
@@ -296,6 +297,14 @@ def test_a_rank_that_dies_or_stops_ends_the_job_with_its_name_and_resume_finishe
     done = _train(resume)
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stdout and "after 3 epochs" in done.stdout, done.stdout
+
+
+def test_tdc_train_runs_as_it_is_under_an_mpiexec_of_ones_own(tmp_path):
+    p = subprocess.run([MPIEXEC, "-n", "2", *TDC, "train", str(EXAMPLES / "digits.py"), "--backend", "llvm",
+                        "--ranks", "2", "--epochs", "1", "--no-progress"], capture_output=True, text=True,
+                       timeout=TIMEOUT, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("test accuracy") == 2     # the epoch line and the summary, rank 0 only
 
 
 def test_ranks_that_disagree_on_the_settings_are_refused_at_start(tmp_path):
