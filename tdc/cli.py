@@ -224,16 +224,6 @@ def cmd_dump(args) -> int:
     return 0
 
 
-def _parse_named(items: list[str], flag: str) -> dict[str, str]:
-    out = {}
-    for it in items:
-        name, sep, path = it.partition("=")
-        if not sep or not name or not path:
-            raise TdcError(f"{flag} {it!r}: expected NAME=FILE.npy")
-        out[name] = path
-    return out
-
-
 def _summary(name: str, x: np.ndarray) -> str:
     from .ir.types import TensorType
     head = np.array2string(x.reshape(-1)[:6], precision=5, separator=", ")
@@ -245,15 +235,39 @@ def _summary(name: str, x: np.ndarray) -> str:
 
 def cmd_run(args) -> int:
     from .backends import compile
-    from .runtime.inputs import random_inputs, read_npy
-    from .runtime.loader import Source
-    from .files import atomic_write
+    from .files import atomic_write, check_output_dir, check_output_file
     from .ir.weights import load_weights
+    from .runtime.inputs import random_inputs, read_input, run_in_batches
+    from .runtime.loader import Source
 
     src = Source(args.model)
     graph = src.graph(args.batch)
+    out_names = [n for n, _ in graph.outputs]
+    outputs = {}
+    for item in args.output:                # checked before any work
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = out_names[0], item
+        if name not in out_names:
+            raise TdcError(f"--output {item}: {src.name} has no output {name!r}; it has {', '.join(out_names)}")
+        if name in outputs:
+            raise TdcError(f"--output {name} is given twice")
+        check_output_file(path, f"--output {name}")
+        outputs[name] = path
+    if args.save_inputs:
+        check_output_dir(args.save_inputs, "--save-inputs")
     expected = ", ".join(f"{a.name}: {a.type}" for a in graph.inputs)
-    given = {k: read_npy(p) for k, p in _parse_named(args.input, "--input").items()}
+    by_name = {a.name: a for a in graph.inputs}
+    given = {}
+    for item in args.input:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise TdcError(f"--input {item!r}: expected NAME=FILE.npy")
+        if name not in by_name:
+            raise TdcError(f"--input {name}: {src.name} has no input {name!r}; it takes {expected}")
+        if name in given:
+            raise TdcError(f"--input {name} is given twice")
+        given[name] = read_input(path, by_name[name])
     if args.random_inputs:
         given = {**random_inputs(graph, args.seed), **given}
     missing = [a.name for a in graph.inputs if a.name not in given]
@@ -263,22 +277,18 @@ def cmd_run(args) -> int:
     params = load_weights(args.weights, graph) if args.weights else src.params   # an ONNX file's initializers
     exe = compile(graph, backend=args.backend, params=params, seed=args.seed, conv_algo=args.conv_algo,
                   autotune=args.autotune)
-    outputs = exe(**given)
+    results, batches = run_in_batches(exe, graph, given)
+    if batches > 1:
+        print(f"ran {batches} batches of {graph.inputs[0].type.shape[0]} (the last one padded)")
     if args.save_inputs:
         os.makedirs(args.save_inputs, exist_ok=True)
         for a in graph.inputs:
-            arr = np.asarray(given[a.name]).astype(a.type.np_dtype)
+            arr = np.asarray(given[a.name])
             atomic_write(os.path.join(args.save_inputs, a.name + ".npy"), lambda f, arr=arr: np.save(f, arr))
-    for name, x in outputs.items():
+    for name, x in results.items():
         print(_summary(name, x))
-    out_names = [n for n, _ in graph.outputs]
-    for item in args.output:
-        name, sep, path = item.partition("=")
-        if not sep:
-            name, path = out_names[0], item
-        if name not in outputs:
-            raise TdcError(f"--output {item}: {src.name} has no output {name!r}; it has {', '.join(out_names)}")
-        atomic_write(path, lambda f, x=outputs[name]: np.save(f, x))
+    for name, path in outputs.items():
+        atomic_write(path, lambda f, x=results[name]: np.save(f, x))
     return 0
 
 
@@ -320,10 +330,11 @@ def cmd_ops(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    debug = "--debug" in argv      # before or after the command: `tdc dump X --debug` too
     try:
         ap = build_parser()
-        args = ap.parse_args(argv)
+        args = ap.parse_args([a for a in argv if a != "--debug"])
+        args.debug = debug
         if not args.command:
             ap.print_help()
             return 2

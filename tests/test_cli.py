@@ -110,12 +110,12 @@ def test_malformed_npy_and_wrong_shape(capsys, tmp_path):
     bad.write_bytes(b"\x93NUMPY garbage")
     code, _, err = run_cli(capsys, "run", f"{EX}/mlp.py", "--input", f"x={bad}")
     assert code == 1 and "not a valid .npy file" in err
-    np.save(tmp_path / "x.npy", np.zeros((3, 784), np.float32))
+    np.save(tmp_path / "x.npy", np.zeros((3, 785), np.float32))
     code, _, err = run_cli(capsys, "run", f"{EX}/mlp.py", "--batch", "2", "--input", f"x={tmp_path}/x.npy")
-    assert code == 1 and "input x: expected shape [2, 784]" in err
+    assert code == 1 and "input x: expected f32[2,784], got [3, 785]" in err
     np.save(tmp_path / "x.npy", np.zeros((2, 784), np.complex64))
     code, _, err = run_cli(capsys, "run", f"{EX}/mlp.py", "--batch", "2", "--input", f"x={tmp_path}/x.npy")
-    assert code == 1 and "expected dtype f32" in err
+    assert code == 1 and "input x: expected f32[2,784], got complex64" in err
 
 
 def test_malformed_ir_file_gives_line_and_column(capsys, tmp_path):

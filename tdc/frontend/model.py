@@ -87,13 +87,30 @@ class Model:
         g = Graph(self.name)
         with Builder(g, training) as builder:
             args = [builder.arg(n, t, "input") for n, t in self.input_types(b).items()]
-            result = self.fn(*args)
+            try:
+                result = self.fn(*args)
+            except TdcError:
+                raise
+            except Exception as e:      # the model function's own mistake: say where, not "internal error"
+                raise user_error(e, f"while tracing model {self.name}") from e
             _set_outputs(g, result, self.name)
         return g
 
     def __repr__(self):
         ins = ", ".join(f"{n}: {s}" for n, s in self.specs.items())
         return f"<tdc model {self.name}({ins}), batch {self.batch}>"
+
+
+def user_error(e: Exception, when: str) -> TdcError:
+    """A one-line error for an exception raised in the user's code: the innermost frame outside
+    tdc (file:line), the exception, and when it happened."""
+    import os
+    import traceback
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not os.path.abspath(f.filename).startswith(pkg + os.sep) and "importlib" not in f.filename]
+    where = f"{os.path.relpath(frames[-1].filename)}:{frames[-1].lineno}: " if frames else ""
+    return TdcError(f"{where}{type(e).__name__}: {e} ({when}; an error in the model's code, not in tdc)")
 
 
 def _set_outputs(g: Graph, result, name: str):

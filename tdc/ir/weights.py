@@ -298,10 +298,24 @@ def save_weights(path: str, values: dict[str, np.ndarray]) -> None:
     save_npz(path, values)
 
 
-def load_weights(path: str, graph: Graph, strict: bool = True) -> dict[str, np.ndarray]:
-    """The params, consts and state of `graph` from `path`, checked by name, shape and dtype.
-    With strict=False, args missing from the file are left out (they get initialised)."""
+CHECKPOINT_STATE = "state/"     # a training checkpoint (runtime/checkpoint.py) keeps its arrays under this
+
+
+def load_weights(path: str, graph: Graph, strict: bool = True, warn=None) -> dict[str, np.ndarray]:
+    """The params, consts and state of `graph` from `path` (a .npz of weights, a training
+    checkpoint, or a native bundle's weights file), checked by name, shape, dtype and finiteness.
+    With strict=False, args missing from the file are left out (they get initialised). Arrays the
+    graph does not have are reported through `warn` (default: a line on stderr), except a
+    checkpoint's optimizer state."""
     data = load_npz(path)
+    checkpoint = "meta" in data and any(k.startswith(CHECKPOINT_STATE) for k in data)
+    if checkpoint:
+        data = {k[len(CHECKPOINT_STATE):]: v for k, v in data.items() if k.startswith(CHECKPOINT_STATE)}
+    known = {a.name for a in graph.args}
+    unused = sorted(k for k in data if k not in known)
+    if unused and not checkpoint:
+        (warn or _warn)(f"{path}: ignoring {len(unused)} array(s) the model does not have: "
+                        + ", ".join(unused[:8]) + (", ..." if len(unused) > 8 else ""))
     out = {}
     for a in graph.args:
         if a.kind == "input":
@@ -315,8 +329,16 @@ def load_weights(path: str, graph: Graph, strict: bool = True) -> dict[str, np.n
             raise TdcError(f"{path}: {a.kind} {a.name} has shape {list(x.shape)}, the model needs {list(a.type.shape)}")
         if x.dtype != a.type.np_dtype:
             raise TdcError(f"{path}: {a.kind} {a.name} has dtype {x.dtype}, the model needs {a.type.dtype}")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise TdcError(f"{path}: {a.kind} {a.name} holds {int((~np.isfinite(x)).sum())} NaN or infinite values "
+                           "(did its training diverge?)")
         out[a.name] = x
     return out
+
+
+def _warn(message: str) -> None:
+    import sys
+    print(f"tdc: warning: {message}", file=sys.stderr)
 
 
 # ---- checksum --------------------------------------------------------------------------------

@@ -202,6 +202,10 @@ class _Importer:
         shape = []
         for axis, d in enumerate(tt.shape.dim):
             if d.HasField("dim_value"):
+                if axis == 0 and self.batch is not None and d.dim_value != self.batch:
+                    raise TdcError(f"input {name!r} has a fixed batch of {d.dim_value} in the file: --batch "
+                                   f"{self.batch} cannot change it (run it at batch {d.dim_value}, or export the "
+                                   f"model with a dynamic batch dim)")
                 shape.append(d.dim_value)
                 continue
             keys = ([d.dim_param] if d.dim_param else []) + [f"{name}:{axis}"]

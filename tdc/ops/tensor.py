@@ -60,6 +60,11 @@ class Builder:
         return f"{kind}{k}"
 
     def arg(self, name: str, type: TensorType, kind: str, **attrs) -> "Tensor":
+        if kind != "input" and any(a.name == name for a in self.graph.args):
+            loc = user_location()
+            layer = name.rsplit(".", 1)[0]
+            raise TdcError(f"{loc + ': ' if loc else ''}layer name {layer!r} is used twice in model "
+                           f"{self.graph.name} (it already has {kind} {name}): give each layer its own name=")
         return Tensor(self.graph.add_arg(name, type, kind, attrs), self)
 
     def find_arg(self, name: str) -> "Tensor | None":
@@ -155,7 +160,9 @@ class Tensor:
         return f"Tensor({self.name or '?'}: {self.type})"
 
     def __bool__(self):
-        raise TdcError("a traced tensor has no truth value: use tdc.where(...) instead of `if`")
+        loc = user_location()
+        raise TdcError(f"{loc + ': ' if loc else ''}a traced tensor has no truth value (its value is known only "
+                       "when the graph runs): use tdc.where(cond, a, b) instead of `if`, `and`, `or`")
 
     def _ap(self, op, *others, **attrs):
         return self.builder.apply(op, [self, *others], attrs)

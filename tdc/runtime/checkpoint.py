@@ -23,11 +23,12 @@ import numpy as np
 from ..errors import TdcError
 from ..ir.graph import Graph
 from ..files import atomic_write
+from ..ir.weights import CHECKPOINT_STATE
 
 FORMAT = "tdc-checkpoint"
 VERSION = 1
 LAST = "last.npz"
-STATE_PREFIX = "state/"
+STATE_PREFIX = CHECKPOINT_STATE      # what `tdc run --weights ckpt/last.npz` reads
 REQUIRED = ("model", "step", "epoch", "position", "seed", "optimizer")
 
 

@@ -8,7 +8,7 @@ import os
 import sys
 
 from ..errors import TdcError
-from ..frontend.model import Model
+from ..frontend.model import Model, user_error
 from ..ir.graph import Graph
 
 
@@ -26,6 +26,8 @@ def _import_file(path: str):
         raise
     except SyntaxError as e:
         raise TdcError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:      # the model file's own mistake (an import that fails, 1 / 0): not tdc's
+        raise user_error(e, "while importing the model file") from e
     finally:
         sys.path.pop(0)
     return mod

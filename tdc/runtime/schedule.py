@@ -104,8 +104,14 @@ def make_schedule(name: str, lr: float, total_steps: int, warmup: int = 0, step_
     step_size defaults to a third of the steps after warm-up; cosine decays over those steps."""
     if name not in SCHEDULES:
         raise TdcError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
-    if lr < 0:
+    if not lr >= 0:
         raise TdcError(f"learning rate must be >= 0, got {lr}")
+    if warmup < 0:
+        raise TdcError(f"warm-up must be >= 0 steps, got {warmup}")
+    if step_size is not None and step_size < 1:
+        raise TdcError(f"step size must be >= 1 steps, got {step_size}")
+    if not 0 < gamma <= 1:
+        raise TdcError(f"gamma (the step decay factor) must be in (0, 1], got {gamma}")
     if base_batch is not None:
         if batch is None:
             raise TdcError("linear lr scaling needs the batch size")

@@ -34,7 +34,7 @@ from .checkpoint import LAST, check_compatible, check_settings, load_checkpoint,
 from .data import Dataset, check_labels, fit_to_model, load_data
 from .launch import add_parallel_arguments, announce_rank, launch, needs_launch, parallel_config
 from .schedule import SCHEDULES, Schedule, make_schedule
-from ..files import atomic_write
+from ..files import atomic_write, check_output_dir, check_output_file
 from ..ir.weights import save_npz
 
 # Adam at 2e-3 beat 1e-3 on the digits CNN (batch 16-64, 8-12 epochs); the others are common starting points.
@@ -186,7 +186,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
           save_weights: str | None = None, max_steps: int | None = None, log_every: int = 1,
           params: dict[str, np.ndarray] | None = None, progress: bool = True, verbose: bool = True,
           out=print, conv_algo: str = "auto", autotune: bool = False, parallel: DataParallel | None = None,
-          comm_timeout: float = 30.0) -> TrainResult:
+          comm_timeout: float = 30.0, nonfinite_steps: int = 1) -> TrainResult:
     """Train `model` (a Model or "FILE.py[:NAME]") on `data` (a Dataset, "digits" or "mnist:DIR").
 
     schedule: a Schedule, or a name (constant|step|cosine) built with warmup/step_size/gamma and,
@@ -202,7 +202,10 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
       one rank of an MPI job of parallel.ranks processes (`tdc train --ranks N` starts them), and
       rank 0 alone prints, evaluates, writes metrics, checkpoints and weights.
     metrics: a JSON-lines file: {epoch, step, loss, lr, accuracy} every `log_every` steps and
-      {epoch, step, loss, test_accuracy, test_loss} after every epoch's evaluation.
+      {epoch, step, loss, test_accuracy, test_loss} after every epoch's evaluation (a loss that
+      is not finite is written as null).
+    nonfinite_steps: stop (TdcError naming the step) once this many steps in a row had a loss
+      that is NaN or infinite; the checkpoint then holds the last state saved before them.
     """
     t_start = time.perf_counter()
     model = _as_model(model)
@@ -220,6 +223,21 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         raise TdcError("resuming needs the checkpoint directory (--checkpoint DIR)")
     if log_every < 1:
         raise TdcError(f"log_every must be >= 1, got {log_every}")
+    if nonfinite_steps < 1:
+        raise TdcError(f"nonfinite_steps must be >= 1, got {nonfinite_steps}")
+    # every place results go, checked before any work (a run must not be lost at its end)
+    if save_weights:
+        check_output_file(save_weights, "--save-weights")
+    if metrics:
+        check_output_file(metrics, "--metrics")
+    if plot:
+        check_output_file(plot, "--plot")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise TdcError(f"--plot {plot} needs matplotlib (pip install matplotlib, or make demo's venv)") from None
+    if checkpoint:
+        check_output_dir(checkpoint, "--checkpoint")
 
     types = model.input_types(batch)
     if len(types) != 1:
@@ -306,11 +324,16 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
     def log(record: dict):
         records.append(record)
         if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
+            finite = {k: (v if not isinstance(v, float) or np.isfinite(v) else None) for k, v in record.items()}
+            metrics_file.write(json.dumps(finite, allow_nan=False) + "\n")   # JSON has no NaN
             metrics_file.flush()
 
+    bad_steps = 0     # steps in a row whose loss is not finite
+
     def save(epoch: int, position: int):
-        if checkpoint and root:
+        # never over a finite state with a diverged one
+        if checkpoint and root and bad_steps == 0 and all(
+                np.isfinite(v).all() for v in exe.state.values() if v.dtype.kind == "f"):
             save_checkpoint(checkpoint, exe.state, model=model.name, step=step, epoch=epoch, position=position,
                             seed=seed, optimizer=optimizer.to_dict(), keep=keep_checkpoints,
                             epoch_loss=epoch_loss, epoch_correct=epoch_correct, epoch_seen=epoch_seen,
@@ -347,6 +370,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                     value = res["loss"]
                     losses.append(value)
                     step, position = step + 1, i + 1
+                    bad_steps = 0 if np.isfinite(value) else bad_steps + 1
                     # the training accuracy of rank 0's part of the batch (its output)
                     correct = int(np.sum(np.argmax(res[output], axis=1) == y_train[idx[:local]]))
                     epoch_loss += float(value)
@@ -358,6 +382,12 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                         if ranks > 1:
                             record.update(bytes_sent=sent1 - sent0, comm_wait_ms=(wait1 - wait0) * 1e3)
                         log(record)
+                    if bad_steps >= nonfinite_steps:
+                        kept = (f"; {checkpoint}/{LAST} holds the last finite state saved"
+                                if checkpoint and os.path.exists(os.path.join(checkpoint, LAST)) else "")
+                        raise TdcError(f"the loss is {float(value)} at step {step} (lr {lr:g}): training diverged and "
+                                       f"was stopped{kept}; try a smaller --lr" + (
+                                           f" (stopped after {bad_steps} such steps in a row)" if bad_steps > 1 else ""))
                     rate = (position - first) * batch / max(time.perf_counter() - t_epoch, 1e-9)
                     bar.update(epoch_loss / (epoch_seen / local), epoch_correct / epoch_seen, rate)
                     if checkpoint_every and step % checkpoint_every == 0 and position < steps_per_epoch:
@@ -448,6 +478,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="FILE.png", help="plot loss and accuracy (needs matplotlib)")
     p.add_argument("--save-weights", metavar="FILE.npz", help="save the trained weights for tdc run --weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nonfinite-steps", type=int, default=1, metavar="N",
+                   help="stop once N steps in a row had a NaN or infinite loss (default 1)")
     add_parallel_arguments(p)
 
 
@@ -467,7 +499,7 @@ def cmd_train(args, argv: list[str] | None = None) -> int:
                        resume=args.resume, metrics=args.metrics, plot=args.plot, save_weights=args.save_weights,
                        max_steps=args.max_steps, progress=not args.no_progress,
                        conv_algo=getattr(args, "conv_algo", "auto"), autotune=getattr(args, "autotune", False),
-                       parallel=parallel, comm_timeout=args.comm_timeout)
+                       parallel=parallel, comm_timeout=args.comm_timeout, nonfinite_steps=args.nonfinite_steps)
     except Exception as e:
         if launched_ranks() > 1 and not getattr(args, "debug", False):   # one rank alone would leave the others waiting
             fail_job(str(e) if isinstance(e, TdcError) else f"internal error: {type(e).__name__}: {e}")

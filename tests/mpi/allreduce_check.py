@@ -14,7 +14,7 @@ from tdc.backends.llvm.runtime import build_comm
 SIZES = [int(s) for s in sys.argv[1].split(",")]
 world = MPI.COMM_WORLD
 rank, size = world.Get_rank(), world.Get_size()
-py = communicator(20)
+py = communicator(timeout=20)        # a rank that stops answering fails the run, not hangs it
 lib = ctypes.CDLL(str(build_comm().shared_lib_path))
 lib.tdc_comm_init(ctypes.c_double(20))
 ALGOS = {"ring": 1, "doubling": 2, "tree": 3, "mpi": 0}
