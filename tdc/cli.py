@@ -23,11 +23,8 @@ def _add_model(p: argparse.ArgumentParser):
 
 
 def _add_training(p: argparse.ArgumentParser):
-    p.add_argument("--loss", default="softmax_cross_entropy", choices=("softmax_cross_entropy", "mse"),
-                   help="loss appended for training (default: softmax_cross_entropy)")
-    p.add_argument("--optimizer", default="adam",
-                   choices=("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"),
-                   help="optimizer whose update rules go into the training graph (default: adam)")
+    from .runtime.trainer import add_optimizer_arguments
+    add_optimizer_arguments(p)
 
 
 def add_conv_algo_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile the training step: the executable runs --steps steps over data files "
                         "and writes the updated weights")
     _add_training(c)
+    sg = c.add_argument_group("the learning-rate schedule of a training executable (applied to its lr input)")
+    sg.add_argument("--schedule", default="constant", choices=("constant", "step", "cosine"),
+                    help="constant (default), step (x gamma every --step-size steps), or cosine (to 0 over --steps)")
+    sg.add_argument("--warmup", type=int, default=0, metavar="STEPS", help="linear warm-up steps (default 0)")
+    sg.add_argument("--step-size", type=int, default=0, metavar="STEPS",
+                    help="step schedule: decay every STEPS steps (default: a third of the steps after the warm-up)")
+    sg.add_argument("--gamma", type=float, default=0.1, help="step schedule: decay factor (default 0.1)")
     add_conv_algo_arguments(c)
     from .runtime.launch import add_parallel_arguments
     add_parallel_arguments(c)
@@ -145,12 +149,12 @@ def dump_pipelines(args):
     from .backends import get_target
     from .lower.pipeline import compile_pipeline
     from .passes.manager import Pipeline
-    from .passes.optimizer import Optimizer
+    from .runtime.trainer import optimizer_from
     from .passes.training import training_pipeline
 
     from .runtime.launch import parallel_config
     compile_ = compile_pipeline(get_target(args.backend), args.conv_algo, args.autotune)
-    training = training_pipeline(args.loss, Optimizer(args.optimizer), parallel=parallel_config(args))
+    training = training_pipeline(args.loss, optimizer_from(args), parallel=parallel_config(args))
     return compile_, Pipeline(training.passes + compile_.passes), len(training.passes)
 
 
@@ -293,9 +297,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from .backends.llvm.bundle import write_bundle
+    from .backends.llvm.bundle import LrSchedule, write_bundle
     from .passes.conv_algo import request_conv_algo
-    from .passes.optimizer import Optimizer
+    from .runtime.trainer import optimizer_from
     from .passes.training import training_pipeline
     from .runtime.loader import Source
     from .ir.weights import load_weights
@@ -307,11 +311,12 @@ def cmd_compile(args) -> int:
     src = Source(args.model)
     graph = src.training_graph(args.batch, parallel) if args.train else src.graph(args.batch)
     if args.train:
-        graph = training_pipeline(args.loss, Optimizer(args.optimizer), parallel=parallel).run(graph)
+        graph = training_pipeline(args.loss, optimizer_from(args), parallel=parallel).run(graph)
     params = load_weights(args.weights, graph) if args.weights else src.params
     b = write_bundle(request_conv_algo(graph, args.conv_algo), args.output, params=params, seed=args.seed,
                      name=args.name or src.name, embed_weights=args.embed_weights, training=args.train,
-                     autotune=args.autotune)
+                     autotune=args.autotune,
+                     schedule=LrSchedule(args.schedule, args.warmup, args.step_size, args.gamma) if args.train else None)
     kind = "training step" if args.train else "inference"
     if parallel is not None:
         kind += f" of one of {parallel.ranks} data-parallel ranks: run it with mpiexec -n {parallel.ranks}"

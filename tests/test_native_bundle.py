@@ -141,7 +141,7 @@ def test_help_lists_inputs_outputs_and_weights(lenet_bundle):
 def test_bad_inputs_give_one_line_and_nonzero_exit(lenet_bundle, tmp_path):
     b, src_tmp, x, _ = lenet_bundle
     out = tmp_path / "y.npy"
-    np.save(tmp_path / "shape.npy", np.zeros((2, 1, 28, 28), np.float32))
+    np.save(tmp_path / "shape.npy", np.zeros((2, 1, 28, 27), np.float32))   # any number of samples, but 28x28
     np.save(tmp_path / "dtype.npy", np.zeros((1, 1, 28, 28), np.float64))
     good = (src_tmp / "x.npy").read_bytes()
     (tmp_path / "trunc.npy").write_bytes(good[:len(good) // 2])

@@ -642,7 +642,7 @@ def test_training_errors(lin, tmp_path):
     assert "step 1/5" in p.stdout and not os.path.exists(tmp_path / "trained.weights")
     one_error(run(lin, "--input", "x=X10.npy", *base, cwd=tmp_path), 1, "input 'x'", "10 rows",
               "batch size 4")
-    one_error(run(lin, "--input", "x=X8.npy", *base, cwd=tmp_path), 1, "different numbers of batches")
+    one_error(run(lin, "--input", "x=X8.npy", *base, cwd=tmp_path), 1, "different numbers of samples")
     one_error(run(lin, "--input", "x=Xbad.npy", *base, cwd=tmp_path), 1, "expected f32[4,3], got f32[12,2]")
     one_error(run(lin, "--input", "x=X12.npy", "--input", "t=T12.npy", "--input", "lr=1e99", cwd=tmp_path), 1,
               "input 'lr'", "not a f32 value")

@@ -86,8 +86,8 @@ def test_optimizer_state_is_graph_state():
 
 
 def test_bad_optimizer_settings_are_clear_errors():
-    with pytest.raises(TdcError, match="unknown optimizer 'adamw'"):
-        Optimizer("adamw")
+    with pytest.raises(TdcError, match="unknown optimizer 'adamax'"):
+        Optimizer("adamax")
     with pytest.raises(TdcError, match="momentum must be in"):
         Optimizer("momentum", momentum=1.5)
     g = Graph("nograd")

@@ -26,7 +26,7 @@ from ..ir.types import TensorType
 from .autodiff import GRAD_PREFIX
 
 SLOTS = {"sgd": (), "momentum": ("velocity",), "nesterov": ("velocity",), "adagrad": ("cache",),
-         "rmsprop": ("cache",), "adam": ("m", "v")}
+         "rmsprop": ("cache",), "adam": ("m", "v"), "adamw": ("m", "v")}
 
 
 @dataclass
@@ -39,6 +39,10 @@ class Optimizer:
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    # decoupled: p -= lr * weight_decay * p beside the optimizer's update (AdamW, Loshchilov and Hutter);
+    # otherwise L2: weight_decay * p is added to the gradient. adamw is adam with decoupled decay.
+    decoupled: bool = False
+    decay_bias_norm: bool = True   # False: params of rank <= 1 (biases, norm scales and shifts) get no decay
 
     def __post_init__(self):
         if self.name not in SLOTS:
@@ -52,6 +56,14 @@ class Optimizer:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def decoupled_decay(self) -> bool:
+        return self.decoupled or self.name == "adamw"
+
+    def decays(self, p) -> bool:
+        """Whether param `p` gets weight decay."""
+        return self.weight_decay > 0 and (self.decay_bias_norm or p.ndim > 1)
 
 
 def add_optimizer(graph: Graph, opt: Optimizer) -> Graph:
@@ -80,8 +92,14 @@ def add_optimizer(graph: Graph, opt: Optimizer) -> Graph:
 
 
 def _rule(opt: Optimizer, p, grad, lr, t, slots):
-    if opt.weight_decay:
-        grad = grad + p * opt.weight_decay
+    new_p, new_slots = _update(opt, p, grad + p * opt.weight_decay if opt.decays(p) and not opt.decoupled_decay
+                               else grad, lr, t, slots)
+    if opt.decays(p) and opt.decoupled_decay:
+        new_p = new_p - lr * opt.weight_decay * p
+    return new_p, new_slots
+
+
+def _update(opt: Optimizer, p, grad, lr, t, slots):
     eps = opt.eps
     if opt.name == "sgd":
         return p - lr * grad, {}

@@ -1,14 +1,23 @@
-"""Data sets for training: scikit-learn's 8x8 digits and MNIST from IDX files.
+"""Data sets for training, named as `tdc train --data` takes them:
 
-    data = load_data("digits")            # or "mnist:DIR"
+    digits                      scikit-learn's 8x8 digits (bundled: no download)
+    mnist:DIR                   MNIST's four IDX files (train-images-idx3-ubyte, ... optionally .gz)
+    cifar10:DIR                 CIFAR-10's binary batches (data_batch_1.bin ... data_batch_5.bin, test_batch.bin)
+    npz:FILE[:KEY=NAME,...]     one .npz with arrays x_train, y_train, x_test, y_test (other names: x_train=images, ...)
+    npy:DIR                     a directory of x_train.npy, y_train.npy, x_test.npy, y_test.npy (memory-mapped)
+
+    data = load_data("mnist:~/mnist")
     x = fit_to_model(data.x_train, model.input_types(batch)["x"])
 
-Images are float32 in [0, 1] shaped [N, 1, H, W]; labels are int64.
+Images are float32 (8-bit pixels are scaled to [0, 1]) shaped [N, C, H, W] or as the files
+give them (fit_to_model reshapes samples whose element count matches the model's); labels are
+int64 class indices.
 """
 from __future__ import annotations
 
 import gzip
 import os
+import zipfile
 import zlib
 from dataclasses import dataclass
 
@@ -169,16 +178,130 @@ def load_mnist(directory: str) -> Dataset:
                    images(arrays["x_test"]), arrays["y_test"].astype(np.int64), 10)
 
 
+DATA_HELP = "digits, mnist:DIR, cifar10:DIR, npz:FILE[:x_train=NAME,...] or npy:DIR"
+
+
 def load_data(spec: str, seed: int = 0) -> Dataset:
-    """'digits' or 'mnist:DIR'. `seed` only affects the digits train/test split."""
+    """A data set by name (see the module's docstring). `seed` only affects the digits split."""
     kind, sep, arg = spec.partition(":")
     if kind == "digits" and not sep:
         return load_digits(seed)
-    if kind == "mnist":
+    if kind in ("mnist", "cifar10", "npy", "npz"):
         if not arg:
-            raise TdcError("--data mnist needs the directory of the IDX files: mnist:DIR")
-        return load_mnist(os.path.expanduser(arg))     # mnist:~/mnist, as a shell would
-    raise TdcError(f"unknown data set {spec!r}; use digits or mnist:DIR")
+            raise TdcError(f"--data {kind} needs a path: {kind}:{'FILE' if kind == 'npz' else 'DIR'}")
+        if kind == "npz":
+            path, _, keys = arg.partition(":")
+            return load_npz_data(os.path.expanduser(path), keys)
+        path = os.path.expanduser(arg)       # mnist:~/mnist, as a shell would
+        return {"mnist": load_mnist, "cifar10": load_cifar10, "npy": load_npy_dir}[kind](path)
+    raise TdcError(f"unknown data set {spec!r}; use {DATA_HELP}")
+
+
+# ---- arrays: .npz and .npy -----------------------------------------------------------------
+
+SPLITS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _as_images(x: np.ndarray) -> np.ndarray:
+    """8-bit pixels scaled to float32 [0, 1]; other numbers as they are (float32 stays a view)."""
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / np.float32(255.0)
+    if x.dtype.kind not in "fiu":
+        raise TdcError(f"samples of dtype {x.dtype} are not numbers")
+    return x
+
+
+def _dataset(name: str, arrays: dict, where: dict) -> Dataset:
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if len(x) != len(y):
+            raise TdcError(f"{where[f'x_{split}']} has {len(x)} samples but {where[f'y_{split}']} has {len(y)} labels")
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise TdcError(f"{name}: training samples are {list(arrays['x_train'].shape[1:])}, test samples "
+                       f"{list(arrays['x_test'].shape[1:])}")
+    ys = {}
+    for key in ("y_train", "y_test"):
+        y = np.asarray(arrays[key])
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise TdcError(f"{where[key]}: labels must be a vector of integer class indices, got "
+                           f"{y.dtype} {list(y.shape)}")
+        ys[key] = y.astype(np.int64)
+    classes = int(max(ys["y_train"].max(initial=0), ys["y_test"].max(initial=0))) + 1
+    return Dataset(name, _as_images(arrays["x_train"]), ys["y_train"], _as_images(arrays["x_test"]),
+                   ys["y_test"], classes)
+
+
+def load_npz_data(path: str, keys: str = "") -> Dataset:
+    """x_train, y_train, x_test, y_test from one .npz; `keys` ("x_train=images,y_train=labels")
+    names the arrays that are called otherwise."""
+    names = {k: k for k in SPLITS}
+    for item in filter(None, keys.split(",")):
+        k, sep, v = item.partition("=")
+        if not sep or k not in names or not v:
+            raise TdcError(f"npz:{path}:{keys}: expected KEY=NAME with KEY one of {', '.join(SPLITS)}")
+        names[k] = v
+    if not os.path.exists(path):
+        raise TdcError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [names[k] for k in SPLITS if names[k] not in z.files]
+            if missing:
+                raise TdcError(f"{path}: no array {missing[0]!r}; it holds {', '.join(z.files) or 'nothing'} "
+                               f"(name yours with npz:{path}:x_train=NAME,...)")
+            arrays = {k: z[names[k]] for k in SPLITS}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise TdcError(f"{path}: not a readable .npz file ({e})") from None
+    return _dataset(os.path.basename(path), arrays, {k: f"{path}:{names[k]}" for k in SPLITS})
+
+
+def load_npy_dir(directory: str) -> Dataset:
+    """x_train.npy, y_train.npy, x_test.npy and y_test.npy in `directory`, memory-mapped."""
+    if not os.path.isdir(directory):
+        raise TdcError(f"{directory}: no such directory (expected x_train.npy, y_train.npy, x_test.npy, y_test.npy)")
+    arrays, where = {}, {}
+    for k in SPLITS:
+        where[k] = os.path.join(directory, k + ".npy")
+        if not os.path.exists(where[k]):
+            raise TdcError(f"{directory}: no {k}.npy (a data directory holds {', '.join(s + '.npy' for s in SPLITS)})")
+        try:
+            arrays[k] = np.load(where[k], mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise TdcError(f"{where[k]}: not a valid .npy file ({e})") from None
+    return _dataset(os.path.basename(os.path.normpath(directory)), arrays, where)
+
+
+# ---- CIFAR-10 (binary version) -----------------------------------------------------------------
+
+CIFAR_RECORD = 1 + 3 * 32 * 32     # a label byte, then 32x32 red, green and blue planes
+
+
+def _cifar_file(path: str) -> tuple[np.ndarray, np.ndarray]:
+    size = os.path.getsize(path)
+    if size == 0 or size % CIFAR_RECORD:
+        raise TdcError(f"{path}: {size} bytes is not a whole number of CIFAR-10 records of {CIFAR_RECORD} bytes "
+                       "(truncated or not a CIFAR-10 binary batch)")
+    raw = np.memmap(path, np.uint8, "r").reshape(-1, CIFAR_RECORD)
+    labels = np.array(raw[:, 0], np.int64)
+    if labels.max() > 9:
+        raise TdcError(f"{path}: label {labels.max()} is not a CIFAR-10 class (0-9): not a CIFAR-10 binary batch")
+    return raw[:, 1:].reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(directory: str) -> Dataset:
+    """CIFAR-10's binary version: data_batch_1.bin ... data_batch_5.bin and test_batch.bin in
+    `directory` (or in its cifar-10-batches-bin/, as the archive unpacks)."""
+    if os.path.isdir(os.path.join(directory, "cifar-10-batches-bin")):
+        directory = os.path.join(directory, "cifar-10-batches-bin")
+    if not os.path.isdir(directory):
+        raise TdcError(f"{directory}: no such directory (expected CIFAR-10's data_batch_*.bin and test_batch.bin)")
+    train = sorted(f for f in os.listdir(directory) if f.startswith("data_batch_") and f.endswith(".bin"))
+    if not train or not os.path.exists(os.path.join(directory, "test_batch.bin")):
+        raise TdcError(f"{directory}: no CIFAR-10 binary batches (data_batch_1.bin ... and test_batch.bin)")
+    parts = [_cifar_file(os.path.join(directory, f)) for f in train]
+    x_test, y_test = _cifar_file(os.path.join(directory, "test_batch.bin"))
+    x_train = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    y_train = np.concatenate([p[1] for p in parts])
+    return Dataset("cifar10", _as_images(np.asarray(x_train)), y_train, _as_images(np.asarray(x_test)), y_test, 10)
 
 
 # ---- fitting data to a model -------------------------------------------------------------
@@ -192,7 +315,8 @@ def fit_to_model(x: np.ndarray, input_type: TensorType, what: str = "data") -> n
     if have != want:
         if int(np.prod(have, dtype=np.int64)) != int(np.prod(want, dtype=np.int64)):
             raise TdcError(f"{what} samples are {list(have)} but the model takes {list(want)} "
-                           f"per sample ({input_type} at its batch size)")
+                           f"per sample ({input_type} at its batch size): give --data a data set of "
+                           f"{'x'.join(map(str, want))} samples ({DATA_HELP})")
         x = x.reshape(len(x), *want)
     return x.astype(input_type.np_dtype, copy=False)
 

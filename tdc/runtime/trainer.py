@@ -39,7 +39,8 @@ from ..ir.weights import save_npz
 
 # Adam at 2e-3 beat 1e-3 on the digits CNN (batch 16-64, 8-12 epochs); the others are common starting points.
 DEFAULT_EPOCHS = 10
-DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.01, "rmsprop": 1e-3, "adam": 2e-3}
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.01, "rmsprop": 1e-3, "adam": 2e-3,
+              "adamw": 2e-3}
 
 
 @dataclass
@@ -446,16 +447,38 @@ def _write_line(line: str, out, progress: bool):
 
 # ---- command line --------------------------------------------------------------------------
 
+def add_optimizer_arguments(p: argparse.ArgumentParser) -> None:
+    """The loss and the optimizer's update rule: what goes into a training graph (tdc train,
+    tdc compile --train, tdc dump --train)."""
+    p.add_argument("--loss", default="softmax_cross_entropy", choices=list(LOSSES),
+                   help="loss appended for training (default: softmax_cross_entropy)")
+    p.add_argument("--optimizer", default="adam", choices=list(SLOTS),
+                   help="update rule in the training graph (default adam; adamw: adam with decoupled weight decay)")
+    p.add_argument("--momentum", type=float, default=0.9, help="for momentum and nesterov (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
+                   help="weight decay (default 0): L2 (WD * p added to the gradient) unless --decoupled-decay")
+    p.add_argument("--decoupled-decay", action="store_true",
+                   help="decay the weights beside the update, p -= lr * WD * p (AdamW's way; --optimizer adamw "
+                        "implies it), instead of adding WD * p to the gradient")
+    p.add_argument("--no-decay-bias-norm", action="store_true",
+                   help="no weight decay on biases and normalization scales and shifts (params of rank 1)")
+
+
+def optimizer_from(args, lr: float = 0.01) -> Optimizer:
+    return Optimizer(args.optimizer, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                     decoupled=args.decoupled_decay, decay_bias_norm=not args.no_decay_bias_norm)
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="FILE.py[:NAME] with a @tdc.model")
-    p.add_argument("--data", default="digits", help="digits (scikit-learn's 8x8 digits) or mnist:DIR (IDX files)")
+    p.add_argument("--data", default="digits", metavar="DATA",
+                   help="digits (scikit-learn's 8x8 digits, the default), mnist:DIR (IDX files), cifar10:DIR "
+                        "(CIFAR-10 binary batches), npz:FILE[:x_train=NAME,...] (arrays x_train, y_train, x_test, "
+                        "y_test), npy:DIR (x_train.npy, ... memory-mapped); ~ is your home directory")
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}")
     p.add_argument("--batch", type=int, help="mini-batch size (default: the model's batch)")
-    p.add_argument("--optimizer", default="adam", choices=list(SLOTS), help="default adam")
     p.add_argument("--lr", type=float, help="learning rate (default: " +
                    ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    p.add_argument("--momentum", type=float, default=0.9, help="for momentum and nesterov (default 0.9)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty coefficient (default 0)")
     p.add_argument("--schedule", default="constant", choices=list(SCHEDULES), help="learning-rate schedule")
     p.add_argument("--warmup", type=int, default=0, metavar="STEPS", help="linear warm-up steps")
     p.add_argument("--step-size", type=int, metavar="STEPS",
@@ -463,7 +486,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=0.1, help="step schedule: decay factor (default 0.1)")
     p.add_argument("--scale-lr", type=int, metavar="BASE_BATCH",
                    help="linear scaling rule: multiply lr by batch / BASE_BATCH (use with --warmup)")
-    p.add_argument("--loss", default="softmax_cross_entropy", choices=list(LOSSES))
+    add_optimizer_arguments(p)
     p.add_argument("--backend", default="numba", choices=("numba", "llvm", "reference"),
                    help="numba (compiled; the first run compiles for ~30 s, later runs load from the cache), "
                         "llvm (native code through LLVM, compiled in a few seconds) "
@@ -490,7 +513,7 @@ def cmd_train(args, argv: list[str] | None = None) -> int:
     if parallel is not None and args.backend != "reference" and needs_launch(parallel.ranks):
         return launch(parallel.ranks, sys.argv[1:] if argv is None else argv)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
-    opt = Optimizer(args.optimizer, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    opt = optimizer_from(args, lr)
     try:
         result = train(args.model, args.data, epochs=args.epochs, batch=args.batch, optimizer=opt, loss=args.loss,
                        schedule=args.schedule, warmup=args.warmup, step_size=args.step_size, gamma=args.gamma,

@@ -54,8 +54,30 @@ def _tensor_info(name: str, dtype: str, shape, nbytes: int, offset: int = 0) -> 
     return f'{{"{cname}", TDC_{dtype.upper()}, {len(shape)}, {{{dims}}}, {nbytes}, {offset}}}'
 
 
-def header_text(mb: ModuleBuilder, training: bool, embedded: bool) -> str:
+SCHEDULE_CODES = {"constant": 0, "step": 1, "cosine": 2}
+
+
+@dataclass
+class LrSchedule:
+    """The learning-rate schedule a training executable applies to its `lr` input, step by step
+    (the formulas of tdc/runtime/schedule.py): `name` constant|step|cosine, a linear warm-up of
+    `warmup` steps, step decay by `gamma` every `step_size` steps (0: a third of the steps after
+    the warm-up); cosine decays to 0 over the steps after the warm-up."""
+    name: str = "constant"
+    warmup: int = 0
+    step_size: int = 0
+    gamma: float = 0.1
+
+    def __post_init__(self):
+        if self.name not in SCHEDULE_CODES:
+            raise TdcError(f"unknown schedule {self.name!r}; choose from {', '.join(SCHEDULE_CODES)}")
+        if self.warmup < 0 or self.step_size < 0 or not 0 < self.gamma <= 1:
+            raise TdcError("the schedule needs warmup >= 0, step_size >= 0 and 0 < gamma <= 1")
+
+
+def header_text(mb: ModuleBuilder, training: bool, embedded: bool, schedule: LrSchedule | None = None) -> str:
     g, n = mb.graph, mb.name
+    sched = schedule or LrSchedule()
     guard = f"TDC_{n.upper()}_H"
     ins = [_tensor_info(a.name, a.type.dtype, a.type.shape, a.type.nbytes) for a in g.inputs]
     outs = [_tensor_info(name, v.type.dtype, v.type.shape, v.type.nbytes) for name, v in g.outputs]
@@ -76,6 +98,10 @@ typedef struct {{ const char *name; int32_t dtype; int32_t rank; int64_t shape[8
 #endif
 #define TDC_MODEL "{n}"
 #define TDC_TRAINING {int(training)}            /* 1: one call is one training step; it updates params and state inside the weights buffer */
+#define TDC_SCHEDULE {SCHEDULE_CODES[sched.name]}            /* the lr input's schedule: 0 constant, 1 step, 2 cosine */
+#define TDC_WARMUP {sched.warmup}
+#define TDC_STEP_SIZE {sched.step_size}
+#define TDC_GAMMA {sched.gamma!r}
 #define TDC_EMBEDDED_WEIGHTS {int(embedded)}    /* 1: model.o holds the initial weights: {n}_weights_data */
 #define TDC_WEIGHTS_BYTES {mb.weights.nbytes}  /* params, consts, state: one buffer, 64-byte aligned */
 #define TDC_SCRATCH_BYTES {mb.scratch_bytes}  /* activations: one buffer, 64-byte aligned */
@@ -132,7 +158,7 @@ def _gcc(args: list[str], what: str):
 
 def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: int = 0,
                  name: str | None = None, embed_weights: bool = False, training: bool = False,
-                 autotune: bool = False) -> Bundle:
+                 autotune: bool = False, schedule: LrSchedule | None = None) -> Bundle:
     """Compile `graph` into the bundle directory `out_dir` (created or refreshed)."""
     from ..executable import initial_state
     from .runtime import build_comm, build_runtime
@@ -140,7 +166,9 @@ def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: i
     cname = c_name(name or graph.name)
     g, mb = compile_graph(graph, cname, autotune)
     values = initial_state(g, params, seed)
-    header = header_text(mb, training, embed_weights)   # before the weights go into the module
+    if schedule is not None and schedule.name != "constant" and not any(a.name == "lr" for a in g.inputs):
+        raise TdcError(f"--schedule {schedule.name}: the graph has no `lr` input to schedule")
+    header = header_text(mb, training, embed_weights, schedule)   # before the weights go into the module
     if embed_weights:
         _embed(mb, mb.weights.pack(values))
     rt = build_runtime()

@@ -45,6 +45,12 @@
 #ifndef TDC_MODEL
 #error "no model header: build with -DTDC_MODEL_HEADER='\"OUT/model.h\"'"
 #endif
+#ifndef TDC_SCHEDULE      /* a header without a learning-rate schedule: the lr input as given */
+#define TDC_SCHEDULE 0
+#define TDC_WARMUP 0
+#define TDC_STEP_SIZE 0
+#define TDC_GAMMA 0.1
+#endif
 #ifndef TDC_COMM          /* a header that predates communication (or a hand-written test model) */
 #define TDC_COMM 0
 #define TDC_RANKS 1
@@ -850,13 +856,17 @@ static void help(const char *argv0) {
            "  --print-every K     print the scalar outputs every K steps (default: about 10 lines)\n"
            "  --save FILE         where the trained weights go (default: %s in the current directory)\n"
            "  -h, --help          this help\n"
+           "\nThe learning rate (input lr) follows the schedule compiled in: %s, %d warm-up steps.\n"
            "\nAn input file for an input of shape [B, ...] may hold [k*B, ...]: it is split into k batches\n"
            "along dim 0 and step s uses batch s mod k. Rank-0 inputs are the same every step. The scalar\n"
            "outputs (e.g. the loss) are printed every K steps and at the last step.\n",
-           DEFAULT_SAVE);
+           DEFAULT_SAVE, TDC_SCHEDULE == 2 ? "cosine decay to 0 over the steps" : TDC_SCHEDULE == 1 ? "step decay" : "constant",
+           TDC_WARMUP);
 #else
     printf("  --repeat N          run N times; print the median, min and max time per run\n"
-           "  -h, --help          this help\n");
+           "  -h, --help          this help\n"
+           "\nAn input file for an input of shape [B, ...] may hold any number of samples [n, ...]: they run\n"
+           "batch by batch (the last batch padded with zeros), and each output holds n rows.\n");
 #endif
 #if TDC_COMM
     if (TDC_RANKS > 1)
@@ -1001,10 +1011,13 @@ static void parse_args(int argc, char **argv, options *o) {
 
 typedef struct {
     unsigned char *data;  /* all batches */
-    int64_t batches;      /* k: the file holds k batches along dim 0 */
+    int64_t batches;      /* k: the file holds k batches along dim 0 (the last one partial: inference) */
+    int64_t rows;         /* samples in the file (dim 0), when it holds several batches or a partial one */
     unsigned char *stage; /* an aligned copy of the current batch, when k > 1 */
 } input_data;
 
+/* allow_batches: 0 the input's exact shape; 1 (training) k whole batches along dim 0; 2 (inference)
+   any number of samples along dim 0, the last batch padded with zeros. */
 static void load_input(int k, const char *spec, input_data *in, int allow_batches) {
     const tdc_tensor_info *t = &TDC_INPUTS[k];
     char what[320], want[160], got[160];
@@ -1013,6 +1026,11 @@ static void load_input(int k, const char *spec, input_data *in, int allow_batche
     if (t->rank == 0) {
         in->data = xalloc(8, what);
         int r = parse_literal(spec, t->dtype, in->data);
+        if (r == 1 && TDC_TRAINING && !strcmp(t->name, "lr")) {   /* the training step's learning rate */
+            double lr = elem(in->data, t->dtype, 0);
+            if (!(lr >= 0) || isinf(lr))
+                die(EXIT_ERROR, "%s: the learning rate must be a finite number >= 0, got '%s'", what, spec);
+        }
         if (r == 1) return;
         if (r == -1) die(EXIT_ERROR, "%s: '%s' is not a %s value", what, spec, DTYPES[t->dtype].name);
     } else {
@@ -1030,12 +1048,13 @@ static void load_input(int k, const char *spec, input_data *in, int allow_batche
         int trailing = 1;
         for (int d = 1; d < t->rank; d++) trailing &= a.shape[d] == t->shape[d];
         if (trailing) {
-            if (a.shape[0] % t->shape[0] != 0 || a.shape[0] == 0)
+            if (a.shape[0] == 0 || (allow_batches == 1 && a.shape[0] % t->shape[0] != 0))
                 die(EXIT_ERROR, "%s: '%s' holds %lld rows along dim 0, not a multiple of the batch size %lld "
                     "(expected %s, or k*%lld rows)", what, spec, (long long)a.shape[0], (long long)t->shape[0],
                     info_str(want, sizeof want, t), (long long)t->shape[0]);
             same = 1;
-            in->batches = a.shape[0] / t->shape[0];
+            in->rows = a.shape[0];
+            in->batches = (a.shape[0] + t->shape[0] - 1) / t->shape[0];
         }
     }
     if (!same) {
@@ -1053,7 +1072,37 @@ static void load_input(int k, const char *spec, input_data *in, int allow_batche
     }
     npy_read_data(&a);
     in->data = a.data;
-    if (in->batches > 1) in->stage = xalloc((size_t)t->nbytes, what);
+    if (in->rows) in->stage = xalloc((size_t)t->nbytes, what);
+}
+
+/* The current batch b of a file input into its aligned stage (rows past the file's end: zeros). */
+static const void *stage_batch(int k, const input_data *in, int64_t b) {
+    const tdc_tensor_info *t = &TDC_INPUTS[k];
+    size_t row = (size_t)t->nbytes / (size_t)t->shape[0];
+    int64_t first = b * t->shape[0], n = in->rows - first < t->shape[0] ? in->rows - first : t->shape[0];
+    memcpy(in->stage, in->data + (size_t)first * row, (size_t)n * row);
+    memset(in->stage + (size_t)n * row, 0, (size_t)(t->shape[0] - n) * row);
+    return in->stage;
+}
+
+/* ---- the learning-rate schedule (tdc/runtime/schedule.py's formulas) -------------------------------- */
+
+MAYBE_UNUSED static double scheduled_lr(double base, long long step, long long steps) {
+    const long long warm = TDC_WARMUP;
+    if (step < warm) return base * (double)(step + 1) / (double)warm;   /* linear warm-up */
+    long long s = step - warm, decay = steps - warm > 1 ? steps - warm : 1;
+    switch (TDC_SCHEDULE) {
+    case 1: {
+        long long size = TDC_STEP_SIZE > 0 ? TDC_STEP_SIZE : (decay / 3 > 1 ? decay / 3 : 1);
+        return base * pow(TDC_GAMMA, (double)(s / size));
+    }
+    case 2: {
+        double t = (double)(s < decay ? s : decay) / (double)decay;
+        return base * 0.5 * (1.0 + cos(3.14159265358979323846 * t));
+    }
+    default:
+        return base;
+    }
 }
 
 /* ---- main --------------------------------------------------------------------------------------- */
@@ -1095,8 +1144,12 @@ int main(int argc, char **argv) {
     int64_t batches = 1;
     int batched_input = -1;
     for (int k = 0; k < TDC_NUM_INPUTS; k++) {
-        load_input(k, o.inputs[k], &ins[k], TDC_TRAINING);
-        if (ins[k].batches > 1) {
+        load_input(k, o.inputs[k], &ins[k], TDC_TRAINING ? 1 : 2);
+        if (ins[k].rows) {
+            if (batched_input >= 0 && ins[k].rows != ins[batched_input].rows)
+                die(EXIT_ERROR, "inputs '%s' and '%s' hold different numbers of samples (%lld and %lld)",
+                    TDC_INPUTS[batched_input].name, TDC_INPUTS[k].name, (long long)ins[batched_input].rows,
+                    (long long)ins[k].rows);
             if (batched_input >= 0 && ins[k].batches != batches)
                 die(EXIT_ERROR, "inputs '%s' and '%s' hold different numbers of batches (%lld and %lld)",
                     TDC_INPUTS[batched_input].name, TDC_INPUTS[k].name, (long long)batches,
@@ -1155,6 +1208,10 @@ int main(int argc, char **argv) {
 #endif
     double *times = malloc((size_t)steps * sizeof *times);
     if (!times) die(EXIT_ERROR, "out of memory (%lld steps)", steps);
+    int lr_input = -1;
+    for (int k = 0; k < TDC_NUM_INPUTS; k++)
+        if (!strcmp(TDC_INPUTS[k].name, "lr") && TDC_INPUTS[k].rank == 0 && !ins[k].rows) lr_input = k;
+    const double base_lr = lr_input >= 0 ? elem(ins[lr_input].data, TDC_INPUTS[lr_input].dtype, 0) : 0;
     if (rank == 0) {
         printf("training `%s`: %lld steps", TDC_MODEL, steps);
         if (global > 1) printf(" over %lld batches", (long long)global);
@@ -1163,12 +1220,12 @@ int main(int argc, char **argv) {
         printf("\n");
     }
     for (long long s = 0; s < steps; s++) {
-        for (int k = 0; k < TDC_NUM_INPUTS; k++) {
-            if (ins[k].batches <= 1) continue;
-            size_t n = (size_t)TDC_INPUTS[k].nbytes;
-            int64_t b = (int64_t)(s % global) * world + rank;    /* this rank's shard of global batch s */
-            memcpy(ins[k].stage, ins[k].data + (size_t)b * n, n);
-            in_ptrs[k] = ins[k].stage;
+        for (int k = 0; k < TDC_NUM_INPUTS; k++)    /* this rank's shard of global batch s */
+            if (ins[k].rows) in_ptrs[k] = stage_batch(k, &ins[k], (int64_t)(s % global) * world + rank);
+        if (lr_input >= 0 && TDC_SCHEDULE + TDC_WARMUP > 0) {
+            double lr = scheduled_lr(base_lr, s, steps);
+            if (TDC_INPUTS[lr_input].dtype == TDC_F64) *(double *)ins[lr_input].data = lr;
+            else *(float *)ins[lr_input].data = (float)lr;
         }
         double t0 = now_ms();
         int64_t rc = TDC_RUN(in_ptrs, out_ptrs, weights, scratch);
@@ -1200,23 +1257,54 @@ int main(int argc, char **argv) {
         printf("saved the trained weights to %s\n", save);
     }
 #else
+    /* A whole file of samples runs batch by batch; each output then holds a row per sample. */
+    const int64_t rows = batched_input >= 0 ? ins[batched_input].rows : 0;
+    const int64_t per_batch = batched_input >= 0 ? TDC_INPUTS[batched_input].shape[0] : 1;
+    tdc_tensor_info full[TDC_NUM_OUTPUTS + 1];
+    void *results[TDC_NUM_OUTPUTS + 1];
+    for (int k = 0; k < TDC_NUM_OUTPUTS; k++) {
+        full[k] = TDC_OUTPUTS[k];
+        results[k] = out_ptrs[k];
+        if (!rows) continue;
+        if (full[k].rank < 1 || full[k].shape[0] != per_batch)
+            die(EXIT_ERROR, "output '%s' is not one row per sample (its dim 0 is not the batch %lld): give inputs of "
+                "exactly one batch", full[k].name, (long long)per_batch);
+        full[k].nbytes = full[k].nbytes / per_batch * rows;
+        full[k].shape[0] = rows;
+        results[k] = xalloc((size_t)full[k].nbytes, "an output");
+    }
     long long runs = o.repeat ? o.repeat : 1;
     double *times = malloc((size_t)runs * sizeof *times);
     if (!times) die(EXIT_ERROR, "out of memory (%lld runs)", runs);
     for (long long r = 0; r < runs; r++) {
         double t0 = now_ms();
-        int64_t rc = TDC_RUN(in_ptrs, out_ptrs, weights, scratch);
+        for (int64_t b = 0; b < batches; b++) {
+            for (int k = 0; k < TDC_NUM_INPUTS; k++)
+                if (ins[k].rows) in_ptrs[k] = stage_batch(k, &ins[k], b);
+            int64_t rc = TDC_RUN(in_ptrs, out_ptrs, weights, scratch);
+            if (rc != 0) run_failed(rc, -1, rows ? (long long)b : -1);
+            for (int k = 0; k < TDC_NUM_OUTPUTS && rows; k++) {    /* the batch's rows, without the padding */
+                size_t row = (size_t)TDC_OUTPUTS[k].nbytes / (size_t)per_batch;
+                int64_t n = rows - b * per_batch < per_batch ? rows - b * per_batch : per_batch;
+                memcpy((unsigned char *)results[k] + (size_t)(b * per_batch) * row, out_ptrs[k], (size_t)n * row);
+            }
+        }
         times[r] = now_ms() - t0;
-        if (rc != 0) run_failed(rc, -1, -1);
     }
-    for (int k = 0; k < TDC_NUM_OUTPUTS; k++) print_summary(&TDC_OUTPUTS[k], out_ptrs[k]);
+    if (rows && batches > 1) printf("ran %lld batches of %lld (%lld samples)\n", (long long)batches,
+                                    (long long)per_batch, (long long)rows);
+    for (int k = 0; k < TDC_NUM_OUTPUTS; k++) print_summary(&full[k], results[k]);
     if (o.repeat) print_times(times, runs, "runs");
 #endif
     for (int k = 0; k < TDC_NUM_OUTPUTS; k++) {
         if (!o.outputs[k]) continue;
         char what[320];
         snprintf(what, sizeof what, "output '%s'", TDC_OUTPUTS[k].name);
+#if TDC_TRAINING
         write_npy(o.outputs[k], &TDC_OUTPUTS[k], out_ptrs[k], what);
+#else
+        write_npy(o.outputs[k], &full[k], results[k], what);
+#endif
         printf("wrote %s to %s\n", TDC_OUTPUTS[k].name, o.outputs[k]);
     }
     free(times);
