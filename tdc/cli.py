@@ -13,6 +13,7 @@ import numpy as np
 from . import __version__
 from .errors import TdcError
 
+ELIDE_ABOVE = 64     # tdc dump prints constants of more elements in short (ResNet-50's made 187 MB of text)
 MODEL_HELP = "FILE.py[:NAME] (a Python file with @tdc.model functions), FILE.tdc (IR text) or FILE.onnx"
 
 
@@ -67,12 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--all", action="store_true", help="print every stage: as traced, after every pass, the kernel "
                    "plan and the memory plan")
     d.add_argument("--train", action="store_true", help="the training step (alone: as the training passes leave it)")
-    d.add_argument("--backend", default="numba", choices=("numba", "llvm"),
-                   help="whose compile to show (convolution algorithms are priced per backend; default: numba)")
+    d.add_argument("--backend", default="llvm", choices=("llvm", "numba"),
+                   help="whose compile to show (convolution algorithms are priced per backend; default: llvm, "
+                        "as for run and train)")
     d.add_argument("--plan", action="store_true", help="print the kernel plan: each kernel, what it computes and "
                    "where its results live")
     _add_training(d)
     d.add_argument("--format", choices=("text", "dot"), default="text", help="IR text or Graphviz DOT")
+    d.add_argument("--full-constants", action="store_true",
+                   help=f"print every value of constants of more than {ELIDE_ABOVE} elements (by default they "
+                        "print in short: dtype, shape, a hash and a few values); the text then parses back exactly")
     d.add_argument("--memory", action="store_true",
                    help="print the memory table (weights, activations, gradients, optimizer state; peak "
                         "before and after planning) of the graph after the pipeline")
@@ -93,13 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-inputs", metavar="DIR", help="write the inputs used as DIR/NAME.npy")
     r.add_argument("--seed", type=int, default=0, help="seed for param initialisation and random inputs")
     r.add_argument("--weights", metavar="FILE.npz", help="params (and state) saved by tdc")
-    r.add_argument("--backend", default="numba", choices=("numba", "llvm", "reference"),
-                   help="backend to run on (default: numba)")
+    r.add_argument("--backend", default="llvm", choices=("llvm", "numba", "reference"),
+                   help="llvm (native code, compiled in about a second; the default), numba (generated Numba "
+                        "source; its first compile takes up to a minute) or reference (the numpy interpreter)")
     r.add_argument("--output", action="append", default=[], metavar="[NAME=]FILE.npy",
                    help="save an output (the first one when NAME is not given)")
     add_conv_algo_arguments(r)
 
     sub.add_parser("ops", help="list the ops tdc knows, with their attributes")
+
+    k = sub.add_parser("cache", help="show or clear what tdc keeps on disk (compiled kernels, the C runtime, rates)",
+                       description="tdc keeps what it builds or measures once per machine in $TDC_CACHE_DIR "
+                                   "(default ~/.cache/tdc): generated Numba modules and Numba's compiled kernels, the "
+                                   "LLVM backend's C runtime builds, autotuning decisions and target rates. It never "
+                                   "deletes them itself; they are rebuilt on demand after --clear.")
+    kg = k.add_mutually_exclusive_group()
+    kg.add_argument("--info", action="store_true", help="list the cache's parts and their sizes (the default)")
+    kg.add_argument("--clear", action="store_true", help="delete the cache (it is rebuilt when needed)")
 
     c = sub.add_parser("compile", help="compile a model to a native executable (no Python at run time)",
                        description="Compile a model (inference, or with --train its training step) through LLVM\n"
@@ -109,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  model.weights  params and state (unless --embed-weights)\n"
                                    "  model          a native executable; `OUT/model --help` lists its inputs",
                        epilog="Example:\n  tdc compile examples/lenet.py --batch 1 -o out/lenet\n"
-                              "  out/lenet/model --input x=img.npy --output y.npy",
+                              "  out/lenet/model --input x=img.npy --output y.npy\n\n"
+                              "Each bundle holds its own copy of OpenBLAS (libscipy_openblas.so, about 25 MB), found\n"
+                              "through an $ORIGIN rpath, so the directory can be moved or copied to another machine.\n"
+                              "--shared-blas links the one installed with tdc instead (no copy; the bundle then needs\n"
+                              "this installation). `tdc cache --info` shows what tdc keeps in ~/.cache/tdc.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(c)
     c.add_argument("-o", "--output", required=True, metavar="DIR", help="the bundle directory to write")
@@ -117,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "from a native training run); default: initialised from --seed")
     c.add_argument("--seed", type=int, default=0, help="seed for param initialisation")
     c.add_argument("--embed-weights", action="store_true", help="put the weights inside the object file")
+    c.add_argument("--shared-blas", action="store_true",
+                   help="link the installed OpenBLAS instead of copying it into the bundle (saves 25 MB per bundle; "
+                        "the bundle can then not move to another machine)")
     c.add_argument("--name", help="C name of the entry point, NAME_run (default: the model's name)")
     c.add_argument("--train", action="store_true",
                    help="compile the training step: the executable runs --steps steps over data files "
@@ -180,7 +202,8 @@ def cmd_dump(args) -> int:
         raise TdcError("--ranks applies to the training step: add --train")
     from .runtime.launch import parallel_config
     graph = src.training_graph(args.batch, parallel_config(args)) if train else src.graph(args.batch)
-    fmt = (lambda g: to_dot(g)) if args.format == "dot" else print_graph
+    short = None if args.full_constants else ELIDE_ABOVE
+    fmt = (lambda g: to_dot(g)) if args.format == "dot" else (lambda g: print_graph(g, short))
     chunks = []
 
     def step_graph():
@@ -279,8 +302,9 @@ def cmd_run(args) -> int:
         raise TdcError(f"missing input {', '.join(missing)}; {src.name} takes {expected} "
                        "(give --input NAME=FILE.npy or --random-inputs)")
     params = load_weights(args.weights, graph) if args.weights else src.params   # an ONNX file's initializers
+    from .runtime.trainer import compile_progress
     exe = compile(graph, backend=args.backend, params=params, seed=args.seed, conv_algo=args.conv_algo,
-                  autotune=args.autotune)
+                  autotune=args.autotune, progress=compile_progress(src.name))
     results, batches = run_in_batches(exe, graph, given)
     if batches > 1:
         print(f"ran {batches} batches of {graph.inputs[0].type.shape[0]} (the last one padded)")
@@ -315,7 +339,7 @@ def cmd_compile(args) -> int:
     params = load_weights(args.weights, graph) if args.weights else src.params
     b = write_bundle(request_conv_algo(graph, args.conv_algo), args.output, params=params, seed=args.seed,
                      name=args.name or src.name, embed_weights=args.embed_weights, training=args.train,
-                     autotune=args.autotune,
+                     autotune=args.autotune, copy_blas=not args.shared_blas,
                      schedule=LrSchedule(args.schedule, args.warmup, args.step_size, args.gamma) if args.train else None)
     kind = "training step" if args.train else "inference"
     if parallel is not None:
@@ -333,6 +357,46 @@ def cmd_ops(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    from .files import cache_dir
+    root = Path(cache_dir())
+    # Numba also caches the hand-written kernels beside their source, in the installed package
+    kernels = Path(__file__).parent / "backends" / "numba" / "__pycache__"
+    numba_files = [p for p in kernels.glob("*") if p.suffix in (".nbi", ".nbc")] if kernels.exists() else []
+    if args.clear:
+        freed = _size(root) + sum(p.stat().st_size for p in numba_files)
+        shutil.rmtree(root, ignore_errors=True)
+        for p in numba_files:
+            p.unlink(missing_ok=True)
+        print(f"cleared {root} and Numba's kernel cache in {kernels}: {freed / 2**20:.1f} MB freed")
+        return 0
+    print(f"tdc cache: {root} (set TDC_CACHE_DIR to move it)")
+    parts = [(root / "numba", "generated Numba modules and their compiled code"),
+             (root / "llvm", "the LLVM backend's C runtime, one build per source version and CPU"),
+             (root / "autotune.json", "convolution algorithms measured with --autotune"),
+             (root / "targets.json", "cost-model rates calibrated on this machine")]
+    total = 0
+    for path, what in parts:
+        size = _size(path)
+        total += size
+        print(f"  {path.name:<15} {size / 2**20:8.1f} MB  {what}")
+    hand = sum(p.stat().st_size for p in numba_files)
+    print(f"  {'(package)':<15} {hand / 2**20:8.1f} MB  Numba's cache of tdc's hand-written kernels, in {kernels}")
+    print(f"  {'total':<15} {(total + hand) / 2**20:8.1f} MB  (tdc cache --clear deletes it all; it is rebuilt on demand)")
+    return 0
+
+
+def _size(path) -> int:
+    if not path.exists():
+        return 0
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv      # before or after the command: `tdc dump X --debug` too
@@ -346,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .runtime.trainer import cmd_train
             return cmd_train(args, argv)
-        return {"dump": cmd_dump, "run": cmd_run, "ops": cmd_ops, "compile": cmd_compile}[args.command](args)
+        return {"dump": cmd_dump, "run": cmd_run, "ops": cmd_ops, "compile": cmd_compile,
+                "cache": cmd_cache}[args.command](args)
     except TdcError as e:
         if debug:
             raise

@@ -154,7 +154,7 @@ def test_digits():
 
 
 def test_load_data_unknown_spec():
-    with pytest.raises(TdcError, match="unknown data set 'cifar'; use digits or mnist:DIR"):
+    with pytest.raises(TdcError, match="unknown data set 'cifar'; use digits, mnist:DIR, cifar10:DIR, npz:FILE"):
         load_data("cifar")
     with pytest.raises(TdcError, match="mnist:DIR"):
         load_data("mnist")

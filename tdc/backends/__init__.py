@@ -7,11 +7,13 @@ BACKENDS = ("reference", "numba", "llvm")
 
 
 def compile(graph, backend: str = "reference", params=None, seed: int = 0, conv_algo: str = "auto",
-            autotune: bool = False):
-    """Compile `graph` for `backend`. Params, consts and state come from `params` (name -> array)
-    and, for any not given, from their initializers seeded with `seed`. `conv_algo` asks for a
-    convolution algorithm wherever a layer asks for none (the conv_algo pass resolves it);
-    `autotune` times the candidates (as the numba backend runs them) instead of using the cost model."""
+            autotune: bool = False, progress=None):
+    """Compile `graph` for `backend`; the executable is ready to run when this returns (every
+    kernel compiled, or loaded from the on-disk cache). Params, consts and state come from `params`
+    (name -> array) and, for any not given, from their initializers seeded with `seed`. `conv_algo`
+    asks for a convolution algorithm wherever a layer asks for none (the conv_algo pass resolves
+    it); `autotune` times the candidates on the backend instead of using the cost model.
+    `progress(done, total)` hears how the numba backend's kernel compilation goes."""
     if conv_algo != "auto":
         from ..passes.conv_algo import request_conv_algo
         graph = request_conv_algo(graph, conv_algo)
@@ -20,7 +22,7 @@ def compile(graph, backend: str = "reference", params=None, seed: int = 0, conv_
         return ReferenceExecutable(graph, params, seed)
     if backend == "numba":
         from .numba import NumbaExecutable
-        return NumbaExecutable(graph, params, seed, autotune=autotune)
+        return NumbaExecutable(graph, params, seed, autotune=autotune, progress=progress)
     if backend == "llvm":
         from .llvm import LLVMExecutable
         return LLVMExecutable(graph, params, seed, autotune=autotune)

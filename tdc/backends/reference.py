@@ -6,6 +6,8 @@ every rank in lockstep (node by node), so a collective sees all ranks' inputs.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..errors import TdcError
@@ -85,6 +87,20 @@ def run(graph: Graph, feed: dict[Value, np.ndarray]) -> dict[Value, np.ndarray]:
     return run_ranks(graph, [feed])[0]
 
 
+_controller = None
+
+
+def blas_threads():
+    """numpy's BLAS on TDC_BLAS_THREADS threads (default 1, as the compiled backends run theirs)
+    for the duration of a call: on a shared 2-core machine, BLAS threads spinning against another
+    process made the reference's training 6x slower. The caller's setting is restored after."""
+    global _controller
+    from threadpoolctl import ThreadpoolController
+    if _controller is None:
+        _controller = ThreadpoolController()
+    return _controller.limit(limits=int(os.environ.get("TDC_BLAS_THREADS", "1")), user_api="blas")
+
+
 class ReferenceExecutable:
     """`exe(**inputs)` -> {output name: array}. Params, consts and state are held by the
     executable (set from a dict or initialised from a seed); updates are written back after each call.
@@ -148,6 +164,10 @@ class ReferenceExecutable:
         return {**{k: v for k, v in inputs.items() if k not in out}, **out}
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
+        with blas_threads():
+            return self._run(inputs)
+
+    def _run(self, inputs: dict) -> dict[str, np.ndarray]:
         if self.ranks == 1:
             envs = [run(self.graph, self.feed(inputs))]
         else:

@@ -32,14 +32,23 @@ def to_dot(g: Graph) -> str:
         color = KIND_COLORS.get(a.kind, "white")
         label = f"%{a.name}\n{a.type}\n{a.kind}"
         lines.append(f"  a{i} [shape=ellipse, style=filled, fillcolor={_q(color)}, label={_q(label)}];")
+    clusters: dict[str, list[str]] = {}    # fused kernel -> its nodes (drawn as a box around them)
     for i, node in enumerate(g.nodes):
         label = node.op + (f" @{node.placement}" if node.placement is not None else "")
         label += "".join(f"\n{v.type}" for v in node.outputs)
-        lines.append(f"  n{i} [shape=box, label={_q(label)}];")
+        decl = f"n{i} [shape=box, label={_q(label)}];"
+        if node.group is not None:
+            clusters.setdefault(node.group, []).append(decl)
+        else:
+            lines.append("  " + decl)
         for v in node.inputs:
             edge(v, f"n{i}")
         for v in node.outputs:
             ids.setdefault(v, f"n{i}")
+    for k, (kernel, decls) in enumerate(clusters.items()):
+        lines.append(f"  subgraph cluster_{k} {{ label={_q('kernel ' + kernel)}; style=rounded; color=\"steelblue\";")
+        lines += [f"    {d}" for d in decls]
+        lines.append("  }")
     for k, (name, v) in enumerate(g.outputs):
         lines.append(f"  o{k} [shape=house, style=filled, fillcolor=\"lightyellow\", label={_q(name)}];")
         edge(v, f"o{k}")

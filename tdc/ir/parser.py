@@ -333,6 +333,9 @@ class _Parser:
                 return words[tok.text]
             if tok.text in DTYPES:
                 return self.advance().text
+            if tok.text == "elided":
+                raise self.error("a constant printed in short (elided<...>) cannot be read back: print the graph "
+                                 "with every value (tdc dump --full-constants)", tok)
             if tok.text == "dense" and top:
                 self.advance()
                 self.expect("<", "'<' after dense")

@@ -21,6 +21,7 @@ from ..errors import TdcError
 from .graph import Graph, Node, Value
 from .types import DTYPES, TensorType
 
+PREVIEW = 4      # values an elided constant shows
 IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 PLACEMENT_RE = re.compile(r"[A-Za-z0-9_.:]+")
 NUMBER_RE = re.compile(r"[0-9]+")
@@ -55,10 +56,17 @@ def literal(v, dtype_attr: bool = False) -> str:
     raise TdcError(f"cannot print attribute value {v!r} of type {type(v).__name__}")
 
 
-def dense(a: np.ndarray, type_hint: TensorType | None) -> str:
-    """`dense<[[1.0,2.0]]>`, with ` : type` only when the tensor's type is not `type_hint`."""
-    text = f"dense<{_elements(np.asarray(a))}>"
+def dense(a: np.ndarray, type_hint: TensorType | None, max_elements: int | None = None) -> str:
+    """`dense<[[1.0,2.0]]>`, with ` : type` only when the tensor's type is not `type_hint`. With
+    more than `max_elements` elements, `elided<"HASH", [first values]> : type` instead: the
+    dtype, shape, a hash of the bytes and a few values (the parser refuses it)."""
+    a = np.asarray(a)
     t = TensorType.of(a)
+    if max_elements is not None and a.size > max_elements:
+        import hashlib
+        head = _elements(a.reshape(-1)[:PREVIEW])
+        return f'elided<"{hashlib.sha1(a.tobytes()).hexdigest()[:12]}", {head}> : {t}'
+    text = f"dense<{_elements(a)}>"
     return text if t == type_hint else f"{text} : {t}"
 
 
@@ -98,7 +106,7 @@ class _Namer:
         return self.names.get(v, "%<undefined>")
 
 
-def _attrs_text(node: Node) -> str:
+def _attrs_text(node: Node, max_elements: int | None = None) -> str:
     try:
         opdef = node.opdef
     except TdcError:
@@ -118,7 +126,7 @@ def _attrs_text(node: Node) -> str:
     hint = node.outputs[0].type if node.outputs else None
     parts = []
     for k, v in shown.items():
-        text = dense(v, hint) if isinstance(v, np.ndarray) else literal(v, kinds.get(k) == "dtype")
+        text = dense(v, hint, max_elements) if isinstance(v, np.ndarray) else literal(v, kinds.get(k) == "dtype")
         parts.append(f"{quote_name(k)}={text}")
     return " {" + ", ".join(parts) + "}"
 
@@ -132,7 +140,9 @@ def _arg_text(a: Value, name: str) -> str:
     return s
 
 
-def print_graph(g: Graph) -> str:
+def print_graph(g: Graph, max_elements: int | None = None) -> str:
+    """The graph as text. Constants of more than `max_elements` elements print in short
+    (elided<...>: readable, not parseable); by default every value prints, exactly."""
     name = _Namer(g)
     args = [_arg_text(a, name(a)) for a in g.args]
     head = f"graph {quote_name(g.name)}(" + ", ".join(args) + ") {"
@@ -147,7 +157,7 @@ def print_graph(g: Graph) -> str:
             if node.group is not None:
                 lines.append(f"  kernel {quote_name(node.group)} {{")
             group = node.group
-        s = f"{node.op}(" + ", ".join(name(v) for v in node.inputs) + ")" + _attrs_text(node)
+        s = f"{node.op}(" + ", ".join(name(v) for v in node.inputs) + ")" + _attrs_text(node, max_elements)
         if node.placement is not None:
             p = node.placement
             s += " @" + (p if PLACEMENT_RE.fullmatch(p) else json.dumps(p))

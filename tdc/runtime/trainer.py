@@ -111,6 +111,19 @@ def evaluate(exe, input_name: str, output: str, x: np.ndarray, y: np.ndarray, ba
     return correct, value
 
 
+def compile_progress(what: str, out=sys.stderr):
+    """A `progress(done, total)` for tdc.compile: a line on a terminal that counts the kernels,
+    and on anything else one line at the end when the compile took more than a second."""
+    t0 = time.perf_counter()
+
+    def report(done: int, total: int):
+        if out.isatty():
+            print(f"\rcompiling {what}: {done}/{total} kernels", end="\n" if done == total else "", file=out, flush=True)
+        elif done == total and time.perf_counter() - t0 > 1.0:
+            print(f"compiled {what}: {total} kernels in {time.perf_counter() - t0:.1f} s", file=out, flush=True)
+    return report
+
+
 class _Progress:
     """A tqdm bar per epoch when tqdm is importable and wanted; otherwise nothing (epoch lines still print)."""
 
@@ -304,12 +317,14 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                 out(f"resuming from {ck.path}: step {step}, epoch {epoch0 + 1}, batch {pos0}/{steps_per_epoch}")
         elif verbose:
             out(f"no checkpoint in {checkpoint} yet; starting from scratch")
-    exe = compile_graph(train_graph, backend=backend, params=params, seed=seed, conv_algo=conv_algo, autotune=autotune)
+    exe = compile_graph(train_graph, backend=backend, params=params, seed=seed, conv_algo=conv_algo, autotune=autotune,
+                        progress=compile_progress("the training step") if verbose else None)
     infer_args = [a.name for a in infer_graph.args if a.kind != "input"]
     # The inference executable owns copies that are refreshed in place before each evaluation:
     # a backend may bind its buffers at compile time, so replacing dict entries would go unseen.
     eval_exe = compile_graph(infer_graph, backend=backend, params={k: exe.state[k].copy() for k in infer_args},
-                             seed=seed, conv_algo=conv_algo, autotune=autotune)
+                             seed=seed, conv_algo=conv_algo, autotune=autotune,
+                             progress=compile_progress("the evaluation graph") if verbose else None)
 
     records: list[dict] = []
     metrics_file = None
@@ -487,10 +502,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-lr", type=int, metavar="BASE_BATCH",
                    help="linear scaling rule: multiply lr by batch / BASE_BATCH (use with --warmup)")
     add_optimizer_arguments(p)
-    p.add_argument("--backend", default="numba", choices=("numba", "llvm", "reference"),
-                   help="numba (compiled; the first run compiles for ~30 s, later runs load from the cache), "
-                        "llvm (native code through LLVM, compiled in a few seconds) "
-                        "or reference (the numpy interpreter; bitwise-reproducible resumes)")
+    p.add_argument("--backend", default="llvm", choices=("llvm", "numba", "reference"),
+                   help="llvm (native code through LLVM, compiled in a second or two: the default), numba "
+                        "(generated Numba source; the first run compiles for up to a minute, later runs load from "
+                        "the cache) or reference (the numpy interpreter; bitwise-reproducible resumes)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order (default 0)")
     p.add_argument("--checkpoint", metavar="DIR", help="write DIR/last.npz after every epoch")
     p.add_argument("--checkpoint-every", type=int, metavar="K", help="also checkpoint every K steps")

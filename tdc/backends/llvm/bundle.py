@@ -158,7 +158,7 @@ def _gcc(args: list[str], what: str):
 
 def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: int = 0,
                  name: str | None = None, embed_weights: bool = False, training: bool = False,
-                 autotune: bool = False, schedule: LrSchedule | None = None) -> Bundle:
+                 autotune: bool = False, schedule: LrSchedule | None = None, copy_blas: bool = True) -> Bundle:
     """Compile `graph` into the bundle directory `out_dir` (created or refreshed)."""
     from ..executable import initial_state
     from .runtime import build_comm, build_runtime
@@ -188,13 +188,17 @@ def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: i
         hdr = os.path.join(tmp, "model.h")
         with open(hdr, "w") as f:
             f.write(header)
-        blas = os.path.join(rt.openblas_lib_dir, "libscipy_openblas.so")
-        shutil.copy2(blas, os.path.join(tmp, "libscipy_openblas.so"))
+        if copy_blas:     # a copy beside the executable, found through $ORIGIN: the bundle can move
+            shutil.copy2(os.path.join(rt.openblas_lib_dir, "libscipy_openblas.so"), os.path.join(tmp, "libscipy_openblas.so"))
+            blas = ["-L" + tmp, "-lscipy_openblas", "-Wl,-rpath,$ORIGIN"]
+        else:             # the installed library, shared by every bundle: the bundle stays with this install
+            blas = [f"-L{rt.openblas_lib_dir}", "-lscipy_openblas", f"-Wl,-rpath,{rt.openblas_lib_dir}"]
+            if os.path.exists(os.path.join(out_dir, "libscipy_openblas.so")):
+                os.remove(os.path.join(out_dir, "libscipy_openblas.so"))
         exe = os.path.join(tmp, "model")
         comm = build_comm().link_args() if mb.uses_comm else []   # MPI: found through an absolute rpath
         _gcc(["-O2", "-std=c11", f'-DTDC_MODEL_HEADER="{os.path.abspath(hdr)}"', os.path.join(RUNTIME_DIR, "main.c"),
-              obj, str(rt.object_path), *comm, "-L" + tmp, "-lscipy_openblas", "-Wl,-rpath,$ORIGIN", "-lpthread",
-              "-lm", "-o", exe], "the executable")
+              obj, str(rt.object_path), *comm, *blas, "-lpthread", "-lm", "-o", exe], "the executable")
         if not embed_weights:
             write_weights(os.path.join(tmp, "model.weights"), [(a.name, values[a.name]) for a, _ in mb.weights.entries],
                           layout=_layout(mb), payload_bytes=mb.weights.nbytes)

@@ -56,19 +56,23 @@ def prepare_runtime() -> None:
     * start Numba's thread pool. A driver loaded from Numba's cache calls parallel kernels
       without going through their dispatchers, which is what normally starts the pool; without
       it, the second run of a graph (a cache hit) crashed;
-    * run BLAS on one thread: Numba's threads parallelise the kernels (the conv kernels call
-      BLAS from inside their parallel loops). Two pools on two cores made kernels up to 10x
-      slower here."""
+    * run the BLAS that Numba's kernels call on one thread: Numba's threads parallelise the
+      kernels (the conv kernels call BLAS from inside their parallel loops). Two pools on two
+      cores made kernels up to 10x slower here. That BLAS is SciPy's OpenBLAS (Numba's np.dot
+      calls it), not numpy's: numpy's, the caller's, keeps its threads."""
     global _prepared
     if not _prepared:
         from numba.np.ufunc.parallel import _launch_threads
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
         _launch_threads()
-        try:   # Numba's np.dot calls SciPy's OpenBLAS (not numpy's): load it so the limit reaches it
+        try:   # load SciPy's BLAS now, so that the limit reaches it
             import scipy.linalg.cython_blas  # noqa: F401
         except ImportError:
             pass
-        threadpool_limits(int(os.environ.get("TDC_BLAS_THREADS", "1")), user_api="blas")
+        threads = int(os.environ.get("TDC_BLAS_THREADS", "1"))
+        for lib in ThreadpoolController().select(user_api="blas").lib_controllers:
+            if f"{os.sep}numpy" not in lib.filepath:
+                lib.set_num_threads(threads)
         _prepared = True
 
 
@@ -79,8 +83,10 @@ _prepared = False
 class NumbaExecutable:
     backend = "numba"
 
-    def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0, autotune: bool = False):
+    def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0, autotune: bool = False,
+                 progress=None):
         prepare_runtime()
+        self.progress = progress      # called with (kernels compiled, total)
         self.source_graph = graph
         self.comm = communicator()
         check_world(graph_ranks(graph), self.comm)
@@ -160,6 +166,7 @@ class NumbaExecutable:
             return repr(float(x))
 
         copies = {n: (dst, src) for n, dst, src in self.copies}
+        calls: list[tuple] = []               # (kernel name or library function, its arguments)
         segments: list[list[str]] = [[]]
         python_steps: dict[int, tuple] = {}   # segment index after which a fallback runs
         for step in self.program.steps:
@@ -174,12 +181,14 @@ class NumbaExecutable:
                 if isinstance(step, Loop) and step.anchor is not None:
                     args += [arrays[v] for v in step.anchor.inputs] + self.program.loop_extra.get(name, [])
                 segments[-1].append(f"{name}({', '.join(expr(a) for a in args)})")
+                calls.append((name, args))
             elif isinstance(step, Library) and not is_python_step(step):
                 n = step.node
                 ins, outs = [arrays[v] for v in n.inputs], [arrays[v] for v in n.outputs]
                 fn, args = LIBRARY[n.op](n, ins, outs, self.program) if n.op in CONV_OPS else LIBRARY[n.op](n, ins, outs)
                 mod = "CA" if fn.__module__.endswith("conv_algos") else "K"
                 segments[-1].append(f"{mod}.{fn.__name__}({', '.join(expr(a) for a in args)})   # {name}: {n.op}")
+                calls.append((fn, args))
             else:
                 n = step.node
                 python_steps[len(segments) - 1] = (name, self._python_step(n),
@@ -192,6 +201,7 @@ class NumbaExecutable:
         self.driver_source = "\n".join(lines)
         self.module = load_module(self.program.module_source() + "\n\n" + self.driver_source)
         self.buffers = tuple(bufs)
+        self._compile(calls, [getattr(self.module, f"drive{k}") for k in range(len(segments)) if segments[k]])
         steps = []
         for k in range(len(segments)):
             if segments[k]:
@@ -205,6 +215,24 @@ class NumbaExecutable:
         self.outputs = [(n, arrays[v]) for n, v in self.graph.outputs]
         self.inputs = [(a, arrays[a]) for a in self.graph.inputs]
         self._hide_cached_weights()
+
+    def _compile(self, calls: list[tuple], drivers: list) -> None:
+        """Compile every kernel for the arguments it will get, then the drivers, now rather than on
+        the first call (so `tdc.compile` returns a ready executable and a first step's time is a
+        step's), telling `self.progress` (done, total) as it goes. Cached kernels load from disk."""
+        import numba
+        kernels, seen = [], set()
+        for fn, args in calls:
+            disp = getattr(self.module, fn) if isinstance(fn, str) else fn
+            sig = tuple(numba.typeof(a) for a in args)
+            if (id(disp), sig) not in seen:
+                seen.add((id(disp), sig))
+                kernels.append((disp, sig))
+        work = kernels + [(d, (numba.typeof(self.buffers),)) for d in drivers]
+        for i, (disp, sig) in enumerate(work):
+            disp.compile(sig)
+            if self.progress is not None:
+                self.progress(i + 1, len(work))
 
     def _hide_cached_weights(self):
         """Params whose Winograd filter transform is kept between calls are shown read-only in
