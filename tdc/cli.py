@@ -189,6 +189,9 @@ def cmd_dump(args) -> int:
     from .passes.manager import PassContext, Pipeline
     from .runtime.loader import Source
 
+    if args.output:
+        from .files import check_output_file
+        check_output_file(args.output, "-o")
     src = Source(args.model)
     inference, training, n_train = dump_pipelines(args)
     names_inf = [p.name for p in inference.passes]
@@ -221,7 +224,7 @@ def cmd_dump(args) -> int:
             chunks.append(memory_report(lowered))
         if args.source:   # the executable's kernels and driver (Numba compiles them only when first run)
             from .backends.numba import NumbaExecutable
-            chunks.append(NumbaExecutable(step_graph(), autotune=args.autotune).source())
+            chunks.append(NumbaExecutable(step_graph(), autotune=args.autotune, eager=False).source())
         if args.llvm or args.asm:
             from .backends.llvm.bundle import assembly, llvm_ir
             chunks.append(assembly(step_graph(), args.autotune) if args.asm

@@ -40,9 +40,13 @@ def conv2d(x: Tensor, out_channels: int, kernel, stride=1, pad=0, dilation=1, gr
     return F.conv2d(x, w, bb, stride=stride, pad=pad, dilation=dilation, groups=groups, algo=algo)
 
 
-def batchnorm(x: Tensor, eps: float = 1e-5, momentum: float = 0.9, name: str | None = None) -> Tensor:
+def batchnorm(x: Tensor, eps: float = 1e-5, momentum: float = 0.9, name: str | None = None,
+              unbiased_running_var: bool = False) -> Tensor:
     """Per-channel (dim 1) batch normalization with learned scale and bias and running statistics
-    (state). In a training trace it normalizes with batch statistics and updates the running ones."""
+    (state). In a training trace it normalizes with batch statistics and updates the running ones:
+    running = momentum * running + (1 - momentum) * batch (ONNX's convention; PyTorch's momentum
+    is 1 - this one). The running variance takes the biased batch variance, unless
+    `unbiased_running_var` (PyTorch's way: n / (n - 1) times it, n the values per channel)."""
     b, name = _layer(x, "bn", name)
     if x.ndim < 2:
         raise ShapeError(f"batchnorm {name}: input must be [N, C, ...], got {x.type}")
@@ -54,6 +58,10 @@ def batchnorm(x: Tensor, eps: float = 1e-5, momentum: float = 0.9, name: str | N
     if not b.training:
         return F.batchnorm(x, gamma, beta, mean, var, eps=eps, momentum=momentum)
     y, new_mean, new_var = F.batchnorm(x, gamma, beta, mean, var, eps=eps, momentum=momentum, training=True)
+    n = x.type.size // c
+    if unbiased_running_var and n > 1 and momentum < 1:
+        # new_var - momentum * var is (1 - momentum) * (batch variance): scale that part by n / (n - 1)
+        new_var = new_var + (new_var - var * momentum) * (1.0 / (n - 1))
     b.graph.add_update(mean.value, new_mean.value)
     b.graph.add_update(var.value, new_var.value)
     return y

@@ -84,9 +84,10 @@ class NumbaExecutable:
     backend = "numba"
 
     def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0, autotune: bool = False,
-                 progress=None):
+                 progress=None, eager: bool = True):
         prepare_runtime()
         self.progress = progress      # called with (kernels compiled, total)
+        self.eager = eager            # compile now (else on the first call: for looking at the source)
         self.source_graph = graph
         self.comm = communicator()
         check_world(graph_ranks(graph), self.comm)
@@ -201,7 +202,8 @@ class NumbaExecutable:
         self.driver_source = "\n".join(lines)
         self.module = load_module(self.program.module_source() + "\n\n" + self.driver_source)
         self.buffers = tuple(bufs)
-        self._compile(calls, [getattr(self.module, f"drive{k}") for k in range(len(segments)) if segments[k]])
+        if self.eager:
+            self._compile(calls, [getattr(self.module, f"drive{k}") for k in range(len(segments)) if segments[k]])
         steps = []
         for k in range(len(segments)):
             if segments[k]:
