@@ -335,6 +335,10 @@ def cmd_compile(args) -> int:
     parallel = parallel_config(args)
     if parallel is not None and not args.train:
         raise TdcError("--ranks is for training steps: add --train")
+    from .runtime.staged import staged
+    if staged(parallel):
+        raise TdcError("--ps and --compress run on tdc train's staged runtime (compiled stages with MPI messages "
+                       "between them); a native executable takes plain data parallelism (--ranks N)")
     src = Source(args.model)
     graph = src.training_graph(args.batch, parallel) if args.train else src.graph(args.batch)
     if args.train:

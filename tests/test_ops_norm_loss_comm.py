@@ -389,6 +389,92 @@ def test_recv_in_a_single_rank_run_without_send():
         run_ranks(g, [{}])
 
 
+def _placed_push_pull(compress="none"):
+    """Workers 0 and 1 push x to server 2, which adds one and the workers pull the result."""
+    g = Graph("ps")
+    x = g.add_arg("x", TensorType("f32", (1, 3)), "input")
+    attrs = {"server": 2, "workers": 2, "world": 3}
+    (m,) = g.emit("push", [x], {**attrs, "compress": compress}, placement="ranks:0..2")
+    (one,) = g.emit("constant", [], {"value": np.float32(1.0)})
+    (m1,) = g.emit("add", [m, one], placement="rank:2")
+    (y,) = g.emit("pull", [m1], attrs, placement="ranks:0..2")
+    return g, x, m, y
+
+
+def test_push_gives_the_server_the_workers_mean_and_pull_copies_it_back():
+    g, x, m, y = _placed_push_pull()
+    envs = run_ranks(g, [{x: v.astype(np.float32)} for v in RANK_VALUES])
+    mean = (RANK_VALUES[0] + RANK_VALUES[1]) / 2          # the server's own x takes no part
+    np.testing.assert_allclose(envs[2][m], mean, rtol=1e-7)
+    for r in range(2):
+        np.testing.assert_array_equal(envs[r][m], RANK_VALUES[r].astype(np.float32))   # a worker keeps its own
+        np.testing.assert_allclose(envs[r][y], mean + 1, rtol=1e-7)
+    envs[0][y][...] = 0       # every worker has its own copy
+    assert envs[1][y][0, 0] != 0
+
+
+def test_a_compressed_push_delivers_what_the_compressor_keeps():
+    """topk:1 keeps the largest magnitude of each worker's tensor; the server gets their mean."""
+    g, x, m, y = _placed_push_pull("topk:1")
+    envs = run_ranks(g, [{x: v.astype(np.float32)} for v in RANK_VALUES])
+    assert envs[2][m].tolist() == [[0.0, 0.0, -1.5]]       # (3 from rank 0, -6 from rank 1) / 2
+
+
+def test_push_and_pull_need_their_server():
+    g = Graph("nos")
+    x = g.add_arg("x", TensorType("f32", (2,)), "input")
+    g.emit("push", [x], {"server": 2, "workers": 2, "world": 3}, placement="ranks:0..1")
+    with pytest.raises(TdcError, match="push to server 2"):
+        run_ranks(g, [{x: np.zeros(2, np.float32)}] * 3)
+    g = Graph("nos")
+    x = g.add_arg("x", TensorType("f32", (2,)), "input")
+    g.emit("pull", [x], {"server": 2, "workers": 2, "world": 3}, placement="ranks:0..1")
+    with pytest.raises(TdcError, match="pull from server 2"):
+        run_ranks(g, [{x: np.zeros(2, np.float32)}] * 3)
+
+
+def test_push_and_pull_gradients_match_finite_differences_over_ranks():
+    """The gradient rules, evaluated on simulated ranks, against central differences of the
+    forward ops: push's (the server's gradient pulled back, over the workers) and pull's (the
+    workers' gradients pushed and summed on the server)."""
+    from tdc.ir.opdef import get_op
+    from tdc.ops.tensor import Builder, Tensor
+
+    class Ctx:
+        def __init__(self, g, attrs):
+            self.g, self.attrs = g, attrs
+    attrs = {"server": 2, "workers": 2, "world": 3}
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(3) for _ in range(3)]
+    ws = [rng.standard_normal(3) for _ in range(3)]
+
+    def forward(op, xs):      # sum over ranks holding a result of <result, w_rank>
+        g = Graph("f")
+        x = g.add_arg("x", TensorType("f64", (3,)), "input")
+        (y,) = g.emit(op, [x], attrs, placement="ranks:0..2")
+        envs = run_ranks(g, [{x: v} for v in xs])
+        on = [2] if op == "push" else [0, 1]
+        return sum(float(envs[r][y] @ ws[r]) for r in on)
+
+    for op in ("push", "pull"):
+        g = Graph("b")
+        u = g.add_arg("u", TensorType("f64", (3,)), "input")   # the gradient arriving at the op's output
+        with Builder(g) as b:
+            (gx,) = get_op(op).grad(Ctx(Tensor(u, b), dict(get_op(op).normalize_attrs(attrs))), None)
+        for n in g.nodes:
+            n.placement = "ranks:0..2" if n.opdef.collective else None
+        envs = run_ranks(g, [{u: w} for w in ws])
+        takes = [0, 1] if op == "push" else [2]       # the ranks whose x reaches the output
+        for r in takes:
+            for j in range(3):
+                h = 1e-6
+                up, down = [x.copy() for x in xs], [x.copy() for x in xs]
+                up[r][j] += h
+                down[r][j] -= h
+                numeric = (forward(op, up) - forward(op, down)) / (2 * h)
+                assert envs[r][gx.value][j] == pytest.approx(numeric, rel=1e-6, abs=1e-9), (op, r, j)
+
+
 # ---- every op of the seven families is covered above or in the sibling test files -------------
 
 TESTED = {
@@ -400,7 +486,8 @@ TESTED = {
     "shape": {"reshape", "flatten", "transpose", "broadcast_to", "concat", "slice", "slice_grad", "pad"},
     "norm": {"batchnorm", "dropout"},
     "loss": {"softmax_cross_entropy", "mse", "one_hot"},
-    "comm": {"allreduce", "allreduce_start", "allreduce_wait", "broadcast", "reduce_to", "send", "recv"},
+    "comm": {"allreduce", "allreduce_start", "allreduce_wait", "broadcast", "reduce_to", "send", "recv", "push",
+             "pull"},
 }
 
 

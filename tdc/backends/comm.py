@@ -181,9 +181,10 @@ class MPIComm:
         while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=ROLL_TAG):
             self.comm.Recv(self._token, source=MPI.ANY_SOURCE, tag=ROLL_TAG)
 
-    def _roll_call(self) -> list[int]:
-        """The ranks that do not receive a synchronous message within ROLL_GRACE seconds."""
-        others = [q for q in range(self.size) if q != self.rank]
+    def _roll_call(self, ranks=None) -> list[int]:
+        """The ranks (of `ranks`, by default all others) that do not receive a synchronous
+        message within ROLL_GRACE seconds."""
+        others = [q for q in (range(self.size) if ranks is None else ranks) if q != self.rank]
         reqs = [self.comm.Issend(self._token, dest=q, tag=ROLL_TAG) for q in others]
         deadline = time.monotonic() + ROLL_GRACE
         while time.monotonic() < deadline and not all(r.Test() for r in reqs):
@@ -360,6 +361,26 @@ def communicator(timeout: float | None = None):
     elif timeout is not None and isinstance(_world, MPIComm):
         _world.timeout = float(timeout)
     return _world
+
+
+_failure_notices = [0]
+
+
+def survive_lost_ranks() -> None:
+    """Go on when another rank of the job dies. mpiexec -disable-auto-cleanup leaves the other
+    ranks running, and MPICH's hydra tells each of them with SIGUSR1, whose default action would
+    end them too: count the notices instead (`failure_notices`), so a server can look for the
+    lost rank at once."""
+    import signal
+
+    def notice(signum, frame):
+        _failure_notices[0] += 1
+    signal.signal(signal.SIGUSR1, notice)
+
+
+def failure_notices() -> int:
+    """How many times this process was told that another rank died (see survive_lost_ranks)."""
+    return _failure_notices[0]
 
 
 def fail_job(message: str, code: int = 3) -> None:

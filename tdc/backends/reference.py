@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from ..errors import TdcError
-from ..ir.graph import Graph, Value
+from ..ir.graph import Graph, Value, placed_ranks
 from ..ir.types import TensorType
 from .executable import check_feed, graph_ranks, initial_state
 
@@ -36,11 +36,10 @@ class Mailbox:
 
 
 def _placed_on(node, rank: int) -> bool:
-    """A node with placement 'rank:N' runs only on rank N; without placement, on every rank."""
-    p = node.placement
-    if p is None or not p.startswith("rank:"):
-        return True
-    return int(p.split(":", 1)[1]) == rank
+    """A node placed at rank:N runs only on rank N, at ranks:A..B on those; without a placement,
+    on every rank."""
+    ranks = placed_ranks(node.placement)
+    return ranks is None or rank in ranks
 
 
 def run_ranks(graph: Graph, feeds: list[dict[Value, np.ndarray]]) -> list[dict[Value, np.ndarray]]:
@@ -52,8 +51,8 @@ def run_ranks(graph: Graph, feeds: list[dict[Value, np.ndarray]]) -> list[dict[V
     for node in graph.nodes:
         opdef = node.opdef
         ranks = [r for r in range(world) if _placed_on(node, r)]
-        if opdef.collective:
-            per_rank = [[envs[r][v] for v in node.inputs] for r in ranks]
+        if opdef.collective:   # a value a participant does not hold (computed elsewhere) is None
+            per_rank = [[envs[r].get(v) for v in node.inputs] for r in ranks]
             results = opdef.ref(per_rank, ranks=ranks, **node.attrs)
             for r, out in zip(ranks, results):
                 _store(envs[r], node, out)
@@ -69,6 +68,16 @@ def run_ranks(graph: Graph, feeds: list[dict[Value, np.ndarray]]) -> list[dict[V
                 out = opdef.ref(*ins, **node.attrs)
             _store(envs[r], node, out)
     return envs
+
+
+def _readers(graph: Graph, arg: Value, world: int) -> list[int]:
+    """The ranks on which some node reads `arg`, in order."""
+    ranks: set[int] = set()
+    for n in graph.nodes:
+        if arg in n.inputs:
+            placed = placed_ranks(n.placement)
+            ranks |= set(range(world)) if placed is None else placed
+    return sorted(ranks) or list(range(world))
 
 
 def _store(env, node, out):
@@ -105,10 +114,11 @@ class ReferenceExecutable:
     """`exe(**inputs)` -> {output name: array}. Params, consts and state are held by the
     executable (set from a dict or initialised from a seed); updates are written back after each call.
 
-    A step compiled for N ranks (data_parallel) runs on N simulated ranks: each input whose first
-    dim is N times the graph's is the global batch, cut into one shard per rank; the others go to
-    every rank. Outputs and `state` are rank 0's (the averaged loss and the params are the same on
-    every rank)."""
+    A step compiled for N ranks (data_parallel, parameter_server) runs on N simulated ranks: each
+    input whose first dim is k times the graph's, where k ranks read it, is the global batch, cut
+    into one shard per reader (`shard`); the others go to every rank. Outputs and `state` are
+    rank 0's (the averaged loss and the params are the same on every rank; with a parameter
+    server rank 0 is a worker, and the servers' pieces of the params are in `rank_states`)."""
 
     backend = "reference"
 
@@ -117,6 +127,7 @@ class ReferenceExecutable:
         self.ranks = graph_ranks(graph)
         self.state: dict[str, np.ndarray] = initial_state(graph, params, seed)
         self.rank_states = [dict(self.state) for _ in range(self.ranks - 1)]   # ranks 1.. (0 is `state`)
+        self.readers = {a: _readers(graph, a, self.ranks) for a in graph.inputs}
 
     def set_state(self, values: dict[str, np.ndarray]) -> None:
         """Replace params or state by name (every backend has this; see NumbaExecutable.set_state)."""
@@ -150,15 +161,19 @@ class ReferenceExecutable:
         return 0, 0.0
 
     def shard(self, inputs: dict, rank: int) -> dict:
-        """Rank `rank`'s part of global inputs: rows [rank * b, (rank + 1) * b) of each input
-        whose first dim is ranks * b for the graph's b."""
+        """Rank `rank`'s part of global inputs: of each input whose first dim is k * b for the
+        graph's b, where k ranks read it (every rank in data parallelism, the workers with a
+        parameter server), the i-th reader gets rows [i * b, (i + 1) * b). A rank that does not
+        read an input gets the first part (unused)."""
         out = {}
         for a in self.graph.inputs:
             x = np.asarray(inputs[a.name]) if a.name in inputs else None
             shape = a.type.shape
-            if x is not None and shape and x.ndim == len(shape) and x.shape[0] == self.ranks * shape[0] \
+            readers = self.readers[a]
+            if x is not None and shape and x.ndim == len(shape) and x.shape[0] == len(readers) * shape[0] \
                     and x.shape[1:] == shape[1:]:
-                x = x[rank * shape[0]:(rank + 1) * shape[0]]
+                i = readers.index(rank) if rank in readers else 0
+                x = x[i * shape[0]:(i + 1) * shape[0]]
             if x is not None:
                 out[a.name] = x
         return {**{k: v for k, v in inputs.items() if k not in out}, **out}
@@ -175,5 +190,6 @@ class ReferenceExecutable:
             envs = run_ranks(self.graph, [self.feed(self.shard(inputs, r), states[r]) for r in range(self.ranks)])
         for st, env in zip([self.state] + self.rank_states, envs):
             for target, v in self.graph.updates:
-                st[target.name] = env[v]
+                if v in env:     # computed on this rank
+                    st[target.name] = env[v]
         return {name: envs[0][v] for name, v in self.graph.outputs}

@@ -72,6 +72,16 @@ def init_value(arg: Value, seed: int) -> np.ndarray:
 
 
 def init_params(graph: Graph, seed: int = 0, only_missing: dict | None = None) -> dict[str, np.ndarray]:
-    """Values for every non-input argument (params, consts, state) not in `only_missing`."""
+    """Values for every non-input argument (params, consts, state) not in `only_missing`. An arg
+    with init="piece" (a parameter server's part of a param) is elements [start, stop) of the
+    flattened value of param `of`, whether given or drawn."""
     have = only_missing or {}
-    return {a.name: init_value(a, seed) for a in graph.args if a.kind != "input" and a.name not in have}
+    out = {a.name: init_value(a, seed) for a in graph.args
+           if a.kind != "input" and a.name not in have and a.attrs.get("init") != "piece"}
+    for a in graph.args:
+        if a.name not in have and a.attrs.get("init") == "piece":
+            whole = have.get(a.attrs["of"], out.get(a.attrs["of"]))
+            if whole is None:
+                raise TdcError(f"{a.kind} {a.name} is a piece of {a.attrs['of']}, which has no value")
+            out[a.name] = np.asarray(whole).reshape(-1)[a.attrs["start"]:a.attrs["stop"]].astype(a.type.np_dtype)
+    return out

@@ -18,6 +18,43 @@ from .types import TensorType
 ARG_KINDS = ("input", "param", "const", "state")
 
 
+def placed_ranks(placement: str | None) -> set[int] | None:
+    """The ranks a node placed at `placement` runs on: "rank:2", "ranks:1..3" (1, 2, 3) or
+    "ranks:0..2,5" (0, 1, 2, 5); None (no placement) means every rank. Other placements (a
+    device name) are not ranks: None."""
+    if placement is None:
+        return None
+    kind, _, spec = placement.partition(":")
+    try:
+        if kind == "rank":
+            return {int(spec)}
+        if kind == "ranks":
+            ranks = set()
+            for item in spec.split(","):
+                lo, _, hi = item.partition("..")
+                ranks.update(range(int(lo), int(hi or lo) + 1))
+            return ranks
+    except ValueError:
+        pass
+    else:
+        return None
+    raise TdcError(f"bad placement {placement!r}: expected rank:N or ranks:A..B,C,...")
+
+
+def ranks_placement(ranks) -> str:
+    """The placement text of a set of ranks (the inverse of placed_ranks)."""
+    rs = sorted(set(ranks))
+    if len(rs) == 1:
+        return f"rank:{rs[0]}"
+    runs: list[list[int]] = []
+    for r in rs:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return "ranks:" + ",".join(str(a) if a == b else f"{a}..{b}" for a, b in runs)
+
+
 class Value:
     __slots__ = ("type", "name", "producer", "index", "kind", "attrs")
 

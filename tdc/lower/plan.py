@@ -79,11 +79,19 @@ class KernelPlan:
     literal_values: dict[Value, np.ndarray]   # constant / full nodes, inlined or bound as arrays
 
 
+STAGED_OPS = ("push", "pull")   # exchanges only the staged runtime (runtime/staged.py) runs
+
+
 def build_plan(graph: Graph, loop_dtypes: tuple[str, ...]) -> KernelPlan:
     """The kernel plan of fused graph `graph`; kernels touching a dtype outside `loop_dtypes`
     (the dtypes the target's generated code handles) become fallbacks."""
     plan = KernelPlan(graph, [], {})
     for n in graph.nodes:
+        if n.op in STAGED_OPS or n.attrs.get("compress", "none") != "none":
+            where = f" ({n.loc})" if n.loc else ""
+            raise TdcError(f"{n.op}{where} is carried out by tdc's staged runtime (tdc train --ps S / --compress), "
+                           "between compiled stages, not inside one compiled program: a parameter-server or "
+                           "compressed step is run by tdc train, or cut per rank with tdc.lower.stages.split_rank")
         if is_literal(n):
             plan.literal_values[n.outputs[0]] = n.opdef.ref(**n.attrs)
     users = graph.users()

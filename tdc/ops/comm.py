@@ -10,12 +10,21 @@ from ..ir.types import TensorType
 from . import functional as F
 from ..ir.opdef import Attr, defop
 from .common import fail, numel
+from .compress import round_trip
 
 _REDUCERS = {"sum": np.add, "max": np.maximum, "min": np.minimum}
 
 
-def _allreduce_ref(per_rank, ranks, op, algo="auto", world=0):
-    xs = [ins[0] for ins in per_rank]
+def _compressed(per_rank, ranks, compress):
+    """Each rank's input as it arrives compressed (runtime: a seed per rank; no error feedback)."""
+    if compress == "none":
+        return per_rank
+    return [[round_trip(compress, ins[0], r)] + ins[1:] if ins[0] is not None else ins
+            for r, ins in zip(ranks, per_rank)]
+
+
+def _allreduce_ref(per_rank, ranks, op, algo="auto", world=0, compress="none"):
+    xs = [ins[0] for ins in _compressed(per_rank, ranks, compress)]
     if op == "mean":
         total = np.sum(xs, axis=0, dtype=xs[0].dtype) / len(xs)
     else:
@@ -46,8 +55,10 @@ _ALLREDUCE_ATTRS = {
                      "recursive doubling; tree: binomial reduce then broadcast; auto: not chosen yet"),
     "world": Attr("int", 0, doc="the number of ranks the step was compiled for (0: any)"),
 }
+_COMPRESS_ATTR = Attr("str", "none", doc="how each rank's value is compressed on the wire (ops/compress.py); "
+                                          "a compressed allreduce is an allgather of the messages")
 
-defop("allreduce", "comm", attrs=_ALLREDUCE_ATTRS,
+defop("allreduce", "comm", attrs={**_ALLREDUCE_ATTRS, "compress": _COMPRESS_ATTR},
       infer=_same, ref=_allreduce_ref, grad=_allreduce_grad, collective=True, cost=_comm_cost,
       doc="every rank gets the reduction over all ranks")
 
@@ -66,6 +77,48 @@ defop("allreduce_start", "comm", attrs=_ALLREDUCE_ATTRS, infer=_same, ref=_allre
 defop("allreduce_wait", "comm", infer=_same, ref=lambda h: h.copy(), grad=lambda ctx, h: [ctx.g],
       cost=_comm_cost, doc="wait for the allreduce started by allreduce_start(h) and return the reduction "
                            "(h itself when nothing is in flight)")
+
+
+# ---- a parameter server's push and pull (passes/parameter_server.py) --------------------------------
+# Placed on the server and its workers. push: the workers' values reach the server, which gets
+# their mean (in synchronous mode; the runtime's asynchronous modes apply one worker's at a
+# time); a worker's result is its own value. pull: the server's value reaches every worker.
+
+def _push_ref(per_rank, ranks, server, workers=1, world=0, compress="none"):
+    workers = [ins[0] for r, ins in zip(ranks, _compressed(per_rank, ranks, compress)) if r != server]
+    if not workers or server not in ranks:
+        fail(f"push to server {server}: the participants {ranks} need the server and at least one worker")
+    mean = (np.sum(workers, axis=0, dtype=np.float64) / len(workers)).astype(workers[0].dtype)
+    return [mean if r == server else ins[0] for r, ins in zip(ranks, per_rank)]
+
+
+def _pull_ref(per_rank, ranks, server, workers=1, world=0):
+    if server not in ranks:
+        fail(f"pull from server {server}: it is not among the participants {ranks}")
+    x = per_rank[ranks.index(server)][0]
+    return [x.copy() for _ in ranks]
+
+
+_PS_ATTRS = {"server": Attr("int", doc="the server rank"),
+             "workers": Attr("int", 1, doc="how many workers take part"),
+             "world": Attr("int", 0, doc="the number of ranks the step was compiled for")}
+
+
+def _ps_grad(to: str, scale):
+    """push (a mean over workers) and pull (a copy to every worker) are each other's adjoints, up to
+    the number of workers: d mean / d x_w = 1 / W; the copies' gradients sum over the W workers."""
+    def grad(ctx, x):
+        a = {k: ctx.attrs[k] for k in _PS_ATTRS}
+        return [F.apply(to, ctx.g, **a) * scale(a["workers"])]
+    return grad
+
+
+defop("push", "comm", attrs={**_PS_ATTRS, "compress": _COMPRESS_ATTR},
+      infer=_same, ref=_push_ref, collective=True, cost=_comm_cost, grad=_ps_grad("pull", lambda w: 1.0 / w),
+      doc="workers send x to the server, which gets their mean (a parameter server's gradient push)")
+defop("pull", "comm", attrs=_PS_ATTRS, infer=_same, ref=_pull_ref, collective=True, cost=_comm_cost,
+      grad=_ps_grad("push", lambda w: float(w)),
+      doc="every worker gets the server's x (a parameter server's param pull)")
 
 
 def _broadcast_ref(per_rank, ranks, root):

@@ -30,6 +30,7 @@ from ..errors import TdcError
 from ..ir.graph import Graph, Node, Value
 from ..ops import functional as F
 from ..ops.comm import ALLREDUCE_ALGOS
+from ..ops.compress import dense_cheaper, parse_compression
 from ..ops.tensor import Builder, Tensor
 from .autodiff import GRAD_PREFIX
 from .manager import register_pass
@@ -90,8 +91,10 @@ class DataParallel:
     algo: str = "auto"
     sync_bn: bool = False
     network: str = "shm"
+    compress: str = "none"        # --compress: each gradient compressed on the wire (ops/compress.py)
 
     def __post_init__(self):
+        self.compression = parse_compression(self.compress)
         if self.ranks < 1:
             raise TdcError(f"--ranks must be >= 1, got {self.ranks}")
         if self.bucket_bytes < 0:
@@ -126,12 +129,15 @@ def data_parallel(graph: Graph, cfg: DataParallel) -> Graph:
     # gradients the loss does not reach are zeros on every rank: nothing to average
     live = [(name, v) for name, v in grads if v.producer is not None and v.producer.op not in ("full", "constant")]
     live.sort(key=lambda nv: position[nv[1].producer])
+    compressed = cfg.compression.enabled
     buckets: list[list[tuple[str, Value]]] = []
     for name, v in live:
         b = buckets[-1] if buckets else None
-        if b is None or sum(w.type.nbytes for _, w in b) >= cfg.bucket_bytes or b[0][1].type.dtype != v.type.dtype:
+        if b is None or sum(w.type.nbytes for _, w in b) >= cfg.bucket_bytes or b[0][1].type.dtype != v.type.dtype \
+                or compressed:      # compression is per tensor
             buckets.append([])
         buckets[-1].append((name, v))
+    overlap = cfg.overlap and not compressed    # the staged runtime runs a compressed step's exchanges
 
     n_before = len(g.nodes)
     after: dict[Node, list[Node]] = {}    # nodes to place right after a node of the original step
@@ -146,14 +152,17 @@ def data_parallel(graph: Graph, cfg: DataParallel) -> Graph:
             packed = flat[0] if len(flat) == 1 else F.concat(flat, 0)
             nbytes = packed.value.type.nbytes
             attrs = {"op": "sum", "algo": _algo_for(cfg, nbytes), "world": cfg.ranks}
-            if cfg.overlap:
+            if compressed and packed.value.type.dtype == "f32" and not dense_cheaper(
+                    cfg.compression.compressor, packed.value.type.size, cfg.ranks):
+                attrs["compress"] = cfg.compress
+            if overlap:
                 total = F.apply("allreduce_start", packed, **attrs)
             else:
                 total = F.apply("allreduce", packed, **attrs)
             last = max((v.producer for _, v in bucket), key=position.get)
             after.setdefault(last, []).extend(g.nodes[mark:])
             mark = len(g.nodes)
-            if cfg.overlap:
+            if overlap:
                 total = F.apply("allreduce_wait", total)
             total = total * scale
             off = 0
@@ -162,7 +171,7 @@ def data_parallel(graph: Graph, cfg: DataParallel) -> Graph:
                 piece = total if len(parts) == 1 else F.slice(total, [off], [off + n])
                 replace[name] = F.reshape(piece, v.type.shape).value
                 off += n
-            (after.setdefault(last, []) if not cfg.overlap else tail).extend(g.nodes[mark:])
+            (after.setdefault(last, []) if not overlap else tail).extend(g.nodes[mark:])
         if any(name == "loss" for name, _ in g.outputs):
             mark = len(g.nodes)
             loss = g.output("loss")
@@ -175,8 +184,24 @@ def data_parallel(graph: Graph, cfg: DataParallel) -> Graph:
         order.append(n)
         order.extend(after.get(n, []))
     g.nodes = order + tail
+    if compressed:       # the staged runtime sends all of a step's messages at once, after the backward pass
+        g.nodes = _exchanges_together(g.nodes)
     g.outputs = [(name, replace.get(name, v)) for name, v in g.outputs]
     return schedule_comm(g)
+
+
+def _exchanges_together(nodes: list[Node]) -> list[Node]:
+    """The same nodes with every collective in one run: what does not depend on a collective
+    first, then the collectives, then what depends on them."""
+    late: set[Value] = set()
+    for n in nodes:
+        if n.opdef.collective or any(v in late for v in n.inputs):
+            late.update(n.outputs)
+    after = [n for n in nodes if not n.opdef.collective and any(v in late for v in n.outputs)]
+    exchanges = [n for n in nodes if n.opdef.collective]
+    moved = set(after) | set(exchanges)
+    before = [n for n in nodes if n not in moved]
+    return before + exchanges + after
 
 
 @register_pass("schedule_comm")

@@ -61,9 +61,14 @@ class Optimizer:
     def decoupled_decay(self) -> bool:
         return self.decoupled or self.name == "adamw"
 
-    def decays(self, p) -> bool:
-        """Whether param `p` gets weight decay."""
-        return self.weight_decay > 0 and (self.decay_bias_norm or p.ndim > 1)
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """The optimizer state each param has (velocity, m and v, ...)."""
+        return SLOTS[self.name]
+
+    def decays(self, ndim: int) -> bool:
+        """Whether a param of rank `ndim` gets weight decay."""
+        return self.weight_decay > 0 and (self.decay_bias_norm or ndim > 1)
 
 
 def add_optimizer(graph: Graph, opt: Optimizer) -> Graph:
@@ -84,17 +89,20 @@ def add_optimizer(graph: Graph, opt: Optimizer) -> Graph:
             grad = Tensor(gv, b)
             lr_p = F.cast(lr, p.dtype) if p.dtype != "f32" else lr
             slots = {s: b.arg(f"{name}.{s}", p.type, "state", init="zeros") for s in SLOTS[opt.name]}
-            new_p, new_slots = _rule(opt, p, grad, lr_p, t, slots)
+            new_p, new_slots = rule(opt, p, grad, lr_p, t, slots)
             g.add_update(p.value, new_p.value)
             for s, v in new_slots.items():
                 g.add_update(slots[s].value, v.value)
     return g
 
 
-def _rule(opt: Optimizer, p, grad, lr, t, slots):
-    new_p, new_slots = _update(opt, p, grad + p * opt.weight_decay if opt.decays(p) and not opt.decoupled_decay
+def rule(opt: Optimizer, p, grad, lr, t, slots, decay: bool | None = None):
+    """(new p, new slots) of one optimizer step on param `p` (tensors of the graph being built);
+    `decay` overrides whether p gets weight decay (a flattened piece of a matrix, say)."""
+    decay = opt.decays(p.ndim) if decay is None else decay
+    new_p, new_slots = _update(opt, p, grad + p * opt.weight_decay if decay and not opt.decoupled_decay
                                else grad, lr, t, slots)
-    if opt.decays(p) and opt.decoupled_decay:
+    if decay and opt.decoupled_decay:
         new_p = new_p - lr * opt.weight_decay * p
     return new_p, new_slots
 

@@ -20,6 +20,7 @@ from .autodiff import autodiff
 from .data_parallel import DataParallel, data_parallel, sync_batchnorm
 from .manager import Pass, PassContext, Pipeline, get_pass
 from .optimizer import Optimizer, add_optimizer
+from .parameter_server import ParameterServer, parameter_server
 
 LOSSES = ("softmax_cross_entropy", "mse")
 
@@ -54,20 +55,26 @@ SIMPLIFY = ("fold", "simplify", "cse", "dce")
 
 
 def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,
-                      simplify: bool = True, parallel: DataParallel | None = None) -> Pipeline:
-    """loss, autodiff, optimizer (and simplification); with `parallel`, the step of one of
-    `parallel.ranks` data-parallel ranks: sync_batchnorm (if asked) before autodiff and
-    data_parallel after it."""
+                      simplify: bool = True, parallel: DataParallel | ParameterServer | None = None) -> Pipeline:
+    """loss, autodiff, optimizer (and simplification). With `parallel` a DataParallel, the step of
+    one of `parallel.ranks` data-parallel ranks: sync_batchnorm (if asked) before autodiff and
+    data_parallel after it; a ParameterServer, the step placed on workers and servers, the
+    optimizer on the servers."""
     opt = optimizer or Optimizer()
     passes = [Pass("loss", partial(add_loss, loss=loss), "append the loss and its label input")]
-    if parallel is not None and parallel.sync_bn:
+    if isinstance(parallel, DataParallel) and parallel.sync_bn:
         passes.append(Pass("sync_batchnorm", partial(sync_batchnorm, cfg=parallel),
                            "batchnorm with batch statistics averaged over the ranks"))
     passes.append(Pass("autodiff", partial(autodiff, loss="loss"), "reverse-mode gradients of the loss"))
-    if parallel is not None:
-        passes.append(Pass("data_parallel", partial(data_parallel, cfg=parallel),
-                           f"average gradients over {parallel.ranks} ranks (bucketed allreduce)"))
-    passes.append(Pass("optimizer", partial(add_optimizer, opt=opt), f"{opt.name} updates of every param"))
+    if isinstance(parallel, ParameterServer):
+        passes.append(Pass("parameter_server", partial(parameter_server, cfg=parallel, opt=opt),
+                           f"{parallel.workers} workers push gradients to {parallel.servers} servers, which "
+                           f"run the {opt.name} updates"))
+    else:
+        if parallel is not None:
+            passes.append(Pass("data_parallel", partial(data_parallel, cfg=parallel),
+                               f"average gradients over {parallel.ranks} ranks (bucketed allreduce)"))
+        passes.append(Pass("optimizer", partial(add_optimizer, opt=opt), f"{opt.name} updates of every param"))
     if simplify:
         passes += [get_pass(n) for n in SIMPLIFY]
     return Pipeline(passes)
@@ -75,10 +82,10 @@ def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer 
 
 def train_step(model: Model | Graph, loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,
                batch: int | None = None, ctx: PassContext | None = None,
-               parallel: DataParallel | None = None) -> Graph:
+               parallel: DataParallel | ParameterServer | None = None) -> Graph:
     """One graph doing forward, backward and update for `model` (a @tdc.model or a training-mode
-    Graph). With `parallel`, the step of one rank: a model is traced at batch / ranks (batch: the
-    global batch, by default the model's own)."""
+    Graph). With `parallel`, a model is traced at the batch of one rank (batch / ranks, or
+    batch / workers with a parameter server; batch: the global batch, by default the model's)."""
     if isinstance(model, Model):
         if parallel is not None:
             batch = parallel.split_batch(batch or model.batch)

@@ -12,17 +12,22 @@ import argparse
 import os
 import re
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
-from ..backends.comm import launched_ranks
+from ..backends.comm import launched_ranks, survive_lost_ranks
 from ..errors import TdcError
 from ..ops.comm import ALLREDUCE_ALGOS
+from ..ops.compress import COMPRESS_HELP, parse_compression
 from ..passes.data_parallel import NETWORKS, DataParallel
+from ..passes.parameter_server import MODES, ParameterServer
 
 LAUNCHED = "TDC_LAUNCHED_RANKS"
+LOST = "lost worker rank"      # in a parameter server's warning that it goes on without a worker
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,16 +48,49 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
                         ", ".join(f"{k} ({v.name})" for k, v in NETWORKS.items()) + " (default shm)")
     g.add_argument("--comm-timeout", type=float, default=30.0, metavar="S",
                    help="seconds to wait for another rank before ending the job with a message (default 30)")
+    g.add_argument("--compress", default="none", metavar="SPEC",
+                   help="compress the gradients on the wire (allreduce and parameter-server push): " + COMPRESS_HELP)
+    ps = p.add_argument_group("parameter servers (tdc train; the last S of the --ranks N ranks)")
+    ps.add_argument("--ps", type=int, default=0, metavar="S",
+                    help="S server ranks keep the params, sharded by size, and the optimizer state; the other N - S "
+                         "ranks are workers that push gradients and pull params")
+    ps.add_argument("--mode", choices=MODES,
+                    help="sync: servers wait for every worker each step (equals data parallelism); async: apply each "
+                         "worker's gradient as it comes (Downpour); bounded: async, but no worker more than "
+                         "--staleness steps ahead of the slowest (default sync, or bounded with --staleness)")
+    ps.add_argument("--staleness", type=int, metavar="K", help="bounded mode's K (default 0 with --mode bounded)")
+    ps.add_argument("--staleness-lr", action="store_true",
+                    help="servers divide lr by 1 + the staleness of each update (Zhang et al. 2016)")
+    ps.add_argument("--momentum-correction", action="store_true",
+                    help="async modes: lower the momentum by the 1 - 1/workers that asynchrony adds")
 
 
-def parallel_config(args) -> DataParallel | None:
-    """The DataParallel settings of the command line, or None for one rank."""
+def parallel_config(args) -> DataParallel | ParameterServer | None:
+    """The DataParallel or ParameterServer settings of the command line, or None for one rank."""
     if args.comm_timeout <= 0:
         raise TdcError(f"--comm-timeout must be > 0 seconds, got {args.comm_timeout:g}")
+    ps = getattr(args, "ps", 0)
+    mode, staleness = getattr(args, "mode", None), getattr(args, "staleness", None)
+    if not ps:
+        if mode or staleness is not None or getattr(args, "staleness_lr", False):
+            raise TdcError("--mode, --staleness and --staleness-lr are settings of parameter servers: add --ps S")
+    elif ps < 0 or args.ranks <= ps:
+        raise TdcError(f"--ps {ps} needs --ranks N with N > {ps} (the servers, and at least one worker)")
     if args.ranks == 1:
+        if args.compress != "none":
+            parse_compression(args.compress)
+            raise TdcError("--compress compresses what ranks send each other: it needs --ranks N with N > 1")
         return None
+    if ps:
+        if mode == "async" and staleness is not None:
+            raise TdcError("--staleness bounds the bounded mode: use --mode bounded (async has no bound)")
+        mode = mode or ("bounded" if staleness is not None else "sync")
+        if args.sync_bn:
+            raise TdcError("--sync-bn averages batch statistics over data-parallel ranks; it does not combine "
+                           "with --ps")
+        return ParameterServer(ps, args.ranks - ps, mode=mode, staleness=staleness or 0, compress=args.compress)
     return DataParallel(args.ranks, bucket_bytes=int(args.bucket_mb * (1 << 20)), overlap=not args.no_overlap,
-                        algo=args.allreduce, sync_bn=args.sync_bn, network=args.network)
+                        algo=args.allreduce, sync_bn=args.sync_bn, network=args.network, compress=args.compress)
 
 
 def mpiexec() -> str:
@@ -90,6 +128,26 @@ def announce_rank(rank: int) -> None:
         print(f"{RANK_LINE} {rank} pid {os.getpid()}", file=sys.stderr, flush=True)
 
 
+RANK_OUTPUT = "TDC_RANK_OUTPUT"
+
+
+def attach_rank_output() -> None:
+    """In a rank started by `launch(..., survivable=True)`: write stdout and stderr to the
+    launcher's pipes for this rank. When a rank dies, hydra stops passing on the others' output
+    (and a write to it ends the writer), so ranks that go on without a lost one talk to the
+    launcher directly."""
+    d, rank = os.environ.get(RANK_OUTPUT), os.environ.get("PMI_RANK")
+    if not d or rank is None:
+        return
+    survive_lost_ranks()
+    for fd, stream, name in ((1, sys.stdout, "out"), (2, sys.stderr, "err")):
+        stream.flush()
+        w = os.open(os.path.join(d, f"{rank}.{name}"), os.O_WRONLY)
+        os.dup2(w, fd)
+        os.close(w)
+        stream.reconfigure(line_buffering=True)
+
+
 def rank_threads(ranks: int) -> dict[str, str]:
     """Threads per rank when `ranks` ranks share this machine: its cores split between them (the
     LLVM runtime's pool and Numba's), unless the environment says otherwise."""
@@ -98,11 +156,23 @@ def rank_threads(ranks: int) -> dict[str, str]:
     return {"TDC_THREADS": n, "NUMBA_NUM_THREADS": n}
 
 
-def launch(ranks: int, argv: list[str]) -> int:
+def launch(ranks: int, argv: list[str], survivable: bool = False) -> int:
     """Run `tdc <argv>` on `ranks` ranks under mpiexec and return its exit status; errors become
-    one line naming the rank."""
-    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "tdc.cli", *argv]
+    one line naming the rank. survivable: a rank that dies does not end the others (an
+    asynchronous parameter server goes on without a lost worker)."""
+    rank_cmd = [sys.executable, "-m", "tdc.cli", *argv]
+    if survivable:
+        rank_cmd = [sys.executable, str(Path(__file__).with_name("supervisor.py")), *rank_cmd]
+    cmd = [mpiexec(), *(["-disable-auto-cleanup"] if survivable else []), "-n", str(ranks), *rank_cmd]
     env = {**rank_threads(ranks), **os.environ, LAUNCHED: str(ranks)}
+    pipes = []
+    if survivable:       # each rank's output through a pipe of its own (attach_rank_output)
+        tmp = tempfile.mkdtemp(prefix="tdc-ranks-")
+        env[RANK_OUTPUT] = tmp
+        for r in range(ranks):
+            for name in ("out", "err"):
+                pipes.append(os.path.join(tmp, f"{r}.{name}"))
+                os.mkfifo(pipes[-1])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     ours: list[str] = []         # the ranks' own error lines
@@ -132,27 +202,44 @@ def launch(ranks: int, argv: list[str]) -> int:
                 hydra.append(line)
             else:
                 print(line, end="", file=out, flush=True)   # the ranks' own output
+    def pump_pipe(path, out):
+        with open(path, encoding="utf-8", errors="replace") as f:   # waits for the rank to open it
+            pump(f, out)
     readers = [threading.Thread(target=pump, args=(proc.stdout, sys.stdout), daemon=True),
                threading.Thread(target=pump, args=(proc.stderr, sys.stderr), daemon=True)]
+    readers += [threading.Thread(target=pump_pipe, args=(p, sys.stdout if p.endswith(".out") else sys.stderr),
+                                 daemon=True) for p in pipes]
     for t in readers:
         t.start()
     try:
         code = proc.wait()
+        for p in pipes:          # a rank that died before opening its pipe: end the reader's wait
+            try:
+                os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
         for t in readers:
             t.join()
+        if pipes:
+            shutil.rmtree(os.path.dirname(pipes[0]), ignore_errors=True)
     except KeyboardInterrupt:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait()
         print("tdc: interrupted", file=sys.stderr)
         return 130
-    if code == 0 or ours:
-        return code
     text = "".join(hydra)
     pid, why = _HYDRA_PID.search(text), _HYDRA_STRING.search(text) or _HYDRA_EXIT.search(text)
-    who = (f"rank {pids[int(pid.group(1))]} (pid {pid.group(1)})" if pid and int(pid.group(1)) in pids
+    rank = pids.get(int(pid.group(1))) if pid else None
+    who = (f"rank {rank} (pid {pid.group(1)})" if rank is not None
            else f"the rank with pid {pid.group(1)}" if pid else "a rank")
     what = (f"died: {why.group(1).strip()}" if why and not why.group(1).isdigit()
             else f"exited with status {why.group(1)}" if why else "failed")
+    if survivable and code != 0 and any(LOST in line for line in ours) \
+            and not any(line.startswith("tdc: error") for line in ours) and rank != 0:
+        print(f"tdc: note: {who} {what}; the other ranks finished without it", file=sys.stderr)
+        return 0
+    if code == 0 or ours:
+        return code
     print(f"tdc: error: {who} {what}; the job was stopped (the last checkpoint, if any, is intact: "
           "rerun with --resume to continue)", file=sys.stderr)
     return code or 1

@@ -18,12 +18,12 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..backends import compile as compile_graph
-from ..backends.comm import World1, check_world, communicator, fail_job, launched_ranks
+from ..backends.comm import World1, check_world, communicator, fail_job, launched_ranks, survive_lost_ranks
 from ..errors import TdcError
 from ..ir.printer import print_graph
 from ..passes.data_parallel import DataParallel
@@ -32,7 +32,11 @@ from ..passes.optimizer import SLOTS, Optimizer
 from ..passes.training import LOSSES, train_step
 from .checkpoint import LAST, check_compatible, check_settings, load_checkpoint, save_checkpoint
 from .data import Dataset, check_labels, fit_to_model, load_data
-from .launch import add_parallel_arguments, announce_rank, launch, needs_launch, parallel_config
+from .launch import (add_parallel_arguments, announce_rank, attach_rank_output, launch, needs_launch,
+                     parallel_config)
+from .staged import StagedStep, staged
+from ..ops.compress import parse_compression
+from ..passes.parameter_server import ParameterServer
 from .schedule import SCHEDULES, Schedule, make_schedule
 from ..files import atomic_write, check_output_dir, check_output_file
 from ..ir.weights import save_npz
@@ -58,8 +62,12 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)   # the evaluation records
     state: dict[str, np.ndarray] = field(default_factory=dict)
     rank: int = 0                   # this process's rank; only rank 0 evaluates
+    servers: list = field(default_factory=list)   # parameter servers' ServerStats (on rank 0)
+    role: str = "worker"            # "server" on a parameter server's rank (it trains nothing itself)
 
     def summary(self) -> str:
+        if self.role == "server":
+            return f"parameter server rank {self.rank}: served its workers, {self.seconds:.1f} s"
         done = (f"{self.epoch} epoch{'' if self.epoch == 1 else 's'}" if self.epoch >= self.epochs
                 else f"{self.step} steps")
         return (f"test accuracy {self.test_accuracy:.4f} ({self.correct}/{self.total}) "
@@ -199,8 +207,9 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
           resume: bool = False, metrics: str | None = None, plot: str | None = None,
           save_weights: str | None = None, max_steps: int | None = None, log_every: int = 1,
           params: dict[str, np.ndarray] | None = None, progress: bool = True, verbose: bool = True,
-          out=print, conv_algo: str = "auto", autotune: bool = False, parallel: DataParallel | None = None,
-          comm_timeout: float = 30.0, nonfinite_steps: int = 1) -> TrainResult:
+          out=print, conv_algo: str = "auto", autotune: bool = False,
+          parallel: DataParallel | ParameterServer | None = None, comm_timeout: float = 30.0,
+          nonfinite_steps: int = 1, staleness_lr: bool = False, momentum_correction: bool = False) -> TrainResult:
     """Train `model` (a Model or "FILE.py[:NAME]") on `data` (a Dataset, "digits" or "mnist:DIR").
 
     schedule: a Schedule, or a name (constant|step|cosine) built with warmup/step_size/gamma and,
@@ -214,7 +223,13 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
       its part (batch / ranks) and the gradients are averaged over the ranks every step. On the
       reference backend the ranks are simulated in this process; on numba and llvm this process is
       one rank of an MPI job of parallel.ranks processes (`tdc train --ranks N` starts them), and
-      rank 0 alone prints, evaluates, writes metrics, checkpoints and weights.
+      rank 0 alone prints, evaluates, writes metrics, checkpoints and weights. With gradient
+      compression (parallel.compress) the step runs on the staged runtime (runtime/staged.py).
+      A ParameterServer: the ranks after the workers are servers that keep the params and
+      the optimizer state and apply the workers' gradients (sync, async or bounded staleness);
+      `batch` is split over the workers. staleness_lr divides a server's lr by 1 + the
+      staleness of each update; momentum_correction lowers the momentum of an asynchronous run
+      by the momentum asynchrony adds (1 - 1/workers, Mitliagkas et al. 2016).
     metrics: a JSON-lines file: {epoch, step, loss, lr, accuracy} every `log_every` steps and
       {epoch, step, loss, test_accuracy, test_loss} after every epoch's evaluation (a loss that
       is not finite is written as null).
@@ -259,8 +274,15 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                        "training feeds one input of samples")
     input_name, input_type = next(iter(types.items()))
     ranks = parallel.ranks if parallel is not None else 1
-    local = parallel.split_batch(batch) if parallel is not None else batch   # samples per rank and step
-    simulated = backend == "reference"       # the reference backend runs every rank itself
+    local = parallel.split_batch(batch) if parallel is not None else batch   # samples per worker and step
+    use_staged = staged(parallel)
+    if isinstance(parallel, ParameterServer) and (checkpoint or resume):
+        raise TdcError("checkpoints of parameter-server training are not supported: the optimizer state lives on "
+                       "the servers; use --save-weights for the trained weights")
+    optimizer, encoder_momentum = _staged_optimizer(optimizer, parallel, momentum_correction, out)
+    simulated = backend == "reference" and not use_staged      # the reference backend runs every rank itself
+    if isinstance(parallel, ParameterServer) and parallel.mode != "sync":
+        survive_lost_ranks()        # asynchronous servers and workers go on without a lost worker
     comm = communicator(comm_timeout) if not simulated else World1()
     if ranks > 1 and not simulated:
         check_world(ranks, comm)
@@ -317,8 +339,18 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                 out(f"resuming from {ck.path}: step {step}, epoch {epoch0 + 1}, batch {pos0}/{steps_per_epoch}")
         elif verbose:
             out(f"no checkpoint in {checkpoint} yet; starting from scratch")
-    exe = compile_graph(train_graph, backend=backend, params=params, seed=seed, conv_algo=conv_algo, autotune=autotune,
-                        progress=compile_progress("the training step") if verbose else None)
+    progress_fn = compile_progress("the training step") if verbose else None
+    if use_staged:
+        exe = StagedStep(train_graph, parallel, comm, backend=backend, params=params, seed=seed,
+                         staleness_lr=staleness_lr, momentum=encoder_momentum, conv_algo=conv_algo, autotune=autotune,
+                         progress=progress_fn)
+        if exe.is_server:
+            exe.serve()
+            return TrainResult(np.zeros(0, np.float32), 0, 0, 0, epochs, 0.0, 0.0, 0, len(y_test),
+                               time.perf_counter() - t_start, rank=rank, role="server")
+    else:
+        exe = compile_graph(train_graph, backend=backend, params=params, seed=seed, conv_algo=conv_algo,
+                            autotune=autotune, progress=progress_fn)
     infer_args = [a.name for a in infer_graph.args if a.kind != "input"]
     # The inference executable owns copies that are refreshed in place before each evaluation:
     # a backend may bind its buffers at compile time, so replacing dict entries would go unseen.
@@ -396,7 +428,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                         record = {"epoch": epoch + 1, "step": step, "loss": float(value), "lr": lr,
                                   "accuracy": correct / local}
                         if ranks > 1:
-                            record.update(bytes_sent=sent1 - sent0, comm_wait_ms=(wait1 - wait0) * 1e3)
+                            record.update(bytes_sent=sent1 - sent0, comm_wait_ms=(wait1 - wait0) * 1e3,
+                                          seconds=time.perf_counter() - t_start)
                         log(record)
                     if bad_steps >= nonfinite_steps:
                         kept = (f"; {checkpoint}/{LAST} holds the last finite state saved"
@@ -418,7 +451,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
             last_eval = (step, correct, test_loss)
             mean_loss = epoch_loss / max(epoch_seen / local, 1)
             record = {"epoch": epoch + 1, "step": step, "loss": mean_loss,
-                      "test_accuracy": correct / len(y_test), "test_loss": test_loss}
+                      "test_accuracy": correct / len(y_test), "test_loss": test_loss,
+                      "seconds": time.perf_counter() - t_start}
             log(record)
             history.append(record)
             if verbose:
@@ -431,10 +465,16 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
             save(epoch + 1, 0)
         else:
             epoch = max(epochs, epoch0)
+        servers = []
+        if use_staged:
+            exe.finish()         # rank 0 now holds the servers' final params
+            servers = exe.stats
+            if root and servers:
+                _report_servers(servers, parallel, log, out if verbose else None)
+                last_eval = None
     finally:
         if metrics_file is not None:
             metrics_file.close()
-
     if last_eval is not None and last_eval[0] == step:
         _, correct, test_loss = last_eval
     else:
@@ -445,7 +485,52 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         _write_plot(plot, records, out)
     return TrainResult(np.array(losses, np.float32), first_step, step, epoch, epochs, correct / len(y_test),
                        test_loss, correct, len(y_test), time.perf_counter() - t_start, history, dict(exe.state),
-                       rank)
+                       rank, servers)
+
+
+def _staged_optimizer(opt: Optimizer, parallel, momentum_correction: bool, out) -> tuple[Optimizer, float]:
+    """The optimizer in the training graph, and the momentum a DGC encoder keeps locally.
+    DGC moves momentum to the workers (momentum correction: what is sent is the accumulated
+    velocity), so the graph's update is plain SGD on the summed velocities."""
+    compression = parse_compression(parallel.compress) if parallel is not None else None
+    momentum = 0.0
+    if compression is not None and compression.dgc:
+        if opt.name not in ("sgd", "momentum"):
+            raise TdcError(f"--compress {parallel.compress}: DGC keeps SGD momentum on the workers; use --optimizer "
+                           f"momentum (or sgd), not {opt.name}")
+        momentum = opt.momentum if opt.name == "momentum" else 0.0
+        opt = replace(opt, name="sgd")
+    if momentum_correction:
+        if not isinstance(parallel, ParameterServer) or parallel.mode == "sync":
+            raise TdcError("--momentum-correction is for asynchronous parameter servers (--ps S --mode async|bounded)")
+        if opt.name not in ("momentum", "nesterov"):
+            raise TdcError(f"--momentum-correction lowers SGD momentum; --optimizer {opt.name} has none")
+        implicit = 1 - 1 / parallel.workers
+        opt = replace(opt, momentum=max(0.0, opt.momentum - implicit))
+        out(f"momentum correction: asynchrony over {parallel.workers} workers adds about {implicit:.2f} of implicit "
+            f"momentum; the servers use {opt.momentum:.2f}")
+    return opt, momentum
+
+
+def _report_servers(servers: list, parallel, log, out) -> None:
+    """Rank 0's account of what the parameter servers saw: the staleness of the updates, how far
+    workers ran ahead, the workers lost."""
+    def merge(key):
+        total: dict[int, int] = {}
+        for st in servers:
+            for k, v in getattr(st, key).items():
+                total[k] = total.get(k, 0) + v
+        return dict(sorted(total.items()))
+    staleness, lead, lost = merge("staleness"), merge("lead"), merge("lost")
+    log({"parameter_servers": len(servers), "mode": parallel.mode, "updates": sum(s.updates for s in servers),
+         "staleness_histogram": {str(k): v for k, v in staleness.items()},
+         "lead_histogram": {str(k): v for k, v in lead.items()}, "lost_workers": sorted(lost)})
+    if out is not None:
+        hist = " ".join(f"{k}:{v}" for k, v in staleness.items())
+        out(f"parameter servers ({parallel.mode}): {sum(s.updates for s in servers)} updates; staleness histogram "
+            f"(staleness:updates) {hist}; most steps ahead of the slowest worker {max(lead, default=0)}")
+        for w, steps in lost.items():
+            out(f"tdc: warning: worker rank {w} was lost after its step {steps}; the others finished without it")
 
 
 def _write_line(line: str, out, progress: bool):
@@ -524,9 +609,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_train(args, argv: list[str] | None = None) -> int:
     """`tdc train`; with --ranks N on a compiled backend, this process starts the N ranks under
     mpiexec (argv: its own command line, by default sys.argv's) unless it is one of them already."""
+    attach_rank_output()
     parallel = parallel_config(args)
-    if parallel is not None and args.backend != "reference" and needs_launch(parallel.ranks):
-        return launch(parallel.ranks, sys.argv[1:] if argv is None else argv)
+    if parallel is not None and (args.backend != "reference" or staged(parallel)) and needs_launch(parallel.ranks):
+        survive = isinstance(parallel, ParameterServer) and parallel.mode != "sync"
+        return launch(parallel.ranks, sys.argv[1:] if argv is None else argv, survivable=survive)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     opt = optimizer_from(args, lr)
     try:
@@ -537,11 +624,17 @@ def cmd_train(args, argv: list[str] | None = None) -> int:
                        resume=args.resume, metrics=args.metrics, plot=args.plot, save_weights=args.save_weights,
                        max_steps=args.max_steps, progress=not args.no_progress,
                        conv_algo=getattr(args, "conv_algo", "auto"), autotune=getattr(args, "autotune", False),
-                       parallel=parallel, comm_timeout=args.comm_timeout, nonfinite_steps=args.nonfinite_steps)
+                       parallel=parallel, comm_timeout=args.comm_timeout, nonfinite_steps=args.nonfinite_steps,
+                       staleness_lr=args.staleness_lr, momentum_correction=args.momentum_correction)
     except Exception as e:
         if launched_ranks() > 1 and not getattr(args, "debug", False):   # one rank alone would leave the others waiting
             fail_job(str(e) if isinstance(e, TdcError) else f"internal error: {type(e).__name__}: {e}")
         raise
     if result.rank == 0:
         print(result.summary())
+    if isinstance(parallel, ParameterServer) and parallel.mode != "sync" and launched_ranks() > 1:
+        # MPI_Finalize waits for every rank, a lost one too: end without it (the results are written)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
