@@ -68,6 +68,15 @@ demo: $(STAMP)
 	$(TDC) compile examples/digits.py --batch 16 --train --optimizer sgd --ranks 2 -o out/digits_dp
 	$(VENV)/bin/mpiexec -n 2 out/digits_dp/model --input x=out/digits_x_train.npy --input y=out/digits_y_train.npy \
 	    --input lr=0.05 --steps 300 --print-every 100 --save out/digits_dp.weights
+	@echo
+	@echo "== 8. A parameter server: 2 workers push gradients to 1 server, which applies each as it comes (async)"
+	$(TDC) dump examples/digits.py --batch 32 --train --ranks 3 --ps 1 | grep -m 4 -E " (push|pull)\("
+	$(TDC) train examples/digits.py --batch 32 --epochs 3 --backend llvm --ranks 3 --ps 1 --mode async --no-progress
+	@echo "   Data parallelism with Deep Gradient Compression (0.1% of the gradient on the wire):"
+	$(TDC) train examples/digits.py --batch 32 --epochs 3 --backend llvm --ranks 2 --compress dgc:0.001 \
+	    --optimizer momentum --lr 0.03 --no-progress --metrics out/digits_dgc_metrics.jsonl
+	$(PY) -c "import json; r = [json.loads(l) for l in open('out/digits_dgc_metrics.jsonl')]; \
+	    b = sorted(x['bytes_sent'] for x in r if 'bytes_sent' in x); print(f'   median bytes sent per step: {b[len(b) // 2]}')"
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache    # the layers point down (pyproject.toml: [tool.importlinter])

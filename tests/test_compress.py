@@ -40,19 +40,22 @@ def test_topk_by_count_and_threshold():
     assert np.max(np.abs(G - d)) <= 2.0
 
 
-def test_sign_sends_one_bit_a_value_and_the_mean_magnitude():
+def test_sign_sends_one_bit_a_value_and_the_mean_of_each_sign():
     msg, d = round_trip(Sign(), G)
-    assert nbytes(msg) == len(G) // 8 + 4 == Sign().wire_bytes(len(G))
-    scale = np.mean(np.abs(G))
-    np.testing.assert_allclose(np.abs(d), scale, rtol=1e-6)
-    assert np.all(np.sign(d) == np.where(G >= 0, 1, -1))
-    # error bound: |g - d| <= |g| + mean|g| for every value
-    assert np.all(np.abs(G - d) <= np.abs(G) + scale * (1 + 1e-6))
+    assert nbytes(msg) == len(G) // 8 + 8 == Sign().wire_bytes(len(G))
+    pos, neg = G[G >= 0].mean(), G[G < 0].mean()
+    np.testing.assert_allclose(d, np.where(G >= 0, pos, neg), rtol=1e-6)
+    # the two values are the least-squares reconstruction: the error sums to zero on each side
+    assert abs(np.sum((G - d)[G >= 0])) < 1e-2 and abs(np.sum((G - d)[G < 0])) < 1e-2
+    # error bound: |g - d| <= max(|g|, |d|) on each side, since g and d have the same sign
+    assert np.all(np.abs(G - d) <= np.maximum(np.abs(G), np.abs(d)) * (1 + 1e-6))
 
 
 @pytest.mark.parametrize("c,bound", [(TernGrad(), "max"), (QSGD(127), "norm/127"), (QSGD(4), "norm/4")])
 def test_unbiased_quantizers_have_bounded_error_and_are_right_on_average(c, bound):
     g = G[:512]
+    if isinstance(c, TernGrad):    # TernGrad is unbiased for g clipped to 2.5 standard deviations
+        g = np.clip(g, -2.5 * np.std(g), 2.5 * np.std(g))
     msg, d = round_trip(c, g)
     assert nbytes(msg) == c.wire_bytes(len(g))
     # a value lands on one of the two levels around it: the error is under one level's width
@@ -65,6 +68,12 @@ def test_unbiased_quantizers_have_bounded_error_and_are_right_on_average(c, boun
         total += round_trip(c, g, seed=s + 1)[1]
     err = np.abs(total / n - g)
     assert np.max(err) < 5 * width / np.sqrt(n), np.max(err)
+
+
+def test_terngrad_clips_outliers_before_it_scales():
+    g = np.concatenate([np.full(999, 0.1, np.float32), [100.0]]).astype(np.float32)
+    msg, d = round_trip(TernGrad(), g)
+    assert msg[1][0] < 2.5 * np.std(g) * (1 + 1e-6)       # the scale is the clipped maximum, not 100
 
 
 def test_fp16_and_bf16_truncation_error_bounds():
@@ -135,6 +144,7 @@ def test_dgc_clips_each_workers_gradient_to_its_share_of_the_norm():
 @pytest.mark.parametrize("spec,ef,dgc", [("topk:0.01", True, False), ("topk:0.01,ef=0", False, False),
                                          ("sign", True, False), ("terngrad", False, False), ("qsgd:8", False, False),
                                          ("fp16:sr", False, False), ("dgc:0.001,warmup=100,clip=5", True, True),
+                                         ("dgc:0.01,ef=0", False, True),
                                          ("none", False, False)])
 def test_compress_specs(spec, ef, dgc):
     c = parse_compression(spec)
@@ -142,7 +152,7 @@ def test_compress_specs(spec, ef, dgc):
 
 
 @pytest.mark.parametrize("spec,message", [("zip", "unknown compressor"), ("topk:2.5x", "bad argument"),
-                                          ("topk:0.1,clip=3", "options of dgc"), ("dgc:0.01,ef=0", "without ef"),
+                                          ("topk:0.1,clip=3", "options of dgc"),
                                           ("qsgd:300", "1 to 127"), ("topk:0.1,foo=1", "unknown option"),
                                           ("threshold:-1", "must be > 0")])
 def test_bad_compress_specs_are_clear_errors(spec, message):

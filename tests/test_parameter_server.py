@@ -148,8 +148,8 @@ def test_a_placed_step_is_not_compiled_into_one_program():
 
 # ---- the staged runtime over MPI -----------------------------------------------------------------
 
-@pytest.mark.parametrize("servers,workers,backends", [(1, 1, "reference llvm"), (1, 2, "reference llvm numba"),
-                                                      (2, 2, "llvm")])
+@pytest.mark.parametrize("servers,workers,backends", [(1, 1, "reference llvm numba"),
+                                                      (1, 2, "reference llvm numba"), (2, 2, "llvm")])
 def test_sync_servers_equal_data_parallel_step_for_step(servers, workers, backends):
     """8 momentum steps on the MLP: the servers' params against one process on the same backend
     (which data parallelism equals: test_data_parallel) and against the reference's simulated
@@ -163,9 +163,11 @@ def test_sync_servers_equal_data_parallel_step_for_step(servers, workers, backen
         assert r["staleness"] == {"0": 8 * servers * workers} or r["backend"] != "reference"
 
 
-def test_sync_servers_with_three_workers_on_llvm():
-    report = mpirun(4, [sys.executable, str(HERE / "mpi" / "ps_step.py"), "1", "sync", "llvm"])
-    assert report[0]["one_err"] <= 1e-6, report
+def test_sync_servers_with_three_workers():
+    report = mpirun(4, [sys.executable, str(HERE / "mpi" / "ps_step.py"), "1", "sync", "reference", "llvm", "numba"])
+    assert len(report) == 3
+    for r in report:
+        assert r["one_err"] <= 1e-6 and r["sim_err"] <= (0.0 if r["backend"] == "reference" else 1e-6), r
 
 
 def test_compressed_data_parallel_keeps_every_rank_identical():
@@ -215,66 +217,54 @@ def test_async_and_bounded_training_converge_near_sync(sync_digits, flags, tmp_p
         assert max(int(k) for k in ps["lead_histogram"]) <= 1
 
 
-def _kill_rank_after(proc: subprocess.Popen, rank: int, delay: float, lines: list) -> None:
-    """Kill rank `rank` of the job `proc` started (the tdc process, not its supervisor) `delay`
-    seconds after its first epoch line."""
-    def pump():
-        for line in proc.stdout:
-            lines.append(line)
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.time() + TIMEOUT
-    while not any("epoch 1/" in ln for ln in lines):
-        assert proc.poll() is None and time.time() < deadline, "".join(lines)
-        time.sleep(0.05)
-    time.sleep(delay)
+def _train_and_kill(rank: int, epochs: int, timeout: float) -> tuple[int, str, float]:
+    """Async training on 1 server and 2 workers; rank `rank` (the tdc process, not its supervisor)
+    is killed just after the first epoch line. (exit status, output, seconds from the kill to the end)."""
+    proc = subprocess.Popen([*TDC, "train", "examples/digits.py", "--ranks", "3", "--ps", "1", "--mode", "async",
+                             "--epochs", str(epochs), "--no-progress", "--comm-timeout", str(timeout)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.time() + TIMEOUT
+        while not any("epoch 1/" in ln for ln in lines):
+            assert proc.poll() is None and time.time() < deadline, "".join(lines)
+            time.sleep(0.05)
+        time.sleep(0.2)
+        _kill(rank)
+        t_kill = time.time()
+        code = proc.wait(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    time.sleep(0.1)
+    return code, "".join(lines), time.time() - t_kill
+
+
+def _kill(rank: int) -> None:
     for pid in os.listdir("/proc"):
         try:
             env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
             cmd = open(f"/proc/{pid}/cmdline", "rb").read()
         except (OSError, ValueError):
             continue
-        if f"PMI_RANK={rank}".encode() in env and b"tdc.cli" in cmd and b"supervisor" not in cmd \
-                and f"{os.getpid()}".encode() not in cmd:
+        if f"PMI_RANK={rank}".encode() in env and b"tdc.cli" in cmd and b"supervisor" not in cmd:
             os.kill(int(pid), signal.SIGKILL)
             return
-    raise AssertionError("rank not found")
+    raise AssertionError(f"rank {rank} not found")
 
 
 def test_a_killed_worker_does_not_stop_async_training():
-    t0 = time.time()
-    proc = subprocess.Popen([*TDC, "train", "examples/digits.py", "--ranks", "3", "--ps", "1", "--mode", "async",
-                             "--epochs", "12", "--no-progress", "--comm-timeout", "3"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list = []
-    try:
-        _kill_rank_after(proc, 1, 0.2, lines)
-        code = proc.wait(timeout=TIMEOUT)
-    finally:
-        proc.kill()
-    time.sleep(0.1)
-    out = "".join(lines)
+    code, out, _ = _train_and_kill(1, epochs=12, timeout=3)
     assert code == 0, out
     assert "lost worker rank 1" in out and "worker rank 1 was lost" in out
-    assert "epoch 12/12" in out and "test accuracy" in out.splitlines()[-2] + out.splitlines()[-1] + out
-    assert time.time() - t0 < 120
+    assert "epoch 12/12" in out and "test accuracy" in out
 
 
 def test_a_killed_server_ends_the_job_naming_it():
-    proc = subprocess.Popen([*TDC, "train", "examples/digits.py", "--ranks", "3", "--ps", "1", "--mode", "async",
-                             "--epochs", "200", "--no-progress", "--comm-timeout", "2"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list = []
-    try:
-        _kill_rank_after(proc, 2, 0.2, lines)
-        t_kill = time.time()
-        code = proc.wait(timeout=TIMEOUT)
-    finally:
-        proc.kill()
-    time.sleep(0.1)
-    out = "".join(lines)
+    code, out, after_kill = _train_and_kill(2, epochs=200, timeout=2)
     assert code != 0
     assert "no answer from rank 2" in out, out[-2000:]
-    assert time.time() - t_kill < 30
+    assert after_kill < 30
 
 
 def test_compressed_data_parallel_training_counts_its_bytes(tmp_path):
@@ -286,6 +276,17 @@ def test_compressed_data_parallel_training_counts_its_bytes(tmp_path):
     per_step = lambda f: np.median([json.loads(ln)["bytes_sent"] for ln in f.read_text().splitlines()  # noqa: E731
                                     if '"bytes_sent"' in ln])
     assert per_step(dense) / per_step(sparse) >= 270, (per_step(dense), per_step(sparse))
+
+
+def test_dgc_trains_near_dense_and_error_feedback_is_what_makes_it(tmp_path):
+    """10 epochs on digits, 2 ranks, momentum SGD at lr 0.03, seed 0 (benchmarks/compression.py
+    averages 5 seeds: -0.5 points for DGC, -9 without error feedback)."""
+    def acc(*extra):
+        return _accuracy(tdc_train(["examples/digits.py", "--ranks", "2", "--epochs", "10", "--no-progress",
+                                    "--optimizer", "momentum", "--lr", "0.03", *extra]))
+    dense, dgc, no_ef = acc(), acc("--compress", "dgc:0.001"), acc("--compress", "dgc:0.001,ef=0")
+    assert dgc >= dense - 0.015, (dgc, dense)
+    assert no_ef < dgc - 0.03, (no_ef, dgc)
 
 
 @pytest.mark.parametrize("args,message", [

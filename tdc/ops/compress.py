@@ -97,26 +97,35 @@ class Threshold(TopK):
 
 
 class Sign(Compressor):
-    """1 bit a value and one scale: decode gives +-mean|g| (error feedback makes it converge)."""
+    """1-bit SGD (Seide et al. 2014): a bit a value and two reconstruction values, the means of
+    the non-negative and of the negative values, which minimise the squared error of the
+    bits' decoding (error feedback carries what remains to the next step)."""
     name = "sign"
 
     def encode(self, g, rng):
-        scale = np.array([np.abs(g).mean() if len(g) else 0.0], np.float32)
-        return [np.packbits(g >= 0), scale]
+        pos = g >= 0
+        means = np.array([g[pos].mean() if pos.any() else 0.0, g[~pos].mean() if (~pos).any() else 0.0], np.float32)
+        return [np.packbits(pos), means]
 
     def wire_bytes(self, n):
-        return -(-n // 8) + 4
+        return -(-n // 8) + 8
 
     def decode(self, msg, n):
-        bits = np.unpackbits(msg[0], count=n).astype(np.float32)
-        return (bits * 2 - 1) * msg[1][0]
+        bits = np.unpackbits(msg[0], count=n).astype(bool)
+        return np.where(bits, msg[1][0], msg[1][1]).astype(np.float32)
 
 
 class TernGrad(Compressor):
-    """Unbiased: value s * sign(g) with probability |g| / s, else 0 (s = max |g|)."""
+    """TernGrad (Wen et al. 2017): g is first clipped to 2.5 standard deviations (the paper's
+    gradient clipping, which keeps the scale s = max |g| and so the variance down), then each
+    value is s * sign(g) with probability |g| / s, else 0: unbiased for the clipped g."""
     name = "terngrad"
+    CLIP = 2.5
 
     def encode(self, g, rng):
+        if len(g):
+            c = self.CLIP * float(np.std(g))
+            g = np.clip(g, -c, c) if c > 0 else g
         s = np.float32(np.abs(g).max() if len(g) else 0.0)
         keep = rng.random(len(g)) < (np.abs(g) / s if s > 0 else 0)
         code = np.where(keep, np.where(g >= 0, 1, 2), 0).astype(np.uint8)          # 0: 0, 1: +s, 2: -s
@@ -214,7 +223,8 @@ class Compression:
     def encoder(self, momentum: float = 0.0, workers: int = 1) -> "Encoder":
         """A fresh stateful encoder (one per rank): plain, with error feedback, or DGC."""
         if self.dgc:
-            return DGC(self.compressor, momentum=momentum, clip=self.clip, workers=workers, warmup_steps=self.warmup)
+            return DGC(self.compressor, momentum=momentum, clip=self.clip, workers=workers, warmup_steps=self.warmup,
+                       error_feedback=self.error_feedback)
         return ErrorFeedback(self.compressor) if self.error_feedback else Encoder(self.compressor)
 
 
@@ -246,8 +256,6 @@ def parse_compression(spec: str) -> Compression:
         raise TdcError(f"--compress {spec}: bad option value") from None
     if warmup < 0 or (clip is not None and not clip > 0):
         raise TdcError(f"--compress {spec}: warmup must be >= 0 and clip > 0")
-    if dgc and not ef:
-        raise TdcError(f"--compress {spec}: DGC accumulates what it does not send; it cannot go without ef")
     return Compression(spec, compressor, ef, dgc, clip, warmup)
 
 
@@ -311,14 +319,16 @@ class DGC(ErrorFeedback):
     accumulate, and what is sent leaves both the accumulator and the momentum), each worker's
     gradient is clipped to norm `clip` / sqrt(workers) first, and the density warms up from 25%
     to the target over `warmup_steps` (exponentially, as the paper's 25%, 6.25%, 1.56%, 0.4%...).
-    The update then applies the summed velocities with plain SGD."""
+    The update then applies the summed velocities with plain SGD. error_feedback=False is the
+    ablation: what is not sent is dropped instead of accumulated."""
 
     def __init__(self, topk: Compressor, momentum: float = 0.9, clip: float | None = None, workers: int = 1,
-                 warmup_steps: int = 0):
+                 warmup_steps: int = 0, error_feedback: bool = True):
         if not isinstance(topk, TopK) or isinstance(topk, Threshold):
             raise TdcError(f"DGC sparsifies by top-k, not by {topk.name}")
         super().__init__(topk)
         self.momentum, self.clip, self.workers, self.warmup_steps = momentum, clip, workers, warmup_steps
+        self.error_feedback = error_feedback
         self.velocity: dict = {}
         self.step = 0
 
@@ -340,7 +350,7 @@ class DGC(ErrorFeedback):
         msg = self.c.encode(v, rng, fraction=self.density() if self.c.fraction is not None else None)
         sent = np.zeros(len(v), bool)
         sent[msg[0]] = True
-        self.residual[key] = np.where(sent, 0.0, v).astype(np.float32)
+        self.residual[key] = np.where(sent, 0.0, v if self.error_feedback else 0.0).astype(np.float32)
         self.velocity[key] = np.where(sent, 0.0, u).astype(np.float32)   # momentum factor masking
         return msg
 

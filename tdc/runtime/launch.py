@@ -232,8 +232,10 @@ def launch(ranks: int, argv: list[str], survivable: bool = False) -> int:
     rank = pids.get(int(pid.group(1))) if pid else None
     who = (f"rank {rank} (pid {pid.group(1)})" if rank is not None
            else f"the rank with pid {pid.group(1)}" if pid else "a rank")
-    what = (f"died: {why.group(1).strip()}" if why and not why.group(1).isdigit()
-            else f"exited with status {why.group(1)}" if why else "failed")
+    status = why.group(1) if why else str(code)
+    what = (f"died: {status.strip()}" if not status.isdigit()
+            else f"died: signal {int(status) - 128}" if int(status) > 128     # 128 + N: through supervisor.py
+            else f"exited with status {status}")
     if survivable and code != 0 and any(LOST in line for line in ours) \
             and not any(line.startswith("tdc: error") for line in ours) and rank != 0:
         print(f"tdc: note: {who} {what}; the other ranks finished without it", file=sys.stderr)

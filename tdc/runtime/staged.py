@@ -185,16 +185,17 @@ class StagedStep:
     """This rank's part of a placed training step (graph), run over MPI (comm: an MPIComm).
 
     cfg: the ParameterServer or DataParallel settings the graph was built with. On a worker,
-    `step(**inputs)` runs one step and returns its outputs; `state` holds this rank's params
-    and state. On a server, `serve()` runs until the workers are done."""
+    `exe(**inputs)` runs one step and returns its outputs, and `finish()` ends the run; `state`
+    holds this rank's params and state. On a server, `serve()` runs until the workers are done.
+    momentum: what a DGC encoder keeps on the worker (the graph's optimizer is then SGD)."""
 
     def __init__(self, graph: Graph, cfg, comm, backend: str = "llvm", params=None, seed: int = 0,
                  staleness_lr: bool = False, momentum: float = 0.0, conv_algo: str = "auto", autotune: bool = False,
-                 progress=None, out=print):
+                 progress=None):
         if comm.size != cfg.ranks:
             raise TdcError(f"this step is placed on {cfg.ranks} ranks but runs in a world of {comm.size}: "
                            f"start it with mpiexec -n {cfg.ranks} (tdc train --ranks {cfg.ranks} does)")
-        self.cfg, self.comm, self.rank, self.out = cfg, comm, comm.rank, out
+        self.cfg, self.comm, self.rank = cfg, comm, comm.rank
         self.ps = isinstance(cfg, ParameterServer)
         self.workers = list(cfg.worker_ranks) if self.ps else list(range(cfg.ranks))
         self.servers = list(cfg.server_ranks) if self.ps else []
@@ -207,13 +208,10 @@ class StagedStep:
         full = initial_state(graph, params, seed)
         self.state = {a.name: full[a.name] for a in self.prog.args if a.kind != "input"}
         self.inputs = [a for a in self.prog.args if a.kind == "input"]
-        self.exes = {}
         stages = [it for it in self.prog.items if isinstance(it, Stage)]
-        for k, st in enumerate(stages):
-            self.exes[id(st)] = compile_graph(st.graph, backend=backend, seed=seed, conv_algo=conv_algo,
-                                              autotune=autotune,
-                                              progress=progress if st is max(stages, key=lambda s: len(s.graph.nodes))
-                                              else None)
+        largest = max(stages, key=lambda st: len(st.graph.nodes), default=None)   # the one worth a progress line
+        self.exes = {id(st): compile_graph(st.graph, backend=backend, seed=seed, conv_algo=conv_algo, autotune=autotune,
+                                           progress=progress if st is largest else None) for st in stages}
         compression: Compression = parse_compression(cfg.compress)
         self.encoder = compression.encoder(momentum=momentum, workers=len(self.workers))
         self.compressors = {}        # exchange node -> its compression (from the node's attr)
@@ -228,8 +226,7 @@ class StagedStep:
         self.server_inputs = {s: [a for a in split_rank(graph, s).args if a.kind == "input"] for s in self.servers}
         if not self.is_server:        # a worker is fed what its servers read too
             self.inputs += [a for s in self.servers for a in self.server_inputs[s] if a not in self.inputs]
-        self.stats: list[ServerStats] = []
-        self.lost: dict[int, int] = {}
+        self.stats: list[ServerStats] = []     # rank 0, after finish(): what every server saw
 
     # ---- the executable interface (workers) -----------------------------------------------------
     def comm_stats(self) -> tuple[int, float]:
@@ -419,8 +416,6 @@ class StagedStep:
         for t, v in self.prog.updates:
             if v in made:
                 self.state[t.name] = np.array(env[v])
-        for st in self.stats:
-            self.lost.update(st.lost)
 
     # ---- a server -----------------------------------------------------------------------------------
     def serve(self) -> ServerStats:

@@ -34,6 +34,7 @@ from .checkpoint import LAST, check_compatible, check_settings, load_checkpoint,
 from .data import Dataset, check_labels, fit_to_model, load_data
 from .launch import (add_parallel_arguments, announce_rank, attach_rank_output, launch, needs_launch,
                      parallel_config)
+from .hogwild import make_runners, run_steps
 from .staged import StagedStep, staged
 from ..ops.compress import parse_compression
 from ..passes.parameter_server import ParameterServer
@@ -119,10 +120,11 @@ def evaluate(exe, input_name: str, output: str, x: np.ndarray, y: np.ndarray, ba
     return correct, value
 
 
-def compile_progress(what: str, out=sys.stderr):
+def compile_progress(what: str, out=None):
     """A `progress(done, total)` for tdc.compile: a line on a terminal that counts the kernels,
     and on anything else one line at the end when the compile took more than a second."""
     t0 = time.perf_counter()
+    out = out or sys.stderr
 
     def report(done: int, total: int):
         if out.isatty():
@@ -209,7 +211,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
           params: dict[str, np.ndarray] | None = None, progress: bool = True, verbose: bool = True,
           out=print, conv_algo: str = "auto", autotune: bool = False,
           parallel: DataParallel | ParameterServer | None = None, comm_timeout: float = 30.0,
-          nonfinite_steps: int = 1, staleness_lr: bool = False, momentum_correction: bool = False) -> TrainResult:
+          nonfinite_steps: int = 1, staleness_lr: bool = False, momentum_correction: bool = False,
+          hogwild: bool = False, threads: int | None = None) -> TrainResult:
     """Train `model` (a Model or "FILE.py[:NAME]") on `data` (a Dataset, "digits" or "mnist:DIR").
 
     schedule: a Schedule, or a name (constant|step|cosine) built with warmup/step_size/gamma and,
@@ -230,6 +233,9 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
       `batch` is split over the workers. staleness_lr divides a server's lr by 1 + the
       staleness of each update; momentum_correction lowers the momentum of an asynchronous run
       by the momentum asynchrony adds (1 - 1/workers, Mitliagkas et al. 2016).
+    hogwild: `threads` threads (default: the cores) run steps at once on the llvm backend, each on
+      its own batches, updating the shared params without locks (runtime/hogwild.py). (`tdc train
+      --threads N` without --hogwild sets how many threads each step's kernels use, TDC_THREADS.)
     metrics: a JSON-lines file: {epoch, step, loss, lr, accuracy} every `log_every` steps and
       {epoch, step, loss, test_accuracy, test_loss} after every epoch's evaluation (a loss that
       is not finite is written as null).
@@ -248,6 +254,17 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         raise TdcError(f"epochs must be >= 0, got {epochs}")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise TdcError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if hogwild:
+        if parallel is not None:
+            raise TdcError("--hogwild runs threads in one process; it does not combine with --ranks")
+        if checkpoint_every:
+            raise TdcError("--hogwild checkpoints at the end of each epoch only (its steps run at once): "
+                           "drop --checkpoint-every")
+        if backend != "llvm":
+            raise TdcError(f"Hogwild runs on the llvm backend (threads sharing one compiled step's weights), "
+                           f"not {backend}: use --backend llvm")
+        from ..passes.target import available_cores
+        threads = threads or available_cores()
     if resume and not checkpoint:
         raise TdcError("resuming needs the checkpoint directory (--checkpoint DIR)")
     if log_every < 1:
@@ -352,6 +369,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         exe = compile_graph(train_graph, backend=backend, params=params, seed=seed, conv_algo=conv_algo,
                             autotune=autotune, progress=progress_fn)
     infer_args = [a.name for a in infer_graph.args if a.kind != "input"]
+    runners = make_runners(exe, threads) if hogwild else None
     # The inference executable owns copies that are refreshed in place before each evaluation:
     # a backend may bind its buffers at compile time, so replacing dict entries would go unseen.
     eval_exe = compile_graph(infer_graph, backend=backend, params={k: exe.state[k].copy() for k in infer_args},
@@ -403,17 +421,25 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
             first = pos0 if epoch == epoch0 else 0
             bar = _Progress(progress, steps_per_epoch, first, f"epoch {epoch + 1}/{epochs}")
             t_epoch, stopped, position = time.perf_counter(), False, first
+
+            def feed(i: int, step: int) -> dict:
+                idx = order[i * batch:(i + 1) * batch]
+                mine = idx if simulated else idx[rank * local:(rank + 1) * local]   # this rank's shard
+                return {input_name: x_train[mine], "y": _targets(y_train[mine], loss, num_classes, target_dtype),
+                        "lr": np.float32(schedule.lr_at(step))}
+            ran = None       # Hogwild: the epoch's steps, run at once on the threads
+            if runners is not None:
+                last = steps_per_epoch if max_steps is None else min(steps_per_epoch, first + max(0, max_steps - step))
+                ran = run_steps(runners, [feed(i, step + i - first) for i in range(first, last)])
             try:
                 for i in range(first, steps_per_epoch):
                     if max_steps is not None and step >= max_steps:
                         stopped = True
                         break
                     idx = order[i * batch:(i + 1) * batch]
-                    mine = idx if simulated else idx[rank * local:(rank + 1) * local]   # this rank's shard
                     lr = schedule.lr_at(step)
                     sent0, wait0 = exe.comm_stats()
-                    res = exe(**{input_name: x_train[mine],
-                                 "y": _targets(y_train[mine], loss, num_classes, target_dtype), "lr": np.float32(lr)})
+                    res = ran[i - first] if ran is not None else exe(**feed(i, step))
                     sent1, wait1 = exe.comm_stats()
                     value = res["loss"]
                     losses.append(value)
@@ -603,6 +629,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nonfinite-steps", type=int, default=1, metavar="N",
                    help="stop once N steps in a row had a NaN or infinite loss (default 1)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads per step's kernels (default: the cores); with --hogwild, steps run at once")
+    p.add_argument("--hogwild", action="store_true",
+                   help="llvm backend: N threads (--threads) each train on their own batches and update the shared "
+                        "params without locks (Hogwild)")
     add_parallel_arguments(p)
 
 
@@ -610,6 +641,12 @@ def cmd_train(args, argv: list[str] | None = None) -> int:
     """`tdc train`; with --ranks N on a compiled backend, this process starts the N ranks under
     mpiexec (argv: its own command line, by default sys.argv's) unless it is one of them already."""
     attach_rank_output()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise TdcError(f"--threads must be >= 1, got {args.threads}")
+        # Hogwild's threads each run whole steps; otherwise the threads split each step's kernels
+        os.environ["TDC_THREADS"] = "1" if args.hogwild else str(args.threads)
+        os.environ["NUMBA_NUM_THREADS"] = os.environ["TDC_THREADS"]
     parallel = parallel_config(args)
     if parallel is not None and (args.backend != "reference" or staged(parallel)) and needs_launch(parallel.ranks):
         survive = isinstance(parallel, ParameterServer) and parallel.mode != "sync"
@@ -625,7 +662,8 @@ def cmd_train(args, argv: list[str] | None = None) -> int:
                        max_steps=args.max_steps, progress=not args.no_progress,
                        conv_algo=getattr(args, "conv_algo", "auto"), autotune=getattr(args, "autotune", False),
                        parallel=parallel, comm_timeout=args.comm_timeout, nonfinite_steps=args.nonfinite_steps,
-                       staleness_lr=args.staleness_lr, momentum_correction=args.momentum_correction)
+                       staleness_lr=args.staleness_lr, momentum_correction=args.momentum_correction,
+                       hogwild=args.hogwild, threads=args.threads)
     except Exception as e:
         if launched_ranks() > 1 and not getattr(args, "debug", False):   # one rank alone would leave the others waiting
             fail_job(str(e) if isinstance(e, TdcError) else f"internal error: {type(e).__name__}: {e}")

@@ -128,6 +128,21 @@ class LLVMExecutable:
         self._in_ptrs = (ctypes.c_void_p * max(len(self.inputs), 1))(*[x.ctypes.data for _, x in self.inputs])
         self._out_ptrs = (ctypes.c_void_p * max(len(self.outputs), 1))(*[x.ctypes.data for _, x in self.outputs])
 
+    def for_thread(self) -> "LLVMExecutable":
+        """Another caller of this compiled step on the same weights and state, with scratch,
+        input and output buffers of its own: threads that each call their own copy run steps
+        at once on shared params without locks (Hogwild, Recht et al. 2011). Only the scalar
+        updates race: a lost write is a lost update, which is Hogwild's bargain."""
+        twin = object.__new__(LLVMExecutable)
+        twin.__dict__.update(self.__dict__)
+        twin.scratch = aligned_bytes(self.module_builder.scratch_bytes)
+        twin.inputs = [(a, aligned_bytes(a.type.nbytes).view(a.type.np_dtype).reshape(a.type.shape))
+                       for a, _ in self.inputs]
+        twin.outputs = [(n, np.empty_like(x)) for n, x in self.outputs]
+        twin._in_ptrs = (ctypes.c_void_p * max(len(twin.inputs), 1))(*[x.ctypes.data for _, x in twin.inputs])
+        twin._out_ptrs = (ctypes.c_void_p * max(len(twin.outputs), 1))(*[x.ctypes.data for _, x in twin.outputs])
+        return twin
+
     def _start_comm(self, llvm):
         """Load comm.c's library and start it (MPI, tdc's communicator and its thread); the world
         must be the one the step was compiled for."""

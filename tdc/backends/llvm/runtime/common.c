@@ -18,9 +18,12 @@ void *tdcrt_malloc(int64_t bytes)
  * A pool of worker threads that sleep on a condition variable between calls (never spin: two
  * spinning pools on 2 vCPUs cost milliseconds per call here). tdcrt_parallel_for(n, work, fn, ctx)
  * runs fn(ctx, begin, end) on contiguous parts of [0, n), one per thread, the caller taking
- * part 0. Threads: TDC_THREADS, else the online CPUs (tdc_runtime_set_threads sets BLAS's). */
+ * part 0. Threads: TDC_THREADS, else the online CPUs (tdc_runtime_set_threads sets BLAS's).
+ * Several threads may run steps at once (Hogwild): one of them has the pool, the others run
+ * their loops alone, which is what keeps every core busy then anyway. */
 
 #define MAX_THREADS 64
+static pthread_mutex_t pool_owner = PTHREAD_MUTEX_INITIALIZER;   /* held by the caller using the pool */
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t wake, done;
@@ -61,9 +64,9 @@ static void *pool_worker(void *arg)
     return NULL;
 }
 
-static int pool_threads(void)
+static int pool_threads(void)   /* called with pool_owner held */
 {
-    if (pool.threads == 0) {   /* first use; callers of the runtime are single-threaded */
+    if (pool.threads == 0) {
         const char *s = getenv("TDC_THREADS");
         long n = s ? strtol(s, NULL, 10) : sysconf(_SC_NPROCESSORS_ONLN);
         n = n < 1 ? 1 : (n > MAX_THREADS ? MAX_THREADS : n);
@@ -80,10 +83,16 @@ static int pool_threads(void)
     return pool.threads;
 }
 
-/* fn over [0, n) on the pool, when `work` (about the flops) pays for waking the threads. */
+/* fn over [0, n) on the pool, when `work` (about the flops) pays for waking the threads and the
+   pool is free. */
 void tdcrt_parallel_for(int64_t n, double work, range_fn fn, void *ctx)
 {
-    if (n <= 1 || work < 2e6 || pool_threads() == 1) {
+    if (n <= 1 || work < 2e6 || pthread_mutex_trylock(&pool_owner) != 0) {
+        fn(ctx, 0, n);
+        return;
+    }
+    if (pool_threads() == 1) {
+        pthread_mutex_unlock(&pool_owner);
         fn(ctx, 0, n);
         return;
     }
@@ -102,6 +111,7 @@ void tdcrt_parallel_for(int64_t n, double work, range_fn fn, void *ctx)
     while (pool.pending > 0)
         pthread_cond_wait(&pool.done, &pool.mu);
     pthread_mutex_unlock(&pool.mu);
+    pthread_mutex_unlock(&pool_owner);
 }
 
 /* Images per chunk: the column matrix [K, nb * P] stays within SCRATCH_BYTES and the

@@ -29,6 +29,7 @@
 #include <float.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -807,7 +808,8 @@ static void run_failed(int64_t rc, long long step, long long batch) {
 static void usage_line(FILE *out) {
 #if TDC_TRAINING
     fprintf(out, "usage: %s%s --input NAME=FILE.npy|NUMBER ... [--steps N] [--print-every K] [--weights FILE]\n"
-                 "       [--save FILE] [--output NAME=FILE.npy ...]%s\n", TDC_RANKS > 1 ? "mpiexec -n N " : "", prog,
+                 "       [--save FILE] [--output NAME=FILE.npy ...] [--threads N [--hogwild]]%s\n",
+            TDC_RANKS > 1 ? "mpiexec -n N " : "", prog,
             TDC_COMM ? " [--comm-timeout S]" : "");
 #else
     fprintf(out, "usage: %s --input NAME=FILE.npy|NUMBER ... [--output NAME=FILE.npy ...] [--weights FILE]\n"
@@ -855,6 +857,10 @@ static void help(const char *argv0) {
     printf("  --steps N           training steps (default: one pass over the batches)\n"
            "  --print-every K     print the scalar outputs every K steps (default: about 10 lines)\n"
            "  --save FILE         where the trained weights go (default: %s in the current directory)\n"
+           "  --threads N         threads for each step's kernels (default: the CPUs); with --hogwild, N threads\n"
+           "                      each run whole steps at once\n"
+           "  --hogwild           N threads train on their own batches and update the shared weights without\n"
+           "                      locks (Hogwild); steps are dealt out round robin\n"
            "  -h, --help          this help\n"
            "\nThe learning rate (input lr) follows the schedule compiled in: %s, %d warm-up steps.\n"
            "\nAn input file for an input of shape [B, ...] may hold [k*B, ...]: it is split into k batches\n"
@@ -864,6 +870,7 @@ static void help(const char *argv0) {
            TDC_WARMUP);
 #else
     printf("  --repeat N          run N times; print the median, min and max time per run\n"
+           "  --threads N         threads for the kernels (default: the CPUs)\n"
            "  -h, --help          this help\n"
            "\nAn input file for an input of shape [B, ...] may hold any number of samples [n, ...]: they run\n"
            "batch by batch (the last batch padded with zeros), and each output holds n rows.\n");
@@ -931,7 +938,8 @@ typedef struct {
     const char *inputs[TDC_NUM_INPUTS + 1];
     const char *outputs[TDC_NUM_OUTPUTS + 1];
     const char *weights, *save;
-    long long repeat, steps, print_every;
+    long long repeat, steps, print_every, threads;
+    int hogwild;
     double comm_timeout;
 } options;
 
@@ -951,8 +959,13 @@ static void parse_args(int argc, char **argv, options *o) {
             help(argv[0]);
             exit(0);
         }
-        static const char *const flags[] = {"--input", "--output", "--weights", "--repeat",
-                                            "--steps", "--print-every", "--save", "--comm-timeout"};
+        if (!strcmp(a, "--hogwild")) {
+            if (!TDC_TRAINING) wrong_mode(a);
+            o->hogwild = 1;
+            continue;
+        }
+        static const char *const flags[] = {"--input", "--output", "--weights", "--repeat", "--steps",
+                                            "--print-every", "--save", "--comm-timeout", "--threads"};
         const char *flag = NULL, *val = NULL;
         for (size_t k = 0; k < sizeof flags / sizeof flags[0]; k++) {
             size_t n = strlen(flags[k]);
@@ -990,6 +1003,8 @@ static void parse_args(int argc, char **argv, options *o) {
         } else if (!strcmp(flag, "--print-every")) {
             if (!TDC_TRAINING) wrong_mode(flag);
             o->print_every = positive(flag, val);
+        } else if (!strcmp(flag, "--threads")) {
+            o->threads = positive(flag, val);
         } else if (!strcmp(flag, "--comm-timeout")) {
             if (!TDC_COMM) usage_error("--comm-timeout is for executables that talk to other ranks (tdc compile --ranks N)");
             char *end;
@@ -1000,6 +1015,8 @@ static void parse_args(int argc, char **argv, options *o) {
             o->save = val;
         }
     }
+    if (o->hogwild && TDC_COMM)
+        usage_error("--hogwild runs threads in one process; this executable was compiled for %d ranks", TDC_RANKS);
     char buf[160];
     for (int k = 0; k < TDC_NUM_INPUTS; k++)
         if (!o->inputs[k])
@@ -1076,14 +1093,16 @@ static void load_input(int k, const char *spec, input_data *in, int allow_batche
 }
 
 /* The current batch b of a file input into its aligned stage (rows past the file's end: zeros). */
-static const void *stage_batch(int k, const input_data *in, int64_t b) {
+static const void *stage_into(int k, const input_data *in, int64_t b, unsigned char *dst) {
     const tdc_tensor_info *t = &TDC_INPUTS[k];
     size_t row = (size_t)t->nbytes / (size_t)t->shape[0];
     int64_t first = b * t->shape[0], n = in->rows - first < t->shape[0] ? in->rows - first : t->shape[0];
-    memcpy(in->stage, in->data + (size_t)first * row, (size_t)n * row);
-    memset(in->stage + (size_t)n * row, 0, (size_t)(t->shape[0] - n) * row);
-    return in->stage;
+    memcpy(dst, in->data + (size_t)first * row, (size_t)n * row);
+    memset(dst + (size_t)n * row, 0, (size_t)(t->shape[0] - n) * row);
+    return dst;
 }
+
+static const void *stage_batch(int k, const input_data *in, int64_t b) { return stage_into(k, in, b, in->stage); }
 
 /* ---- the learning-rate schedule (tdc/runtime/schedule.py's formulas) -------------------------------- */
 
@@ -1103,6 +1122,72 @@ MAYBE_UNUSED static double scheduled_lr(double base, long long step, long long s
     default:
         return base;
     }
+}
+
+/* ---- Hogwild: threads training at once on shared weights ------------------------------------------ */
+
+typedef struct {
+    int id, n;                      /* thread id of n */
+    long long steps, every;
+    int64_t global, batches;
+    const input_data *ins;          /* the files, shared and read only */
+    unsigned char *weights;         /* shared: every thread's updates go straight into them, unlocked */
+    double *times;                  /* per step, shared (each step is written by one thread) */
+    int lr_input;
+    double base_lr;
+} hogwild_job;
+
+static pthread_mutex_t print_mu = PTHREAD_MUTEX_INITIALIZER;
+
+MAYBE_UNUSED static void print_step(long long s, long long steps, void *const *outs) {
+    printf("step %lld/%lld:", s + 1, steps);
+    for (int k = 0; k < TDC_NUM_OUTPUTS; k++) {
+        if (elems_of(TDC_OUTPUTS[k].rank, TDC_OUTPUTS[k].shape) != 1) continue;
+        printf(" %s=", TDC_OUTPUTS[k].name);
+        print_elem(outs[k], TDC_OUTPUTS[k].dtype, 0);
+    }
+    printf("\n");
+    fflush(stdout);
+}
+
+typedef struct {
+    const hogwild_job *job;
+    int id;
+} hogwild_thread;
+
+/* Steps id, id + n, ... with buffers of this thread's own (scratch, staged batches, lr, outputs). */
+MAYBE_UNUSED static void *hogwild_worker(void *arg) {
+    const hogwild_thread *th = arg;
+    const hogwild_job *j = th->job;
+    const void *in_ptrs[TDC_NUM_INPUTS + 1];
+    void *outs[TDC_NUM_OUTPUTS + 1];
+    unsigned char *stage[TDC_NUM_INPUTS + 1];
+    void *scratch = xalloc((size_t)TDC_SCRATCH_BYTES, "scratch memory");
+    for (int k = 0; k < TDC_NUM_OUTPUTS; k++) outs[k] = xalloc((size_t)TDC_OUTPUTS[k].nbytes, "an output");
+    for (int k = 0; k < TDC_NUM_INPUTS; k++) {
+        stage[k] = xalloc((size_t)TDC_INPUTS[k].nbytes, "an input");
+        if (!j->ins[k].rows) memcpy(stage[k], j->ins[k].data, (size_t)TDC_INPUTS[k].nbytes);
+        in_ptrs[k] = stage[k];
+    }
+    for (long long s = th->id; s < j->steps; s += j->n) {
+        for (int k = 0; k < TDC_NUM_INPUTS; k++)
+            if (j->ins[k].rows) stage_into(k, &j->ins[k], (int64_t)(s % j->global), stage[k]);
+        if (j->lr_input >= 0 && TDC_SCHEDULE + TDC_WARMUP > 0) {
+            double lr = scheduled_lr(j->base_lr, s, j->steps);
+            if (TDC_INPUTS[j->lr_input].dtype == TDC_F64) *(double *)stage[j->lr_input] = lr;
+            else *(float *)stage[j->lr_input] = (float)lr;
+        }
+        double t0 = now_ms();
+        int64_t rc = TDC_RUN(in_ptrs, outs, j->weights, scratch);
+        j->times[s] = now_ms() - t0;
+        if (rc != 0) run_failed(rc, s, j->batches > 1 ? (long long)(s % j->global) : -1);
+        if ((s + 1) % j->every == 0 || s + 1 == j->steps) {
+            pthread_mutex_lock(&print_mu);
+            print_step(s, j->steps, outs);
+            pthread_mutex_unlock(&print_mu);
+        }
+    }
+    return NULL;
 }
 
 /* ---- main --------------------------------------------------------------------------------------- */
@@ -1131,6 +1216,11 @@ int main(int argc, char **argv) {
 
     options o;
     parse_args(argc, argv, &o);
+    if (o.threads) {    /* Hogwild's threads each run whole steps; otherwise they split each step's kernels */
+        char n[32];
+        snprintf(n, sizeof n, "%lld", o.hogwild ? 1LL : o.threads);
+        setenv("TDC_THREADS", n, 1);
+    }
 #if TDC_COMM
     world = (int)tdc_comm_init(o.comm_timeout);
     rank = (int)tdc_comm_rank();
@@ -1219,7 +1309,25 @@ int main(int argc, char **argv) {
                               (long long)(TDC_NUM_INPUTS ? TDC_INPUTS[batched_input < 0 ? 0 : batched_input].shape[0] : 0));
         printf("\n");
     }
-    for (long long s = 0; s < steps; s++) {
+    long long hog = o.hogwild ? (o.threads ? o.threads : sysconf(_SC_NPROCESSORS_ONLN)) : 0;
+    if (hog > 0) {
+        printf("hogwild: %lld threads train at once on the shared weights\n", hog);
+        hogwild_job job = {0, (int)hog, steps, every, global, batches, ins, weights, times, lr_input, base_lr};
+        pthread_t tids[64];
+        hogwild_thread ths[64];
+        if (hog > 64) usage_error("--threads is at most 64 with --hogwild, got %lld", hog);
+        double t0 = now_ms();
+        for (int t = 0; t < hog; t++) {
+            ths[t] = (hogwild_thread){&job, t};
+            if (t > 0 && pthread_create(&tids[t], NULL, hogwild_worker, &ths[t]) != 0)
+                die(EXIT_ERROR, "cannot start thread %d of %lld", t, hog);
+        }
+        hogwild_worker(&ths[0]);
+        for (int t = 1; t < hog; t++) pthread_join(tids[t], NULL);
+        double wall = now_ms() - t0;
+        printf("throughput: %.1f steps/s (%lld steps in %.1f ms)\n", (double)steps / wall * 1e3, steps, wall);
+    }
+    for (long long s = 0; s < steps && hog == 0; s++) {
         for (int k = 0; k < TDC_NUM_INPUTS; k++)    /* this rank's shard of global batch s */
             if (ins[k].rows) in_ptrs[k] = stage_batch(k, &ins[k], (int64_t)(s % global) * world + rank);
         if (lr_input >= 0 && TDC_SCHEDULE + TDC_WARMUP > 0) {
@@ -1231,16 +1339,7 @@ int main(int argc, char **argv) {
         int64_t rc = TDC_RUN(in_ptrs, out_ptrs, weights, scratch);
         times[s] = now_ms() - t0;
         if (rc != 0) run_failed(rc, s, batches > 1 ? (long long)(s % global) : -1);
-        if (rank == 0 && ((s + 1) % every == 0 || s + 1 == steps)) {
-            printf("step %lld/%lld:", s + 1, steps);
-            for (int k = 0; k < TDC_NUM_OUTPUTS; k++) {
-                if (elems_of(TDC_OUTPUTS[k].rank, TDC_OUTPUTS[k].shape) != 1) continue;
-                printf(" %s=", TDC_OUTPUTS[k].name);
-                print_elem(out_ptrs[k], TDC_OUTPUTS[k].dtype, 0);
-            }
-            printf("\n");
-            fflush(stdout);
-        }
+        if (rank == 0 && ((s + 1) % every == 0 || s + 1 == steps)) print_step(s, steps, out_ptrs);
     }
     if (rank == 0) {     /* every rank holds the same weights */
         print_times(times, steps, "steps");
