@@ -111,13 +111,17 @@ def _native(d, *args):
 
 
 def test_native_hogwild_trains_on_threads(native_digits):
+    """320 steps on 2 threads at once: the weights they leave classify the training samples well
+    (a single batch's loss is too noisy to judge by, Hogwild's especially)."""
+    from tdc.ir.weights import read_weights
     out = _native(native_digits, "--steps", "320", "--threads", "2", "--hogwild", "--print-every", "32")
     assert "hogwild: 2 threads" in out and "throughput:" in out
-    losses = [float(ln.split("loss=")[1]) for ln in out.splitlines() if "loss=" in ln]
-    assert len(losses) >= 9 and losses[-1] < 0.5 * losses[0]
-    one = _native(native_digits, "--steps", "320", "--threads", "1", "--print-every", "32")
-    first = [float(ln.split("loss=")[1]) for ln in one.splitlines() if "loss=" in ln]
-    assert losses[-1] < 3 * first[-1] + 0.05       # converges about as far as one thread
+    assert sum("loss=" in ln for ln in out.splitlines()) == 10
+    import digits
+    infer = tdc.compile(digits.digits.trace(1024), params=read_weights(str(native_digits / "t.weights")))
+    x, y = np.load(native_digits / "x.npy"), np.load(native_digits / "y.npy")
+    accuracy = float(np.mean(np.argmax(next(iter(infer(x=x).values())), axis=1) == y))
+    assert accuracy > 0.9, accuracy
 
 
 def test_native_hogwild_is_a_training_option(native_digits, tmp_path):

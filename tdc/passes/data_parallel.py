@@ -17,6 +17,11 @@ same update and keep identical params:
   * Each allreduce gets an algorithm (ring, recursive doubling, binomial tree or the MPI
     library's own) by an alpha-beta cost for its message size and N, unless one is asked for.
 
+  * Compression (`compress`, ops/compress.py): each gradient gets an allreduce of its own with
+    the compressor in its `compress` attribute, unless a dense ring allreduce would send fewer
+    bytes than the allgather of compressed messages (`dense_cheaper`); all of them follow the
+    backward pass, where the staged runtime (runtime/staged.py) sends them as one message.
+
 Batchnorm keeps per-rank batch statistics unless `sync_batchnorm` (which runs before autodiff,
 so the gradient goes through the same allreduces) replaces each training-mode batchnorm by its
 definition with the batch mean and variance averaged over the ranks.
