@@ -27,6 +27,7 @@ from ..errors import TdcError
 from ..ir.graph import Graph, ranks_placement
 from ..ir.types import TensorType
 from ..ops import functional as F
+from ..ops.compress import parse_compression
 from ..ops.tensor import Builder, Tensor
 from .autodiff import GRAD_PREFIX
 from .optimizer import Optimizer, rule
@@ -89,6 +90,7 @@ class ParameterServer:
             raise TdcError(f"unknown parameter-server mode {self.mode!r}; choose from {', '.join(MODES)}")
         if self.staleness < 0:
             raise TdcError(f"--staleness must be >= 0, got {self.staleness}")
+        self.compression = parse_compression(self.compress)    # a bad spec fails here, before any work
 
     @property
     def ranks(self) -> int:

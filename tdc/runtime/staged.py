@@ -40,7 +40,7 @@ from ..backends.executable import check_feed, initial_state
 from ..errors import TdcError
 from ..ir.graph import Graph, Node, Value
 from ..lower.stages import RankProgram, Stage, split_rank
-from ..ops.compress import Compression, parse_compression
+from ..ops.compress import parse_compression
 from ..passes.data_parallel import DataParallel
 from ..passes.parameter_server import ParameterServer
 
@@ -212,8 +212,7 @@ class StagedStep:
         largest = max(stages, key=lambda st: len(st.graph.nodes), default=None)   # the one worth a progress line
         self.exes = {id(st): compile_graph(st.graph, backend=backend, seed=seed, conv_algo=conv_algo, autotune=autotune,
                                            progress=progress if st is largest else None) for st in stages}
-        compression: Compression = parse_compression(cfg.compress)
-        self.encoder = compression.encoder(momentum=momentum, workers=len(self.workers))
+        self.encoder = cfg.compression.encoder(momentum=momentum, workers=len(self.workers))
         self.compressors = {}        # exchange node -> its compression (from the node's attr)
         for n in self.prog.exchanges:
             spec = n.attrs.get("compress", "none")
@@ -237,11 +236,18 @@ class StagedStep:
             raise TdcError(f"rank {self.rank} is a parameter server: it serves (serve()), it does not run steps")
         env = self._env(inputs)
         self._run(env, self.prog.items)
-        for t, v in self.prog.updates:
-            self.state[t.name] = np.array(env[v])
+        self._update(env)
         self.encoder.next_step()
         self.clock += 1
         return {name: env[v] for name, v in self.prog.outputs}
+
+    def _update(self, env: dict, made=None) -> None:
+        """Write the step's updates (those of values in `made`, if given) into the rank's state.
+        Stage outputs are fresh arrays each call and are taken as they are; an update to an arg's
+        own value (an input the caller still holds) is copied."""
+        for t, v in self.prog.updates:
+            if made is None or v in made:
+                self.state[t.name] = env[v] if v.producer is not None else np.array(env[v])
 
     def _env(self, inputs: dict) -> dict[Value, np.ndarray]:
         unknown = set(inputs) - {a.name for a in self.inputs}
@@ -413,9 +419,7 @@ class StagedStep:
         self._run(env, tail)
         made = {v for it in tail if isinstance(it, Stage) for _, v in it.outputs}
         made |= {n.outputs[0] for n in pulls}
-        for t, v in self.prog.updates:
-            if v in made:
-                self.state[t.name] = np.array(env[v])
+        self._update(env, made)
 
     # ---- a server -----------------------------------------------------------------------------------
     def serve(self) -> ServerStats:
@@ -429,6 +433,7 @@ class StagedStep:
         version = 0
         pushes = [n for n in self.prog.exchanges if n.op == "push"]
         notices = failure_notices()
+        lr = next((a for a in self.inputs if a.name == "lr"), None)     # what --staleness-lr scales
 
         def slowest() -> int:
             return min((clocks[w] for w in active), default=max(clocks.values()))
@@ -461,14 +466,12 @@ class StagedStep:
                     grads[n] += x
             for n in pushes:
                 env[n.outputs[0]] = (grads[n] / len(msgs)).astype(n.outputs[0].type.np_dtype)
-            if self.staleness_lr and "lr" in {a.name for a in self.inputs}:
-                lr = next(a for a in self.inputs if a.name == "lr")
+            if self.staleness_lr and lr is not None:
                 env[lr] = (env[lr] / (1 + max(0, version - head0[1]))).astype(env[lr].dtype)
             answers = []
             self._run(env, self.prog.items, exchange=lambda nodes, env: answers.extend(
                 env[n.inputs[0]] for n in nodes if n.op == "pull"))
-            for t, v in self.prog.updates:
-                self.state[t.name] = np.array(env[v])
+            self._update(env)
             version += 1
             stats.updates += 1
             return pack([version], [np.asarray(a) for a in answers])
@@ -524,22 +527,18 @@ class StagedStep:
         self.wire.flush("answering the workers", lost=stats.lost)
         # the final params and what was seen, for rank 0 (the job's voice), unless it was lost
         if 0 not in stats.lost:
-            finals = []
-            self._final_answers(finals)
-            self.wire.send(0, FINAL, pack([version], finals))
+            self.wire.send(0, FINAL, pack([version], self._final_answers()))
             self.wire.send(0, STATS, pack(stats.as_ints(), []))
             self.wire.flush("sending the final params to rank 0")
         return stats
 
-    def _final_answers(self, out: list) -> None:
+    def _final_answers(self) -> list[np.ndarray]:
         """What the pulls would send now: the current value of each pulled piece."""
-        updated = {id(v): t for t, v in self.prog.updates}
-        for n in self.prog.exchanges:
-            if n.op == "pull":
-                t = updated.get(id(n.inputs[0]))
-                if t is None:
-                    raise TdcError(f"internal: server rank {self.rank} pulls a value that is not a param's update")
-                out.append(self.state[t.name])
+        updated = {v: t for t, v in self.prog.updates}
+        pulled = [n.inputs[0] for n in self.prog.exchanges if n.op == "pull"]
+        if any(v not in updated for v in pulled):
+            raise TdcError(f"internal: server rank {self.rank} pulls a value that is not a param's update")
+        return [self.state[updated[v].name] for v in pulled]
 
 
 def _finish(total: np.ndarray, node: Node, ranks: int) -> np.ndarray:
@@ -549,5 +548,4 @@ def _finish(total: np.ndarray, node: Node, ranks: int) -> np.ndarray:
 
 def staged(parallel) -> bool:
     """Whether a training step with these parallel settings runs on the staged runtime."""
-    return isinstance(parallel, ParameterServer) or (isinstance(parallel, DataParallel)
-                                                       and parse_compression(parallel.compress).enabled)
+    return isinstance(parallel, ParameterServer) or (isinstance(parallel, DataParallel) and parallel.compression.enabled)

@@ -36,7 +36,6 @@ from .launch import (add_parallel_arguments, announce_rank, attach_rank_output, 
                      parallel_config)
 from .hogwild import make_runners, run_steps
 from .staged import StagedStep, staged
-from ..ops.compress import parse_compression
 from ..passes.parameter_server import ParameterServer
 from .schedule import SCHEDULES, Schedule, make_schedule
 from ..files import atomic_write, check_output_dir, check_output_file
@@ -293,9 +292,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
     ranks = parallel.ranks if parallel is not None else 1
     local = parallel.split_batch(batch) if parallel is not None else batch   # samples per worker and step
     use_staged = staged(parallel)
-    if isinstance(parallel, ParameterServer) and (checkpoint or resume):
-        raise TdcError("checkpoints of parameter-server training are not supported: the optimizer state lives on "
-                       "the servers; use --save-weights for the trained weights")
+    _check_parallel_training(parallel, checkpoint or resume)
     optimizer, encoder_momentum = _staged_optimizer(optimizer, parallel, momentum_correction, out)
     simulated = backend == "reference" and not use_staged      # the reference backend runs every rank itself
     if isinstance(parallel, ParameterServer) and parallel.mode != "sync":
@@ -514,11 +511,17 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                        rank, servers)
 
 
+def _check_parallel_training(parallel, checkpointing: bool) -> None:
+    if isinstance(parallel, ParameterServer) and checkpointing:
+        raise TdcError("checkpoints of parameter-server training are not supported: the optimizer state lives on "
+                       "the servers; use --save-weights for the trained weights")
+
+
 def _staged_optimizer(opt: Optimizer, parallel, momentum_correction: bool, out) -> tuple[Optimizer, float]:
     """The optimizer in the training graph, and the momentum a DGC encoder keeps locally.
     DGC moves momentum to the workers (momentum correction: what is sent is the accumulated
     velocity), so the graph's update is plain SGD on the summed velocities."""
-    compression = parse_compression(parallel.compress) if parallel is not None else None
+    compression = parallel.compression if parallel is not None else None
     momentum = 0.0
     if compression is not None and compression.dgc:
         if opt.name not in ("sgd", "momentum"):
@@ -648,11 +651,14 @@ def cmd_train(args, argv: list[str] | None = None) -> int:
         os.environ["TDC_THREADS"] = "1" if args.hogwild else str(args.threads)
         os.environ["NUMBA_NUM_THREADS"] = os.environ["TDC_THREADS"]
     parallel = parallel_config(args)
-    if parallel is not None and (args.backend != "reference" or staged(parallel)) and needs_launch(parallel.ranks):
-        survive = isinstance(parallel, ParameterServer) and parallel.mode != "sync"
-        return launch(parallel.ranks, sys.argv[1:] if argv is None else argv, survivable=survive)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     opt = optimizer_from(args, lr)
+    if parallel is not None and (args.backend != "reference" or staged(parallel)) and needs_launch(parallel.ranks):
+        # the settings' mistakes are one line from here, not one from every rank after the launch
+        _check_parallel_training(parallel, bool(args.checkpoint or args.resume))
+        _staged_optimizer(opt, parallel, args.momentum_correction, out=lambda line: None)
+        survive = isinstance(parallel, ParameterServer) and parallel.mode != "sync"
+        return launch(parallel.ranks, sys.argv[1:] if argv is None else argv, survivable=survive)
     try:
         result = train(args.model, args.data, epochs=args.epochs, batch=args.batch, optimizer=opt, loss=args.loss,
                        schedule=args.schedule, warmup=args.warmup, step_size=args.step_size, gamma=args.gamma,
