@@ -149,8 +149,10 @@ def test_gradient_matches_finite_differences(op, inputs, attrs):
 def test_every_differentiable_op_is_covered():
     covered = {c[0] for c in CASES}
     differentiable = {name for name, op in all_ops().items() if op.grad is not None}
-    # push and pull need a server and workers: test_ops_norm_loss_comm checks them over simulated ranks
-    assert differentiable - covered <= {"sign", "maxpool2d_grad", "avgpool2d_grad", "one_hot", "push", "pull"} | \
+    # push and pull need a server and workers: test_ops_norm_loss_comm checks them over simulated ranks;
+    # transfer, concat_ranks and sum_ranks need several ranks: test_partition checks them
+    assert differentiable - covered <= {"sign", "maxpool2d_grad", "avgpool2d_grad", "one_hot", "push", "pull",
+                                        "transfer", "concat_ranks", "sum_ranks"} | \
         {n for n in differentiable if n.startswith("maxpool2d_")}, differentiable - covered
 
 

@@ -420,6 +420,50 @@ def test_a_compressed_push_delivers_what_the_compressor_keeps():
     assert envs[2][m].tolist() == [[0.0, 0.0, -1.5]]       # (3 from rank 0, -6 from rank 1) / 2
 
 
+def test_transfer_moves_a_value_between_two_ranks():
+    g = Graph("t")
+    x = g.add_arg("x", TensorType("f32", (2,)), "input")
+    (a,) = g.emit("neg", [x], placement="rank:2")
+    (b,) = g.emit("transfer", [a], {"src": 2, "dst": 0}, placement="ranks:0,2")
+    (c,) = g.emit("exp", [b], placement="rank:0")
+    feeds = [{x: np.full(2, r, np.float32)} for r in range(3)]
+    envs = run_ranks(g, feeds)
+    assert envs[0][b].tolist() == [-2.0, -2.0] and envs[0][c].tolist() == pytest.approx([np.exp(-2.0)] * 2)
+    assert b not in envs[1]
+    g.nodes[1].placement = "ranks:0..2"
+    with pytest.raises(ShapeError, match="transfer from rank 2 to rank 0 must be placed on exactly those two"):
+        run_ranks(g, feeds)
+
+
+def test_concat_and_sum_over_ranks_take_each_rank_its_own_piece():
+    g = Graph("cs")
+    x = g.add_arg("x", TensorType("f32", (2, 1)), "input")
+    pieces = [g.emit("mul", [x, g.emit("constant", [], {"value": np.float32(r + 1)})[0]], placement=f"rank:{r}")[0]
+              for r in range(3)]
+    (cat,) = g.emit("concat_ranks", pieces, {"axis": 1}, placement="ranks:0..2")
+    (tot,) = g.emit("sum_ranks", pieces, placement="ranks:0..2")
+    envs = run_ranks(g, [{x: np.array([[1.0], [2.0]], np.float32)}] * 3)
+    for r in range(3):
+        assert envs[r][cat].tolist() == [[1, 2, 3], [2, 4, 6]] and envs[r][tot].tolist() == [[6], [12]]
+    assert g.nodes[-1].outputs[0].type == TensorType("f32", (2, 1))
+    with pytest.raises(ShapeError, match="one piece per rank"):
+        g.nodes[-1].placement = "ranks:0..1"
+        run_ranks(g, [{x: np.ones((2, 1), np.float32)}] * 3)
+    with pytest.raises(ShapeError, match="concat_ranks: the pieces must agree except along axis 1"):
+        infer_op("concat_ranks", [TensorType("f32", (2, 1)), TensorType("f32", (3, 1))], axis=1)
+    with pytest.raises(ShapeError, match="sum_ranks takes one value of the same type"):
+        infer_op("sum_ranks", [TensorType("f32", (2,)), TensorType("f32", (3,))])
+
+
+def test_allgather_concatenates_every_ranks_piece_in_rank_order():
+    pieces = [np.arange(2 * k, dtype=np.float32).reshape(2, k) for k in (1, 3, 2)]
+    outs = run_op_ranks("allgather", [[p] for p in pieces], axis=1, sizes=[1, 3, 2], world=3)
+    for (out,) in outs:
+        assert out.tolist() == np.concatenate(pieces, 1).tolist()
+    with pytest.raises(ShapeError, match="none of the sizes"):
+        infer_op("allgather", [TensorType("f32", (2, 4))], axis=1, sizes=[1, 3], world=2)
+
+
 def test_push_and_pull_need_their_server():
     g = Graph("nos")
     x = g.add_arg("x", TensorType("f32", (2,)), "input")
@@ -487,7 +531,7 @@ TESTED = {
     "norm": {"batchnorm", "dropout"},
     "loss": {"softmax_cross_entropy", "mse", "one_hot"},
     "comm": {"allreduce", "allreduce_start", "allreduce_wait", "broadcast", "reduce_to", "send", "recv", "push",
-             "pull"},
+             "pull", "transfer", "concat_ranks", "sum_ranks", "allgather"},   # gradients: test_partition.py
 }
 
 

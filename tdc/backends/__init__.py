@@ -17,6 +17,11 @@ def compile(graph, backend: str = "reference", params=None, seed: int = 0, conv_
     if conv_algo != "auto":
         from ..passes.conv_algo import request_conv_algo
         graph = request_conv_algo(graph, conv_algo)
+    if backend in ("numba", "llvm"):
+        from ..lower.ranks import is_partitioned
+        if is_partitioned(graph):     # this process runs its rank's program (an MPI job of K ranks)
+            from .partitioned import PartitionedExecutable
+            return PartitionedExecutable(graph, backend, params, seed, autotune=autotune, progress=progress)
     if backend == "reference":
         from .reference import ReferenceExecutable
         return ReferenceExecutable(graph, params, seed)

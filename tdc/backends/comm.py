@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import TdcError
 
 DATA_TAG, ROLL_TAG = 11, 12
+P2P_TAG = 1000            # send/recv of a partitioned step: P2P_TAG + the op's tag (mod 30000)
 ROLL_GRACE = 2.0          # seconds the live ranks have to answer a roll call
 REDUCE = {"sum": np.add, "mean": np.add, "max": np.maximum, "min": np.minimum}
 
@@ -85,6 +86,7 @@ class MPIComm:
         self.wait_seconds = 0.0
         self._jobs: queue.Queue = queue.Queue()
         self._token = np.zeros(1, np.uint8)
+        self._sends: list = []        # (request, private copy, dst) of sends not yet taken
         self._thread = threading.Thread(target=self._serve, name="tdc-comm", daemon=True)
         self._thread.start()
         atexit.register(self.stop)    # registered after mpi4py's finalizer: runs before it
@@ -127,11 +129,79 @@ class MPIComm:
 
     # ---- the communication thread ---------------------------------------------------------------
     def stop(self) -> None:
-        """Finish the queued jobs and end the communication thread (it polls MPI while idle, which
-        must stop before MPI is finalized)."""
+        """Finish the queued jobs and the sends in flight, and end the communication thread (it
+        polls MPI while idle, which must stop before MPI is finalized)."""
         if self._thread.is_alive():
+            try:
+                self.call(lambda c: c.flush_sends())
+            except TdcError as e:
+                print(f"tdc: error: {e}", file=sys.stderr, flush=True)
             self._jobs.put(None)
             self._thread.join()
+
+    # ---- point to point (a partitioned step's send and recv) ------------------------------------
+    def post_send(self, x: np.ndarray, dst: int, tag: int) -> None:
+        """Send a copy of x to rank dst without waiting for it to be taken (on the communication
+        thread, in order with the collectives): a send never blocks, so no schedule of sends
+        and receives that follows one order on every rank can deadlock."""
+        buf = np.array(x, order="C")
+
+        def post(c):
+            c._sends = [s for s in c._sends if not s[0].Test()]
+            c.bytes_sent += buf.nbytes
+            c._sends.append((c.comm.Isend(buf, dest=dst, tag=P2P_TAG + tag % 30000), buf, dst))
+        self.call(post)
+
+    def receive(self, out: np.ndarray, src: int, tag: int) -> None:
+        self.call(lambda c: c.complete([c.comm.Irecv(out, source=src, tag=P2P_TAG + tag % 30000)], [src],
+                                       f"receiving from rank {src}"))
+
+    def flush_sends(self) -> None:
+        """Wait (until the timeout) for every send in flight to be taken."""
+        if self._sends:
+            self.complete([s[0] for s in self._sends], [s[2] for s in self._sends], "sends in flight")
+            self._sends = []
+
+    def allgather(self, x: np.ndarray, out: np.ndarray, axis: int, sizes) -> None:
+        """out = the concatenation along `axis` of every rank's x (rank r's extent: sizes[r])."""
+        def run(c):
+            ring_allgather(c, np.ascontiguousarray(x), out, axis, list(sizes))
+        self.call(run)
+
+    def gather_arrays(self, arrays: dict[str, np.ndarray], root: int = 0) -> dict[str, np.ndarray] | None:
+        """Every rank's named arrays at rank `root` (a partitioned step's params, for saving and
+        evaluating): root gets them all (its own where names repeat), the others None."""
+        if self.rank != root:
+            names = list(arrays)
+            blob = np.frombuffer("\0".join(names).encode(), np.uint8)
+            buf = pack([len(names)], [blob] + [np.ascontiguousarray(arrays[k]).reshape(-1) for k in names])
+            self.call(lambda c: c.complete([c.comm.Isend(buf, dest=root, tag=GATHER_TAG)], [root],
+                                           f"sending the params to rank {root}"))
+            return None
+        got = dict(arrays)
+        for q in range(self.size):
+            if q == root:
+                continue
+            holder = []
+
+            def take(c, q=q):
+                st = c.MPI.Status()
+                deadline = time.monotonic() + c.timeout
+                while not c.comm.Iprobe(source=q, tag=GATHER_TAG, status=st):
+                    if time.monotonic() > deadline:
+                        raise CommError(f"rank {c.rank}: no answer from rank {q} within {c.timeout:g} s "
+                                        "(gathering the params); stopping the job")
+                    time.sleep(1e-4)
+                    c._answer_roll_calls()
+                buf = np.empty(st.Get_count(c.MPI.BYTE), np.uint8)
+                c.comm.Recv(buf, source=q, tag=GATHER_TAG)
+                holder.append(buf)
+            self.call(take)
+            head, parts = unpack(holder[0])
+            names = bytes(parts[0]).decode().split("\0") if head[0] else []
+            for name, x in zip(names, parts[1:]):
+                got.setdefault(name, x)
+        return got
 
     def _serve(self):
         while True:
@@ -279,6 +349,59 @@ def library(c: MPIComm, buf: np.ndarray, reduce) -> None:
 ALGORITHMS = {"ring": ring, "doubling": doubling, "tree": tree, "mpi": library}
 
 
+def ring_allgather(c: MPIComm, x: np.ndarray, out: np.ndarray, axis: int, sizes: list[int]) -> None:
+    """Around the ring, p - 1 steps: at step s rank r passes on the piece of rank r - s. The
+    pieces are gathered whole, then laid into `out` along `axis`."""
+    p, r = c.size, c.rank
+    outer = int(np.prod(out.shape[:axis], dtype=np.int64))
+    inner = int(np.prod(out.shape[axis + 1:], dtype=np.int64))
+    pieces = [np.empty(outer * sizes[q] * inner, out.dtype) for q in range(p)]
+    pieces[r][...] = x.reshape(-1)
+    right, left = (r + 1) % p, (r - 1) % p
+    for step in range(p - 1):
+        send, take = (r - step) % p, (r - step - 1) % p
+        reqs = [c.recv(pieces[take], left), c.send(pieces[send], right)]
+        c.complete(reqs, [left], "ring allgather")
+    flat = out.reshape(outer, -1)
+    off = 0
+    for q in range(p):
+        flat[:, off:off + sizes[q] * inner] = pieces[q].reshape(outer, sizes[q] * inner)
+        off += sizes[q] * inner
+
+
+# ---- messages: a header of int64s and arrays, in one byte buffer ----------------------------------
+
+GATHER_TAG = 14
+_DTYPES = [np.dtype(t) for t in ("float32", "int32", "uint8", "uint16", "float16", "int8", "float64", "int64",
+                                 "bool")]
+_CODE = {d: i for i, d in enumerate(_DTYPES)}
+
+
+def pack(head: list[int], arrays: list[np.ndarray]) -> np.ndarray:
+    """One uint8 buffer holding the ints `head` and the arrays (flattened)."""
+    meta = [len(head), *head, len(arrays)]
+    for a in arrays:
+        meta += [_CODE[a.dtype], a.size]
+    parts = [np.asarray(meta, np.int64).view(np.uint8)] + [np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+                                                           for a in arrays]
+    return np.concatenate(parts)
+
+
+def unpack(buf: np.ndarray) -> tuple[list[int], list[np.ndarray]]:
+    ints = np.frombuffer(buf, np.int64, count=1)
+    nh = int(ints[0])
+    ints = np.frombuffer(buf, np.int64, count=nh + 2)
+    head, count = [int(x) for x in ints[1:nh + 1]], int(ints[nh + 1])
+    meta = np.frombuffer(buf, np.int64, count=nh + 2 + 2 * count)[nh + 2:].reshape(count, 2)
+    off = (nh + 2 + 2 * count) * 8
+    arrays = []
+    for code, size in meta:
+        dt = _DTYPES[code]
+        arrays.append(np.frombuffer(buf, dt, count=int(size), offset=off).copy())
+        off += int(size) * dt.itemsize
+    return head, arrays
+
+
 # ---- the comm ops of a step, run at Python level --------------------------------------------------
 
 RUNTIME_ALGO = {"auto": "mpi"}    # an allreduce the data_parallel pass did not place: the library's
@@ -307,13 +430,17 @@ def comm_step(node, comm, pending: dict):
             comm.wait(pending.pop(handle, None))
             out[...] = h
         return wait
-    if comm.size == 1:    # a world of one rank: broadcast and reduce_to return their input
+    if comm.size == 1:    # a world of one rank: broadcast, reduce_to and allgather return their input
         if op in ("send", "recv"):
             raise TdcError(f"{op} needs several processes; this one runs alone (rank 0 of 1)")
 
         def alone(x, out):
             out[...] = x
         return alone
+    if op == "allgather":
+        def gather(x, out):
+            comm.allgather(x, out, attrs["axis"], attrs["sizes"])
+        return gather
     if op == "broadcast":
         def bcast(x, out):
             out[...] = x
@@ -330,12 +457,11 @@ def comm_step(node, comm, pending: dict):
         return reduce_to
     if op == "send":
         def send(x):
-            comm.call(lambda c: c.complete([c.send(np.ascontiguousarray(x), attrs["dst"])], [attrs["dst"]], "send"))
+            comm.post_send(x, attrs["dst"], attrs["tag"])
         return send
     if op == "recv":
         def recv(out):
-            comm.call(lambda c: c.complete([c.comm.Irecv(out, source=attrs["src"], tag=DATA_TAG)],
-                                           [attrs["src"]], "recv"))
+            comm.receive(out, attrs["src"], attrs["tag"])
         return recv
     raise TdcError(f"internal: no runtime for comm op {op}")
 

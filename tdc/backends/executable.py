@@ -6,7 +6,7 @@ import numpy as np
 
 from ..errors import TdcError
 from ..frontend.init import init_params
-from ..ir.graph import Graph, Value
+from ..ir.graph import Graph, Value, placed_ranks
 
 
 def check_feed(arg: Value, array, what: str) -> np.ndarray:
@@ -54,5 +54,7 @@ def initial_state(graph: Graph, params: dict | None, seed: int) -> dict[str, np.
 
 
 def graph_ranks(graph: Graph) -> int:
-    """The number of ranks a step was compiled for: the `world` of its collectives (1 if none)."""
-    return max([n.attrs.get("world", 0) for n in graph.nodes if n.opdef.collective] + [1])
+    """The number of ranks a step was compiled for: the `world` of its collectives, or one more
+    than the highest rank a node is placed on (1 if neither)."""
+    placed = [r + 1 for n in graph.nodes for r in placed_ranks(n.placement) or ()]
+    return max([n.attrs.get("world", 0) for n in graph.nodes if n.opdef.collective] + placed + [1])

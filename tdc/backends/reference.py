@@ -96,6 +96,18 @@ def run(graph: Graph, feed: dict[Value, np.ndarray]) -> dict[Value, np.ndarray]:
     return run_ranks(graph, [feed])[0]
 
 
+def run_placed(graph: Graph, feed: dict[Value, np.ndarray]) -> dict[Value, np.ndarray]:
+    """Run a graph placed on ranks (or not) with every rank fed `feed`: every value computed,
+    from the lowest rank holding it."""
+    world = graph_ranks(graph)
+    if world == 1:
+        return run(graph, feed)
+    merged: dict[Value, np.ndarray] = {}
+    for env in reversed(run_ranks(graph, [feed] * world)):
+        merged.update(env)
+    return merged
+
+
 _controller = None
 
 
@@ -138,6 +150,17 @@ class ReferenceExecutable:
             self.state[name] = np.array(check_feed(args[name], x, args[name].kind))
             for st in self.rank_states:
                 st[name] = self.state[name]
+
+    def gather_state(self) -> dict[str, np.ndarray]:
+        """Every param and state of the step, each from the first rank that computes its update
+        (rank 0's value for the others): what the ranks hold together. Every backend has this."""
+        states = [self.state] + self.rank_states
+        out = dict(self.state)
+        for target, v in self.graph.updates:
+            if v.producer is not None:
+                ranks = placed_ranks(v.producer.placement)
+                out[target.name] = states[min(ranks) if ranks else 0][target.name]
+        return out
 
     def feed(self, inputs: dict, state: dict | None = None) -> dict[Value, np.ndarray]:
         names = {a.name for a in self.graph.inputs}

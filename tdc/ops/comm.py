@@ -9,7 +9,7 @@ from ..errors import ShapeError
 from ..ir.types import TensorType
 from . import functional as F
 from ..ir.opdef import Attr, defop
-from .common import fail, numel
+from .common import fail, norm_axis, numel
 from .compress import round_trip
 
 _REDUCERS = {"sum": np.add, "max": np.maximum, "min": np.minimum}
@@ -160,3 +160,116 @@ defop("recv", "comm", arity=(0, 0),
       attrs={"src": Attr("int"), "tag": Attr("int", 0), "shape": Attr("ints"), "dtype": Attr("dtype", "f32")},
       infer=_recv_infer, ref=lambda **a: fail("recv runs only inside the rank interpreter"),
       cost=lambda ins, outs, **a: numel(outs[0].shape), doc="receive a tensor sent by rank src")
+
+
+# ---- a partitioned step: values that live on different ranks (passes/partition.py) -------------------
+# In a partitioned graph every node is placed on the ranks that run it and a value lives on the
+# ranks of its producer. These three ops are the only ones whose inputs live elsewhere; each is
+# one node of the global graph, so autodiff differentiates through it like any op, and
+# lower/ranks.py turns it into each rank's messages (send/recv, allreduce, allgather).
+#   transfer(x) {src, dst}           placed on {src, dst}: x moves from src to dst
+#   concat_ranks(x_0, ..., x_n-1)    placed on n ranks, x_i held by the i-th of them (in rank
+#                                    order): every one gets the concatenation along `axis`
+#   sum_ranks(x_0, ..., x_n-1)       the same placement: every one gets the sum
+# A value held by several ranks is one value (each holds the same copy), so the gradient of a
+# concatenation is each piece's slice and the gradient of a sum is the cotangent itself.
+
+def _transfer_ref(per_rank, ranks, src, dst):
+    if sorted(ranks) != sorted({src, dst}) or src == dst:
+        fail(f"transfer from rank {src} to rank {dst} must be placed on exactly those two ranks, not {ranks}")
+    x = per_rank[ranks.index(src)][0]
+    if x is None:
+        fail(f"transfer from rank {src} to rank {dst}: rank {src} does not hold the value")
+    return [np.array(x) for _ in ranks]
+
+
+defop("transfer", "comm", attrs={"src": Attr("int"), "dst": Attr("int")}, infer=_same, ref=_transfer_ref,
+      grad=lambda ctx, x: [F.apply("transfer", ctx.g, src=ctx.attrs["dst"], dst=ctx.attrs["src"])],
+      collective=True, cost=_comm_cost,
+      doc="x moves from rank src to rank dst (placed on both): a send and a recv in the ranks' programs")
+
+
+def _pieces_of(per_rank, ranks, op):
+    n = len(per_rank[0])
+    if n != len(ranks):
+        fail(f"{op} of {n} pieces is placed on {len(ranks)} ranks ({ranks}): one piece per rank")
+    xs = [per_rank[i][i] for i in range(n)]
+    if any(x is None for x in xs):
+        i = next(i for i, x in enumerate(xs) if x is None)
+        fail(f"{op}: piece {i} is not held by rank {ranks[i]}, the {i}-th rank it is placed on")
+    return xs
+
+
+def _concat_ranks_infer(ins, axis):
+    if len(ins) < 2:
+        fail("concat_ranks takes a piece from each of at least two ranks")
+    first = ins[0]
+    ax = norm_axis(axis, first.rank)
+    for t in ins[1:]:
+        if t.dtype != first.dtype or t.rank != first.rank or \
+                any(a != b for k, (a, b) in enumerate(zip(t.shape, first.shape)) if k != ax):
+            fail(f"the pieces must agree except along axis {axis}")
+    shape = list(first.shape)
+    shape[ax] = sum(t.shape[ax] for t in ins)
+    return TensorType(first.dtype, tuple(shape))
+
+
+def _concat_ranks_grad(ctx, *xs):
+    ax = norm_axis(ctx.attrs["axis"], xs[0].ndim)
+    out, off = [], 0
+    for x in xs:
+        lo, hi = [0] * x.ndim, list(ctx.g.shape)
+        lo[ax], hi[ax] = off, off + x.shape[ax]
+        out.append(F.slice(ctx.g, lo, hi))
+        off += x.shape[ax]
+    return out
+
+
+defop("concat_ranks", "comm", arity=(2, None), attrs={"axis": Attr("int", 0)}, infer=_concat_ranks_infer,
+      ref=lambda per_rank, ranks, axis: [np.concatenate(_pieces_of(per_rank, ranks, "concat_ranks"), axis)
+                                         for _ in ranks],
+      grad=_concat_ranks_grad, collective=True, cost=lambda ins, outs, **a: numel(outs[0].shape),
+      doc="the i-th rank it is placed on holds piece x_i; all of them get the concatenation (an allgather)")
+
+
+def _sum_ranks_infer(ins):
+    if len(ins) < 2 or any(t != ins[0] for t in ins):
+        fail("sum_ranks takes one value of the same type from each of at least two ranks")
+    return ins[0]
+
+
+def _sum_ranks_ref(per_rank, ranks):
+    xs = _pieces_of(per_rank, ranks, "sum_ranks")
+    total = xs[0].copy()
+    for x in xs[1:]:           # in rank order, as every runtime adds them
+        total = total + x
+    return [total.astype(xs[0].dtype) for _ in ranks]
+
+
+defop("sum_ranks", "comm", arity=(2, None), infer=_sum_ranks_infer, ref=_sum_ranks_ref,
+      grad=lambda ctx, *xs: [ctx.g for _ in xs], collective=True, cost=_comm_cost,
+      doc="the i-th rank it is placed on holds x_i; all of them get the sum (an allreduce)")
+
+
+# ---- allgather: a rank program's part of concat_ranks (lower/ranks.py) ----------------------------
+
+def _allgather_infer(ins, axis, sizes, world):
+    x = ins[0]
+    ax = norm_axis(axis, x.rank)
+    if len(sizes) < 1 or min(sizes) < 0:
+        fail(f"sizes {list(sizes)} must give every rank's extent along axis {axis}")
+    if x.shape[ax] not in sizes:
+        fail(f"this rank's piece has {x.shape[ax]} along axis {axis}, which is none of the sizes {list(sizes)}")
+    shape = list(x.shape)
+    shape[ax] = sum(sizes)
+    return TensorType(x.dtype, tuple(shape))
+
+
+def _allgather_ref(per_rank, ranks, axis, sizes, world):
+    xs = [ins[0] for ins in per_rank]
+    return [np.concatenate(xs, axis) for _ in ranks]
+
+
+defop("allgather", "comm", attrs={"axis": Attr("int", 0), "sizes": Attr("ints"), "world": Attr("int", 0)},
+      infer=_allgather_infer, ref=_allgather_ref, collective=True, cost=lambda ins, outs, **a: numel(outs[0].shape),
+      doc="every rank gets the concatenation along axis of each rank's x, in rank order (sizes: each rank's extent)")

@@ -6,13 +6,18 @@ named "grad.<arg name>". Gradient rules are the VJPs in the op registry,
 written in tdc ops, so the result is an ordinary graph: printable, optimisable
 and compilable. Fan-out accumulates by addition; broadcasting is undone inside
 the rules (sum_to); integer and bool values never carry gradients.
+
+In a partitioned graph (nodes placed on ranks, passes/partition.py) each gradient node runs
+where its forward node runs, and the contributions to one value's gradient that were made on
+different ranks are added by a `sum_ranks` over the ranks that hold the value: the
+communication of the backward pass is made explicit like that of the forward pass.
 """
 from __future__ import annotations
 
 from ..errors import TdcError
 from ..ops import functional as F
 from ..ops.tensor import Builder, Tensor
-from ..ir.graph import Graph, Value
+from ..ir.graph import Graph, Value, placed_ranks, ranks_placement
 from ..ir.types import is_float
 
 GRAD_PREFIX = "grad."
@@ -46,9 +51,11 @@ def pick_loss(graph: Graph, loss: str | None) -> str:
     raise TdcError(f"graph {graph.name}: say which output is the loss (outputs: {', '.join(names)})")
 
 
-def autodiff(graph: Graph, loss: str | None = None, wrt: list[str] | None = None) -> Graph:
+def autodiff(graph: Graph, loss: str | None = None, wrt: list[str] | None = None,
+             origins: dict | None = None) -> Graph:
     """Differentiate output `loss` (a float scalar) with respect to the args named in `wrt`
-    (default: every param)."""
+    (default: every param). `origins`, if given, gets for every gradient node the position (in
+    graph.nodes) of the forward node whose rule made it: what a cost model charges it to."""
     g, vmap = graph.map_copy()
     loss = pick_loss(g, loss)
     loss_v = g.output(loss)
@@ -75,21 +82,76 @@ def autodiff(graph: Graph, loss: str | None = None, wrt: list[str] | None = None
             frontier.extend(v.producer.inputs)
 
     forward = list(g.nodes)
-    grads: dict[Value, Tensor] = {}
+    world = 1 + max((r for n in forward for r in placed_ranks(n.placement) or ()), default=0)
+    grads = Gradients(g, world)
     with Builder(g) as b:
-        grads[loss_v] = b.constant(1.0, loss_v.type.dtype)
+        seed = b.constant(1.0, loss_v.type.dtype)
+        grads.add(loss_v, seed, loss_v.producer.placement if loss_v.producer is not None else None)
         for node in reversed(forward):
-            if node not in needed or not any(v in grads for v in node.outputs):
+            if node not in needed or not any(grads.has(v) for v in node.outputs):
                 continue
             if not any(v in active for v in node.inputs):
                 continue
+            mark = len(g.nodes)
             _backprop_node(b, g, node, grads, active)
+            if origins is not None:
+                at = forward.index(node)
+                origins.update((n, at) for n in g.nodes[mark:])
         for t in targets:
-            gt = grads.get(t)
+            gt = grads.total(t)
             if gt is None:   # the loss does not depend on it: its gradient is zero
                 gt = F.zeros_like(Tensor(t, b))
             g.add_output(GRAD_PREFIX + t.name, gt.value)
     return g
+
+
+class Gradients:
+    """The contributions to each value's gradient, summed per placement as they come; `total`
+    adds the sums of different placements with a sum_ranks over the ranks holding the value."""
+
+    def __init__(self, graph: Graph, world: int):
+        self.graph, self.world = graph, world
+        self.parts: dict[Value, dict] = {}
+        self.totals: dict[Value, Tensor | None] = {}
+
+    def has(self, v: Value) -> bool:
+        return v in self.parts
+
+    def add(self, v: Value, gi: Tensor, placement) -> None:
+        parts = self.parts.setdefault(v, {})
+        key = frozenset(placed_ranks(placement) or range(self.world))
+        parts[key] = parts[key] + gi if key in parts else gi   # placed with the node being differentiated
+
+    def total(self, v: Value) -> Tensor | None:
+        if v not in self.totals:
+            self.totals[v] = self._total(v)
+        return self.totals[v]
+
+    def _total(self, v: Value) -> Tensor | None:
+        parts = self.parts.get(v)
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return next(iter(parts.values()))
+        held = placed_ranks(v.producer.placement) if v.producer is not None else None
+        ranks = sorted(set(held) if held is not None else set().union(*parts))
+        mine: dict[int, Tensor] = {}
+        for key, t in sorted(parts.items(), key=lambda kv: sorted(kv[0])):
+            owners = sorted(key & set(ranks))
+            if not owners:
+                raise TdcError(f"internal: a gradient of a value held on ranks {ranks} was made on ranks {sorted(key)}")
+            q = owners[0]     # a sum made on several ranks is counted once, on the first
+            mine[q] = self._placed(lambda: mine[q] + t, f"rank:{q}") if q in mine else t
+        pieces = [mine[q] if q in mine else F.zeros_like(next(iter(parts.values()))) for q in ranks]
+        return self._placed(lambda: F.apply("sum_ranks", *pieces), ranks_placement(ranks))
+
+    def _placed(self, build, placement: str) -> Tensor:
+        mark = len(self.graph.nodes)
+        t = build()
+        for n in self.graph.nodes[mark:]:
+            if n.op not in ("constant", "full"):
+                n.placement = placement
+        return t
 
 
 def _backprop_node(b: Builder, g: Graph, node, grads, active):
@@ -99,7 +161,7 @@ def _backprop_node(b: Builder, g: Graph, node, grads, active):
         raise TdcError(f"op {node.op} has no gradient rule{where}; the loss depends on a param through it")
     first_new = len(g.nodes)
     outs = [Tensor(v, b) for v in node.outputs]
-    gs = [grads.get(v) for v in node.outputs]
+    gs = [grads.total(v) for v in node.outputs]
     if gs[0] is None:
         gs[0] = F.zeros_like(outs[0])
     ctx = GradContext(node, outs, gs, node.attrs)
@@ -116,6 +178,8 @@ def _backprop_node(b: Builder, g: Graph, node, grads, active):
             continue
         if gi.type != v.type:
             raise TdcError(f"internal: gradient rule of {node.op} gave {gi.type} for input {i} of type {v.type}")
-        grads[v] = grads[v] + gi if v in grads else gi
-    for n in g.nodes[first_new:]:   # gradient nodes point at the forward op's source line
+        grads.add(v, gi, node.placement)
+    for n in g.nodes[first_new:]:   # gradient nodes point at the forward op's source line and run where it runs
         n.loc = node.loc
+        if node.placement is not None and n.placement is None and n.op not in ("constant", "full"):
+            n.placement = node.placement

@@ -8,7 +8,8 @@ Rules (producer-consumer fusion, as XLA's loop and output fusion do):
     and closes it;
   * `constant` and `full` nodes are literals: they are inlined into every kernel that reads
     them and never form kernels of their own;
-  * every other op is a kernel by itself.
+  * every other op is a kernel by itself;
+  * communication keeps its order (sends, receives and collectives are never reordered).
 Nodes get `node.group = "k<N>"`; the pass reorders nodes so each kernel is contiguous.
 """
 from __future__ import annotations
@@ -55,6 +56,7 @@ def fuse(graph: Graph) -> Graph:
     groups: list[_Group] = []
     group_of: dict[Node, _Group] = {}
     deps: dict = {}   # Value -> bitset of the groups it depends on (directly or not)
+    comm_groups = 0   # bitset of the groups that communicate (kept in order, below)
 
     def value_deps(v):
         return deps.get(v, 0)
@@ -83,7 +85,8 @@ def fuse(graph: Graph) -> Graph:
                 for w in node.inputs:
                     if w.producer is None or group_of.get(w.producer) is not cand:
                         outside |= value_deps(w)
-                if not outside >> cand.index & 1:
+                # nor may it pull a kernel before a message the node waits for (messages keep their order)
+                if not outside >> cand.index & 1 and not (in_deps & comm_groups) >> (cand.index + 1):
                     target = cand
                     break
             if target is None and node.op not in REDUCE_OPS:
@@ -104,6 +107,8 @@ def fuse(graph: Graph) -> Graph:
             groups.append(target)
         target.nodes.append(node)
         group_of[node] = target
+        if node.opdef.family == "comm":
+            comm_groups |= 1 << target.index
         for v in node.outputs:
             deps[v] = in_deps | (1 << target.index)
 
@@ -116,6 +121,10 @@ def fuse(graph: Graph) -> Graph:
                 src = group_of.get(v.producer) if v.producer is not None else None
                 if src is not None and src is not grp:
                     kg.add_edge(src.index, grp.index)
+    # messages keep their order: every rank posts them in one global order, which is what keeps a
+    # partitioned step (lower/ranks.py) from deadlocking
+    comm = [group_of[n].index for n in g.nodes if n.opdef.family == "comm"]
+    kg.add_edges_from(zip(comm, comm[1:]))
     order = list(nx.lexicographical_topological_sort(kg))
     literals = [n for n in g.nodes if is_literal(n)]
     renumber = {old: new for new, old in enumerate(order)}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backends.reference import run
+from ..backends.reference import run_placed as run
 from ..errors import TdcError
 from ..ir.graph import Graph
 from ..passes.autodiff import GRAD_PREFIX, autodiff, pick_loss
@@ -16,6 +16,7 @@ def gradcheck(graph: Graph, values: dict[str, np.ndarray], loss: str | None = No
 
     `values` gives every argument (inputs, params, state) by name. The graph is converted
     to float64 first. At most `max_entries` randomly chosen entries of each arg are checked.
+    A graph placed on ranks runs on the reference's simulated ranks.
     """
     g64 = retype(graph, "f32", "f64")
     loss = pick_loss(g64, loss)

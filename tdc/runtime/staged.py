@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backends import compile as compile_graph
-from ..backends.comm import ROLL_GRACE, CommError, failure_notices
+from ..backends.comm import ROLL_GRACE, CommError, failure_notices, pack, unpack
 from ..backends.executable import check_feed, initial_state
 from ..errors import TdcError
 from ..ir.graph import Graph, Node, Value
@@ -46,38 +46,6 @@ from ..passes.parameter_server import ParameterServer
 
 PUSH, PULL, DONE, FINAL, STATS, GATHER = 21, 22, 23, 24, 25, 26
 POLL = 0.25          # seconds a server listens before it checks on silent workers
-
-# ---- messages: a header of int64s and arrays, in one byte buffer ----------------------------------
-
-_DTYPES = [np.dtype(t) for t in ("float32", "int32", "uint8", "uint16", "float16", "int8", "float64", "int64",
-                                 "bool")]
-_CODE = {d: i for i, d in enumerate(_DTYPES)}
-
-
-def pack(head: list[int], arrays: list[np.ndarray]) -> np.ndarray:
-    """One uint8 buffer holding the ints `head` and the arrays (flattened)."""
-    meta = [len(head), *head, len(arrays)]
-    for a in arrays:
-        meta += [_CODE[a.dtype], a.size]
-    parts = [np.asarray(meta, np.int64).view(np.uint8)] + [np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-                                                           for a in arrays]
-    return np.concatenate(parts)
-
-
-def unpack(buf: np.ndarray) -> tuple[list[int], list[np.ndarray]]:
-    ints = np.frombuffer(buf, np.int64, count=1)
-    nh = int(ints[0])
-    ints = np.frombuffer(buf, np.int64, count=nh + 2)
-    head, count = [int(x) for x in ints[1:nh + 1]], int(ints[nh + 1])
-    meta = np.frombuffer(buf, np.int64, count=nh + 2 + 2 * count)[nh + 2:].reshape(count, 2)
-    off = (nh + 2 + 2 * count) * 8
-    arrays = []
-    for code, size in meta:
-        dt = _DTYPES[code]
-        arrays.append(np.frombuffer(buf, dt, count=int(size), offset=off).copy())
-        off += int(size) * dt.itemsize
-    return head, arrays
-
 
 # ---- point-to-point byte messages on the communicator's thread ------------------------------------
 

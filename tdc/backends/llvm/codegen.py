@@ -238,9 +238,16 @@ class ModuleBuilder:
         elif node.op == "reduce_to":
             self._call(b, f"tdc_comm_reduce_to_{dt}", [ins[0], outs[0], i64(n), i64(a["root"])])
         elif node.op == "send":
-            self._call(b, "tdc_comm_send", [ins[0], i64(v.type.nbytes), i64(a["dst"])])
+            self._call(b, "tdc_comm_send", [ins[0], i64(v.type.nbytes), i64(a["dst"]), i64(a["tag"])])
+        elif node.op == "allgather":
+            out = node.outputs[0].type
+            ax = a["axis"]
+            outer = int(np.prod(out.shape[:ax], dtype=np.int64))
+            inner = int(np.prod(out.shape[ax + 1:], dtype=np.int64)) * out.np_dtype.itemsize
+            sizes = b.bitcast(self._constant_bytes("sizes", np.asarray(a["sizes"], np.int64).tobytes(), 8), PTR)
+            self._call(b, "tdc_comm_allgather", [ins[0], outs[0], i64(outer), i64(inner), sizes, i64(len(a["sizes"]))])
         else:
-            self._call(b, "tdc_comm_recv", [outs[0], i64(v.type.nbytes), i64(a["src"])])
+            self._call(b, "tdc_comm_recv", [outs[0], i64(v.type.nbytes), i64(a["src"]), i64(a["tag"])])
 
     def _call(self, b, name: str, args: list):
         fn = self.module.globals.get(name)

@@ -8,6 +8,11 @@
  *                                        communication thread; slot names the job
  *   tdc_comm_wait(slot)                  block until that job is done
  *   tdc_comm_allreduce_f32(x, out, n, op, algo)   both at once
+ *   tdc_comm_allgather(x, out, outer, inner, sizes, p)  out = every rank's x, laid side by side
+ *   tdc_comm_send(x, bytes, dst, tag)    a copy of x goes to dst; returns at once (the send is
+ *                                        completed later, by the thread): sends never block, so
+ *                                        programs that post messages in one order never deadlock
+ *   tdc_comm_recv(out, bytes, src, tag)  blocks until the message from src with that tag is in
  *
  * Jobs run one after another on one thread, in the order they were started, which is the same
  * on every rank (they run the same step), so collectives never interleave. Every algorithm is
@@ -33,17 +38,23 @@
 #define DATA_TAG 11
 #define ROLL_TAG 12
 #define ROLL_GRACE 2.0
+#define P2P_TAG 1000     /* send/recv of a partitioned step: P2P_TAG + the op's tag (mod 30000) */
 #define MAX_SLOTS 4096
 
 enum { OP_SUM, OP_MEAN, OP_MAX, OP_MIN };
 enum { ALGO_MPI, ALGO_RING, ALGO_DOUBLING, ALGO_TREE };
-enum { JOB_ALLREDUCE, JOB_BCAST, JOB_REDUCE, JOB_SEND, JOB_RECV };
+enum { JOB_ALLREDUCE, JOB_BCAST, JOB_REDUCE, JOB_SEND, JOB_RECV, JOB_ALLGATHER };
 
 typedef struct job {
     int kind, op, algo, f64;
     void *buf;
     int64_t n;
-    int peer;
+    int peer, tag;
+    int detached;          /* a send: nobody waits; the thread frees it once MPI has taken the data */
+    void *out;             /* allgather: the result */
+    int64_t outer, inner;  /* allgather: rows before the axis, bytes per unit of the axis */
+    const int64_t *sizes;  /* allgather: each rank's extent along the axis */
+    MPI_Request req;       /* a detached send in flight */
     int done;              /* guarded by state.mu */
     struct job *next;
 } job;
@@ -56,6 +67,7 @@ static struct {
     pthread_mutex_t mu;
     pthread_cond_t wake, done;
     job *head, *tail;
+    job *sending;          /* detached sends in flight (the thread's own list) */
     job slots[MAX_SLOTS];
     int64_t bytes_sent;
     double wait_s;
@@ -325,6 +337,37 @@ static void library(job *j)
     complete(1, &rq, -1, "MPI_Allreduce");
 }
 
+/* Around the ring, p - 1 steps: at step s rank r passes on the piece of rank r - s. Pieces are
+ * gathered whole into one buffer, then laid side by side along the axis into j->out. */
+static void ring_allgather(job *j)
+{
+    const int p = state.size, r = state.rank, right = (r + 1) % p, left = (r + p - 1) % p;
+    int64_t *off = xalloc((int64_t)(p + 1) * 8);
+    off[0] = 0;
+    for (int q = 0; q < p; q++)
+        off[q + 1] = off[q] + j->outer * j->sizes[q] * j->inner;
+    char *all = xalloc(off[p]);
+    memcpy(all + off[r], j->buf, (size_t)(off[r + 1] - off[r]));
+    for (int s = 0; s < p - 1; s++) {
+        int out = ((r - s) % p + p) % p, in = ((r - s - 1) % p + p) % p;
+        exchange(all + off[in], off[in + 1] - off[in], left, all + off[out], off[out + 1] - off[out], right,
+                 "ring allgather");
+    }
+    int64_t row = 0;
+    for (int q = 0; q < p; q++)
+        row += j->sizes[q] * j->inner;
+    for (int64_t o = 0; o < j->outer; o++) {
+        int64_t at = 0;
+        for (int q = 0; q < p; q++) {
+            int64_t w = j->sizes[q] * j->inner;
+            memcpy((char *)j->out + o * row + at, all + off[q] + o * w, (size_t)w);
+            at += w;
+        }
+    }
+    free(all);
+    free(off);
+}
+
 static void run(job *j)
 {
     const int64_t bytes = j->n * (j->f64 ? 8 : 4);
@@ -363,11 +406,39 @@ static void run(job *j)
             memset(j->buf, 0, (size_t)bytes);
         break;
     }
-    case JOB_SEND:
-        send_to(j->buf, bytes, j->peer, "send");
+    case JOB_SEND:         /* detached: post it; reap_sends() completes it */
+        state.bytes_sent += j->n;
+        MPI_Isend_c(j->buf, (MPI_Count)j->n, MPI_BYTE, j->peer, P2P_TAG + j->tag % 30000, state.comm, &j->req);
+        j->next = state.sending;
+        state.sending = j;
+        break;
+    case JOB_ALLGATHER:
+        ring_allgather(j);
         break;
     default:
-        recv_from(j->buf, bytes, j->peer, "recv");
+        MPI_Irecv_c(j->buf, (MPI_Count)j->n, MPI_BYTE, j->peer, P2P_TAG + j->tag % 30000, state.comm, &rq);
+        complete(1, &rq, j->peer, "recv");
+    }
+}
+
+/* Free the detached sends MPI has taken; with `all`, wait (until the deadline) for every one. */
+static void reap_sends(int all)
+{
+    job **p = &state.sending;
+    while (*p) {
+        job *j = *p;
+        int flag = 0;
+        if (all)
+            complete(1, &j->req, j->peer, "sends in flight");
+        else
+            MPI_Test(&j->req, &flag, MPI_STATUS_IGNORE);
+        if (all || flag) {
+            *p = j->next;
+            free(j->buf);
+            free(j);
+        } else {
+            p = &j->next;
+        }
     }
 }
 
@@ -389,6 +460,7 @@ static void *serve(void *arg)
             if (pthread_cond_timedwait(&state.wake, &state.mu, &t) != 0 && !state.head && !state.stopping) {
                 pthread_mutex_unlock(&state.mu);
                 answer_roll_calls();
+                reap_sends(0);
                 pthread_mutex_lock(&state.mu);
             }
         }
@@ -399,12 +471,17 @@ static void *serve(void *arg)
         if (!state.head)
             state.tail = NULL;
         pthread_mutex_unlock(&state.mu);
+        reap_sends(0);
+        int detached = j->detached;
         run(j);
         pthread_mutex_lock(&state.mu);
-        j->done = 1;
-        pthread_cond_broadcast(&state.done);
+        if (!detached) {
+            j->done = 1;
+            pthread_cond_broadcast(&state.done);
+        }
     }
     pthread_mutex_unlock(&state.mu);
+    reap_sends(1);      /* stopping: every send must have been taken */
     return NULL;
 }
 
@@ -549,14 +626,37 @@ void tdc_comm_reduce_to_f64(const double *x, double *out, int64_t n, int64_t roo
     blocking(JOB_REDUCE, 1, out, n, root);
 }
 
-void tdc_comm_send(const void *x, int64_t bytes, int64_t dst)
+void tdc_comm_send(const void *x, int64_t bytes, int64_t dst, int64_t tag)
 {
-    blocking(JOB_SEND, 0, (void *)x, bytes, dst);
+    job *j = xalloc(sizeof *j);
+    *j = (job){.kind = JOB_SEND, .buf = xalloc(bytes), .n = bytes, .peer = (int)dst, .tag = (int)tag, .detached = 1};
+    memcpy(j->buf, x, (size_t)bytes);
+    submit(j);
 }
 
-void tdc_comm_recv(void *out, int64_t bytes, int64_t src)
+void tdc_comm_recv(void *out, int64_t bytes, int64_t src, int64_t tag)
 {
-    blocking(JOB_RECV, 0, out, bytes, src);
+    job j = {.kind = JOB_RECV, .buf = out, .n = bytes, .peer = (int)src, .tag = (int)tag};
+    submit(&j);
+    wait_job(&j);
+}
+
+void tdc_comm_allgather(const void *x, void *out, int64_t outer, int64_t inner, const int64_t *sizes, int64_t p)
+{
+    if (!state.ready)
+        tdc_comm_init(0);
+    if (p != state.size) {
+        fprintf(stderr, "tdc: error: rank %d: an allgather over %lld ranks runs in a world of %d\n", state.rank,
+                (long long)p, state.size);
+        MPI_Abort(MPI_COMM_WORLD, 3);
+    }
+    if (state.size == 1) {
+        memmove(out, x, (size_t)(outer * sizes[0] * inner));
+        return;
+    }
+    job j = {.kind = JOB_ALLGATHER, .buf = (void *)x, .out = out, .outer = outer, .inner = inner, .sizes = sizes};
+    submit(&j);
+    wait_job(&j);
 }
 
 void tdc_comm_abort(const char *message)

@@ -21,7 +21,9 @@ void tdc_comm_allreduce_f64(const double *x, double *out, int64_t n, int64_t op,
 void tdc_comm_broadcast(const void *x, void *out, int64_t bytes, int64_t root);
 void tdc_comm_reduce_to_f32(const float *x, float *out, int64_t n, int64_t root);
 void tdc_comm_reduce_to_f64(const double *x, double *out, int64_t n, int64_t root);
-void tdc_comm_send(const void *x, int64_t bytes, int64_t dst);
-void tdc_comm_recv(void *out, int64_t bytes, int64_t src);
+void tdc_comm_send(const void *x, int64_t bytes, int64_t dst, int64_t tag);   /* returns at once */
+void tdc_comm_recv(void *out, int64_t bytes, int64_t src, int64_t tag);
+/* out = every rank's x side by side: `outer` rows, rank q's piece sizes[q] * inner bytes per row */
+void tdc_comm_allgather(const void *x, void *out, int64_t outer, int64_t inner, const int64_t *sizes, int64_t p);
 
 #endif
