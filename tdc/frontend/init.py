@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import TdcError
 from ..ir.graph import Graph, Value
+from ..ir.types import TensorType
 
 
 def fans(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -73,15 +74,50 @@ def init_value(arg: Value, seed: int) -> np.ndarray:
 
 def init_params(graph: Graph, seed: int = 0, only_missing: dict | None = None) -> dict[str, np.ndarray]:
     """Values for every non-input argument (params, consts, state) not in `only_missing`. An arg
-    with init="piece" (a parameter server's part of a param) is elements [start, stop) of the
-    flattened value of param `of`, whether given or drawn."""
+    with init="piece" is part of param `of`, whether given or drawn: elements [start, stop) of
+    its flattened value (a parameter server's piece) or, with `axis`, of that axis (a tensor-
+    parallel piece; a whole param not in the graph is drawn from its `whole_init` and
+    `whole_shape`, as one process would draw it)."""
     have = only_missing or {}
     out = {a.name: init_value(a, seed) for a in graph.args
            if a.kind != "input" and a.name not in have and a.attrs.get("init") != "piece"}
+    wholes: dict[str, np.ndarray] = {}
     for a in graph.args:
-        if a.name not in have and a.attrs.get("init") == "piece":
-            whole = have.get(a.attrs["of"], out.get(a.attrs["of"]))
-            if whole is None:
-                raise TdcError(f"{a.kind} {a.name} is a piece of {a.attrs['of']}, which has no value")
-            out[a.name] = np.asarray(whole).reshape(-1)[a.attrs["start"]:a.attrs["stop"]].astype(a.type.np_dtype)
+        if a.name in have or a.attrs.get("init") != "piece":
+            continue
+        of = a.attrs["of"]
+        whole = have.get(of, out.get(of, wholes.get(of)))
+        if whole is None and "whole_shape" in a.attrs:
+            whole = wholes[of] = init_value(Value(TensorType(a.type.dtype, tuple(a.attrs["whole_shape"])), name=of,
+                                                  kind=a.kind, attrs={"init": a.attrs["whole_init"]}), seed)
+        if whole is None:
+            raise TdcError(f"{a.kind} {a.name} is a piece of {a.attrs['of']}, which has no value")
+        whole = np.asarray(whole)
+        if "axis" in a.attrs:
+            part = np.take(whole, np.arange(a.attrs["start"], a.attrs["stop"]), axis=a.attrs["axis"])
+        else:
+            part = whole.reshape(-1)[a.attrs["start"]:a.attrs["stop"]]
+        out[a.name] = part.astype(a.type.np_dtype)
+    return out
+
+
+def whole_params(graph: Graph, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`values` (by arg name) with the tensor-parallel pieces of each param put back together
+    under the param's own name (their optimizer state too, as NAME.m, ...), the pieces dropped:
+    what one process would hold."""
+    groups: dict[str, list[Value]] = {}
+    for a in graph.args:
+        if a.attrs.get("init") == "piece" and "axis" in a.attrs:
+            groups.setdefault(a.attrs["of"], []).append(a)
+    out = dict(values)
+    for of, parts in groups.items():
+        parts.sort(key=lambda a: a.attrs["start"])
+        axis = parts[0].attrs["axis"]
+        suffixes = {""} | {k[len(parts[0].name):] for k in values if k.startswith(parts[0].name + ".")}
+        for suffix in suffixes:
+            names = [p.name + suffix for p in parts]
+            if all(n in values for n in names):
+                out[of + suffix] = np.concatenate([np.asarray(values[n]) for n in names], axis=axis)
+                for n in names:
+                    out.pop(n, None)
     return out

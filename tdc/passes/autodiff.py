@@ -142,6 +142,8 @@ class Gradients:
                 raise TdcError(f"internal: a gradient of a value held on ranks {ranks} was made on ranks {sorted(key)}")
             q = owners[0]     # a sum made on several ranks is counted once, on the first
             mine[q] = self._placed(lambda: mine[q] + t, f"rank:{q}") if q in mine else t
+        if len(ranks) == 1:         # all made where the value is: a local sum
+            return mine[ranks[0]]
         pieces = [mine[q] if q in mine else F.zeros_like(next(iter(parts.values()))) for q in ranks]
         return self._placed(lambda: F.apply("sum_ranks", *pieces), ranks_placement(ranks))
 

@@ -15,12 +15,13 @@ def _remap(g: Graph, repl: dict[Value, Value]) -> None:
 
 @register_pass("dce")
 def dce(graph: Graph) -> Graph:
-    """Remove nodes whose results nothing uses (outputs, updates and side effects are used)."""
+    """Remove nodes whose results nothing uses (outputs, updates and side effects are used; a
+    recv stays too: its message is on the way)."""
     g = graph.copy()
     live: set[Value] = set(g.roots())
     kept = []
     for n in reversed(g.nodes):
-        if n.opdef.side_effect or any(v in live for v in n.outputs):
+        if n.opdef.side_effect or n.op == "recv" or any(v in live for v in n.outputs):
             kept.append(n)
             live.update(n.inputs)
     g.nodes = kept[::-1]

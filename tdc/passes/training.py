@@ -21,6 +21,10 @@ from .data_parallel import DataParallel, data_parallel, sync_batchnorm
 from .manager import Pass, PassContext, Pipeline, get_pass
 from .optimizer import Optimizer, add_optimizer
 from .parameter_server import ParameterServer, parameter_server
+from .partition import Partition, place_rest, route_outputs
+from .pipeline import place_stages, schedule_pipeline
+from .spatial import spatial
+from .tensor_parallel import tensor_parallel
 
 LOSSES = ("softmax_cross_entropy", "mse")
 
@@ -54,14 +58,57 @@ def add_loss(graph: Graph, loss: str = "softmax_cross_entropy", output: str | No
 SIMPLIFY = ("fold", "simplify", "cse", "dce")
 
 
+def partition_passes(cfg: Partition, training: bool = True) -> list[Pass]:
+    """The pass that places the forward graph on cfg.ranks ranks for cfg's strategy."""
+    k = cfg.ranks
+    if cfg.strategy in ("model", "pipeline"):
+        what = f"{k} stages chosen by the cost model" if cfg.partitioner == "auto" else f"{k} stages of equal layer counts"
+        if cfg.strategy == "pipeline":
+            what += f", {cfg.microbatches} micro-batches"
+        return [Pass("partition", partial(place_stages, cfg=cfg, training=training), what + "; transfers at the cuts")]
+    if cfg.strategy == "tensor":
+        return [Pass("tensor_parallel", partial(tensor_parallel, cfg=cfg, training=training),
+                     f"linear layers split over {k} ranks where the cost model says")]
+    return [Pass("spatial", partial(spatial, cfg=cfg), f"feature maps split by rows over {k} ranks, halos exchanged")]
+
+
+def place_and_route(graph: Graph) -> Graph:
+    """The nodes passes added without a placement, placed where their inputs are; the outputs
+    taken to rank 0."""
+    return route_outputs(place_rest(graph))
+
+
+def partitioned_inference(graph: Graph, cfg: Partition) -> Graph:
+    """An inference graph placed on cfg.ranks ranks (tdc compile --ranks K --parallel ...)."""
+    return Pipeline(partition_passes(cfg, training=False)
+                    + [Pass("place", place_and_route, "outputs to rank 0")]
+                    + [get_pass(n) for n in SIMPLIFY]).run(graph)
+
+
 def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,
-                      simplify: bool = True, parallel: DataParallel | ParameterServer | None = None) -> Pipeline:
+                      simplify: bool = True,
+                      parallel: DataParallel | ParameterServer | Partition | None = None) -> Pipeline:
     """loss, autodiff, optimizer (and simplification). With `parallel` a DataParallel, the step of
     one of `parallel.ranks` data-parallel ranks: sync_batchnorm (if asked) before autodiff and
     data_parallel after it; a ParameterServer, the step placed on workers and servers, the
-    optimizer on the servers."""
+    optimizer on the servers; a Partition, the forward graph placed on the ranks (model,
+    pipeline, tensor or spatial) before autodiff, a pipeline's schedule after it, and the
+    optimizer's nodes placed with their params."""
     opt = optimizer or Optimizer()
     passes = [Pass("loss", partial(add_loss, loss=loss), "append the loss and its label input")]
+    if isinstance(parallel, Partition):
+        passes += partition_passes(parallel)
+        passes.append(Pass("autodiff", partial(autodiff, loss="loss"), "reverse-mode gradients of the loss, placed "
+                           "with their forward nodes"))
+        if parallel.strategy == "pipeline" and parallel.microbatches > 1:
+            passes.append(Pass("pipeline_schedule", partial(schedule_pipeline, m=parallel.microbatches,
+                                                            schedule=parallel.schedule),
+                               f"each rank's order: {parallel.schedule}"))
+        passes.append(Pass("optimizer", partial(add_optimizer, opt=opt), f"{opt.name} updates of every param"))
+        passes.append(Pass("place", place_and_route, "the optimizer's nodes with their params; outputs to rank 0"))
+        if simplify:
+            passes += [get_pass(n) for n in SIMPLIFY]
+        return Pipeline(passes)
     if isinstance(parallel, DataParallel) and parallel.sync_bn:
         passes.append(Pass("sync_batchnorm", partial(sync_batchnorm, cfg=parallel),
                            "batchnorm with batch statistics averaged over the ranks"))
@@ -82,7 +129,7 @@ def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer 
 
 def train_step(model: Model | Graph, loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,
                batch: int | None = None, ctx: PassContext | None = None,
-               parallel: DataParallel | ParameterServer | None = None) -> Graph:
+               parallel: DataParallel | ParameterServer | Partition | None = None) -> Graph:
     """One graph doing forward, backward and update for `model` (a @tdc.model or a training-mode
     Graph). With `parallel`, a model is traced at the batch of one rank (batch / ranks, or
     batch / workers with a parameter server; batch: the global batch, by default the model's)."""

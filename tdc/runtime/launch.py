@@ -25,15 +25,30 @@ from ..ops.comm import ALLREDUCE_ALGOS
 from ..ops.compress import COMPRESS_HELP, parse_compression
 from ..passes.data_parallel import NETWORKS, DataParallel
 from ..passes.parameter_server import MODES, ParameterServer
+from ..passes.partition import PARTITIONERS, SCHEDULES, STRATEGIES, Partition
 
 LAUNCHED = "TDC_LAUNCHED_RANKS"
 LOST = "lost worker rank"      # in a parameter server's warning that it goes on without a worker
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data parallelism (the training step on several ranks, over MPI)")
+    g = p.add_argument_group("parallelism (the step on several ranks, over MPI)")
     g.add_argument("--ranks", type=int, default=1, metavar="N",
-                   help="split each batch over N ranks; gradients are averaged with allreduce every step (default 1)")
+                   help="run the step on N ranks (default 1); how is --parallel's choice")
+    g.add_argument("--parallel", default="data", choices=("data",) + STRATEGIES,
+                   help="data: each rank takes batch / N samples, gradients are averaged with allreduce (the "
+                        "default); model: the layers in N stages chosen by the cost model, activations and "
+                        "gradients sent at the cuts; pipeline: those stages fed with --microbatches micro-batches; "
+                        "tensor: large linear layers' weights split over the ranks; spatial: each image's rows split "
+                        "over the ranks, halos exchanged")
+    g.add_argument("--microbatches", type=int, metavar="M",
+                   help="pipeline: split each batch into M micro-batches, gradients summed over them (default 2N)")
+    g.add_argument("--pipeline-schedule", default="1f1b", choices=SCHEDULES,
+                   help="pipeline: 1f1b (one forward, one backward: at most N micro-batches' activations held; the "
+                        "default) or gpipe (all forwards, then all backwards)")
+    g.add_argument("--partitioner", default="auto", choices=PARTITIONERS,
+                   help="model and pipeline stages: auto (the cost model's best split; the default) or equal (the "
+                        "same number of layers per stage, the naive baseline)")
     g.add_argument("--allreduce", default="auto", choices=ALLREDUCE_ALGOS,
                    help="allreduce algorithm: ring, doubling (recursive doubling), tree (binomial), mpi (the "
                         "library's), or auto: the cheapest by an alpha-beta cost for each message (default)")
@@ -65,10 +80,14 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
                     help="async modes: lower the momentum by the 1 - 1/workers that asynchrony adds")
 
 
-def parallel_config(args) -> DataParallel | ParameterServer | None:
-    """The DataParallel or ParameterServer settings of the command line, or None for one rank."""
+def parallel_config(args) -> DataParallel | ParameterServer | Partition | None:
+    """The DataParallel, ParameterServer or Partition settings of the command line, or None for
+    one rank."""
     if args.comm_timeout <= 0:
         raise TdcError(f"--comm-timeout must be > 0 seconds, got {args.comm_timeout:g}")
+    strategy = getattr(args, "parallel", "data")
+    if strategy != "data" or args.microbatches is not None:
+        return _partition_config(args, strategy)
     ps = getattr(args, "ps", 0)
     mode, staleness = getattr(args, "mode", None), getattr(args, "staleness", None)
     if not ps:
@@ -91,6 +110,23 @@ def parallel_config(args) -> DataParallel | ParameterServer | None:
         return ParameterServer(ps, args.ranks - ps, mode=mode, staleness=staleness or 0, compress=args.compress)
     return DataParallel(args.ranks, bucket_bytes=int(args.bucket_mb * (1 << 20)), overlap=not args.no_overlap,
                         algo=args.allreduce, sync_bn=args.sync_bn, network=args.network, compress=args.compress)
+
+
+def _partition_config(args, strategy: str) -> Partition:
+    if strategy == "data":
+        raise TdcError("--microbatches splits a pipeline's batch: add --parallel pipeline")
+    if args.ranks < 2:
+        raise TdcError(f"--parallel {strategy} splits the step over ranks: add --ranks N with N >= 2")
+    taken = [flag for flag, on in (("--ps", getattr(args, "ps", 0)), ("--compress", args.compress != "none"),
+                                   ("--sync-bn", args.sync_bn), ("--no-overlap", args.no_overlap),
+                                   ("--allreduce", args.allreduce != "auto")) if on]
+    if taken:
+        raise TdcError(f"{taken[0]} is a setting of data parallelism; --parallel {strategy} does not take it")
+    if args.microbatches is not None and strategy != "pipeline":
+        raise TdcError("--microbatches splits a pipeline's batch: use it with --parallel pipeline")
+    m = args.microbatches if args.microbatches is not None else (2 * args.ranks if strategy == "pipeline" else 1)
+    return Partition(strategy, args.ranks, microbatches=m, schedule=args.pipeline_schedule,
+                     partitioner=args.partitioner, network=args.network)
 
 
 def mpiexec() -> str:

@@ -37,6 +37,8 @@ from .launch import (add_parallel_arguments, announce_rank, attach_rank_output, 
 from .hogwild import make_runners, run_steps
 from .staged import StagedStep, staged
 from ..passes.parameter_server import ParameterServer
+from ..passes.partition import Partition
+from ..frontend.init import whole_params
 from .schedule import SCHEDULES, Schedule, make_schedule
 from ..files import atomic_write, check_output_dir, check_output_file
 from ..ir.weights import save_npz
@@ -290,7 +292,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                        "training feeds one input of samples")
     input_name, input_type = next(iter(types.items()))
     ranks = parallel.ranks if parallel is not None else 1
-    local = parallel.split_batch(batch) if parallel is not None else batch   # samples per worker and step
+    partitioned = isinstance(parallel, Partition)          # every rank sees the whole batch
+    local = parallel.split_batch(batch) if parallel is not None and not partitioned else batch   # samples per worker and step
     use_staged = staged(parallel)
     _check_parallel_training(parallel, checkpoint or resume)
     optimizer, encoder_momentum = _staged_optimizer(optimizer, parallel, momentum_correction, out)
@@ -330,6 +333,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         schedule = make_schedule(schedule, optimizer.lr, total_steps, warmup=warmup, step_size=step_size,
                                  gamma=gamma, batch=batch, base_batch=scale_lr)
 
+    if partitioned and parallel.target is None:      # the partition's costs: one set of rates for every rank
+        parallel.target = agreed_rates(comm, backend)
     train_graph = train_step(model, loss, optimizer, batch, parallel=parallel)
     settings = {"batch": batch, "loss": loss, "data": data.name, "train_samples": n}
     if ranks > 1:
@@ -365,13 +370,23 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
     else:
         exe = compile_graph(train_graph, backend=backend, params=params, seed=seed, conv_algo=conv_algo,
                             autotune=autotune, progress=progress_fn)
+    def step_state() -> dict[str, np.ndarray]:
+        """The step's params and state; a partitioned step's are gathered at rank 0 (every rank
+        must call this)."""
+        return (exe.gather_state() or {}) if partitioned and not simulated else exe.state
+
+    def model_state() -> dict[str, np.ndarray]:
+        """The inference graph's params, pieces of split params put together (every rank calls)."""
+        return whole_params(train_graph, exe.gather_state() or {}) if partitioned else exe.state
+
     infer_args = [a.name for a in infer_graph.args if a.kind != "input"]
     runners = make_runners(exe, threads) if hogwild else None
     # The inference executable owns copies that are refreshed in place before each evaluation:
     # a backend may bind its buffers at compile time, so replacing dict entries would go unseen.
-    eval_exe = compile_graph(infer_graph, backend=backend, params={k: exe.state[k].copy() for k in infer_args},
+    initial = model_state()
+    eval_exe = compile_graph(infer_graph, backend=backend, params={k: initial[k].copy() for k in infer_args},
                              seed=seed, conv_algo=conv_algo, autotune=autotune,
-                             progress=compile_progress("the evaluation graph") if verbose else None)
+                             progress=compile_progress("the evaluation graph") if verbose else None) if root else None
 
     records: list[dict] = []
     metrics_file = None
@@ -394,16 +409,21 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
     bad_steps = 0     # steps in a row whose loss is not finite
 
     def save(epoch: int, position: int):
+        state = step_state() if checkpoint else {}
         # never over a finite state with a diverged one
         if checkpoint and root and bad_steps == 0 and all(
-                np.isfinite(v).all() for v in exe.state.values() if v.dtype.kind == "f"):
-            save_checkpoint(checkpoint, exe.state, model=model.name, step=step, epoch=epoch, position=position,
+                np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f"):
+            save_checkpoint(checkpoint, state, model=model.name, step=step, epoch=epoch, position=position,
                             seed=seed, optimizer=optimizer.to_dict(), keep=keep_checkpoints,
                             epoch_loss=epoch_loss, epoch_correct=epoch_correct, epoch_seen=epoch_seen,
                             epochs=epochs, schedule=repr(schedule), backend=backend, **settings)
 
     def run_eval() -> tuple[int, float]:
-        eval_exe.set_state({k: exe.state[k] for k in infer_args})
+        """Rank 0's evaluation of the params (every rank calls this: a partitioned step gathers them)."""
+        state = model_state()
+        if not root:
+            return 0, 0.0
+        eval_exe.set_state({k: state[k] for k in infer_args})
         return evaluate(eval_exe, input_name, output, x_test, y_test, batch, loss)
 
     losses: list[np.ndarray] = []
@@ -421,7 +441,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
 
             def feed(i: int, step: int) -> dict:
                 idx = order[i * batch:(i + 1) * batch]
-                mine = idx if simulated else idx[rank * local:(rank + 1) * local]   # this rank's shard
+                mine = idx if simulated or partitioned else idx[rank * local:(rank + 1) * local]   # this rank's shard
                 return {input_name: x_train[mine], "y": _targets(y_train[mine], loss, num_classes, target_dtype),
                         "lr": np.float32(schedule.lr_at(step))}
             ran = None       # Hogwild: the epoch's steps, run at once on the threads
@@ -438,12 +458,12 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                     sent0, wait0 = exe.comm_stats()
                     res = ran[i - first] if ran is not None else exe(**feed(i, step))
                     sent1, wait1 = exe.comm_stats()
-                    value = res["loss"]
+                    value = res.get("loss", np.float32(0.0))    # a partitioned step's outputs are rank 0's
                     losses.append(value)
                     step, position = step + 1, i + 1
                     bad_steps = 0 if np.isfinite(value) else bad_steps + 1
                     # the training accuracy of rank 0's part of the batch (its output)
-                    correct = int(np.sum(np.argmax(res[output], axis=1) == y_train[idx[:local]]))
+                    correct = int(np.sum(np.argmax(res[output], axis=1) == y_train[idx[:local]])) if output in res else 0
                     epoch_loss += float(value)
                     epoch_correct += correct
                     epoch_seen += local
@@ -470,7 +490,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                 save(epoch, position)
                 break
             seconds = time.perf_counter() - t_epoch
-            correct, test_loss = run_eval() if root else (0, 0.0)
+            correct, test_loss = run_eval()
             last_eval = (step, correct, test_loss)
             mean_loss = epoch_loss / max(epoch_seen / local, 1)
             record = {"epoch": epoch + 1, "step": step, "loss": mean_loss,
@@ -501,14 +521,39 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
     if last_eval is not None and last_eval[0] == step:
         _, correct, test_loss = last_eval
     else:
-        correct, test_loss = run_eval() if root else (0, 0.0)
+        correct, test_loss = run_eval()
+    final = model_state() if partitioned else exe.state
     if save_weights:
-        save_npz(save_weights, {k: exe.state[k] for k in infer_args})
+        save_npz(save_weights, {k: final[k] for k in infer_args})
     if plot:
         _write_plot(plot, records, out)
     return TrainResult(np.array(losses, np.float32), first_step, step, epoch, epochs, correct / len(y_test),
-                       test_loss, correct, len(y_test), time.perf_counter() - t_start, history, dict(exe.state),
+                       test_loss, correct, len(y_test), time.perf_counter() - t_start, history, dict(final),
                        rank, servers)
+
+
+class FixedRates:
+    """A Target's rates and nothing else: what the partition passes price nodes with."""
+
+    def __init__(self, rates):
+        self._rates = rates
+
+    def rates(self):
+        return self._rates
+
+
+def agreed_rates(comm, backend: str) -> FixedRates:
+    """The cost-model rates of `backend` (the llvm backend's for the reference), measured or read
+    from the cache by rank 0 and sent to the others: every rank must choose the same partition."""
+    import numpy as np
+    from ..backends import get_target
+    from ..passes.target import Rates
+    ours = get_target(backend if backend != "reference" else "llvm").rates() if comm.rank == 0 else None
+    if comm.size == 1:
+        return FixedRates(ours)
+    nums = np.array([ours.gemm_flops, ours.copy_bytes] if ours is not None else [0.0, 0.0])
+    comm.call(lambda c: c.complete([c.comm.Ibcast(nums, root=0)], [0], "agreeing on the cost model's rates"))
+    return FixedRates(ours or Rates(float(nums[0]), float(nums[1]), {}))
 
 
 def _check_parallel_training(parallel, checkpointing: bool) -> None:
@@ -521,7 +566,7 @@ def _staged_optimizer(opt: Optimizer, parallel, momentum_correction: bool, out) 
     """The optimizer in the training graph, and the momentum a DGC encoder keeps locally.
     DGC moves momentum to the workers (momentum correction: what is sent is the accumulated
     velocity), so the graph's update is plain SGD on the summed velocities."""
-    compression = parallel.compression if parallel is not None else None
+    compression = getattr(parallel, "compression", None)
     momentum = 0.0
     if compression is not None and compression.dgc:
         if opt.name not in ("sgd", "momentum"):
