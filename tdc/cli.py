@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--full-constants", action="store_true",
                    help=f"print every value of constants of more than {ELIDE_ABOVE} elements (by default they "
                         "print in short: dtype, shape, a hash and a few values); the text then parses back exactly")
+    d.add_argument("--rank", type=int, metavar="R",
+                   help="with --ranks N --parallel model|pipeline|tensor|spatial: rank R's program (the nodes it "
+                        "runs, with its sends, receives and collectives)")
+    d.add_argument("--partition", action="store_true",
+                   help="with --parallel model|pipeline|tensor|spatial: how the step was partitioned and why (the cost "
+                        "model's stages against an equal-layer split, the split layers, the rows per rank)")
     d.add_argument("--memory", action="store_true",
                    help="print the memory table (weights, activations, gradients, optimizer state; peak "
                         "before and after planning) of the graph after the pipeline")
@@ -164,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def dump_pipelines(args):
+def dump_pipelines(args, parallel):
     """(inference, training) pipelines exactly as the compiled backends run them for the target
     of --backend: the training one is the loss, autodiff and optimizer passes, then the same
     compile pipeline."""
@@ -174,9 +180,8 @@ def dump_pipelines(args):
     from .runtime.trainer import optimizer_from
     from .passes.training import training_pipeline
 
-    from .runtime.launch import parallel_config
     compile_ = compile_pipeline(get_target(args.backend), args.conv_algo, args.autotune)
-    training = training_pipeline(args.loss, optimizer_from(args), parallel=parallel_config(args))
+    training = training_pipeline(args.loss, optimizer_from(args), parallel=parallel)
     return compile_, Pipeline(training.passes + compile_.passes), len(training.passes)
 
 
@@ -192,8 +197,18 @@ def cmd_dump(args) -> int:
     if args.output:
         from .files import check_output_file
         check_output_file(args.output, "-o")
+    from .backends import get_target
+    from .passes.partition import Partition
+    from .runtime.launch import parallel_config
     src = Source(args.model)
-    inference, training, n_train = dump_pipelines(args)
+    parallel = parallel_config(args)
+    partitioned = isinstance(parallel, Partition)
+    if partitioned:
+        parallel.target = get_target(args.backend)
+    elif args.rank is not None or args.partition:
+        raise TdcError("--rank and --partition show a partitioned step: add --ranks N --parallel "
+                       "model|pipeline|tensor|spatial")
+    inference, training, n_train = dump_pipelines(args, parallel)
     names_inf = [p.name for p in inference.passes]
     names_train = [p.name for p in training.passes]
     if args.after and args.after not in names_train:
@@ -201,20 +216,27 @@ def cmd_dump(args) -> int:
                        f"training pipeline is {','.join(names_train)}")
     train = args.train or (args.after is not None and args.after not in names_inf)
     pipeline = training if train else inference
-    if args.ranks > 1 and not train:
-        raise TdcError("--ranks applies to the training step: add --train")
-    from .runtime.launch import parallel_config
-    graph = src.training_graph(args.batch, parallel_config(args)) if train else src.graph(args.batch)
+    if args.ranks > 1 and not train and not partitioned:
+        raise TdcError("--ranks with data parallelism applies to the training step: add --train")
+    graph = src.training_graph(args.batch, parallel) if train else \
+        src.graph(src.split_batch(args.batch, parallel) if partitioned else args.batch)
     short = None if args.full_constants else ELIDE_ABOVE
     fmt = (lambda g: to_dot(g)) if args.format == "dot" else (lambda g: print_graph(g, short))
     chunks = []
+    if partitioned and not train and not args.after and not args.all:
+        from .passes.training import partitioned_inference
+        graph, pipeline = partitioned_inference(graph, parallel), inference
+    per_rank = partitioned and (args.memory or args.rank is not None or args.partition or args.plan or args.llvm)
 
     def step_graph():
         """The graph a backend is given: the training step, or the model (with --conv-algo asked)."""
         g = Pipeline(training.passes[:n_train]).run(graph) if train else graph
         return request_conv_algo(g, args.conv_algo)
 
-    if args.memory or args.plan or args.source or args.llvm or args.asm:
+    if per_rank:          # a partitioned step: each rank's program
+        step = Pipeline(training.passes[:n_train]).run(graph) if train else graph
+        chunks = _partition_chunks(args, src, parallel, step, inference, fmt, train)
+    elif args.memory or args.plan or args.source or args.llvm or args.asm:
         lowered = pipeline.run(graph)
         if args.plan:
             from .backends import get_target
@@ -252,6 +274,49 @@ def cmd_dump(args) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _partition_chunks(args, src, parallel, step, compile_pipeline, fmt, train: bool) -> list[str]:
+    """What `tdc dump --ranks K --parallel S` shows of one rank's program or of every rank's:
+    --partition the cost model's choice; --rank R the program; --memory each rank's memory table
+    and what each rank holds; --plan and --llvm the compiled program."""
+    from .lower.memplan import memory_report, plan_memory
+    from .lower.plan import build_plan, describe_plan
+    from .lower.ranks import rank_program, world_of
+    from .passes.training import add_loss, partition_report
+    from .backends import get_target
+    chunks = []
+    if args.partition:
+        forward = src.graph(src.split_batch(args.batch, parallel), training=train)
+        chunks.append(partition_report(add_loss(forward, args.loss) if train else forward, parallel, train))
+    world = world_of(step)
+    if args.rank is not None and not 0 <= args.rank < world:
+        raise TdcError(f"--rank {args.rank}: the step runs on ranks 0 to {world - 1}")
+    ranks = [args.rank] if args.rank is not None else range(world)
+    footprint = []
+    for r in ranks:
+        prog = rank_program(step, r, world).graph
+        if args.memory or args.plan or args.llvm:
+            lowered = compile_pipeline.run(prog)
+            plan = plan_memory(lowered)
+            if args.memory:
+                chunks.append(f"// ----- rank {r} -----\n" + memory_report(lowered, plan))
+            if args.plan:
+                chunks.append(describe_plan(build_plan(lowered, get_target(args.backend).loop_dtypes), plan))
+            if args.llvm:
+                from .backends.llvm.bundle import llvm_ir
+                chunks.append(llvm_ir(prog, autotune=args.autotune))
+            held = sum(a.type.nbytes for a in lowered.args if a.kind != "input")
+            footprint.append((r, held, plan.arena_bytes))
+        elif args.rank is not None or not args.partition:
+            chunks.append(f"// ----- rank {r} -----\n" + fmt(prog))
+    if args.memory and len(footprint) > 1:
+        lines = [f"what each rank holds ({parallel.strategy} on {world} ranks; 1 MB = 2^20 bytes)",
+                 f"{'rank':>4} {'params+state MB':>16} {'arena MB':>9} {'total MB':>9}"]
+        for r, held, arena in footprint:
+            lines.append(f"{r:>4} {held / 2**20:>16.3f} {arena / 2**20:>9.3f} {(held + arena) / 2**20:>9.3f}")
+        chunks.append("\n".join(lines))
+    return chunks
 
 
 def _summary(name: str, x: np.ndarray) -> str:
@@ -332,24 +397,37 @@ def cmd_compile(args) -> int:
     from .ir.weights import load_weights
 
     from .runtime.launch import parallel_config
+    from .passes.partition import Partition
     parallel = parallel_config(args)
-    if parallel is not None and not args.train:
-        raise TdcError("--ranks is for training steps: add --train")
+    partitioned = isinstance(parallel, Partition)
+    if parallel is not None and not args.train and not partitioned:
+        raise TdcError("--ranks N with data parallelism is for training steps: add --train (or partition the "
+                       "inference graph with --parallel model|pipeline|tensor|spatial)")
     from .runtime.staged import staged
     if staged(parallel):
         raise TdcError("--ps and --compress run on tdc train's staged runtime (compiled stages with MPI messages "
                        "between them); a native executable takes plain data parallelism (--ranks N)")
+    if partitioned:
+        from .backends import get_target
+        parallel.target = get_target("llvm")
     src = Source(args.model)
-    graph = src.training_graph(args.batch, parallel) if args.train else src.graph(args.batch)
     if args.train:
-        graph = training_pipeline(args.loss, optimizer_from(args), parallel=parallel).run(graph)
+        graph = training_pipeline(args.loss, optimizer_from(args), parallel=parallel).run(
+            src.training_graph(args.batch, parallel))
+    elif partitioned:
+        from .passes.training import partitioned_inference
+        graph = partitioned_inference(src.graph(src.split_batch(args.batch, parallel)), parallel)
+    else:
+        graph = src.graph(args.batch)
     params = load_weights(args.weights, graph) if args.weights else src.params
     b = write_bundle(request_conv_algo(graph, args.conv_algo), args.output, params=params, seed=args.seed,
                      name=args.name or src.name, embed_weights=args.embed_weights, training=args.train,
                      autotune=args.autotune, copy_blas=not args.shared_blas,
                      schedule=LrSchedule(args.schedule, args.warmup, args.step_size, args.gamma) if args.train else None)
     kind = "training step" if args.train else "inference"
-    if parallel is not None:
+    if partitioned:
+        kind += f" partitioned over {parallel.ranks} ranks ({parallel.strategy}): run it with mpiexec -n {parallel.ranks}"
+    elif parallel is not None:
         kind += f" of one of {parallel.ranks} data-parallel ranks: run it with mpiexec -n {parallel.ranks}"
     print(f"wrote {b.directory}/: model ({kind}), model.h, model.o"
           + ("" if b.weights is None else ", model.weights") + f"; run {b.executable} --help")

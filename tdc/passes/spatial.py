@@ -121,6 +121,20 @@ def spatial(graph: Graph, cfg: Partition) -> Graph:
     return g
 
 
+def describe_rows(graph: Graph, cfg: Partition) -> str:
+    """The rows each rank computes of each split window op."""
+    placed_graph = spatial(graph, cfg)
+    lines = []
+    for n in graph.nodes:
+        if n.op in WINDOW_OPS and n.outputs[0].type.shape[2] >= cfg.ranks and n.inputs[0].type.rank == 4:
+            bounds = row_bounds(n.outputs[0].type.shape[2], cfg.ranks)
+            lines.append(f"  {n.op} {list(n.outputs[0].type.shape)}: rows " + ", ".join(
+                f"rank {r} [{a}, {b})" for r, (a, b) in enumerate(bounds)))
+    halos = sum(1 for n in placed_graph.nodes if n.op == "transfer")
+    gathers = sum(1 for n in placed_graph.nodes if n.op == "concat_ranks")
+    return "\n".join(lines + [f"  {halos} halo transfers, {gathers} gathers of whole feature maps (forward)"])
+
+
 def _row_local(n: Node, pieces, rows, k: int) -> str | None:
     """How node n runs split by rows: "window", "elementwise", "batchnorm", or None (whole)."""
     if n.op in LITERALS or not n.inputs:

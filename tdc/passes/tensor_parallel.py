@@ -100,7 +100,8 @@ def plan_layouts(chain: list[Node], costs: dict[Node, float], cfg: Partition, ne
                 out = n.outputs[0].type.nbytes
                 back = _allreduce_seconds(x.type.nbytes, k, net) if grad_in else 0.0
                 offer(WHOLE, secs + gather + t, choices + ["whole"])
-                offer(SPLIT, secs + gather + t / k + (back if layout == WHOLE else 0.0), choices + ["columns"])
+                # every rank's column piece reads the whole x: autodiff sums their input gradients
+                offer(SPLIT, secs + gather + t / k + back, choices + ["columns"])
                 rows_back = back if layout == WHOLE else 0.0
                 offer(WHOLE, secs + t / k + _allreduce_seconds(out, k, net) + rows_back, choices + ["rows"])
             else:
@@ -110,6 +111,20 @@ def plan_layouts(chain: list[Node], costs: dict[Node, float], cfg: Partition, ne
     end = {lay: secs + (_allgather_seconds(chain[-1].outputs[0].type.nbytes, k, net) if lay == SPLIT else 0.0)
            for lay, (secs, _) in best.items()}
     return best[min(end, key=end.get)][1]
+
+
+def describe_layouts(graph: Graph, cfg: Partition, training: bool = True) -> str:
+    """Each chain's plan: how every linear layer runs, and what the cost model priced."""
+    costs = forward_costs(graph, cfg.target, training)
+    active = _active(graph)
+    lines = []
+    for chain in linear_chains(graph):
+        plan = plan_layouts(chain, costs, cfg, training and chain[0].inputs[0] in active)
+        for n, how in zip(chain, plan):
+            w = f" {list(n.inputs[1].type.shape)}" if n.op == "linear" else ""
+            lines.append(f"  {n.op}{w} ({n.outputs[0].name or n.loc or ''}): {how}, "
+                         f"{costs.get(n, 0.0) * 1e3:.3f} ms on one rank")
+    return "\n".join(lines) or "  (no chain of linear layers)"
 
 
 def _bounds(n: int, k: int) -> list[tuple[int, int]]:

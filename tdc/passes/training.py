@@ -72,6 +72,29 @@ def partition_passes(cfg: Partition, training: bool = True) -> list[Pass]:
     return [Pass("spatial", partial(spatial, cfg=cfg), f"feature maps split by rows over {k} ranks, halos exchanged")]
 
 
+def partition_report(graph: Graph, cfg: Partition, training: bool = True) -> str:
+    """How cfg partitions `graph` (the forward graph, with its loss for training) and what the
+    cost model says of it: `tdc dump --partition`."""
+    from .partition import plan_stages, stages_report
+    from .spatial import describe_rows
+    from .tensor_parallel import describe_layouts
+    head = f"{cfg.strategy} on {cfg.ranks} ranks, network {cfg.net.name} (alpha {cfg.net.alpha * 1e6:g} us, " \
+           f"{1 / cfg.net.beta / 1e9:g} GB/s); compute priced by " + \
+           ("the backend's calibrated rates" if cfg.target is not None else "nominal rates")
+    if cfg.strategy in ("model", "pipeline"):
+        chosen, naive = plan_stages(graph, cfg, training)
+        body = stages_report(chosen, naive)
+        if cfg.strategy == "pipeline":
+            k, m = cfg.ranks, cfg.microbatches
+            body += (f"\n{m} micro-batches of {graph.inputs[0].type.shape[0]}, schedule {cfg.schedule}: bubble "
+                     f"(K-1)/(M+K-1) = {(k - 1) / (m + k - 1):.3f} of a step for equal stages")
+    elif cfg.strategy == "tensor":
+        body = describe_layouts(graph, cfg, training)
+    else:
+        body = describe_rows(graph, cfg)
+    return head + "\n" + body
+
+
 def place_and_route(graph: Graph) -> Graph:
     """The nodes passes added without a placement, placed where their inputs are; the outputs
     taken to rank 0."""

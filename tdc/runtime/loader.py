@@ -98,10 +98,14 @@ class Source:
             raise TdcError(f"{self.spec}: --batch does not apply to an IR file (its shapes are fixed)")
         return self.fixed
 
-    def training_graph(self, batch: int | None = None, parallel=None) -> Graph:
-        """The training-mode graph one rank runs: with data parallelism (`parallel`, a
-        DataParallel) a model is traced at batch / ranks, `batch` being the global batch (by
-        default the model's own); a fixed graph's batch is already one rank's."""
+    def split_batch(self, batch: int | None, parallel) -> int | None:
+        """The batch to trace at: with data parallelism (`parallel`, a DataParallel) the batch of
+        one rank, batch / ranks, `batch` being the global batch (by default the model's own); a
+        pipeline's micro-batch. A fixed graph's batch is already that."""
         if parallel is not None and self.model is not None:
-            batch = parallel.split_batch(batch or self.model.batch)
-        return self.graph(batch, training=True)
+            return parallel.split_batch(batch or self.model.batch)
+        return batch
+
+    def training_graph(self, batch: int | None = None, parallel=None) -> Graph:
+        """The training-mode graph one rank runs (see split_batch)."""
+        return self.graph(self.split_batch(batch, parallel), training=True)

@@ -65,12 +65,20 @@ class WeightsLayout:
 
 
 class ModuleBuilder:
-    def __init__(self, graph: Graph, name: str):
+    """`layout`, `inputs` and `outputs` (names) give the entry point an interface other than the
+    graph's own: one rank's program of a partitioned bundle reads the weights, inputs and
+    outputs of the whole step, shared by every rank's program (bundle.py)."""
+
+    def __init__(self, graph: Graph, name: str, layout: WeightsLayout | None = None,
+                 inputs: list[str] | None = None, outputs: list[str] | None = None):
         self.graph = graph
         self.name = name
         self.program: KernelPlan = build_plan(graph, tuple(MEM))
         self.plan: MemoryPlan = plan_memory(graph)
-        self.weights = WeightsLayout.of(graph)
+        self.weights = layout or WeightsLayout.of(graph)
+        self.input_names = inputs if inputs is not None else [a.name for a in graph.inputs]
+        names = outputs if outputs is not None else [n for n, _ in graph.outputs]
+        self.output_slots = [names.index(n) for n, _ in graph.outputs]
         self.module = ir.Module(name=name)
         self.scratch_bytes = self.plan.arena_bytes
         self.extra: dict[Value, int] = {}         # values the plan leaves unplaced: after the arena
@@ -138,7 +146,7 @@ class ModuleBuilder:
         if v in self.globals:
             return b.bitcast(self.globals[v], PTR)
         if v.kind == "input":
-            idx = [a for a in self.graph.inputs].index(v)
+            idx = self.input_names.index(v.name)
             return b.load(b.gep(self.inputs_arg, [ir.Constant(I64, idx)], source_etype=PTR), typ=PTR)
         if v.kind in ("param", "const", "state"):
             return b.gep(self.weights_arg, [ir.Constant(I64, self.weights.offset(v))], source_etype=S.I8)
@@ -168,7 +176,7 @@ class ModuleBuilder:
             else:
                 b = self._library_step(b, fn, step.name, step.node)
         # outputs are copied before updates: an output that is an updated param returns its old value
-        for i, (_, v) in enumerate(self.graph.outputs):
+        for i, (_, v) in zip(self.output_slots, self.graph.outputs):
             dst = b.load(b.gep(self.outputs_arg, [ir.Constant(I64, i)], source_etype=PTR), typ=PTR)
             self._memcpy(b, dst, self.pointer(b, v), v.type.nbytes)
         for target, v in self.graph.updates:
@@ -556,7 +564,7 @@ def for_range(b: ir.IRBuilder, n: int, body):
     b.position_at_end(after)
 
 
-def build_module(graph: Graph, name: str) -> ModuleBuilder:
-    mb = ModuleBuilder(graph, name)
+def build_module(graph: Graph, name: str, **interface) -> ModuleBuilder:
+    mb = ModuleBuilder(graph, name, **interface)
     mb.build()
     return mb

@@ -57,6 +57,9 @@
 #define TDC_RANKS 1
 #define TDC_FINGERPRINT 0ULL
 #endif
+#ifndef TDC_PARTITIONED   /* 1: every rank runs its own part of the step on the whole batch */
+#define TDC_PARTITIONED 0
+#endif
 #if TDC_COMM
 #include "tdc_comm.h"     /* data parallelism: MPI through runtime/comm.c */
 #endif
@@ -876,7 +879,12 @@ static void help(const char *argv0) {
            "batch by batch (the last batch padded with zeros), and each output holds n rows.\n");
 #endif
 #if TDC_COMM
-    if (TDC_RANKS > 1)
+    if (TDC_RANKS > 1 && TDC_PARTITIONED)
+        printf("\nPartitioned: compiled for %d ranks, each running its part of the step (its layers, its pieces\n"
+               "of the weights); run it with mpiexec -n %d. Every rank reads the same batches; the messages\n"
+               "between the ranks are compiled in, and rank 0 prints, writes the outputs and saves (the other\n"
+               "ranks send it the weights they keep).\n", TDC_RANKS, TDC_RANKS);
+    else if (TDC_RANKS > 1)
         printf("\nData parallel: compiled for %d ranks; run it with mpiexec -n %d. The input files hold global\n"
                "batches (%d x the inputs' dim 0): rank r takes the r-th part of each, gradients are averaged\n"
                "over the ranks every step, and rank 0 prints and saves.\n", TDC_RANKS, TDC_RANKS, TDC_RANKS);
@@ -1204,6 +1212,19 @@ static void set_blas_threads(void) {
     tdc_runtime_set_threads(n > 0 ? n : 1);
 }
 
+#if TDC_COMM && TDC_PARTITIONED
+/* Each weight's up-to-date value comes from the rank that keeps it (the others hold stale copies
+   or none): sent to rank 0 before it saves. */
+static void gather_weights(unsigned char *w) {
+    for (int j = 0; j < TDC_NUM_WEIGHTS && world > 1; j++) {
+        int owner = TDC_WEIGHT_OWNERS[j];
+        if (owner == 0) continue;
+        if (rank == owner) tdc_comm_send(w + TDC_WEIGHTS[j].offset, TDC_WEIGHTS[j].nbytes, 0, 20000 + j);
+        else if (rank == 0) tdc_comm_recv(w + TDC_WEIGHTS[j].offset, TDC_WEIGHTS[j].nbytes, owner, 20000 + j);
+    }
+}
+#endif
+
 int main(int argc, char **argv) {
     set_blas_threads();
     if (argc > 0 && argv[0] && *argv[0]) {
@@ -1250,7 +1271,7 @@ int main(int argc, char **argv) {
     }
 
     /* data parallelism: each step takes `world` batches of the files, one per rank */
-    if (world > 1 && TDC_TRAINING) {
+    if (world > 1 && TDC_TRAINING && !TDC_PARTITIONED) {
         if (batched_input >= 0 && batches % world != 0)
             die_all(EXIT_ERROR, "input '%s' holds %lld batches of %lld rows: not a whole number of global batches "
                     "(%d ranks x %lld rows)", TDC_INPUTS[batched_input].name, (long long)batches,
@@ -1288,7 +1309,7 @@ int main(int argc, char **argv) {
     for (int k = 0; k < TDC_NUM_OUTPUTS; k++) out_ptrs[k] = xalloc((size_t)TDC_OUTPUTS[k].nbytes, "an output");
 
 #if TDC_TRAINING
-    const int64_t global = batches / world;   /* global batches in the files */
+    const int64_t global = TDC_PARTITIONED ? batches : batches / world;   /* global batches in the files */
     long long steps = o.steps ? o.steps : (long long)global;
     long long every = o.print_every ? o.print_every : (steps >= 10 ? steps / 10 : 1);
     const char *save = o.save ? o.save : DEFAULT_SAVE;
@@ -1305,8 +1326,9 @@ int main(int argc, char **argv) {
     if (rank == 0) {
         printf("training `%s`: %lld steps", TDC_MODEL, steps);
         if (global > 1) printf(" over %lld batches", (long long)global);
-        if (world > 1) printf(" on %d ranks (%lld samples per rank and step)", world,
-                              (long long)(TDC_NUM_INPUTS ? TDC_INPUTS[batched_input < 0 ? 0 : batched_input].shape[0] : 0));
+        if (world > 1 && TDC_PARTITIONED) printf(" partitioned over %d ranks", world);
+        else if (world > 1) printf(" on %d ranks (%lld samples per rank and step)", world,
+                                   (long long)(TDC_NUM_INPUTS ? TDC_INPUTS[batched_input < 0 ? 0 : batched_input].shape[0] : 0));
         printf("\n");
     }
     long long hog = o.hogwild ? (o.threads ? o.threads : sysconf(_SC_NPROCESSORS_ONLN)) : 0;
@@ -1329,7 +1351,9 @@ int main(int argc, char **argv) {
     }
     for (long long s = 0; s < steps && hog == 0; s++) {
         for (int k = 0; k < TDC_NUM_INPUTS; k++)    /* this rank's shard of global batch s */
-            if (ins[k].rows) in_ptrs[k] = stage_batch(k, &ins[k], (int64_t)(s % global) * world + rank);
+            if (ins[k].rows)
+                in_ptrs[k] = stage_batch(k, &ins[k], TDC_PARTITIONED ? (int64_t)(s % global)
+                                                                     : (int64_t)(s % global) * world + rank);
         if (lr_input >= 0 && TDC_SCHEDULE + TDC_WARMUP > 0) {
             double lr = scheduled_lr(base_lr, s, steps);
             if (TDC_INPUTS[lr_input].dtype == TDC_F64) *(double *)ins[lr_input].data = lr;
@@ -1341,7 +1365,10 @@ int main(int argc, char **argv) {
         if (rc != 0) run_failed(rc, s, batches > 1 ? (long long)(s % global) : -1);
         if (rank == 0 && ((s + 1) % every == 0 || s + 1 == steps)) print_step(s, steps, out_ptrs);
     }
-    if (rank == 0) {     /* every rank holds the same weights */
+#if TDC_COMM && TDC_PARTITIONED
+    gather_weights(weights);
+#endif
+    if (rank == 0) {     /* every rank holds the same weights (a partitioned step's: gathered at rank 0) */
         print_times(times, steps, "steps");
 #if TDC_COMM
         if (world > 1) {
@@ -1390,13 +1417,15 @@ int main(int argc, char **argv) {
         }
         times[r] = now_ms() - t0;
     }
-    if (rows && batches > 1) printf("ran %lld batches of %lld (%lld samples)\n", (long long)batches,
-                                    (long long)per_batch, (long long)rows);
-    for (int k = 0; k < TDC_NUM_OUTPUTS; k++) print_summary(&full[k], results[k]);
-    if (o.repeat) print_times(times, runs, "runs");
+    if (rank == 0) {      /* a partitioned step's outputs are rank 0's */
+        if (rows && batches > 1) printf("ran %lld batches of %lld (%lld samples)\n", (long long)batches,
+                                        (long long)per_batch, (long long)rows);
+        for (int k = 0; k < TDC_NUM_OUTPUTS; k++) print_summary(&full[k], results[k]);
+        if (o.repeat) print_times(times, runs, "runs");
+    }
 #endif
     for (int k = 0; k < TDC_NUM_OUTPUTS; k++) {
-        if (!o.outputs[k]) continue;
+        if (!o.outputs[k] || rank != 0) continue;
         char what[320];
         snprintf(what, sizeof what, "output '%s'", TDC_OUTPUTS[k].name);
 #if TDC_TRAINING
