@@ -230,10 +230,12 @@ class MPIComm:
     def recv(self, x: np.ndarray, src: int):
         return self.comm.Irecv(x, source=src, tag=DATA_TAG)
 
-    def complete(self, reqs, peers, what: str) -> None:
-        """Wait for requests `reqs` (messages with the ranks `peers`) until the deadline."""
+    def complete(self, reqs, peers, what: str, timeout: float | None = None) -> None:
+        """Wait for requests `reqs` (messages with the ranks `peers`) until the deadline (the
+        communicator's timeout unless given)."""
         MPI = self.MPI
-        deadline = time.monotonic() + self.timeout
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         spins = 0
         while not MPI.Request.Testall(reqs):
             spins += 1
@@ -243,8 +245,12 @@ class MPIComm:
             if time.monotonic() > deadline:
                 silent = self._roll_call()
                 who = ", ".join(map(str, silent or sorted(set(peers))))
-                raise CommError(f"rank {self.rank}: no answer from rank {who} within {self.timeout:g} s "
+                raise CommError(f"rank {self.rank}: no answer from rank {who} within {timeout:g} s "
                                 f"({what}); stopping the job")
+
+    def barrier(self, what: str, timeout: float) -> None:
+        """Wait until every rank is here, for at most `timeout` seconds (then name the absent)."""
+        self.call(lambda c: c.complete([c.comm.Ibarrier()], range(c.size), what, timeout))
 
     def _answer_roll_calls(self):
         MPI = self.MPI

@@ -18,6 +18,9 @@ from .comm import check_world, communicator
 from .executable import graph_ranks, initial_state
 
 
+COMPILE_TIMEOUT = 900.0      # seconds every rank may take to compile its program
+
+
 class PartitionedExecutable:
     def __init__(self, graph: Graph, backend: str, params: dict | None = None, seed: int = 0,
                  autotune: bool = False, progress=None):
@@ -33,6 +36,9 @@ class PartitionedExecutable:
         mine = {a.name: full[a.name] for a in self.program.graph.args if a.kind != "input"}
         self.exe = compile_graph(self.program.graph, backend=backend, params=mine, seed=seed, autotune=autotune,
                                  progress=progress)
+        # the ranks' programs differ and so do their compile times (a minute for numba's, cold):
+        # the step's first messages must not wait for a slower rank's compile under the step's timeout
+        self.comm.barrier("compiling its part of the step", timeout=max(COMPILE_TIMEOUT, self.comm.timeout))
         self.inputs = {a.name for a in self.program.graph.inputs}
         self.graph_inputs = {a.name for a in graph.inputs}
 

@@ -58,6 +58,12 @@ def run_ranks(graph: Graph, feeds: list[dict[Value, np.ndarray]]) -> list[dict[V
                 _store(envs[r], node, out)
             continue
         for r in ranks:
+            missing = [v for v in node.inputs if v not in envs[r]]
+            if missing:
+                where = f" ({node.loc})" if node.loc else ""
+                raise TdcError(f"{node.op}{where} on rank {r} reads a value rank {r} does not hold (made by "
+                               f"{missing[0].producer.op if missing[0].producer else 'an argument'} on "
+                               f"{missing[0].producer.placement if missing[0].producer else 'no rank'})")
             ins = [envs[r][v] for v in node.inputs]
             if node.op == "send":
                 mailbox.put(r, node.attrs["dst"], node.attrs["tag"], ins[0])

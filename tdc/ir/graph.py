@@ -41,6 +41,17 @@ def placed_ranks(placement: str | None) -> set[int] | None:
     raise TdcError(f"bad placement {placement!r}: expected rank:N or ranks:A..B,C,...")
 
 
+def held_on(v: "Value") -> set[int] | None:
+    """The ranks holding value v in a partitioned graph: where its producer runs (None: every rank,
+    as for args and unplaced nodes), except that a transfer's result is its destination's."""
+    p = v.producer
+    if p is None:
+        return None
+    if p.op == "transfer":
+        return {p.attrs["dst"]}
+    return placed_ranks(p.placement)
+
+
 def ranks_placement(ranks) -> str:
     """The placement text of a set of ranks (the inverse of placed_ranks)."""
     rs = sorted(set(ranks))

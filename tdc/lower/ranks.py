@@ -53,6 +53,7 @@ class RankGraph:
     world: int
     graph: Graph              # this rank's program: no placements
     updated: list[str]        # the params and state this rank computes new values of
+    origin: dict              # each value of the program -> the value of the placed step it stands for
 
 
 def rank_program(graph: Graph, rank: int, world: int | None = None) -> RankGraph:
@@ -116,7 +117,45 @@ def rank_program(graph: Graph, rank: int, world: int | None = None) -> RankGraph
     for name, v in graph.outputs:
         if v in vmap and v.producer is not None:
             g.add_output(name, vmap[v])
-    return RankGraph(rank, world, g, updated)
+    return RankGraph(rank, world, g, updated, {w: v for v, w in vmap.items()})
+
+
+def forward_values(graph: Graph) -> set[Value]:
+    """The values of a placed step's forward pass: those its outputs other than gradients depend
+    on, through the messages between ranks too (a send and the recv with its source, destination
+    and tag are one edge)."""
+    from ..passes.autodiff import GRAD_PREFIX
+    sends = {(n.placement, n.attrs["dst"], n.attrs["tag"]): n for n in graph.nodes if n.op == "send"}
+    seen: set[Node] = set()
+    stack = [v.producer for name, v in graph.outputs if not name.startswith(GRAD_PREFIX) and v.producer]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(v.producer for v in n.inputs if v.producer is not None)
+        if n.op == "recv":
+            ranks = placed_ranks(n.placement) or set()
+            for dst in ranks:
+                s = sends.get((f"rank:{n.attrs['src']}", dst, n.attrs["tag"]))
+                if s is not None:
+                    stack.append(s)
+    return {v for n in seen for v in n.outputs}
+
+
+def activation_peak(graph: Graph, rank: int) -> int:
+    """The most bytes of forward values (activations) rank `rank`'s program holds at once, in the
+    order it runs them: what a pipeline schedule changes."""
+    from .memplan import plan_memory
+    forward = forward_values(graph)
+    prog = rank_program(graph, rank)
+    plan = plan_memory(prog.graph)
+    live = [0] * (len(plan.kernels) + 2)
+    for v, (a, b) in plan.intervals.items():
+        if prog.origin.get(v) in forward:
+            for t in range(a, b + 1):
+                live[t] += v.type.nbytes
+    return max(live)
 
 
 def _live_nodes(graph: Graph, rank: int, world: int) -> list[Node]:
@@ -168,3 +207,72 @@ def _collective(g: Graph, n: Node, rank: int, ranks: list[int], world: int, valu
     for q in ranks[1:]:
         emit("send", [total], {"dst": q, "tag": tag(first, q)}, n)
     return total
+
+
+# ---- a timeline of the rank programs ---------------------------------------------------------
+
+@dataclass
+class Timeline:
+    """Each rank's time busy and idle in one step (seconds), and the step's end."""
+    busy: list[float]
+    idle: list[float]
+    end: float
+
+    @property
+    def bubble(self) -> float:
+        """The mean over ranks of the time idle over the step's time."""
+        return sum(i / self.end for i in self.idle) / len(self.idle) if self.end > 0 else 0.0
+
+
+def simulate(graph: Graph, rates, net) -> Timeline:
+    """Run every rank's program of the partitioned `graph` on a model of the machine: each node
+    takes its roofline time (passes/partition.op_seconds at `rates`, (GEMM flop/s, copy bytes/s)),
+    a message of n bytes arrives alpha + n * beta after its send (which never blocks), a
+    collective ends for every rank once the last has started it, plus the alpha-beta time of its
+    algorithm. What the schedule leaves idle is what a step would wait on ideal hardware."""
+    from ..passes.data_parallel import allreduce_time
+    from ..passes.partition import op_seconds
+    world = world_of(graph)
+    progs = [rank_program(graph, r, world).graph.nodes for r in range(world)]
+    at = [0] * world
+    clock = [0.0] * world
+    busy = [0.0] * world
+    arrivals: dict[tuple[int, int, int], float] = {}     # (src, dst, tag) -> when the message is there
+    started: dict[int, dict[int, float]] = {}           # k-th collective -> rank -> when it started
+    done: dict[int, float] = {}
+    seen_collectives = [0] * world
+    while any(at[r] < len(progs[r]) for r in range(world)):
+        moved = False
+        for r in range(world):
+            while at[r] < len(progs[r]):
+                n = progs[r][at[r]]
+                if n.op == "send":
+                    arrivals[(r, n.attrs["dst"], n.attrs["tag"])] = clock[r] + net.alpha + \
+                        n.inputs[0].type.nbytes * net.beta
+                elif n.op == "recv":
+                    key = (n.attrs["src"], r, n.attrs["tag"])
+                    if key not in arrivals:
+                        break
+                    clock[r] = max(clock[r], arrivals[key])
+                elif n.op in ("allreduce", "allgather"):
+                    k = seen_collectives[r]
+                    if k not in done:
+                        started.setdefault(k, {})[r] = clock[r]
+                        if len(started[k]) < world:
+                            break
+                        nbytes = n.outputs[0].type.nbytes
+                        cost = allreduce_time("ring", nbytes, world, net) if n.op == "allreduce" else \
+                            (world - 1) * (net.alpha + nbytes / world * net.beta)
+                        done[k] = max(started[k].values()) + cost
+                    clock[r] = max(clock[r], done[k])
+                    seen_collectives[r] += 1
+                else:
+                    t = op_seconds(n, rates)
+                    clock[r] += t
+                    busy[r] += t
+                at[r] += 1
+                moved = True
+        if not moved:
+            raise TdcError("internal: the rank programs wait for each other in a cycle")
+    end = max(clock)
+    return Timeline(busy, [end - b for b in busy], end)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from ..errors import TdcError
 from ..ops import functional as F
 from ..ops.tensor import Builder, Tensor
-from ..ir.graph import Graph, Value, placed_ranks, ranks_placement
+from ..ir.graph import Graph, Value, held_on, placed_ranks, ranks_placement
 from ..ir.types import is_float
 
 GRAD_PREFIX = "grad."
@@ -131,9 +131,10 @@ class Gradients:
         parts = self.parts.get(v)
         if not parts:
             return None
-        if len(parts) == 1:
+        held = held_on(v)
+        if len(parts) == 1 and (held is None or held <= next(iter(parts))):
             return next(iter(parts.values()))
-        held = placed_ranks(v.producer.placement) if v.producer is not None else None
+        # made on several ranks, or on fewer than hold the value (whose copies all need it)
         ranks = sorted(set(held) if held is not None else set().union(*parts))
         mine: dict[int, Tensor] = {}
         for key, t in sorted(parts.items(), key=lambda kv: sorted(kv[0])):

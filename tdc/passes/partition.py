@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..errors import TdcError
-from ..ir.graph import Graph, Node, Value, placed_ranks, ranks_placement
+from ..ir.graph import Graph, Node, Value, held_on, placed_ranks, ranks_placement
 from ..ir.types import is_float
 from ..ops import functional as F
 from ..ops.tensor import Builder, Tensor
@@ -256,13 +256,16 @@ def forward_nodes(graph: Graph) -> list[Node]:
     return [n for n in graph.nodes if n.op not in LITERALS]
 
 
-def plan_stages(graph: Graph, cfg: Partition, training: bool = True) -> tuple[Stages, Stages]:
-    """(the partition cfg asks for, the equal-layer baseline) of `graph`'s forward nodes."""
+def plan_stages(graph: Graph, cfg: Partition, training: bool = True) -> tuple[Stages, Stages | None]:
+    """(the partition cfg asks for, the equal-layer baseline or None when the model has fewer
+    layers than ranks) of `graph`'s forward nodes."""
     nodes = forward_nodes(graph)
     chain = ChainCosts(nodes, forward_costs(graph, cfg.target, training), cfg.net, training)
-    naive = equal_layer_stages(chain, cfg.ranks)
-    chosen = naive if cfg.partitioner == "equal" else split_stages(chain, cfg.ranks)
-    return chosen, naive
+    if cfg.partitioner == "equal":
+        naive = equal_layer_stages(chain, cfg.ranks)
+        return naive, naive
+    layers = sum(1 for n in nodes if any(v.is_arg and v.kind == "param" for v in n.inputs))
+    return split_stages(chain, cfg.ranks), equal_layer_stages(chain, cfg.ranks) if layers >= cfg.ranks else None
 
 
 # ---- placing a graph --------------------------------------------------------------------------------
@@ -281,7 +284,7 @@ def holders(v: Value, world: int) -> set[int] | None:
     """The ranks holding value v (None: any rank can have it, as args and literals)."""
     if v.producer is None or v.producer.op in LITERALS:
         return None
-    ranks = placed_ranks(v.producer.placement)
+    ranks = held_on(v)
     return set(ranks) if ranks is not None else set(range(world))
 
 
@@ -379,10 +382,13 @@ def place_rest(graph: Graph) -> Graph:
     return g
 
 
-def stages_report(chosen: Stages, naive: Stages) -> str:
+def stages_report(chosen: Stages, naive: Stages | None) -> str:
     """The two partitions side by side (tdc dump --ranks K --parallel model|pipeline shows it)."""
     lines = [f"{'partition':<10} {'stage':>5} {'nodes':>6} {'compute ms':>11} {'comm ms':>8} {'bytes out':>10}"]
     for name, st in (("chosen", chosen), ("equal", naive)):
+        if st is None:
+            lines.append("equal      (fewer layers than ranks: no equal-layer split)")
+            continue
         ends = st.cuts[1:] + [len(st.nodes)]
         for s, (a, b) in enumerate(zip(st.cuts, ends)):
             sent = st.cut_bytes[s] if s < len(st.cut_bytes) else 0
