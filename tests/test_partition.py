@@ -20,14 +20,12 @@ from hypothesis import strategies as st
 
 import tdc
 from tdc import nn
-from tdc.backends.reference import run_ranks
 from tdc.cli import main
 from tdc.errors import TdcError
 from tdc.frontend.init import whole_params
 from tdc.ir.graph import Graph
 from tdc.ir.types import TensorType
 from tdc.ir.weights import read_weights
-from tdc.lower.memplan import plan_memory
 from tdc.lower.ranks import rank_program
 from tdc.ops import functional as F
 from tdc.ops.tensor import Builder
