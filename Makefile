@@ -77,6 +77,15 @@ demo: $(STAMP)
 	    --optimizer momentum --lr 0.03 --no-progress --metrics out/digits_dgc_metrics.jsonl
 	$(PY) -c "import json; r = [json.loads(l) for l in open('out/digits_dgc_metrics.jsonl')]; \
 	    b = sorted(x['bytes_sent'] for x in r if 'bytes_sent' in x); print(f'   median bytes sent per step: {b[len(b) // 2]}')"
+	@echo
+	@echo "== 9. Partitioning: the model itself split over 2 ranks, a 2-stage pipeline fed with micro-batches (1F1B)"
+	$(TDC) dump examples/digits.py --batch 32 --train --ranks 2 --parallel pipeline --partition
+	$(TDC) train examples/digits.py --batch 32 --lr 2e-3 --schedule cosine --epochs 3 --backend llvm --ranks 2 \
+	    --parallel pipeline --no-progress
+	@echo "   ...and natively, every feature map split by rows over 2 ranks (halos exchanged at the borders):"
+	$(TDC) compile examples/digits.py --batch 16 --train --optimizer sgd --ranks 2 --parallel spatial -o out/digits_sp
+	$(VENV)/bin/mpiexec -n 2 out/digits_sp/model --input x=out/digits_x_train.npy --input y=out/digits_y_train.npy \
+	    --input lr=0.05 --steps 300 --print-every 100 --save out/digits_sp.weights
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache    # the layers point down (pyproject.toml: [tool.importlinter])

@@ -28,29 +28,34 @@ def chain(x: tdc.f32["B", WIDTH]):
     return nn.linear(h, 10, name="out")
 
 
-comm = communicator(timeout=60)
-K, rank = comm.size, comm.rank
-rng = np.random.default_rng(0)
-x = rng.standard_normal((BATCH, WIDTH)).astype(np.float32)
-y = rng.integers(0, 10, BATCH)
-report = []
-for spec in sys.argv[1:]:
-    schedule, m = spec.split(":")
-    m = int(m)
-    cfg = Partition("pipeline", K, microbatches=m, schedule=schedule)
-    exe = tdc.compile(tdc.train_step(chain, optimizer=tdc.Optimizer("sgd", lr=1e-3), batch=BATCH, parallel=cfg),
-                      backend="llvm")
-    for _ in range(WARMUP):
-        exe(x=x, y=y, lr=np.float32(1e-3))
-    _, w0 = exe.comm_stats()
-    comm.comm.Barrier()
-    t0 = time.perf_counter()
-    for _ in range(STEPS):
-        exe(x=x, y=y, lr=np.float32(1e-3))
-    wall = time.perf_counter() - t0
-    _, w1 = exe.comm_stats()
-    bubbles = comm.comm.allgather((w1 - w0) / wall)
-    report.append({"schedule": schedule, "m": m, "bubble": float(np.mean(bubbles)), "per_rank": bubbles,
-                   "theory": (K - 1) / (m + K - 1), "ms_per_step": wall / STEPS * 1e3})
-if rank == 0:
-    print(json.dumps(report))
+def main():
+    comm = communicator(timeout=60)
+    K, rank = comm.size, comm.rank
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((BATCH, WIDTH)).astype(np.float32)
+    y = rng.integers(0, 10, BATCH)
+    report = []
+    for spec in sys.argv[1:]:
+        schedule, m = spec.split(":")
+        m = int(m)
+        cfg = Partition("pipeline", K, microbatches=m, schedule=schedule)
+        exe = tdc.compile(tdc.train_step(chain, optimizer=tdc.Optimizer("sgd", lr=1e-3), batch=BATCH, parallel=cfg),
+                          backend="llvm")
+        for _ in range(WARMUP):
+            exe(x=x, y=y, lr=np.float32(1e-3))
+        _, w0 = exe.comm_stats()
+        comm.comm.Barrier()
+        t0 = time.perf_counter()
+        for _ in range(STEPS):
+            exe(x=x, y=y, lr=np.float32(1e-3))
+        wall = time.perf_counter() - t0
+        _, w1 = exe.comm_stats()
+        bubbles = comm.comm.allgather((w1 - w0) / wall)
+        report.append({"schedule": schedule, "m": m, "bubble": float(np.mean(bubbles)), "per_rank": bubbles,
+                       "theory": (K - 1) / (m + K - 1), "ms_per_step": wall / STEPS * 1e3})
+    if rank == 0:
+        print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -264,6 +264,27 @@ def _wait_for_checkpoint(ck: Path, proc, deadline: float):
         time.sleep(0.2)
 
 
+def kill_rank_1_after_a_checkpoint(args: list[str], ck: Path, how: str) -> tuple[str, float]:
+    """Start `tdc train args` (checkpointing into ck), send rank 1 the signal `how` once the first
+    checkpoint is written, and return the job's one error line and the seconds it took to end."""
+    proc = subprocess.Popen(TDC + ["train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    try:
+        deadline = time.time() + TIMEOUT
+        _wait_for_checkpoint(ck, proc, deadline)
+        os.kill(_rank_pid(str(ck), 1, deadline), getattr(signal, how))
+        t0 = time.time()
+        _, err = proc.communicate(timeout=60)
+        ended = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("tdc: error")]
+    assert len(lines) == 1, err
+    return lines[0], ended
+
+
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
 def test_a_rank_that_dies_or_stops_ends_the_job_with_its_name_and_resume_finishes(tmp_path, how):
     """Rank 1 killed (hydra ends the job at once) or stopped (rank 0 stops waiting after
@@ -272,25 +293,11 @@ def test_a_rank_that_dies_or_stops_ends_the_job_with_its_name_and_resume_finishe
     ck = tmp_path / "ck"
     args = [str(EXAMPLES / "digits.py"), "--backend", "llvm", "--ranks", "2", "--epochs", "400", "--batch", "32",
             "--checkpoint", str(ck), "--checkpoint-every", "5", "--comm-timeout", "3", "--no-progress"]
-    proc = subprocess.Popen(TDC + ["train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)
-    try:
-        deadline = time.time() + TIMEOUT
-        _wait_for_checkpoint(ck, proc, deadline)
-        os.kill(_rank_pid(str(ck), 1, deadline), getattr(signal, how))
-        t0 = time.time()
-        out, err = proc.communicate(timeout=60)
-        ended = time.time() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0
-    lines = [ln for ln in err.splitlines() if ln.startswith("tdc: error")]
-    assert len(lines) == 1, err
+    line, ended = kill_rank_1_after_a_checkpoint(args, ck, how)
     if how == "SIGKILL":
-        assert "rank 1 (pid" in lines[0] and "Killed (signal 9)" in lines[0] and ended < 10, (lines, ended)
+        assert "rank 1 (pid" in line and "Killed (signal 9)" in line and ended < 10, (line, ended)
     else:
-        assert "no answer from rank 1 within 3 s" in lines[0] and ended < 3 + 2 + 10, (lines, ended)
+        assert "no answer from rank 1 within 3 s" in line and ended < 3 + 2 + 10, (line, ended)
     ckpt = np.load(ck / "last.npz")          # whole: it loads
     assert len(ckpt.files) > 0
     resume = [a if a != "400" else "3" for a in args] + ["--resume"]

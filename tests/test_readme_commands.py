@@ -2,7 +2,7 @@
 `make test`), in order, in a scratch directory holding what the commands read: the examples,
 `~/mnist` and `~/cifar-10-batches-bin` (small stand-ins in MNIST's and CIFAR-10's formats, made
 from scikit-learn's digits, under a HOME of the test's own), and the files the text names
-(saved.tdc, trained.npz, img.npy, X.npy, Y.npy, mine.npz, model.onnx)."""
+(saved.tdc, trained.npz, img.npy, X.npy, Y.npy, X8.npy, Y8.npy, mine.npz, model.onnx)."""
 import os
 import re
 import subprocess
@@ -57,6 +57,8 @@ def _setup(work: Path, home: Path) -> None:
     np.save(work / "img.npy", rng.random((1, 1, 28, 28), np.float32))
     np.save(work / "X.npy", rng.random((64, 784), np.float32))
     np.save(work / "Y.npy", rng.integers(0, 10, 64))
+    np.save(work / "X8.npy", d.x_train[:320])            # the digits CNN's 8x8 images
+    np.save(work / "Y8.npy", d.y_train[:320])
     x28 = _images_28(d.x_train[:, 0]).reshape(-1, 784)
     np.savez(work / "mine.npz", images=x28, labels=d.y_train, x_test=_images_28(d.x_test[:, 0]).reshape(-1, 784),
              y_test=d.y_test)

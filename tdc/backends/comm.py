@@ -235,12 +235,18 @@ class MPIComm:
         communicator's timeout unless given)."""
         MPI = self.MPI
         timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         spins = 0
         while not MPI.Request.Testall(reqs):
             spins += 1
-            if spins > 2000:   # after ~a millisecond of spinning, sleep between polls: leave the core
-                time.sleep(1e-4)
+            if spins > 2000:
+                # yield for the first 50 ms, not sleep: a large message moves only while its ranks
+                # poll; a longer wait (a peer compiling or evaluating) sleeps between polls
+                if time.monotonic() - start < 0.05:
+                    os.sched_yield()
+                else:
+                    time.sleep(1e-4)
                 self._answer_roll_calls()
             if time.monotonic() > deadline:
                 silent = self._roll_call()

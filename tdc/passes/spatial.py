@@ -21,7 +21,6 @@ from __future__ import annotations
 from ..errors import TdcError
 from ..ir.graph import Graph, Node, Value, ranks_placement
 from ..ops import functional as F
-from ..ops.conv import out_size
 from ..ops.tensor import Builder, Tensor
 from .partition import LITERALS, Partition, placed
 
@@ -106,14 +105,13 @@ def spatial(graph: Graph, cfg: Partition) -> Graph:
             elif how == "batchnorm":
                 _batchnorm(g, b, n, k, pieces, rows, vmap)
             else:
-                outs = g.emit(n.op, [whole(v) for v in n.inputs], dict(n.attrs), loc=n.loc,
-                              names=[v.name for v in n.outputs])
-                if n.op not in LITERALS:
-                    g.nodes[-1].placement = every
+                with placed(g, every):
+                    outs = g.emit(n.op, [whole(v) for v in n.inputs], dict(n.attrs), loc=n.loc,
+                                  names=[v.name for v in n.outputs])
                 vmap.update(zip(n.outputs, outs))
         if not split_any:
             raise TdcError(f"--parallel spatial: {graph.name} has no convolution or pooling whose output has at least "
-                           f"{k} rows to split over {k} ranks")
+                           f"{k} rows to split over {k} ranks (rows that are not all padding)")
         for name, v in graph.outputs:
             g.add_output(name, whole(v))
         for t, v in graph.updates:
@@ -147,6 +145,8 @@ def _row_local(n: Node, pieces, rows, k: int) -> str | None:
             return None      # its divisors count padding that a rank's wider local padding would change
         if n.op == "conv2d" and any(not v.is_arg for v in n.inputs[1:]):
             return None      # a computed weight (folded batchnorm) is made whole first
+        if any(lo >= hi for lo, hi in _input_rows(n, k)):
+            return None      # a rank's windows would lie wholly in the padding: no rows to give it
         return "window"
     split = [v for v in n.inputs if v in pieces]
     if not split:
@@ -160,28 +160,36 @@ def _row_local(n: Node, pieces, rows, k: int) -> str | None:
     return None
 
 
+def _window_rows(n: Node, k: int) -> list[tuple[int, int]]:
+    """For each rank, the input rows [lo, hi) its output rows' windows span, padding included
+    (lo < 0 or hi > H where they reach into it)."""
+    a = n.attrs
+    kh = a["kernel"][0] if n.op != "conv2d" else n.inputs[1].type.shape[2]
+    sh, dh, pt = a["stride"][0], a.get("dilation", (1, 1))[0], a["pad"][0]
+    return [(oa * sh - pt, (ob - 1) * sh - pt + dh * (kh - 1) + 1)
+            for oa, ob in row_bounds(n.outputs[0].type.shape[2], k)]
+
+
+def _input_rows(n: Node, k: int) -> list[tuple[int, int]]:
+    """The real input rows each rank's windows cover."""
+    h = n.inputs[0].type.shape[2]
+    return [(max(lo, 0), min(hi, h)) for lo, hi in _window_rows(n, k)]
+
+
 def _window(g: Graph, n: Node, k: int, gather_rows, params: list[Tensor], pieces, rows) -> None:
     """Rank r's output rows of window op n from the input rows their windows cover."""
     x = n.inputs[0]
     a = n.attrs
-    kh = a["kernel"][0] if n.op != "conv2d" else n.inputs[1].type.shape[2]
-    sh = a["stride"][0]
-    dh = a.get("dilation", (1, 1))[0]
-    pt, pl, pb, pr = a["pad"]
-    h = x.type.shape[2]
-    ho = n.outputs[0].type.shape[2]
-    outs, bounds = [], row_bounds(ho, k)
-    for r, (oa, ob) in enumerate(bounds):
-        lo = oa * sh - pt
-        hi = (ob - 1) * sh - pt + dh * (kh - 1) + 1
-        clo, chi = max(lo, 0), min(hi, h)
+    _, pl, _, pr = a["pad"]
+    outs, bounds = [], row_bounds(n.outputs[0].type.shape[2], k)
+    for r, ((oa, ob), (lo, hi), (clo, chi)) in enumerate(zip(bounds, _window_rows(n, k), _input_rows(n, k))):
         xr = gather_rows(x, r, clo, chi)
         local = dict(a, pad=(clo - lo, pl, hi - chi, pr))
         if n.op in ("maxpool2d", "avgpool2d"):
             local["ceil_mode"] = False         # the local rows are exactly the windows' extent
         with placed(g, f"rank:{r}"):
             y = F.apply(n.op, xr, *params, **local)
-        if y.shape[2] != ob - oa or out_size(chi - clo, kh, sh, dh, clo - lo, hi - chi) != ob - oa:
+        if y.shape[2] != ob - oa:
             raise TdcError(f"internal: rank {r}'s rows of {n.op} came out {y.shape[2]}, not {ob - oa}")
         outs.append(y.value)
     pieces[n.outputs[0]] = outs

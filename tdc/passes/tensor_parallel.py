@@ -170,10 +170,9 @@ def tensor_parallel(graph: Graph, cfg: Partition, training: bool = True) -> Grap
                     outs.append(o)
                 pieces[n.outputs[0]] = outs
             else:
-                outs = g.emit(n.op, [whole(v) for v in n.inputs], dict(n.attrs), loc=n.loc,
-                              names=[v.name for v in n.outputs])
-                if n.op not in LITERALS:
-                    g.nodes[-1].placement = every
+                with placed(g, every):
+                    outs = g.emit(n.op, [whole(v) for v in n.inputs], dict(n.attrs), loc=n.loc,
+                                  names=[v.name for v in n.outputs])
                 vmap.update(zip(n.outputs, outs))
         for name, v in graph.outputs:
             g.add_output(name, whole(v))

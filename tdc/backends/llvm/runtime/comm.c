@@ -27,6 +27,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include <mpi.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -105,6 +106,8 @@ static void answer_roll_calls(void)
     }
 }
 
+#define YIELD_SECONDS 0.05
+
 static void pause_briefly(void)
 {
     struct timespec t = {0, 100000};   /* 0.1 ms: leave the core to the ranks that compute */
@@ -148,14 +151,21 @@ static void roll_call(char *out, size_t cap)
 /* Wait for `n` requests (messages with rank `peer`, or -1: any) until the deadline. */
 static void complete(int n, MPI_Request *reqs, int peer, const char *what)
 {
-    double deadline = now() + state.timeout;
+    double start = now(), deadline = start + state.timeout;
     int flag = 0;
     for (long spins = 0;; spins++) {
         MPI_Testall(n, reqs, &flag, MPI_STATUSES_IGNORE);
         if (flag)
             return;
         if (spins > 20000) {
-            pause_briefly();
+            /* Yield, not sleep, for the first YIELD_SECONDS: a large message moves only while its
+               ranks poll (MPICH's rendezvous copies it in pieces), so polling goes on at full
+               speed while the core is free and gives the core away when ranks outnumber cores.
+               A longer wait (a peer compiling or evaluating) sleeps between polls. */
+            if (now() - start < YIELD_SECONDS)
+                sched_yield();
+            else
+                pause_briefly();
             answer_roll_calls();
         }
         if (now() > deadline)
