@@ -307,6 +307,73 @@ def test_batchnorm_training_mode_outputs():
                                rtol=1e-4, atol=1e-5)
 
 
+# ---- import: nodes evaluated at import run at the model's opset ---------------------------
+
+def folded_model(op, opset, attrs, extra=(), out=0, n_out=1):
+    """y = x * op(C, *extra) for a scalar input x: C (a Constant) and extra (Constants) are known at
+    import, so tdc evaluates op then, with the attributes older opsets give it."""
+    consts = [("c", X4)] + [(f"k{i}", a) for i, a in enumerate(extra)]
+    nodes = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(a)) for k, a in consts]
+    outs = [f"o{i}" for i in range(n_out)]
+    nodes += [helper.make_node(op, [k for k, _ in consts], outs, name="n0", **attrs),
+              helper.make_node("Mul", ["x", outs[out]], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [])],
+                              [helper.make_tensor_value_info("y", F, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+FOLDED_CASES = {   # op, opset, attributes: what moved from attributes to inputs, before it moved
+    "unsqueeze_opset9": ("Unsqueeze", 9, dict(axes=[0, 3])),
+    "unsqueeze_opset11_negative": ("Unsqueeze", 11, dict(axes=[-1])),
+    "squeeze_opset11": ("Squeeze", 11, dict(axes=[0])),
+    "reducesum_opset11": ("ReduceSum", 11, dict(axes=[1], keepdims=0)),
+    "reducemean_opset13": ("ReduceMean", 13, dict(axes=[1, 2])),
+    "reducemin_opset13": ("ReduceMin", 13, dict(axes=[-1], keepdims=0)),
+    "reducel2_opset11": ("ReduceL2", 11, dict(axes=[0, 3])),
+    "split_opset11": ("Split", 11, dict(axis=3, split=[2, 5]), (), 1, 2),
+    "pad_opset9": ("Pad", 9, dict(pads=[0, 1, 2, 0, 0, 0, 1, 3], value=1.5)),
+    "pad_opset9_reflect": ("Pad", 9, dict(pads=[0, 0, 2, 1, 0, 0, 1, 2], mode="reflect")),
+    "slice_opset9": ("Slice", 9, dict(starts=[1, -5], ends=[100, -1], axes=[1, 3])),
+    "clip_opset10": ("Clip", 10, dict(min=-0.2, max=0.4)),
+    "topk_opset9": ("TopK", 9, dict(k=3), (), 0, 2),
+    "upsample_opset7": ("Upsample", 7, dict(scales=[1.0, 1.0, 2.0, 3.0])),
+    "upsample_opset9": ("Upsample", 9, dict(mode="nearest"), (np.array([1, 1, 3, 2], np.float32),)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOLDED_CASES))
+def test_folded_node_at_old_opset_matches_onnxruntime(case):
+    op, opset, attrs, *rest = FOLDED_CASES[case]
+    model = folded_model(op, opset, attrs, *rest)
+    x = np.array(1.5, np.float32)
+    want = ort_run(model, {"x": x})["y"]
+    m = tdc.onnx.load(model)
+    assert m.graph.op_counts() == {"constant": 1, "mul": 1}   # evaluated at import
+    got = m(x=x)["y"]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_resize_before_opset_11_is_not_evaluated_at_import():
+    model = folded_model("Resize", 10, {}, (np.array([1, 1, 2, 2], np.float32),))
+    with pytest.raises(TdcError, match=r"node 'n0' \(Resize\): onnx's reference evaluator has no Resize before "
+                                       r"opset 11, so tdc cannot evaluate it at import$"):
+        tdc.onnx.load(model)
+
+
+LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+
+
+@pytest.mark.parametrize("name", ["densenet121", "inception_v2"])
+def test_light_models_with_opset9_unsqueeze_import(name):
+    # their batchnorms are followed by Unsqueeze(axes=...) of weights that ConstantOfShape makes,
+    # evaluated at import at opset 9 (the numbers are checked on small models above)
+    proto = onnx.load(os.path.join(LIGHT, f"light_{name}.onnx"))
+    m = tdc.onnx.load(proto)
+    bns = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
+    assert m.graph.op_counts()["batchnorm"] == bns > 10
+
+
 # ---- import errors ---------------------------------------------------------------------------
 
 def test_unsupported_op_names_node_and_op():

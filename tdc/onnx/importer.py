@@ -281,11 +281,25 @@ class _Importer:
 
     def fold(self, n: _Node) -> list[np.ndarray]:
         from onnx.reference import ReferenceEvaluator
-        feeds = {name: self.static[name] for name in n.proto.input if name}
+        node, feeds = n.proto, {name: self.static[name] for name in n.proto.input if name}
+        if n.op == "Upsample" and "scales" in n.attrs:   # opset 7: the evaluator has opset 9's, with scales an input
+            scales = node.input[0] + "_scales"
+            feeds[scales] = np.array(n.attrs["scales"], np.float32)
+            node = helper.make_node("Upsample", [node.input[0], scales], node.output, mode=n.attr("mode", "nearest"))
+        if n.op == "Resize" and self.opset < 11:
+            n.fail("onnx's reference evaluator has no Resize before opset 11, so tdc cannot evaluate it at import")
+        outs = [name for name in node.output if name]
+        # a one-node graph, not the bare node: the evaluator ignores `opsets` for a NodeProto and runs
+        # the newest version of the op, which reads as inputs what older opsets give as attributes
+        # (Unsqueeze's axes before opset 13, Pad's pads before 11, ...)
+        graph = helper.make_graph([node], "fold", [helper.make_empty_tensor_value_info(k) for k in feeds],
+                                  [helper.make_empty_tensor_value_info(k) for k in outs])
         try:
-            return ReferenceEvaluator(n.proto, opsets={"": self.opset}).run(None, feeds)
+            got = dict(zip(outs, ReferenceEvaluator(graph, opsets={"": self.opset}).run(outs, feeds)))
         except Exception as e:
             n.fail(f"evaluating it at import failed ({type(e).__name__}: {e})")
+        return [got.get(name) for name in n.proto.output]
+
 
 
 def _onnx_dtype(a: np.ndarray) -> int:
