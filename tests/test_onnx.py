@@ -378,11 +378,40 @@ def test_light_models_with_opset9_unsqueeze_import(name):
 
 def test_unsupported_op_names_node_and_op():
     model = node_model("Erf", {"x": X3}, 13, None)
-    with pytest.raises(TdcError, match=r"node 'n0' \(Erf\): ONNX op Erf is not supported"):
+    with pytest.raises(TdcError, match=r"^ONNX ops not supported by tdc: Erf \(1 node: n0\)$"):
         tdc.onnx.load(model)
     model.graph.node[0].name = ""
-    with pytest.raises(TdcError, match=r"node #0 \(Erf\)"):
+    with pytest.raises(TdcError, match=r"Erf \(1 node: #0\)$"):
         tdc.onnx.load(model)
+
+
+def test_every_unsupported_op_is_listed_in_one_error(capsys, tmp_path):
+    def lrn(i, src):
+        return helper.make_node("LRN", [src], [f"l{i}"], name=f"conv{i}_lrn", size=3)
+    nodes = [lrn(1, "x"), helper.make_node("Relu", ["l1"], ["r1"]),   # after an unsupported op: skipped
+             lrn(2, "r1"), lrn(3, "x"), lrn(4, "x"),
+             helper.make_node("Erf", ["l2"], ["e"], name="erf"),        # after one too: listed
+             helper.make_node("Softplus", ["x"], ["s"]),                # no name: its index
+             helper.make_node("ConstantOfShape", ["shape"], ["c"]),   # unsupported, but evaluated at import
+             helper.make_node("Add", ["x", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [1, 2, 3, 3])],
+                              [helper.make_tensor_value_info(o, F, None) for o in ("e", "l3", "l4", "s", "y")],
+                              [numpy_helper.from_array(I64(1, 2, 3, 3), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    listing = "ONNX ops not supported by tdc: LRN (4 nodes: conv1_lrn, conv2_lrn, conv3_lrn, ...), " \
+              "Erf (1 node: erf), Softplus (1 node: #6)"
+    with pytest.raises(TdcError) as e:
+        tdc.onnx.load(model)
+    assert str(e.value) == listing
+    # an error in a supported op is added to the list (the nodes that do not depend on it still count)
+    model.graph.node.insert(0, helper.make_node("Reshape", ["x", "x"], ["bad"], name="reshape"))
+    model.graph.output.append(helper.make_tensor_value_info("bad", F, None))
+    with pytest.raises(TdcError, match=r"Softplus \(1 node: #7\); also node 'reshape' \(Reshape\): input 1 "):
+        tdc.onnx.load(model)
+    # the command line prints it as one line
+    onnx.save(model, tmp_path / "m.onnx")
+    code, out, err = run_cli(capsys, "dump", tmp_path / "m.onnx")
+    assert code == 1 and err.count("\n") == 1 and "LRN (4 nodes: conv1_lrn" in err
 
 
 def test_unsupported_attributes_name_the_attribute():
@@ -437,7 +466,7 @@ def test_other_import_errors(tmp_path):
         tdc.onnx.load(model)
     model = node_model("Relu", {"x": X3}, 13)
     model.graph.node[0].domain = "com.microsoft"
-    with pytest.raises(TdcError, match="domain 'com.microsoft'"):
+    with pytest.raises(TdcError, match=r"com.microsoft.Relu \(1 node: n0\); tdc converts the ops of the default ONNX"):
         tdc.onnx.load(model)
     model = node_model("Dropout", {"x": X3}, 13, {"r": np.array(0.5, np.float32), "t": np.array(True)})
     with pytest.raises(TdcError, match="training-mode Dropout is random"):

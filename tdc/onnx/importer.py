@@ -105,8 +105,8 @@ class _Node:
 
     def __init__(self, imp: "_Importer", proto, index: int):
         self.imp, self.proto, self.op = imp, proto, proto.op_type
-        label = f"node {proto.name!r}" if proto.name else f"node #{index}"
-        self.where = f"{label} ({proto.op_type})"
+        self.label = proto.name or f"#{index}"
+        self.where = f"node {proto.name!r} ({proto.op_type})" if proto.name else f"node #{index} ({proto.op_type})"
         self.attrs = {a.name: helper.get_attribute_value(a) for a in proto.attribute}
 
     def fail(self, msg: str):
@@ -165,6 +165,8 @@ class _Importer:
         self.weights: dict[str, np.ndarray] = {}   # float initializers
         self.params: dict[str, np.ndarray] = {}    # the weights used as data: the graph's params
         self.used: set[str] = set()
+        self.unsupported: dict[str, list[str]] = {}   # op -> the nodes using it, to list them all in one error
+        self.missing: set[str] = set()                 # outputs of nodes that could not be converted
 
     def run(self) -> tuple[Graph, dict[str, np.ndarray]]:
         g = self.proto.graph
@@ -183,8 +185,23 @@ class _Importer:
             if vi.name not in self.static and vi.name not in self.weights:   # old models list initializers as inputs
                 self.values[vi.name] = self.graph.add_arg(vi.name, self.input_type(vi), "input")
         self.used = {name for n in g.node for name in n.input} | {o.name for o in g.output}
-        for i, n in enumerate(g.node):
-            self.convert(_Node(self, n, i))
+        failed = None   # the first error in a supported op; the nodes that do not depend on it go on
+        for i, p in enumerate(g.node):
+            n = _Node(self, p, i)
+            if self.is_unsupported(n):
+                self.unsupported.setdefault(p.op_type if _default_domain(p) else f"{p.domain}.{p.op_type}",
+                                            []).append(n.label)
+            elif self.missing.isdisjoint(p.input):
+                try:
+                    self.convert(n)
+                    continue
+                except TdcError as e:
+                    failed = failed or e
+            self.missing.update(name for name in p.output if name)
+        if self.unsupported:
+            raise TdcError(_unsupported_message(self.unsupported) + (f"; also {failed}" if failed else ""))
+        if failed:
+            raise failed
         for vi in g.output:
             v = self.value(vi.name)
             self.check_declared(vi, v)
@@ -247,18 +264,21 @@ class _Importer:
         self.values[name] = v
         return v
 
+    def foldable(self, p) -> bool:
+        """Whether node p is evaluated at import: all its inputs are known then (and it is not random)."""
+        ins = [name for name in p.input if name]
+        return bool(ins) and p.op_type not in _RANDOM_OPS and _default_domain(p) and all(
+            name in self.static for name in ins)
+
+    def is_unsupported(self, n: _Node) -> bool:
+        return not _default_domain(n.proto) or (n.op not in CONVERTERS and not self.foldable(n.proto))
+
     def convert(self, n: _Node):
         p = n.proto
-        if p.domain not in ("", "ai.onnx"):
-            n.fail(f"operator domain {p.domain!r} is not supported (only the default ONNX domain)")
-        ins = [name for name in p.input if name]
-        if ins and p.op_type not in _RANDOM_OPS and all(name in self.static for name in ins):
+        if self.foldable(p):
             outs = self.fold(n)
         else:
-            conv = CONVERTERS.get(p.op_type)
-            if conv is None:
-                n.fail(f"ONNX op {p.op_type} is not supported by tdc")
-            fn, allowed = conv
+            fn, allowed = CONVERTERS[p.op_type]
             for a in n.attrs:
                 if a not in allowed:
                     n.fail(f"attribute {a!r} of {p.op_type} is not supported")
@@ -300,6 +320,21 @@ class _Importer:
             n.fail(f"evaluating it at import failed ({type(e).__name__}: {e})")
         return [got.get(name) for name in n.proto.output]
 
+
+
+def _default_domain(p) -> bool:
+    return p.domain in ("", "ai.onnx")
+
+
+def _unsupported_message(nodes: dict[str, list[str]]) -> str:
+    """One line: each op with its node count and the first few node names."""
+    def listed(labels):
+        names = ", ".join(labels[:3]) + (", ..." if len(labels) > 3 else "")
+        return f"{len(labels)} node{'s' if len(labels) > 1 else ''}: {names}"
+    msg = "ONNX ops not supported by tdc: " + ", ".join(f"{op} ({listed(labels)})" for op, labels in nodes.items())
+    if any("." in op for op in nodes):
+        msg += "; tdc converts the ops of the default ONNX domain only"
+    return msg
 
 
 def _onnx_dtype(a: np.ndarray) -> int:
