@@ -56,6 +56,7 @@ def test_examples_round_trip(example, tmp_path):
     # and back: the initializers are the imported model's params
     back = tdc.onnx.load(path)
     assert set(back.params) == set(params)
+    assert {a.name: a.kind for a in back.graph.args} == {a.name: a.kind for a in g.args}   # vgg: BN stats are state
     np.testing.assert_allclose(back(x=x)["out"], want, rtol=1e-5, atol=1e-6)
 
 
@@ -198,7 +199,8 @@ def test_import_torch_like_export(backend):
     assert ops == {"conv2d": 1, "batchnorm": 1, "relu": 1, "maxpool2d": 1, "reshape": 1, "linear": 1}, ops
     assert set(m.params) == {"onnx::Conv_20", "onnx::Conv_21", "bn.weight", "bn.bias", "bn.running_mean",
                              "bn.running_var", "fc.weight", "fc.bias"}
-    assert [a.kind for a in m.graph.args].count("param") == 8
+    assert {a.name for a in m.graph.state} == {"bn.running_mean", "bn.running_var"}
+    assert len(m.graph.params) == 6
     x = np.random.default_rng(2).standard_normal((3, 3, 8, 8)).astype(np.float32)
     got = m(**{"input.1": x})["output"]
     np.testing.assert_allclose(got, ort_run(proto, {"input.1": x})["output"], rtol=1e-4, atol=1e-5)
@@ -372,6 +374,72 @@ def test_light_models_with_opset9_unsqueeze_import(name):
     m = tdc.onnx.load(proto)
     bns = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
     assert m.graph.op_counts()["batchnorm"] == bns > 10
+
+
+# ---- import: which initializers are params, state and consts ------------------------------
+
+def kinds_model() -> onnx.ModelProto:
+    """Conv, BN, Clip (opset 11: bounds as inputs), a MatMul on a transposed weight, a bias through
+    Unsqueeze, and scalar constants: every kind of initializer."""
+    rng = np.random.default_rng(3)
+
+    def w(*shape):
+        return rng.uniform(-0.5, 0.5, shape).astype(np.float32)
+    inits = {"conv.w": w(4, 3, 3, 3), "conv.b": w(4), "bn.scale": w(4) + 1, "bn.bias": w(4), "bn.mean": w(4),
+             "bn.var": w(4) + 1, "lo": np.array(-0.3, np.float32), "hi": np.array(0.6, np.float32),
+             "fc.wt": w(5, 4), "fc.b": w(5), "half": np.array(0.5, np.float32), "eps": np.array([1e-3], np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["n"]),
+             helper.make_node("Clip", ["n", "lo", "hi"], ["k"]),
+             helper.make_node("GlobalAveragePool", ["k"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Transpose", ["fc.wt"], ["fc.w"]),
+             helper.make_node("MatMul", ["f", "fc.w"], ["m"]),
+             helper.make_node("Unsqueeze", ["fc.b"], ["b2"], axes=[0]),
+             helper.make_node("Add", ["m", "b2"], ["a"]),
+             helper.make_node("Mul", ["a", "half"], ["h"]),
+             helper.make_node("Add", ["h", "eps"], ["out"])]
+    graph = helper.make_graph(nodes, "kinds", [helper.make_tensor_value_info("x", F, [2, 3, 6, 6])],
+                              [helper.make_tensor_value_info("out", F, [2, 5])],
+                              [numpy_helper.from_array(a, k) for k, a in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=7)
+
+
+def names(args):
+    return {a.name for a in args}
+
+
+def test_initializers_become_params_state_and_consts(tmp_path):
+    proto = kinds_model()
+    m = tdc.onnx.load(proto)
+    assert names(m.graph.params) == {"conv.w", "conv.b", "bn.scale", "bn.bias", "fc.wt", "fc.b"}
+    assert names(m.graph.state) == {"bn.mean", "bn.var"}
+    assert names(m.graph.consts) == {"lo", "hi", "half", "eps"}
+    assert set(m.params) == names(m.graph.args) - {"x"}
+    x = np.random.default_rng(4).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    want = ort_run(proto, {"x": x})["out"]
+    np.testing.assert_allclose(m(x=x)["out"], want, rtol=1e-5, atol=1e-6)
+    # exported, state and consts are initializers again, and import as the same kinds
+    tdc.onnx.save(m.graph, tmp_path / "k.onnx", m.params)
+    assert {t.name for t in onnx.load(tmp_path / "k.onnx").graph.initializer} >= set(m.params)
+    back = tdc.onnx.load(tmp_path / "k.onnx")
+    for kind in ("params", "state", "consts"):
+        assert names(getattr(back.graph, kind)) == names(getattr(m.graph, kind)), kind
+    np.testing.assert_allclose(back(x=x)["out"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_training_step_of_an_imported_model_updates_only_its_weights():
+    from tdc.passes.training import training_pipeline
+    m = tdc.onnx.load(kinds_model())
+    step = training_pipeline().run(m.graph)
+    weights = {"conv.w", "conv.b", "bn.scale", "bn.bias", "fc.wt", "fc.b"}
+    assert {t.name for t, _ in step.updates} == weights | {"step"}
+    exe = tdc.compile(step, params=m.params)
+    x = np.random.default_rng(4).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    exe(x=x, y=np.array([1, 3]), lr=np.float32(0.1))
+    for a in m.graph.args[1:]:
+        changed = not np.array_equal(exe.state[a.name], m.params[a.name])
+        assert changed == (a.name in weights), a.name
 
 
 # ---- import errors ---------------------------------------------------------------------------

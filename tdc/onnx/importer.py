@@ -6,8 +6,9 @@ Every ONNX tensor name maps to one of three things while the nodes are converted
     of a tdc value, and any node whose inputs are all static (evaluated with onnx's
     reference evaluator, which covers the Shape/Gather/Unsqueeze/Concat plumbing of
     exported models);
-  - a float initializer, which becomes a `param` argument (keeping its ONNX name) the first
-    time a node uses it as data, and whose value can also be read where a constant is needed.
+  - a float initializer, which becomes a `param`, `state` or `const` argument (keeping its ONNX
+    name; which one depends on the ops that read it, see _initializer_kinds) the first time a
+    node uses it as data, and whose value can also be read where a constant is needed.
 A static array used as data becomes a `constant` node.
 """
 from __future__ import annotations
@@ -40,6 +41,55 @@ _RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUnifo
                "Dropout"}
 
 
+# What a float initializer becomes depends on what reads it. A weight or bias of a differentiable op
+# is a `param` (trained by `tdc compile --train`); BatchNormalization's running statistics are
+# `state`; everything else (epsilons, clip bounds, exponents, scales) is a `const`.
+_WEIGHT_INPUTS = {"Conv": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "BatchNormalization": (1, 2)}
+_STATE_INPUTS = {"BatchNormalization": (3, 4)}
+# Exporters also write biases and scales as elementwise arithmetic (PyTorch's MatMul + Add, a
+# decomposed LayerNorm's Mul and Add): a weight there unless it is a scalar (an epsilon, GELU's 0.5).
+_ARITHMETIC = {"Add", "Sub", "Mul", "Div", "Sum"}
+# Ops that only move data (the input at index 0; Concat: every input): a weight read through them is
+# still a weight (DenseNet's Unsqueeze before Mul, a transposed MatMul operand, ViT's class token).
+_MOVES = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Cast", "Expand", "Slice", "Pad",
+          "Dropout", "Concat"}
+
+
+def _initializer_kinds(graph, initializers: dict[str, np.ndarray]) -> dict[str, str]:
+    """param, state or const for each initializer, from the ops that read it (see _WEIGHT_INPUTS)."""
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, i))
+    uses: dict[str, set] = {}   # tensor -> how it is read: "weight", "state", "arithmetic", "other"
+
+    def read_as(name: str) -> set:
+        if name not in uses:
+            uses[name] = found = set()
+            for node, i in readers.get(name, ()):
+                op = node.op_type if _default_domain(node) else None
+                if i in _WEIGHT_INPUTS.get(op, ()):
+                    found.add("weight")
+                elif i in _STATE_INPUTS.get(op, ()):
+                    found.add("state")
+                elif op in _ARITHMETIC:
+                    found.add("arithmetic")
+                elif op in _MOVES and (i == 0 or op == "Concat"):
+                    found.update(*(read_as(out) for out in node.output if out))
+                else:
+                    found.add("other")
+        return uses[name]
+
+    kinds = {}
+    for name, a in initializers.items():
+        how = read_as(name)
+        if "weight" in how or ("arithmetic" in how and a.size > 1):
+            kinds[name] = "param"
+        else:
+            kinds[name] = "state" if "state" in how else "const"
+    return kinds
+
+
 def dtype_of(elem_type: int, what: str) -> str:
     if elem_type not in DTYPES:
         name = TensorProto.DataType.Name(elem_type) if elem_type in TensorProto.DataType.values() else elem_type
@@ -49,8 +99,8 @@ def dtype_of(elem_type: int, what: str) -> str:
 
 
 class OnnxModel:
-    """An imported model: `.graph` (a tdc Graph), `.params` (initializer name -> array) and
-    `model(**inputs)` -> {output name: array}."""
+    """An imported model: `.graph` (a tdc Graph), `.params` (initializer name -> array, for the
+    graph's params, state and consts) and `model(**inputs)` -> {output name: array}."""
 
     def __init__(self, graph: Graph, params: dict[str, np.ndarray], backend: str = "reference"):
         self.graph, self.params, self.backend = graph, params, backend
@@ -68,7 +118,8 @@ class OnnxModel:
 
     def __repr__(self):
         ins = ", ".join(f"{a.name}: {a.type}" for a in self.graph.inputs)
-        return f"<OnnxModel {self.graph.name}({ins}), {len(self.params)} params>"
+        g = self.graph
+        return f"<OnnxModel {g.name}({ins}), {len(g.params)} params, {len(g.state)} state, {len(g.consts)} consts>"
 
 
 def load(source, *, dims: dict | None = None, batch: int | None = None, constants: dict | None = None,
@@ -163,7 +214,8 @@ class _Importer:
         self.values: dict[str, Value] = {}
         self.static: dict[str, np.ndarray] = {}
         self.weights: dict[str, np.ndarray] = {}   # float initializers
-        self.params: dict[str, np.ndarray] = {}    # the weights used as data: the graph's params
+        self.kinds: dict[str, str] = {}            # what each becomes: param, state or const
+        self.params: dict[str, np.ndarray] = {}    # the weights used as data: the graph's params, state and consts
         self.used: set[str] = set()
         self.unsupported: dict[str, list[str]] = {}   # op -> the nodes using it, to list them all in one error
         self.missing: set[str] = set()                 # outputs of nodes that could not be converted
@@ -175,6 +227,7 @@ class _Importer:
         for t in g.initializer:
             a = numpy_helper.to_array(t)
             (self.weights if a.dtype.kind == "f" else self.static)[t.name] = a
+        self.kinds = _initializer_kinds(g, self.weights)
         inputs = {i.name: i for i in g.input}
         for name, value in self.constants.items():
             if name not in inputs:
@@ -253,7 +306,7 @@ class _Importer:
         if name in self.weights:
             a = self.weights[name]
             dtype = dtype_of(_onnx_dtype(a), f"initializer {name!r}")
-            v = self.graph.add_arg(name, TensorType(dtype, a.shape), "param")
+            v = self.graph.add_arg(name, TensorType(dtype, a.shape), self.kinds[name])
             self.params[name] = a
         elif name in self.static:
             a = self.static[name]
@@ -319,7 +372,6 @@ class _Importer:
         except Exception as e:
             n.fail(f"evaluating it at import failed ({type(e).__name__}: {e})")
         return [got.get(name) for name in n.proto.output]
-
 
 
 def _default_domain(p) -> bool:
