@@ -56,6 +56,7 @@ def test_examples_round_trip(example, tmp_path):
     # and back: the initializers are the imported model's params
     back = tdc.onnx.load(path)
     assert set(back.params) == set(params)
+    assert {a.name: a.kind for a in back.graph.args} == {a.name: a.kind for a in g.args}   # vgg: BN stats are state
     np.testing.assert_allclose(back(x=x)["out"], want, rtol=1e-5, atol=1e-6)
 
 
@@ -198,7 +199,8 @@ def test_import_torch_like_export(backend):
     assert ops == {"conv2d": 1, "batchnorm": 1, "relu": 1, "maxpool2d": 1, "reshape": 1, "linear": 1}, ops
     assert set(m.params) == {"onnx::Conv_20", "onnx::Conv_21", "bn.weight", "bn.bias", "bn.running_mean",
                              "bn.running_var", "fc.weight", "fc.bias"}
-    assert [a.kind for a in m.graph.args].count("param") == 8
+    assert {a.name for a in m.graph.state} == {"bn.running_mean", "bn.running_var"}
+    assert len(m.graph.params) == 6
     x = np.random.default_rng(2).standard_normal((3, 3, 8, 8)).astype(np.float32)
     got = m(**{"input.1": x})["output"]
     np.testing.assert_allclose(got, ort_run(proto, {"input.1": x})["output"], rtol=1e-4, atol=1e-5)
@@ -307,15 +309,177 @@ def test_batchnorm_training_mode_outputs():
                                rtol=1e-4, atol=1e-5)
 
 
+# ---- import: nodes evaluated at import run at the model's opset ---------------------------
+
+def folded_model(op, opset, attrs, extra=(), out=0, n_out=1):
+    """y = x * op(C, *extra) for a scalar input x: C (a Constant) and extra (Constants) are known at
+    import, so tdc evaluates op then, with the attributes older opsets give it."""
+    consts = [("c", X4)] + [(f"k{i}", a) for i, a in enumerate(extra)]
+    nodes = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(a)) for k, a in consts]
+    outs = [f"o{i}" for i in range(n_out)]
+    nodes += [helper.make_node(op, [k for k, _ in consts], outs, name="n0", **attrs),
+              helper.make_node("Mul", ["x", outs[out]], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [])],
+                              [helper.make_tensor_value_info("y", F, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+FOLDED_CASES = {   # op, opset, attributes: what moved from attributes to inputs, before it moved
+    "unsqueeze_opset9": ("Unsqueeze", 9, dict(axes=[0, 3])),
+    "unsqueeze_opset11_negative": ("Unsqueeze", 11, dict(axes=[-1])),
+    "squeeze_opset11": ("Squeeze", 11, dict(axes=[0])),
+    "reducesum_opset11": ("ReduceSum", 11, dict(axes=[1], keepdims=0)),
+    "reducemean_opset13": ("ReduceMean", 13, dict(axes=[1, 2])),
+    "reducemin_opset13": ("ReduceMin", 13, dict(axes=[-1], keepdims=0)),
+    "reducel2_opset11": ("ReduceL2", 11, dict(axes=[0, 3])),
+    "split_opset11": ("Split", 11, dict(axis=3, split=[2, 5]), (), 1, 2),
+    "pad_opset9": ("Pad", 9, dict(pads=[0, 1, 2, 0, 0, 0, 1, 3], value=1.5)),
+    "pad_opset9_reflect": ("Pad", 9, dict(pads=[0, 0, 2, 1, 0, 0, 1, 2], mode="reflect")),
+    "slice_opset9": ("Slice", 9, dict(starts=[1, -5], ends=[100, -1], axes=[1, 3])),
+    "clip_opset10": ("Clip", 10, dict(min=-0.2, max=0.4)),
+    "topk_opset9": ("TopK", 9, dict(k=3), (), 0, 2),
+    "upsample_opset7": ("Upsample", 7, dict(scales=[1.0, 1.0, 2.0, 3.0])),
+    "upsample_opset9": ("Upsample", 9, dict(mode="nearest"), (np.array([1, 1, 3, 2], np.float32),)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOLDED_CASES))
+def test_folded_node_at_old_opset_matches_onnxruntime(case):
+    op, opset, attrs, *rest = FOLDED_CASES[case]
+    model = folded_model(op, opset, attrs, *rest)
+    x = np.array(1.5, np.float32)
+    want = ort_run(model, {"x": x})["y"]
+    m = tdc.onnx.load(model)
+    assert m.graph.op_counts() == {"constant": 1, "mul": 1}   # evaluated at import
+    got = m(x=x)["y"]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_resize_before_opset_11_is_not_evaluated_at_import():
+    model = folded_model("Resize", 10, {}, (np.array([1, 1, 2, 2], np.float32),))
+    with pytest.raises(TdcError, match=r"node 'n0' \(Resize\): onnx's reference evaluator has no Resize before "
+                                       r"opset 11, so tdc cannot evaluate it at import$"):
+        tdc.onnx.load(model)
+
+
+LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+
+
+@pytest.mark.parametrize("name", ["densenet121", "inception_v2"])
+def test_light_models_with_opset9_unsqueeze_import(name):
+    # their batchnorms are followed by Unsqueeze(axes=...) of weights that ConstantOfShape makes,
+    # evaluated at import at opset 9 (the numbers are checked on small models above)
+    proto = onnx.load(os.path.join(LIGHT, f"light_{name}.onnx"))
+    m = tdc.onnx.load(proto)
+    bns = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
+    assert m.graph.op_counts()["batchnorm"] == bns > 10
+
+
+# ---- import: which initializers are params, state and consts ------------------------------
+
+def kinds_model() -> onnx.ModelProto:
+    """Conv, BN, Clip (opset 11: bounds as inputs), a MatMul on a transposed weight, a bias through
+    Unsqueeze, and scalar constants: every kind of initializer."""
+    rng = np.random.default_rng(3)
+
+    def w(*shape):
+        return rng.uniform(-0.5, 0.5, shape).astype(np.float32)
+    inits = {"conv.w": w(4, 3, 3, 3), "conv.b": w(4), "bn.scale": w(4) + 1, "bn.bias": w(4), "bn.mean": w(4),
+             "bn.var": w(4) + 1, "lo": np.array(-0.3, np.float32), "hi": np.array(0.6, np.float32),
+             "fc.wt": w(5, 4), "fc.b": w(5), "half": np.array(0.5, np.float32), "eps": np.array([1e-3], np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["n"]),
+             helper.make_node("Clip", ["n", "lo", "hi"], ["k"]),
+             helper.make_node("GlobalAveragePool", ["k"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Transpose", ["fc.wt"], ["fc.w"]),
+             helper.make_node("MatMul", ["f", "fc.w"], ["m"]),
+             helper.make_node("Unsqueeze", ["fc.b"], ["b2"], axes=[0]),
+             helper.make_node("Add", ["m", "b2"], ["a"]),
+             helper.make_node("Mul", ["a", "half"], ["h"]),
+             helper.make_node("Add", ["h", "eps"], ["out"])]
+    graph = helper.make_graph(nodes, "kinds", [helper.make_tensor_value_info("x", F, [2, 3, 6, 6])],
+                              [helper.make_tensor_value_info("out", F, [2, 5])],
+                              [numpy_helper.from_array(a, k) for k, a in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=7)
+
+
+def names(args):
+    return {a.name for a in args}
+
+
+def test_initializers_become_params_state_and_consts(tmp_path):
+    proto = kinds_model()
+    m = tdc.onnx.load(proto)
+    assert names(m.graph.params) == {"conv.w", "conv.b", "bn.scale", "bn.bias", "fc.wt", "fc.b"}
+    assert names(m.graph.state) == {"bn.mean", "bn.var"}
+    assert names(m.graph.consts) == {"lo", "hi", "half", "eps"}
+    assert set(m.params) == names(m.graph.args) - {"x"}
+    x = np.random.default_rng(4).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    want = ort_run(proto, {"x": x})["out"]
+    np.testing.assert_allclose(m(x=x)["out"], want, rtol=1e-5, atol=1e-6)
+    # exported, state and consts are initializers again, and import as the same kinds
+    tdc.onnx.save(m.graph, tmp_path / "k.onnx", m.params)
+    assert {t.name for t in onnx.load(tmp_path / "k.onnx").graph.initializer} >= set(m.params)
+    back = tdc.onnx.load(tmp_path / "k.onnx")
+    for kind in ("params", "state", "consts"):
+        assert names(getattr(back.graph, kind)) == names(getattr(m.graph, kind)), kind
+    np.testing.assert_allclose(back(x=x)["out"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_training_step_of_an_imported_model_updates_only_its_weights():
+    from tdc.passes.training import training_pipeline
+    m = tdc.onnx.load(kinds_model())
+    step = training_pipeline().run(m.graph)
+    weights = {"conv.w", "conv.b", "bn.scale", "bn.bias", "fc.wt", "fc.b"}
+    assert {t.name for t, _ in step.updates} == weights | {"step"}
+    exe = tdc.compile(step, params=m.params)
+    x = np.random.default_rng(4).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    exe(x=x, y=np.array([1, 3]), lr=np.float32(0.1))
+    for a in m.graph.args[1:]:
+        changed = not np.array_equal(exe.state[a.name], m.params[a.name])
+        assert changed == (a.name in weights), a.name
+
+
 # ---- import errors ---------------------------------------------------------------------------
 
 def test_unsupported_op_names_node_and_op():
     model = node_model("Erf", {"x": X3}, 13, None)
-    with pytest.raises(TdcError, match=r"node 'n0' \(Erf\): ONNX op Erf is not supported"):
+    with pytest.raises(TdcError, match=r"^ONNX ops not supported by tdc: Erf \(1 node: n0\)$"):
         tdc.onnx.load(model)
     model.graph.node[0].name = ""
-    with pytest.raises(TdcError, match=r"node #0 \(Erf\)"):
+    with pytest.raises(TdcError, match=r"Erf \(1 node: #0\)$"):
         tdc.onnx.load(model)
+
+
+def test_every_unsupported_op_is_listed_in_one_error(capsys, tmp_path):
+    def lrn(i, src):
+        return helper.make_node("LRN", [src], [f"l{i}"], name=f"conv{i}_lrn", size=3)
+    nodes = [lrn(1, "x"), helper.make_node("Relu", ["l1"], ["r1"]),   # after an unsupported op: skipped
+             lrn(2, "r1"), lrn(3, "x"), lrn(4, "x"),
+             helper.make_node("Erf", ["l2"], ["e"], name="erf"),        # after one too: listed
+             helper.make_node("Softplus", ["x"], ["s"]),                # no name: its index
+             helper.make_node("ConstantOfShape", ["shape"], ["c"]),   # unsupported, but evaluated at import
+             helper.make_node("Add", ["x", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [1, 2, 3, 3])],
+                              [helper.make_tensor_value_info(o, F, None) for o in ("e", "l3", "l4", "s", "y")],
+                              [numpy_helper.from_array(I64(1, 2, 3, 3), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    listing = "ONNX ops not supported by tdc: LRN (4 nodes: conv1_lrn, conv2_lrn, conv3_lrn, ...), " \
+              "Erf (1 node: erf), Softplus (1 node: #6)"
+    with pytest.raises(TdcError) as e:
+        tdc.onnx.load(model)
+    assert str(e.value) == listing
+    # an error in a supported op is added to the list (the nodes that do not depend on it still count)
+    model.graph.node.insert(0, helper.make_node("Reshape", ["x", "x"], ["bad"], name="reshape"))
+    model.graph.output.append(helper.make_tensor_value_info("bad", F, None))
+    with pytest.raises(TdcError, match=r"Softplus \(1 node: #7\); also node 'reshape' \(Reshape\): input 1 "):
+        tdc.onnx.load(model)
+    # the command line prints it as one line
+    onnx.save(model, tmp_path / "m.onnx")
+    code, out, err = run_cli(capsys, "dump", tmp_path / "m.onnx")
+    assert code == 1 and err.count("\n") == 1 and "LRN (4 nodes: conv1_lrn" in err
 
 
 def test_unsupported_attributes_name_the_attribute():
@@ -370,7 +534,7 @@ def test_other_import_errors(tmp_path):
         tdc.onnx.load(model)
     model = node_model("Relu", {"x": X3}, 13)
     model.graph.node[0].domain = "com.microsoft"
-    with pytest.raises(TdcError, match="domain 'com.microsoft'"):
+    with pytest.raises(TdcError, match=r"com.microsoft.Relu \(1 node: n0\); tdc converts the ops of the default ONNX"):
         tdc.onnx.load(model)
     model = node_model("Dropout", {"x": X3}, 13, {"r": np.array(0.5, np.float32), "t": np.array(True)})
     with pytest.raises(TdcError, match="training-mode Dropout is random"):

@@ -6,8 +6,9 @@ Every ONNX tensor name maps to one of three things while the nodes are converted
     of a tdc value, and any node whose inputs are all static (evaluated with onnx's
     reference evaluator, which covers the Shape/Gather/Unsqueeze/Concat plumbing of
     exported models);
-  - a float initializer, which becomes a `param` argument (keeping its ONNX name) the first
-    time a node uses it as data, and whose value can also be read where a constant is needed.
+  - a float initializer, which becomes a `param`, `state` or `const` argument (keeping its ONNX
+    name; which one depends on the ops that read it, see _initializer_kinds) the first time a
+    node uses it as data, and whose value can also be read where a constant is needed.
 A static array used as data becomes a `constant` node.
 """
 from __future__ import annotations
@@ -40,6 +41,55 @@ _RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUnifo
                "Dropout"}
 
 
+# What a float initializer becomes depends on what reads it. A weight or bias of a differentiable op
+# is a `param` (trained by `tdc compile --train`); BatchNormalization's running statistics are
+# `state`; everything else (epsilons, clip bounds, exponents, scales) is a `const`.
+_WEIGHT_INPUTS = {"Conv": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "BatchNormalization": (1, 2)}
+_STATE_INPUTS = {"BatchNormalization": (3, 4)}
+# Exporters also write biases and scales as elementwise arithmetic (PyTorch's MatMul + Add, a
+# decomposed LayerNorm's Mul and Add): a weight there unless it is a scalar (an epsilon, GELU's 0.5).
+_ARITHMETIC = {"Add", "Sub", "Mul", "Div", "Sum"}
+# Ops that only move data (the input at index 0; Concat: every input): a weight read through them is
+# still a weight (DenseNet's Unsqueeze before Mul, a transposed MatMul operand, ViT's class token).
+_MOVES = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Cast", "Expand", "Slice", "Pad",
+          "Dropout", "Concat"}
+
+
+def _initializer_kinds(graph, initializers: dict[str, np.ndarray]) -> dict[str, str]:
+    """param, state or const for each initializer, from the ops that read it (see _WEIGHT_INPUTS)."""
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, i))
+    uses: dict[str, set] = {}   # tensor -> how it is read: "weight", "state", "arithmetic", "other"
+
+    def read_as(name: str) -> set:
+        if name not in uses:
+            uses[name] = found = set()
+            for node, i in readers.get(name, ()):
+                op = node.op_type if _default_domain(node) else None
+                if i in _WEIGHT_INPUTS.get(op, ()):
+                    found.add("weight")
+                elif i in _STATE_INPUTS.get(op, ()):
+                    found.add("state")
+                elif op in _ARITHMETIC:
+                    found.add("arithmetic")
+                elif op in _MOVES and (i == 0 or op == "Concat"):
+                    found.update(*(read_as(out) for out in node.output if out))
+                else:
+                    found.add("other")
+        return uses[name]
+
+    kinds = {}
+    for name, a in initializers.items():
+        how = read_as(name)
+        if "weight" in how or ("arithmetic" in how and a.size > 1):
+            kinds[name] = "param"
+        else:
+            kinds[name] = "state" if "state" in how else "const"
+    return kinds
+
+
 def dtype_of(elem_type: int, what: str) -> str:
     if elem_type not in DTYPES:
         name = TensorProto.DataType.Name(elem_type) if elem_type in TensorProto.DataType.values() else elem_type
@@ -49,8 +99,8 @@ def dtype_of(elem_type: int, what: str) -> str:
 
 
 class OnnxModel:
-    """An imported model: `.graph` (a tdc Graph), `.params` (initializer name -> array) and
-    `model(**inputs)` -> {output name: array}."""
+    """An imported model: `.graph` (a tdc Graph), `.params` (initializer name -> array, for the
+    graph's params, state and consts) and `model(**inputs)` -> {output name: array}."""
 
     def __init__(self, graph: Graph, params: dict[str, np.ndarray], backend: str = "reference"):
         self.graph, self.params, self.backend = graph, params, backend
@@ -68,7 +118,8 @@ class OnnxModel:
 
     def __repr__(self):
         ins = ", ".join(f"{a.name}: {a.type}" for a in self.graph.inputs)
-        return f"<OnnxModel {self.graph.name}({ins}), {len(self.params)} params>"
+        g = self.graph
+        return f"<OnnxModel {g.name}({ins}), {len(g.params)} params, {len(g.state)} state, {len(g.consts)} consts>"
 
 
 def load(source, *, dims: dict | None = None, batch: int | None = None, constants: dict | None = None,
@@ -105,8 +156,8 @@ class _Node:
 
     def __init__(self, imp: "_Importer", proto, index: int):
         self.imp, self.proto, self.op = imp, proto, proto.op_type
-        label = f"node {proto.name!r}" if proto.name else f"node #{index}"
-        self.where = f"{label} ({proto.op_type})"
+        self.label = proto.name or f"#{index}"
+        self.where = f"node {proto.name!r} ({proto.op_type})" if proto.name else f"node #{index} ({proto.op_type})"
         self.attrs = {a.name: helper.get_attribute_value(a) for a in proto.attribute}
 
     def fail(self, msg: str):
@@ -163,8 +214,11 @@ class _Importer:
         self.values: dict[str, Value] = {}
         self.static: dict[str, np.ndarray] = {}
         self.weights: dict[str, np.ndarray] = {}   # float initializers
-        self.params: dict[str, np.ndarray] = {}    # the weights used as data: the graph's params
+        self.kinds: dict[str, str] = {}            # what each becomes: param, state or const
+        self.params: dict[str, np.ndarray] = {}    # the weights used as data: the graph's params, state and consts
         self.used: set[str] = set()
+        self.unsupported: dict[str, list[str]] = {}   # op -> the nodes using it, to list them all in one error
+        self.missing: set[str] = set()                 # outputs of nodes that could not be converted
 
     def run(self) -> tuple[Graph, dict[str, np.ndarray]]:
         g = self.proto.graph
@@ -173,6 +227,7 @@ class _Importer:
         for t in g.initializer:
             a = numpy_helper.to_array(t)
             (self.weights if a.dtype.kind == "f" else self.static)[t.name] = a
+        self.kinds = _initializer_kinds(g, self.weights)
         inputs = {i.name: i for i in g.input}
         for name, value in self.constants.items():
             if name not in inputs:
@@ -183,8 +238,23 @@ class _Importer:
             if vi.name not in self.static and vi.name not in self.weights:   # old models list initializers as inputs
                 self.values[vi.name] = self.graph.add_arg(vi.name, self.input_type(vi), "input")
         self.used = {name for n in g.node for name in n.input} | {o.name for o in g.output}
-        for i, n in enumerate(g.node):
-            self.convert(_Node(self, n, i))
+        failed = None   # the first error in a supported op; the nodes that do not depend on it go on
+        for i, p in enumerate(g.node):
+            n = _Node(self, p, i)
+            if self.is_unsupported(n):
+                self.unsupported.setdefault(p.op_type if _default_domain(p) else f"{p.domain}.{p.op_type}",
+                                            []).append(n.label)
+            elif self.missing.isdisjoint(p.input):
+                try:
+                    self.convert(n)
+                    continue
+                except TdcError as e:
+                    failed = failed or e
+            self.missing.update(name for name in p.output if name)
+        if self.unsupported:
+            raise TdcError(_unsupported_message(self.unsupported) + (f"; also {failed}" if failed else ""))
+        if failed:
+            raise failed
         for vi in g.output:
             v = self.value(vi.name)
             self.check_declared(vi, v)
@@ -236,7 +306,7 @@ class _Importer:
         if name in self.weights:
             a = self.weights[name]
             dtype = dtype_of(_onnx_dtype(a), f"initializer {name!r}")
-            v = self.graph.add_arg(name, TensorType(dtype, a.shape), "param")
+            v = self.graph.add_arg(name, TensorType(dtype, a.shape), self.kinds[name])
             self.params[name] = a
         elif name in self.static:
             a = self.static[name]
@@ -247,18 +317,21 @@ class _Importer:
         self.values[name] = v
         return v
 
+    def foldable(self, p) -> bool:
+        """Whether node p is evaluated at import: all its inputs are known then (and it is not random)."""
+        ins = [name for name in p.input if name]
+        return bool(ins) and p.op_type not in _RANDOM_OPS and _default_domain(p) and all(
+            name in self.static for name in ins)
+
+    def is_unsupported(self, n: _Node) -> bool:
+        return not _default_domain(n.proto) or (n.op not in CONVERTERS and not self.foldable(n.proto))
+
     def convert(self, n: _Node):
         p = n.proto
-        if p.domain not in ("", "ai.onnx"):
-            n.fail(f"operator domain {p.domain!r} is not supported (only the default ONNX domain)")
-        ins = [name for name in p.input if name]
-        if ins and p.op_type not in _RANDOM_OPS and all(name in self.static for name in ins):
+        if self.foldable(p):
             outs = self.fold(n)
         else:
-            conv = CONVERTERS.get(p.op_type)
-            if conv is None:
-                n.fail(f"ONNX op {p.op_type} is not supported by tdc")
-            fn, allowed = conv
+            fn, allowed = CONVERTERS[p.op_type]
             for a in n.attrs:
                 if a not in allowed:
                     n.fail(f"attribute {a!r} of {p.op_type} is not supported")
@@ -281,11 +354,39 @@ class _Importer:
 
     def fold(self, n: _Node) -> list[np.ndarray]:
         from onnx.reference import ReferenceEvaluator
-        feeds = {name: self.static[name] for name in n.proto.input if name}
+        node, feeds = n.proto, {name: self.static[name] for name in n.proto.input if name}
+        if n.op == "Upsample" and "scales" in n.attrs:   # opset 7: the evaluator has opset 9's, with scales an input
+            scales = node.input[0] + "_scales"
+            feeds[scales] = np.array(n.attrs["scales"], np.float32)
+            node = helper.make_node("Upsample", [node.input[0], scales], node.output, mode=n.attr("mode", "nearest"))
+        if n.op == "Resize" and self.opset < 11:
+            n.fail("onnx's reference evaluator has no Resize before opset 11, so tdc cannot evaluate it at import")
+        outs = [name for name in node.output if name]
+        # a one-node graph, not the bare node: the evaluator ignores `opsets` for a NodeProto and runs
+        # the newest version of the op, which reads as inputs what older opsets give as attributes
+        # (Unsqueeze's axes before opset 13, Pad's pads before 11, ...)
+        graph = helper.make_graph([node], "fold", [helper.make_empty_tensor_value_info(k) for k in feeds],
+                                  [helper.make_empty_tensor_value_info(k) for k in outs])
         try:
-            return ReferenceEvaluator(n.proto, opsets={"": self.opset}).run(None, feeds)
+            got = dict(zip(outs, ReferenceEvaluator(graph, opsets={"": self.opset}).run(outs, feeds)))
         except Exception as e:
             n.fail(f"evaluating it at import failed ({type(e).__name__}: {e})")
+        return [got.get(name) for name in n.proto.output]
+
+
+def _default_domain(p) -> bool:
+    return p.domain in ("", "ai.onnx")
+
+
+def _unsupported_message(nodes: dict[str, list[str]]) -> str:
+    """One line: each op with its node count and the first few node names."""
+    def listed(labels):
+        names = ", ".join(labels[:3]) + (", ..." if len(labels) > 3 else "")
+        return f"{len(labels)} node{'s' if len(labels) > 1 else ''}: {names}"
+    msg = "ONNX ops not supported by tdc: " + ", ".join(f"{op} ({listed(labels)})" for op, labels in nodes.items())
+    if any("." in op for op in nodes):
+        msg += "; tdc converts the ops of the default ONNX domain only"
+    return msg
 
 
 def _onnx_dtype(a: np.ndarray) -> int:
