@@ -11,9 +11,10 @@
  * handled here (BLAS rejects leading dimensions of 0).
  *
  * A single row or column of C (batch-1 layers, their input gradients, a layer with one output)
- * goes to gemv: OpenBLAS's gemm runs such products through its packing GEMM kernels on its
- * Haswell and Zen cores (1x784x300: 66-86 us against 10-14 us as a gemv), while gemv is never slower
- * (measured; also faster than vectorised C loops here, see benchmarks/README.md). */
+ * goes to gemv: OpenBLAS's gemm runs those through its packing GEMM kernels on AVX2-only CPUs
+ * (its Haswell and Zen kernels; 1x784x300 took 83 us against 12 us as a gemv); with its
+ * SkylakeX kernels (AVX-512) gemm and gemv are about as fast. Vectorised C loops were slower
+ * than gemv (benchmarks/gemv_c.py). */
 void SFX(tdcrt_gemm)(int ta, int tb, int64_t M, int64_t N, int64_t K, const T *A, int64_t lda,
                         const T *B, int64_t ldb, T beta, T *C, int64_t ldc)
 {
