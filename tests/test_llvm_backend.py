@@ -48,6 +48,29 @@ def test_training_steps_match_reference(model, batch, opt):
     np.testing.assert_allclose(l2["loss"], r2["loss"], rtol=1e-4)
 
 
+@tdc.model
+def _one_output(x: tdc.f32["B", 20]):
+    h = tdc.nn.linear(x, 16, name="fc1").relu()
+    return tdc.nn.sigmoid(tdc.nn.linear(h, 1, name="fc2"))    # one column, with an epilogue
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_matrix_vector_products_in_training_steps(batch):
+    """Single-row and single-column products (the runtime's gemv path) in forward and backward:
+    at batch 1 every layer is one row and its weight gradient an outer product; a layer with
+    one output is one column, and its weight gradient one row at any batch."""
+    mlp = __import__("mlp").mlp
+    g = tdc.train_step(mlp, optimizer=tdc.Optimizer("sgd", lr=0.01), batch=batch)
+    vals = _values(g)
+    vals["y"], vals["lr"] = np.arange(batch) % 10, np.float32(0.01)
+    _check(g, vals, rtol=1e-4, atol=1e-5)
+    g = tdc.train_step(_one_output, loss="mse", optimizer=tdc.Optimizer("sgd", lr=0.01), batch=batch)
+    vals = _values(g)
+    vals["y"], vals["lr"] = np.linspace(0, 1, batch, dtype=np.float32).reshape(batch, 1), np.float32(0.01)
+    _check(g, vals, rtol=1e-4, atol=1e-5)
+    _check(_one_output.trace(batch=batch), _values(_one_output.trace(batch=batch)), rtol=1e-5, atol=1e-6)
+
+
 def test_inference_graphs_match_reference():
     for model in ("mlp", "lenet", "digits", "vgg"):
         mod = __import__(model)

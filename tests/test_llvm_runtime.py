@@ -166,6 +166,89 @@ def test_matmul_batched_broadcasts_via_index_maps(lib, dt, ashape, bshape):
     assert_bound(out, want, ref("matmul", np.abs(a), np.abs(b)), dt, "matmul_batched")
 
 
+# Single-row and single-column products go to gemv (linalg.c), with every transpose and leading
+# dimension tdcrt_gemm takes. Bound: any order of summing n products, with or without FMA,
+# is within gamma_n = n u / (1 - n u) of the sum of their absolute values (Higham, Accuracy and
+# Stability, 3.1); beta * C and a bias are one more term.
+
+def gamma(n, dt):
+    u = EPS[dt] / 2
+    return n * u / (1 - n * u)
+
+
+@pytest.fixture(scope="module")
+def gemm(tmp_path_factory):
+    """tdcrt_gemm_<dt> (hidden in the shared library) through a shim linked with the runtime object."""
+    import subprocess
+    b = build_runtime()
+    d = tmp_path_factory.mktemp("gemm")
+    (d / "shim.c").write_text("\n".join(
+        f"#include <stdint.h>\nvoid tdcrt_gemm_{dt}(int, int, int64_t, int64_t, int64_t, const {t} *, int64_t, "
+        f"const {t} *, int64_t, {t}, {t} *, int64_t);\n"
+        f"void gemm_{dt}(int ta, int tb, int64_t M, int64_t N, int64_t K, const {t} *A, int64_t lda, const {t} *B,"
+        f" int64_t ldb, double beta, {t} *C, int64_t ldc) {{ tdcrt_gemm_{dt}(ta, tb, M, N, K, A, lda, B, ldb,"
+        f" ({t})beta, C, ldc); }}" for dt, t in (("f32", "float"), ("f64", "double"))))
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(d / "shim.so"), str(d / "shim.c"), *b.link_args()], check=True)
+    dll = ctypes.CDLL(str(d / "shim.so"))
+    i, p = ctypes.c_int64, ctypes.c_void_p
+    for dt in DTYPES:
+        getattr(dll, f"gemm_{dt}").argtypes = [ctypes.c_int, ctypes.c_int, i, i, i, p, i, p, i, ctypes.c_double, p, i]
+    return dll
+
+
+VEC_DIMS = st.sampled_from([1, 2, 3, 7, 16, 33, 100, 300, 784])
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@SETTINGS
+@given(one=st.sampled_from(["M", "N", "both"]), dims=st.tuples(VEC_DIMS, VEC_DIMS), ta=st.booleans(), tb=st.booleans(),
+       pads=st.tuples(*[st.sampled_from([0, 3])] * 3), beta=st.sampled_from([0.0, 1.0, -0.5]), seed=st.integers(0, 99))
+def test_gemm_single_row_or_column(gemm, dt, one, dims, ta, tb, pads, beta, seed):
+    other, K = dims
+    M, N = {"M": (1, other), "N": (other, 1), "both": (1, 1)}[one]
+    rng = np.random.default_rng(seed)
+    # stored shapes (op(A) = A.T when ta), padded past their rows to a leading dimension
+    a_rows, a_cols = (K, M) if ta else (M, K)
+    b_rows, b_cols = (N, K) if tb else (K, N)
+    A, B = rand(rng, (a_rows, a_cols + pads[0]), dt), rand(rng, (b_rows, b_cols + pads[1]), dt)
+    C = rand(rng, (M, N + pads[2]), dt)
+    if beta == 0:
+        C[:, :N] = np.nan          # not to be read
+    opA, opB = A[:, :a_cols].astype(np.float64), B[:, :b_cols].astype(np.float64)
+    opA, opB = (opA.T if ta else opA), (opB.T if tb else opB)
+    c0 = C[:, :N].astype(np.float64)
+    want = opA @ opB + (beta * c0 if beta else 0)
+    bound = gamma(K + 1, dt) * (np.abs(opA) @ np.abs(opB) + (np.abs(beta * c0) if beta else 0))
+    padding = C[:, N:].copy()
+    getattr(gemm, f"gemm_{dt}")(int(ta), int(tb), M, N, K, A.ctypes.data, A.shape[1], B.ctypes.data, B.shape[1],
+                                beta, C.ctypes.data, C.shape[1])
+    err = np.abs(C[:, :N] - want)
+    assert (err <= bound + 1e-30).all(), f"max err {err.max()}, bound there {bound.flat[err.argmax()]}"
+    assert np.array_equal(C[:, N:], padding)   # past N in each row of C: untouched
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(1, 784, 300), (1, 300, 100), (1, 100, 10), (1, 1, 1), (1, 1, 300), (300, 1, 1),
+                                   (128, 300, 1), (1, 128, 300), (300, 1, 784), (1, 784, 1)])
+def test_linear_matmul_vector_shapes(lib, dt, M, K, N):
+    """The exported products at batch 1 and their gradients' shapes (1 row, 1 column, or K = 1)."""
+    rng = np.random.default_rng(M * K * N)
+    x, w, b, a2 = rand(rng, (M, K), dt), rand(rng, (N, K), dt), rand(rng, (N,), dt), rand(rng, (K, N), dt)
+    x64, w64, b64, a64 = (t.astype(np.float64) for t in (x, w, b, a2))
+    bound = gamma(K + 1, dt) * (np.abs(x64) @ np.abs(w64).T + np.abs(b64))
+    out = nan_like((M, N), dt)
+    call(lib, "linear", dt, x, w, b, 1, out, M, K, N)
+    assert (np.abs(out - (x64 @ w64.T + b64)) <= bound).all()
+    bound = gamma(K, dt) * (np.abs(x64) @ np.abs(a64))
+    out = nan_like((M, N), dt)
+    call(lib, "matmul", dt, x, a2, out, M, K, N)
+    assert (np.abs(out - x64 @ a64) <= bound).all()
+    out = nan_like((3, M, N), dt)
+    xs = np.ascontiguousarray(np.stack([x, -x, 2 * x]))
+    call(lib, "matmul_batched", dt, xs, a2, out, 3, M, K, N, np.arange(3, dtype=np.int64), np.zeros(3, np.int64))
+    assert (np.abs(out - xs.astype(np.float64) @ a64) <= 2 * bound).all()
+
+
 # ---- convolution ---------------------------------------------------------------------------
 
 conv_cases = st.fixed_dictionaries({

@@ -5,15 +5,19 @@
 #define T float
 #define SFX(name) name##_f32
 #define GEMM scipy_cblas_sgemm
+#define GEMV scipy_cblas_sgemv
 #include TDC_SELF
 #undef T
 #undef SFX
 #undef GEMM
+#undef GEMV
 
 #define T double
 #define SFX(name) name##_f64
 #define GEMM scipy_cblas_dgemm
+#define GEMV scipy_cblas_dgemv
 #include TDC_SELF
 #undef T
 #undef SFX
 #undef GEMM
+#undef GEMV

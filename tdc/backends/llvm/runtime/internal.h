@@ -1,7 +1,7 @@
 /* tdc runtime: what the kernel families (one .c file per family of tdc/ops) share.
  *
  * Each family file is its own template: its first part (TDC_TEMPLATE undefined) holds the
- * dtype-independent helpers, then instantiate.h includes the file twice with T, SFX and GEMM
+ * dtype-independent helpers, then instantiate.h includes the file twice with T, SFX, GEMM and GEMV
  * defined, once for float (_f32) and once for double (_f64). Read the template part as if T
  * were float.
  *
