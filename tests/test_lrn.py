@@ -1,8 +1,6 @@
 """nn.lrn (F.lrn): local response normalization as a composite of existing ops, against a
 per-channel loop of ONNX's formula, on every backend, with its gradient and its errors.
 The ONNX side (import, export, the model zoo) is in test_onnx.py."""
-import math
-
 import numpy as np
 import pytest
 
@@ -16,17 +14,7 @@ from tdc.ops.tensor import Builder
 from tdc.passes.autodiff import autodiff
 from tdc.runtime.gradcheck import gradcheck
 
-
-def lrn_loop(x, size, alpha=1e-4, beta=0.75, bias=1.0):
-    """ONNX's definition, channel by channel, in float64: the window is
-    [c - floor((size-1)/2), c + ceil((size-1)/2)], clipped to the channels there are."""
-    x = np.asarray(x, np.float64)
-    y = np.empty_like(x)
-    for c in range(x.shape[1]):
-        lo = max(0, c - math.floor((size - 1) / 2))
-        hi = min(x.shape[1], c + math.ceil((size - 1) / 2) + 1)
-        y[:, c] = x[:, c] / (bias + alpha / size * (x[:, lo:hi] ** 2).sum(axis=1)) ** beta
-    return y
+from helpers import lrn_loop
 
 
 def lrn_graph(shape, size, dtype="f32", kind="input", **attrs):
