@@ -3,6 +3,7 @@ and independent (loop-based, pure Python) building blocks for expected values.""
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import warnings
 
@@ -150,3 +151,15 @@ def array_of(draw, shape, dtype, lo, hi, nonzero=False, min_abs=0.0):
             el = el.filter(lambda v: abs(v) >= m)
     vals = draw(st.lists(el, min_size=n, max_size=n))
     return np.array(vals, dtype=NP[dtype]).reshape(shape)
+
+
+def lrn_loop(x, size, alpha=1e-4, beta=0.75, bias=1.0):
+    """ONNX's definition, channel by channel, in float64: the window is
+    [c - floor((size-1)/2), c + ceil((size-1)/2)], clipped to the channels there are."""
+    x = np.asarray(x, np.float64)
+    y = np.empty_like(x)
+    for c in range(x.shape[1]):
+        lo = max(0, c - math.floor((size - 1) / 2))
+        hi = min(x.shape[1], c + math.ceil((size - 1) / 2) + 1)
+        y[:, c] = x[:, c] / (bias + alpha / size * (x[:, lo:hi] ** 2).sum(axis=1)) ** beta
+    return y

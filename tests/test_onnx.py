@@ -19,6 +19,8 @@ from tdc.ir.types import TensorType
 from tdc.frontend.init import init_params
 from tdc.runtime.loader import load_model
 
+from helpers import lrn_loop
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EX = os.path.join(ROOT, "examples")
 F = TensorProto.FLOAT
@@ -309,6 +311,55 @@ def test_batchnorm_training_mode_outputs():
                                rtol=1e-4, atol=1e-5)
 
 
+# ---- LRN: a composite of tdc ops (F.lrn) -----------------------------------------------------
+
+LRN_X = R.standard_normal((2, 7, 4, 5)).astype(np.float32) * 3
+
+
+@pytest.mark.parametrize("size,attrs", [(1, {}), (3, dict(alpha=0.5, beta=0.6, bias=1.5)), (5, {}),
+                                        (5, dict(alpha=2e-3, beta=1.0, bias=0.5)), (9, dict(alpha=0.3))])
+def test_lrn_matches_onnxruntime(size, attrs):
+    model = node_model("LRN", {"x": LRN_X * 20}, 13, size=size, **attrs)   # x ~ 60: the window sum matters
+    want = ort_run(model, {"x": LRN_X * 20})["y0"]
+    got = tdc.onnx.load(model)(x=LRN_X * 20)["y0"]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size,shape", [(2, (2, 7, 4, 5)), (4, (2, 7, 4, 5)), (3, (2, 7, 4)), (2, (1, 3, 2, 3, 2))])
+def test_lrn_even_sizes_and_other_ranks_follow_the_spec(size, shape):
+    # onnxruntime's LRN takes odd sizes and 4-D inputs only; the spec has neither limit
+    x = R.standard_normal(shape).astype(np.float32) * 3
+    model = node_model("LRN", {"x": x}, 13, size=size, alpha=0.5, beta=0.6, bias=1.5)
+    got = tdc.onnx.load(model, backend="llvm")(x=x)["y0"]
+    np.testing.assert_allclose(got, lrn_loop(x, size, 0.5, 0.6, 1.5), rtol=2e-6, atol=1e-7)
+
+
+def test_lrn_import_errors():
+    with pytest.raises(TdcError, match=r"^node 'n0' \(LRN\): attribute 'size' is required$"):
+        tdc.onnx.load(node_model("LRN", {"x": LRN_X}, 13))
+    with pytest.raises(TdcError, match=r"^node 'n0' \(LRN\): size must be an integer >= 1, got 0 "
+                                       r"\(input f32\[2,7,4,5\]\)$"):
+        tdc.onnx.load(node_model("LRN", {"x": LRN_X}, 13, size=0))
+    with pytest.raises(TdcError, match=r"node 'n0' \(LRN\): the input must be \[N, C, D1, ...\] \(rank >= 3\), "
+                                       r"got rank 2 \(input f32\[2,7\]\)"):
+        tdc.onnx.load(node_model("LRN", {"x": LRN_X[:, :, 0, 0]}, 13, size=3))
+    with pytest.raises(TdcError, match=r"attribute 'axis' of LRN is not supported"):
+        tdc.onnx.load(node_model("LRN", {"x": LRN_X}, 13, size=3, axis=1))
+
+
+def test_lrn_exports_as_its_parts(tmp_path):
+    # tdc's graph holds the composite, so the export is Mul, Reshape, AveragePool, Pow, ...: which
+    # onnxruntime runs for an even size too, which its own LRN rejects
+    model = node_model("LRN", {"x": LRN_X}, 13, size=4, alpha=0.5, beta=0.6, bias=1.5)
+    m = tdc.onnx.load(model)
+    tdc.onnx.save(m.graph, tmp_path / "lrn.onnx", m.params)
+    exported = onnx.load(tmp_path / "lrn.onnx")
+    assert {n.op_type for n in exported.graph.node} >= {"AveragePool", "Pow"}
+    got = ort_run(exported, {"x": LRN_X})["y0"]
+    np.testing.assert_allclose(got, lrn_loop(LRN_X, 4, 0.5, 0.6, 1.5), rtol=1e-5, atol=1e-6)
+
+
 # ---- import: nodes evaluated at import run at the model's opset ---------------------------
 
 def folded_model(op, opset, attrs, extra=(), out=0, n_out=1):
@@ -374,6 +425,47 @@ def test_light_models_with_opset9_unsqueeze_import(name):
     m = tdc.onnx.load(proto)
     bns = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
     assert m.graph.op_counts()["batchnorm"] == bns > 10
+
+
+def with_random_weights(proto: onnx.ModelProto, seed=0) -> onnx.ModelProto:
+    """A light model with seeded random He-scale weights, and its logits as a second output. The light
+    models' weights are ConstantOfShape fills, all equal, which give every class the same score (and,
+    made at import, would be constants that the LLVM JIT embeds: hundreds of MB for AlexNet)."""
+    rng = np.random.default_rng(seed)
+    g = proto.graph
+    shapes = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    def is_fill(n):
+        return n.op_type == "ConstantOfShape" and n.input[0] in shapes
+    weights = []
+    for n in filter(is_fill, g.node):
+        shape = tuple(int(d) for d in shapes[n.input[0]])
+        fan_in = int(np.prod(shape[1:]))
+        w = rng.random(shape, np.float32) - np.float32(0.5)   # uniform: 5x faster to draw than normal
+        w *= np.float32(2 * np.sqrt(6.0 / fan_in) if len(shape) > 1 else 0.2)   # He's uniform bound; biases 0.1
+        weights.append(numpy_helper.from_array(w, n.output[0]))
+    nodes = [n for n in g.node if not is_fill(n)]
+    logits = next(n.input[0] for n in nodes if n.op_type == "Softmax")
+    used = {i for n in nodes for i in n.input}   # without the fills' shapes (old models list them as inputs too)
+    graph = helper.make_graph(nodes, g.name, [i for i in g.input if i.name in used],
+                              list(g.output) + [helper.make_tensor_value_info(logits, F, None)],
+                              [t for t in g.initializer if t.name in used] + weights)
+    return helper.make_model(graph, opset_imports=proto.opset_import, ir_version=proto.ir_version)
+
+
+@pytest.mark.parametrize("name", ["bvlc_alexnet", "inception_v1", "zfnet512"])
+def test_light_models_with_lrn_match_onnxruntime(name):
+    proto = with_random_weights(onnx.load(os.path.join(LIGHT, f"light_{name}.onnx")))
+    inp = next(i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer})
+    # pixel-like values (the caffe models take mean-subtracted 0-255 images): LRN's window sums matter
+    x = (np.random.default_rng(1).standard_normal((1, 3, 224, 224)) * 50).astype(np.float32)
+    want = ort_run(proto, {inp.name: x})
+    m = tdc.onnx.load(proto)
+    assert m.graph.op_counts()["pow"] == sum(n.op_type == "LRN" for n in proto.graph.node) == 2
+    for backend in ("reference", "llvm"):
+        got = m.compile(backend)(**{inp.name: x})
+        for k, y in want.items():   # probabilities and logits, within 1e-4 of their largest
+            err = np.abs(got[k] - y).max() / np.abs(y).max()
+            assert err < 1e-4, f"{name} on {backend}: {k} off by {err:.1e} (relative to its largest)"
 
 
 # ---- import: which initializers are params, state and consts ------------------------------
@@ -454,10 +546,10 @@ def test_unsupported_op_names_node_and_op():
 
 
 def test_every_unsupported_op_is_listed_in_one_error(capsys, tmp_path):
-    def lrn(i, src):
-        return helper.make_node("LRN", [src], [f"l{i}"], name=f"conv{i}_lrn", size=3)
-    nodes = [lrn(1, "x"), helper.make_node("Relu", ["l1"], ["r1"]),   # after an unsupported op: skipped
-             lrn(2, "r1"), lrn(3, "x"), lrn(4, "x"),
+    def hardmax(i, src):
+        return helper.make_node("Hardmax", [src], [f"l{i}"], name=f"fc{i}_hardmax", axis=1)
+    nodes = [hardmax(1, "x"), helper.make_node("Relu", ["l1"], ["r1"]),   # after an unsupported op: skipped
+             hardmax(2, "r1"), hardmax(3, "x"), hardmax(4, "x"),
              helper.make_node("Erf", ["l2"], ["e"], name="erf"),        # after one too: listed
              helper.make_node("Softplus", ["x"], ["s"]),                # no name: its index
              helper.make_node("ConstantOfShape", ["shape"], ["c"]),   # unsupported, but evaluated at import
@@ -466,7 +558,7 @@ def test_every_unsupported_op_is_listed_in_one_error(capsys, tmp_path):
                               [helper.make_tensor_value_info(o, F, None) for o in ("e", "l3", "l4", "s", "y")],
                               [numpy_helper.from_array(I64(1, 2, 3, 3), "shape")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    listing = "ONNX ops not supported by tdc: LRN (4 nodes: conv1_lrn, conv2_lrn, conv3_lrn, ...), " \
+    listing = "ONNX ops not supported by tdc: Hardmax (4 nodes: fc1_hardmax, fc2_hardmax, fc3_hardmax, ...), " \
               "Erf (1 node: erf), Softplus (1 node: #6)"
     with pytest.raises(TdcError) as e:
         tdc.onnx.load(model)
@@ -479,7 +571,7 @@ def test_every_unsupported_op_is_listed_in_one_error(capsys, tmp_path):
     # the command line prints it as one line
     onnx.save(model, tmp_path / "m.onnx")
     code, out, err = run_cli(capsys, "dump", tmp_path / "m.onnx")
-    assert code == 1 and err.count("\n") == 1 and "LRN (4 nodes: conv1_lrn" in err
+    assert code == 1 and err.count("\n") == 1 and "Hardmax (4 nodes: fc1_hardmax" in err
 
 
 def test_unsupported_attributes_name_the_attribute():

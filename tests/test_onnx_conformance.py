@@ -37,7 +37,7 @@ PREFIXES = {
     "exp": "Exp", "expand": "Expand", "flatten": "Flatten", "gemm": "Gemm", "globalaveragepool": "GlobalAveragePool",
     "globalmaxpool": "GlobalMaxPool", "greater": "Greater", "greater_equal": "GreaterOrEqual",
     "identity": "Identity", "leakyrelu": "LeakyRelu", "less": "Less", "less_equal": "LessOrEqual", "log": "Log",
-    "logsoftmax": "LogSoftmax", "matmul": "MatMul", "max": "Max", "maxpool": "MaxPool", "mean": "Mean",
+    "logsoftmax": "LogSoftmax", "lrn": "LRN", "matmul": "MatMul", "max": "Max", "maxpool": "MaxPool", "mean": "Mean",
     "min": "Min", "mul": "Mul", "neg": "Neg", "pow": "Pow", "reduce_max": "ReduceMax", "reduce_mean": "ReduceMean",
     "reduce_sum": "ReduceSum", "reduce_sum_square": None, "reflect_pad": "Pad", "relu": "Relu", "reshape": "Reshape",
     "shape": "Shape", "sigmoid": "Sigmoid", "slice": "Slice", "softmax": "Softmax", "sqrt": "Sqrt",

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from ..errors import ShapeError
 from ..ops import functional as F
-from ..ops.functional import (avgpool2d, flatten, global_avgpool, leaky_relu, log_softmax, maxpool2d,  # noqa: F401
-                             relu, sigmoid, softmax, tanh)
+from ..ops.functional import (avgpool2d, flatten, global_avgpool, leaky_relu, log_softmax, lrn,  # noqa: F401
+                             maxpool2d, relu, sigmoid, softmax, tanh)
 from ..ops.tensor import Builder, Tensor
 
 

@@ -20,7 +20,10 @@ import numpy as np
 from ..errors import TdcError
 from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
+from ..ops import functional as F
 from ..ops.common import broadcast_shapes
+from ..ops.functional import _lrn_problem
+from ..ops.tensor import Builder, Tensor
 
 try:
     import onnx
@@ -681,6 +684,24 @@ def _batchnorm(n):
     if training:
         return n.imp.graph.emit("batchnorm", ins, dict(attrs, training=True))
     return [n.emit("batchnorm", ins, **attrs)]
+
+
+@converter("LRN", attrs=("alpha", "beta", "bias", "size"))
+def _lrn(n):
+    x = n.x(0)
+    if "size" not in n.attrs:
+        n.fail("attribute 'size' is required")
+    a = dict(size=n.attr("size"), alpha=n.attr("alpha", 1e-4), beta=n.attr("beta", 0.75), bias=n.attr("bias", 1.0))
+    problem = _lrn_problem(x.type, **a)
+    if problem:
+        n.fail(f"{problem} (input {x.type})")
+    g = n.imp.graph
+    first = len(g.nodes)
+    with Builder(g) as b:   # a composite (see F.lrn), recorded through the DSL
+        y = F.lrn(Tensor(x, b), **a)
+    for node in g.nodes[first:]:
+        node.loc = None   # the Builder saw the caller of load(); these nodes come from the file
+    return [y.value]
 
 
 # ---- reductions and softmax ---------------------------------------------------------------

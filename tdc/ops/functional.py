@@ -12,7 +12,7 @@ import builtins
 import numpy as np
 
 from ..errors import ShapeError
-from .tensor import Builder, Tensor
+from .tensor import Builder, Tensor, user_location
 
 
 def _b(*xs) -> Builder:
@@ -121,6 +121,40 @@ def global_avgpool(x): return apply("global_avgpool", x)
 
 
 # ---- normalization, dropout -----------------------------------------------------------
+def _lrn_problem(x_type, size, alpha, beta, bias) -> str | None:
+    """What makes lrn's arguments invalid, or None (shared with the ONNX importer)."""
+    if x_type.rank < 3:
+        return f"the input must be [N, C, D1, ...] (rank >= 3), got rank {x_type.rank}"
+    if x_type.dtype not in ("f16", "f32", "f64"):
+        return "the input must be a float tensor"
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
+        return f"size must be an integer >= 1, got {size!r}"
+    for k, v in (("alpha", alpha), ("beta", beta), ("bias", bias)):
+        if not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+            return f"{k} must be a finite number, got {v!r}"
+    return None
+
+
+def lrn(x, size: int, alpha: float = 1e-4, beta: float = 0.75, bias: float = 1.0):
+    """Local response normalization across channels (dim 1), as ONNX's LRN and AlexNet's:
+    y = x / (bias + alpha / size * sum of x^2 over channels [c - (size-1)//2, c + size//2]) ** beta.
+
+    A composite of existing ops, so every backend and autodiff handle it: the window sum of x^2
+    is an avgpool2d of kernel (size, 1) over a [N, 1, C, rest] view, padded (size-1)//2 channels
+    before and size//2 after (an even size looks one channel further ahead, as ONNX says; PyTorch's
+    LocalResponseNorm looks behind) and dividing by size (count_include_pad): the alpha / size."""
+    problem = _lrn_problem(x.type, size, alpha, beta, bias)
+    if problem:
+        loc = user_location()
+        raise ShapeError(f"{loc + ': ' if loc else ''}lrn: {problem} (input: {x.type})")
+    size, (n, c) = int(size), x.shape[:2]
+    sq = reshape(square(x), (n, 1, c, int(np.prod(x.shape[2:], dtype=np.int64))))
+    mean_sq = avgpool2d(sq, (size, 1), stride=1, pad=((size - 1) // 2, 0, size // 2, 0), count_include_pad=True)
+    denom = reshape(mean_sq, x.shape) * float(alpha) + float(bias)
+    # x * denom^-beta: one pow and a mul (its gradient is then two elementwise ops, not a division too)
+    return x * pow(denom, -float(beta))
+
+
 def batchnorm(x, gamma, beta, mean, var, eps: float = 1e-5, momentum: float = 0.9, training: bool = False):
     """Inference: one output. Training: (y, new running mean, new running var)."""
     return apply("batchnorm", x, gamma, beta, mean, var, eps=eps, momentum=momentum, training=training)
