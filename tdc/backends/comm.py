@@ -82,6 +82,10 @@ class MPIComm:
         self.comm = MPI.COMM_WORLD.Dup()   # tdc's messages never match the caller's
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.timeout = float(timeout)
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        # how long a wait yields before it sleeps: see complete()
+        self._yield_s = 0.05 if local.Get_size() <= (os.cpu_count() or 1) else 0.0
+        local.Free()
         self.bytes_sent = 0
         self.wait_seconds = 0.0
         self._jobs: queue.Queue = queue.Queue()
@@ -241,9 +245,10 @@ class MPIComm:
         while not MPI.Request.Testall(reqs):
             spins += 1
             if spins > 2000:
-                # yield for the first 50 ms, not sleep: a large message moves only while its ranks
-                # poll; a longer wait (a peer compiling or evaluating) sleeps between polls
-                if time.monotonic() - start < 0.05:
+                # a large message moves only while its ranks poll: with a core per rank, yield
+                # for the first 50 ms; when ranks outnumber cores (a yielding rank still takes its
+                # share of the core) or in a long wait, sleep between polls
+                if time.monotonic() - start < self._yield_s:
                     os.sched_yield()
                 else:
                     time.sleep(1e-4)

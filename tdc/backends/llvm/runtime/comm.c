@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "tdc_comm.h"
 
@@ -65,6 +66,7 @@ static struct {
     pthread_t thread;
     MPI_Comm comm;
     double timeout;
+    double yield_s;        /* how long a wait yields before it sleeps (see complete) */
     pthread_mutex_t mu;
     pthread_cond_t wake, done;
     job *head, *tail;
@@ -105,8 +107,6 @@ static void answer_roll_calls(void)
             MPI_Recv(&state.token, 1, MPI_CHAR, st.MPI_SOURCE, ROLL_TAG, state.comm, MPI_STATUS_IGNORE);
     }
 }
-
-#define YIELD_SECONDS 0.05
 
 static void pause_briefly(void)
 {
@@ -158,11 +158,12 @@ static void complete(int n, MPI_Request *reqs, int peer, const char *what)
         if (flag)
             return;
         if (spins > 20000) {
-            /* Yield, not sleep, for the first YIELD_SECONDS: a large message moves only while its
-               ranks poll (MPICH's rendezvous copies it in pieces), so polling goes on at full
-               speed while the core is free and gives the core away when ranks outnumber cores.
-               A longer wait (a peer compiling or evaluating) sleeps between polls. */
-            if (now() - start < YIELD_SECONDS)
+            /* A large message moves only while its ranks poll (MPICH's rendezvous copies it in
+               pieces), so while every rank here has a core of its own a wait polls on, yielding,
+               for its first 50 ms. When ranks outnumber cores a yielding rank still takes its
+               share of the core from the rank it waits for: there, and in a long wait (a peer
+               compiling or evaluating), it sleeps between polls. */
+            if (now() - start < state.yield_s)
                 sched_yield();
             else
                 pause_briefly();
@@ -509,6 +510,12 @@ int64_t tdc_comm_init(double timeout_s)
     MPI_Comm_rank(state.comm, &state.rank);
     MPI_Comm_size(state.comm, &state.size);
     state.timeout = timeout_s > 0 ? timeout_s : 30.0;
+    MPI_Comm local;
+    int local_ranks = 1;
+    MPI_Comm_split_type(state.comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local);
+    MPI_Comm_size(local, &local_ranks);
+    MPI_Comm_free(&local);
+    state.yield_s = local_ranks <= sysconf(_SC_NPROCESSORS_ONLN) ? 0.05 : 0.0;
     if (state.size > 1 && pthread_create(&state.thread, NULL, serve, NULL) != 0) {
         fprintf(stderr, "tdc: error: rank %d: cannot start the communication thread\n", state.rank);
         MPI_Abort(MPI_COMM_WORLD, 3);
