@@ -297,6 +297,9 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
     use_staged = staged(parallel)
     _check_parallel_training(parallel, checkpoint or resume)
     optimizer, encoder_momentum = _staged_optimizer(optimizer, parallel, momentum_correction, out)
+    if hogwild and optimizer.name in ("adam", "adamw", "rmsprop", "adagrad"):
+        out(f"tdc: warning: Hogwild with {optimizer.name}: threads race on its per-weight statistics too, and on "
+            "a loaded machine a run can diverge in its first steps; sgd or momentum is Hogwild's setting")
     simulated = backend == "reference" and not use_staged      # the reference backend runs every rank itself
     if isinstance(parallel, ParameterServer) and parallel.mode != "sync":
         survive_lost_ranks()        # asynchronous servers and workers go on without a lost worker
