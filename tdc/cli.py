@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  inference pipeline: bnfold,fold,simplify,cse,dce,conv_algo,fuse\n"
                                    "  training pipeline:  loss,autodiff,optimizer,fold,simplify,cse,dce, then the "
                                    "inference pipeline\n"
-                                   "  with --ranks N:     loss,[sync_batchnorm,]autodiff,data_parallel,optimizer,...",
+                                   "  with --ranks N:     loss,[sync_batchnorm,]autodiff,data_parallel,optimizer,...\n"
+                                   "  with --prune S:     loss,autodiff,optimizer,prune,...",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(d)
     g = d.add_mutually_exclusive_group()

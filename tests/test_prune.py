@@ -184,6 +184,8 @@ def test_dump_shows_the_masks(capsys):
     assert code == 0 and "%fc1.weight.mask: f32[64,512] state" in out
     assert "mul(" in out and ", %fc1.weight.mask)" in out and "%fc1.bias.mask" not in out
     one_error(*cli(capsys, "dump", DIGITS, "--prune", "0.9")[::2], "add --train")
+    one_error(*cli(capsys, "compile", DIGITS, "--train", "--prune", "0.9", "-o", "unused")[::2],
+              "prune with tdc train")
 
 
 def test_pruned_digits_cnn_still_learns(tmp_path, capsys):
