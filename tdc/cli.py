@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  inference pipeline: bnfold,fold,simplify,cse,dce,conv_algo,fuse\n"
                                    "  training pipeline:  loss,autodiff,optimizer,fold,simplify,cse,dce, then the "
                                    "inference pipeline\n"
-                                   "  with --ranks N:     loss,[sync_batchnorm,]autodiff,data_parallel,optimizer,...",
+                                   "  with --ranks N:     loss,[sync_batchnorm,]autodiff,data_parallel,optimizer,...\n"
+                                   "  with --prune S:     loss,autodiff,optimizer,prune,...",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(d)
     g = d.add_mutually_exclusive_group()
@@ -177,11 +178,12 @@ def dump_pipelines(args, parallel):
     from .backends import get_target
     from .lower.pipeline import compile_pipeline
     from .passes.manager import Pipeline
-    from .runtime.trainer import optimizer_from
+    from .runtime.trainer import optimizer_from, prune_from
     from .passes.training import training_pipeline
 
     compile_ = compile_pipeline(get_target(args.backend), args.conv_algo, args.autotune)
-    training = training_pipeline(args.loss, optimizer_from(args), parallel=parallel)
+    training = training_pipeline(args.loss, optimizer_from(args), parallel=parallel,
+                                 prune=prune_from(args) is not None)
     return compile_, Pipeline(training.passes + compile_.passes), len(training.passes)
 
 
@@ -218,6 +220,8 @@ def cmd_dump(args) -> int:
     pipeline = training if train else inference
     if args.ranks > 1 and not train and not partitioned:
         raise TdcError("--ranks with data parallelism applies to the training step: add --train")
+    if args.prune is not None and not train:
+        raise TdcError("--prune adds masks to the training step: add --train")
     graph = src.training_graph(args.batch, parallel) if train else \
         src.graph(src.split_batch(args.batch, parallel) if partitioned else args.batch)
     short = None if args.full_constants else ELIDE_ABOVE
@@ -400,6 +404,9 @@ def cmd_compile(args) -> int:
     from .passes.partition import Partition
     parallel = parallel_config(args)
     partitioned = isinstance(parallel, Partition)
+    if args.prune is not None:
+        raise TdcError("--prune recomputes its masks between epochs in tdc train; a native training step has no "
+                       "such loop: prune with tdc train, then compile its --save-weights")
     if parallel is not None and not args.train and not partitioned:
         raise TdcError("--ranks N with data parallelism is for training steps: add --train (or partition the "
                        "inference graph with --parallel model|pipeline|tensor|spatial)")

@@ -23,6 +23,7 @@ from .optimizer import Optimizer, add_optimizer
 from .parameter_server import ParameterServer, parameter_server
 from .partition import Partition, place_rest, route_outputs
 from .pipeline import place_stages, schedule_pipeline
+from .prune import add_masks
 from .spatial import spatial
 from .tensor_parallel import tensor_parallel
 
@@ -110,14 +111,17 @@ def partitioned_inference(graph: Graph, cfg: Partition) -> Graph:
 
 def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,
                       simplify: bool = True,
-                      parallel: DataParallel | ParameterServer | Partition | None = None) -> Pipeline:
-    """loss, autodiff, optimizer (and simplification). With `parallel` a DataParallel, the step of
+                      parallel: DataParallel | ParameterServer | Partition | None = None,
+                      prune: bool = False) -> Pipeline:
+    """loss, autodiff, optimizer (and simplification); with `prune`, then the prune pass's masks. With `parallel` a DataParallel, the step of
     one of `parallel.ranks` data-parallel ranks: sync_batchnorm (if asked) before autodiff and
     data_parallel after it; a ParameterServer, the step placed on workers and servers, the
     optimizer on the servers; a Partition, the forward graph placed on the ranks (model,
     pipeline, tensor or spatial) before autodiff, a pipeline's schedule after it, and the
     optimizer's nodes placed with their params."""
     opt = optimizer or Optimizer()
+    if prune and parallel is not None:
+        raise TdcError("pruning masks are in single-process training steps only: drop --ranks/--ps with --prune")
     passes = [Pass("loss", partial(add_loss, loss=loss), "append the loss and its label input")]
     if isinstance(parallel, Partition):
         passes += partition_passes(parallel)
@@ -145,6 +149,8 @@ def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer 
             passes.append(Pass("data_parallel", partial(data_parallel, cfg=parallel),
                                f"average gradients over {parallel.ranks} ranks (bucketed allreduce)"))
         passes.append(Pass("optimizer", partial(add_optimizer, opt=opt), f"{opt.name} updates of every param"))
+    if prune:
+        passes.append(Pass("prune", add_masks, "pruned weights and their optimizer state kept zero by masks"))
     if simplify:
         passes += [get_pass(n) for n in SIMPLIFY]
     return Pipeline(passes)
@@ -152,9 +158,9 @@ def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer 
 
 def train_step(model: Model | Graph, loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,
                batch: int | None = None, ctx: PassContext | None = None,
-               parallel: DataParallel | ParameterServer | Partition | None = None) -> Graph:
+               parallel: DataParallel | ParameterServer | Partition | None = None, prune: bool = False) -> Graph:
     """One graph doing forward, backward and update for `model` (a @tdc.model or a training-mode
-    Graph). With `parallel`, a model is traced at the batch of one rank (batch / ranks, or
+    Graph); with `prune`, masked (passes/prune.py). With `parallel`, a model is traced at the batch of one rank (batch / ranks, or
     batch / workers with a parameter server; batch: the global batch, by default the model's)."""
     if isinstance(model, Model):
         if parallel is not None:
@@ -162,4 +168,4 @@ def train_step(model: Model | Graph, loss: str = "softmax_cross_entropy", optimi
         g = model.trace(batch, training=True)
     else:
         g = model
-    return training_pipeline(loss, optimizer, parallel=parallel).run(g, ctx)
+    return training_pipeline(loss, optimizer, parallel=parallel, prune=prune).run(g, ctx)

@@ -40,6 +40,7 @@ from ..passes.parameter_server import ParameterServer
 from ..passes.partition import Partition
 from ..frontend.init import whole_params
 from .schedule import SCHEDULES, Schedule, make_schedule
+from .prune import SCOPES, Prune, mask_names, prune_state, sparsity_report
 from ..files import atomic_write, check_output_dir, check_output_file
 from ..ir.weights import save_npz
 
@@ -66,14 +67,16 @@ class TrainResult:
     rank: int = 0                   # this process's rank; only rank 0 evaluates
     servers: list = field(default_factory=list)   # parameter servers' ServerStats (on rank 0)
     role: str = "worker"            # "server" on a parameter server's rank (it trains nothing itself)
+    sparsity: float | None = None   # with pruning: the fraction of the prunable weights that are zero
 
     def summary(self) -> str:
         if self.role == "server":
             return f"parameter server rank {self.rank}: served its workers, {self.seconds:.1f} s"
         done = (f"{self.epoch} epoch{'' if self.epoch == 1 else 's'}" if self.epoch >= self.epochs
                 else f"{self.step} steps")
+        pruned = f", pruned weights sparsity {self.sparsity:.4f}" if self.sparsity is not None else ""
         return (f"test accuracy {self.test_accuracy:.4f} ({self.correct}/{self.total}) "
-                f"after {done}, {self.seconds:.1f} s")
+                f"after {done}{pruned}, {self.seconds:.1f} s")
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -213,7 +216,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
           out=print, conv_algo: str = "auto", autotune: bool = False,
           parallel: DataParallel | ParameterServer | None = None, comm_timeout: float = 30.0,
           nonfinite_steps: int = 1, staleness_lr: bool = False, momentum_correction: bool = False,
-          hogwild: bool = False, threads: int | None = None) -> TrainResult:
+          hogwild: bool = False, threads: int | None = None, prune: Prune | None = None) -> TrainResult:
     """Train `model` (a Model or "FILE.py[:NAME]") on `data` (a Dataset, "digits" or "mnist:DIR").
 
     schedule: a Schedule, or a name (constant|step|cosine) built with warmup/step_size/gamma and,
@@ -242,6 +245,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
       is not finite is written as null).
     nonfinite_steps: stop (TdcError naming the step) once this many steps in a row had a loss
       that is NaN or infinite; the checkpoint then holds the last state saved before them.
+    prune: magnitude pruning (a Prune): the step keeps masked weights at zero (passes/prune.py)
+      and the masks are recomputed before the epochs where prune's schedule raises the sparsity.
     """
     t_start = time.perf_counter()
     model = _as_model(model)
@@ -266,6 +271,12 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                            f"not {backend}: use --backend llvm")
         from ..passes.target import available_cores
         threads = threads or available_cores()
+    if prune is not None:
+        if parallel is not None or hogwild:
+            raise TdcError("--prune trains in one process: it does not combine with --ranks, --ps or --hogwild")
+        if epochs <= prune.last_epoch():
+            raise TdcError(f"--prune-schedule {prune.schedule} prunes to {prune.sparsity:g} before epoch "
+                           f"{prune.last_epoch() + 1}: train for more than {prune.last_epoch()} epochs")
     if resume and not checkpoint:
         raise TdcError("resuming needs the checkpoint directory (--checkpoint DIR)")
     if log_every < 1:
@@ -338,8 +349,10 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
 
     if partitioned and parallel.target is None:      # the partition's costs: one set of rates for every rank
         parallel.target = agreed_rates(comm, backend)
-    train_graph = train_step(model, loss, optimizer, batch, parallel=parallel)
+    train_graph = train_step(model, loss, optimizer, batch, parallel=parallel, prune=prune is not None)
     settings = {"batch": batch, "loss": loss, "data": data.name, "train_samples": n}
+    if prune is not None:
+        settings["prune"] = prune.describe()
     if ranks > 1:
         settings["ranks"] = ranks
         comm.agree(hashlib.sha256((print_graph(train_graph) + repr(sorted(settings.items())) + repr(
@@ -410,6 +423,18 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
             metrics_file.flush()
 
     bad_steps = 0     # steps in a row whose loss is not finite
+    pruned = mask_names(train_graph)
+
+    def prune_before(epoch: int) -> None:
+        """New masks before `epoch` when the schedule raises the sparsity there."""
+        s = prune.sparsity_at(epoch)
+        if s == (prune.sparsity_at(epoch - 1) if epoch > 0 else 0.0):
+            return
+        exe.set_state(prune_state(exe.state, train_graph, s, prune.scope))
+        if verbose:
+            total, per = sparsity_report(exe.state, pruned)
+            out(f"pruned to {s:.4f} ({prune.scope}) before epoch {epoch + 1}: sparsity {total:.4f}; "
+                + ", ".join(f"{k} {v:.4f}" for k, v in per.items()))
 
     def save(epoch: int, position: int):
         state = step_state() if checkpoint else {}
@@ -441,6 +466,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
             first = pos0 if epoch == epoch0 else 0
             bar = _Progress(progress, steps_per_epoch, first, f"epoch {epoch + 1}/{epochs}")
             t_epoch, stopped, position = time.perf_counter(), False, first
+            if prune is not None and first == 0:    # a run resumed within an epoch has its masks
+                prune_before(epoch)
 
             def feed(i: int, step: int) -> dict:
                 idx = order[i * batch:(i + 1) * batch]
@@ -499,6 +526,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
             record = {"epoch": epoch + 1, "step": step, "loss": mean_loss,
                       "test_accuracy": correct / len(y_test), "test_loss": test_loss,
                       "seconds": time.perf_counter() - t_start}
+            if pruned:
+                record["sparsity"] = sparsity_report(exe.state, pruned)[0]
             log(record)
             history.append(record)
             if verbose:
@@ -506,6 +535,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                 line = (f"epoch {epoch + 1}/{epochs}  loss {mean_loss:.4f}  "
                         f"test accuracy {correct / len(y_test):.4f} ({correct}/{len(y_test)})  "
                         f"test loss {test_loss:.4f}  {rate:.0f} samples/s")
+                if pruned:
+                    line += f"  sparsity {record['sparsity']:.4f}"
                 _write_line(line, out, progress)
             epoch_loss, epoch_correct, epoch_seen = 0.0, 0, 0
             save(epoch + 1, 0)
@@ -532,7 +563,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         _write_plot(plot, records, out)
     return TrainResult(np.array(losses, np.float32), first_step, step, epoch, epochs, correct / len(y_test),
                        test_loss, correct, len(y_test), time.perf_counter() - t_start, history, dict(final),
-                       rank, servers)
+                       rank, servers, sparsity=sparsity_report(final, pruned)[0] if pruned else None)
 
 
 class FixedRates:
@@ -639,6 +670,24 @@ def add_optimizer_arguments(p: argparse.ArgumentParser) -> None:
                         "implies it), instead of adding WD * p to the gradient")
     p.add_argument("--no-decay-bias-norm", action="store_true",
                    help="no weight decay on biases and normalization scales and shifts (params of rank 1)")
+    p.add_argument("--prune", type=float, metavar="S",
+                   help="magnitude pruning: zero the fraction S (0 <= S < 1) of smallest linear, matmul and conv2d "
+                        "weights; masks in the training step keep them zero through every update")
+    p.add_argument("--prune-scope", default="layer", choices=SCOPES,
+                   help="with --prune: S of each layer's weights (layer, the default) or one threshold over all of "
+                        "them (global)")
+    p.add_argument("--prune-schedule", default="oneshot", metavar="oneshot[:E]|iterative:N",
+                   help="with --prune: prune once before epoch E+1 (oneshot, E default 0), or ramp the sparsity "
+                        "S(1-(1-e/N)^3) before epochs 2..N+1 (iterative:N, Zhu and Gupta's cubic schedule)")
+
+
+def prune_from(args) -> Prune | None:
+    """The Prune of --prune, --prune-scope and --prune-schedule (None without --prune)."""
+    if args.prune is None:
+        if args.prune_schedule != "oneshot" or args.prune_scope != "layer":
+            raise TdcError("--prune-scope and --prune-schedule go with --prune S")
+        return None
+    return Prune(args.prune, args.prune_scope, args.prune_schedule)
 
 
 def optimizer_from(args, lr: float = 0.01) -> Optimizer:
@@ -701,6 +750,7 @@ def cmd_train(args, argv: list[str] | None = None) -> int:
     parallel = parallel_config(args)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     opt = optimizer_from(args, lr)
+    prune = prune_from(args)
     if parallel is not None and (args.backend != "reference" or staged(parallel)) and needs_launch(parallel.ranks):
         # the settings' mistakes are one line from here, not one from every rank after the launch
         _check_parallel_training(parallel, bool(args.checkpoint or args.resume))
@@ -717,7 +767,7 @@ def cmd_train(args, argv: list[str] | None = None) -> int:
                        conv_algo=getattr(args, "conv_algo", "auto"), autotune=getattr(args, "autotune", False),
                        parallel=parallel, comm_timeout=args.comm_timeout, nonfinite_steps=args.nonfinite_steps,
                        staleness_lr=args.staleness_lr, momentum_correction=args.momentum_correction,
-                       hogwild=args.hogwild, threads=args.threads)
+                       hogwild=args.hogwild, threads=args.threads, prune=prune)
     except Exception as e:
         if launched_ranks() > 1 and not getattr(args, "debug", False):   # one rank alone would leave the others waiting
             fail_job(str(e) if isinstance(e, TdcError) else f"internal error: {type(e).__name__}: {e}")
