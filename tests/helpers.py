@@ -163,3 +163,19 @@ def lrn_loop(x, size, alpha=1e-4, beta=0.75, bias=1.0):
         hi = min(x.shape[1], c + math.ceil((size - 1) / 2) + 1)
         y[:, c] = x[:, c] / (bias + alpha / size * (x[:, lo:hi] ** 2).sum(axis=1)) ** beta
     return y
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
+def cli(capsys, *args):
+    """Run `tdc args...` in this process: (exit code, stdout, stderr)."""
+    from tdc.cli import main
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error(code, err, text):
+    """The command failed with one line, `tdc: error: ...` holding `text`, and no traceback."""
+    assert code != 0 and err.count("\n") == 1 and err.startswith("tdc: error: ") and text in err, err
+    assert "internal error" not in err

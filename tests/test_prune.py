@@ -7,7 +7,6 @@ import pytest
 import tdc
 from tdc import nn
 from tdc.backends import compile as compile_graph
-from tdc.cli import main
 from tdc.errors import TdcError
 from tdc.ir.printer import print_graph
 from tdc.ir.weights import load_npz
@@ -20,6 +19,8 @@ from tdc.runtime.data import Dataset, load_digits
 from tdc.runtime.loader import Source
 from tdc.runtime.prune import Prune, masks_for, prune_state, sparsity_report
 from tdc.runtime.trainer import train
+
+from helpers import cli, one_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "examples", "digits.py")
@@ -156,14 +157,6 @@ def test_llvm_step_keeps_pruned_weights_zero():
 
 # ---- the trainer and the command line ---------------------------------------------------------
 
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error(code, err, text):
-    assert code != 0 and err.count("\n") == 1 and err.startswith("tdc: error: ") and text in err, err
 
 
 @pytest.mark.parametrize("args, text", [

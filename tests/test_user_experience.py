@@ -21,19 +21,12 @@ from tdc.ir.printer import print_graph
 from tdc.ir.types import TensorType
 from tdc.runtime.data import load_data, load_digits
 
+from helpers import cli, one_error
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 EX = os.path.join(ROOT, "examples")
 
 
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error(code, err, text):
-    assert code != 0 and err.count("\n") == 1 and err.startswith("tdc: error: ") and text in err, err
-    assert "internal error" not in err
 
 
 # ---- 0. a normal install ---------------------------------------------------------------------------
@@ -136,7 +129,7 @@ def test_a_diverging_run_stops_naming_the_step_with_valid_metrics_and_a_finite_c
 def test_tracing_mistakes_name_the_source_line():
     @tdc.model(batch=2)
     def branchy(x: tdc.f32["B", 4]):
-        if x:   # noqa: the mistake under test
+        if x:   # the mistake under test
             return x
         return x
     with pytest.raises(TdcError, match=r"test_user_experience.py:\d+: a traced tensor has no truth value"):
