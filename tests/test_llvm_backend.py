@@ -251,3 +251,30 @@ def test_autotune_times_the_c_kernels_and_caches_per_backend(tmp_path, monkeypat
     assert chosen[0][1] == entry["algo"] == min(entry["ms"], key=entry["ms"].get)
     exe = tdc.compile(g, backend="llvm", autotune=True, params={"w": np.ones((8, 8, 3, 3), np.float32)})
     assert f'tdc_conv2d_{entry["algo"]}_f32' in exe.source()
+
+
+def large_constant_graph():
+    """x @ C * w with C a 1 MB constant, above codegen.BOUND_LITERAL_BYTES, and a view of C as an
+    output: C goes into the weights buffer after the param w, not into the module."""
+    rng = np.random.default_rng(0)
+    g = Graph("bigconst")
+    with Builder(g) as b:
+        x = b.arg("x", TensorType("f32", (2, 256)), "input")
+        w = b.arg("w", TensorType("f32", (1024,)), "param")
+        c = b.constant(rng.standard_normal((256, 1024)), "f32")
+        g.add_output("y", (F.matmul(x, c) * w).value)
+        g.add_output("c", F.reshape(c, (1024, 256)).value)
+    return g, {"w": rng.standard_normal(1024).astype(np.float32)}, {"x": rng.standard_normal((2, 256)).astype(np.float32)}
+
+
+def test_large_constant_is_bound_in_the_weights_buffer_not_the_module():
+    from tdc.backends.llvm.codegen import BOUND_LITERAL_BYTES
+    g, params, feed = large_constant_graph()
+    assert 256 * 1024 * 4 > BOUND_LITERAL_BYTES
+    exe = tdc.compile(g, backend="llvm", params=params)
+    assert exe.module_builder.weights.literals and len(exe.source()) < 100_000
+    assert set(exe.state) == {"w"}
+    ref = tdc.compile(g, params=params)(**feed)
+    got = exe(**feed)
+    np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(got["c"], ref["c"])

@@ -239,3 +239,20 @@ def test_c_program_embeds_the_bundle_through_its_header(lenet_bundle, tmp_path):
     assert r.returncode == 0, r.stderr
     got = np.array([float(v) for v in r.stdout.split()], np.float32)
     np.testing.assert_allclose(got, expected.reshape(-1), rtol=1e-4, atol=1e-5)
+
+
+def test_large_constant_goes_into_the_weights_file_unnamed(tmp_path):
+    """A constant above codegen.BOUND_LITERAL_BYTES is payload of model.weights (or of the
+    embedded weights), not a weight: the file names the params only."""
+    from test_llvm_backend import large_constant_graph
+    g, params, feed = large_constant_graph()
+    np.save(tmp_path / "x.npy", feed["x"])
+    ref = tdc.compile(g, params=params)(**feed)
+    for embed in (False, True):
+        b = write_bundle(g, str(tmp_path / f"b{embed}"), params=params, embed_weights=embed)
+        r = _run(b.executable, "--input", f"x={tmp_path / 'x.npy'}", "--output", f"y={tmp_path / 'y.npy'}",
+                 "--output", f"c={tmp_path / 'c.npy'}")
+        assert r.returncode == 0, r.stderr
+        np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ref["y"], rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), ref["c"])
+    assert set(read_weights(str(tmp_path / "bFalse" / "model.weights"))) == {"w"}

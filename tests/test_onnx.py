@@ -430,7 +430,8 @@ def test_light_models_with_opset9_unsqueeze_import(name):
 def with_random_weights(proto: onnx.ModelProto, seed=0) -> onnx.ModelProto:
     """A light model with seeded random He-scale weights, and its logits as a second output. The light
     models' weights are ConstantOfShape fills, all equal, which give every class the same score (and,
-    made at import, would be constants that the LLVM JIT embeds: hundreds of MB for AlexNet)."""
+    made at import, are constants of hundreds of MB for AlexNet, which the LLVM backend binds in its
+    weights buffer)."""
     rng = np.random.default_rng(seed)
     g = proto.graph
     shapes = {t.name: numpy_helper.to_array(t) for t in g.initializer}

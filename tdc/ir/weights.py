@@ -128,9 +128,10 @@ def _check_layout(layout, payload_bytes: int) -> list[LayoutEntry]:
     return out
 
 
-def pack_payload(entries, layout=None, payload_bytes: int | None = None) -> bytes:
+def pack_payload(entries, layout=None, payload_bytes: int | None = None, base: bytes | None = None) -> bytes:
     """The weights buffer (TDC_WEIGHTS_BYTES bytes) holding `entries` placed by `layout`
-    (default layout_for(entries)); what an embedded-weights object holds as NAME_weights_data."""
+    (default layout_for(entries)); what an embedded-weights object holds as NAME_weights_data.
+    `base` (payload_bytes) gives the bytes no entry covers: a model's large constants."""
     items = _items(entries)
     if layout is None:
         layout = layout_for(items)
@@ -140,7 +141,9 @@ def pack_payload(entries, layout=None, payload_bytes: int | None = None) -> byte
     arrays = dict(items)
     if len(arrays) != len(items):
         raise TdcError("a weight is given twice")
-    buf = bytearray(payload_bytes)
+    buf = bytearray(payload_bytes) if base is None else bytearray(base)
+    if len(buf) != payload_bytes:
+        raise TdcError(f"weights payload: {len(buf)} base bytes for a {payload_bytes}-byte buffer")
     for e in layout:
         if e.name not in arrays:
             raise TdcError(f"weight {e.name!r} of the layout has no array")
@@ -167,25 +170,26 @@ def _encode_entries(layout: list[LayoutEntry]) -> bytes:
     return b"".join(parts)
 
 
-def encode_weights(entries, layout=None, payload_bytes: int | None = None) -> bytes:
+def encode_weights(entries, layout=None, payload_bytes: int | None = None, base: bytes | None = None) -> bytes:
     """The whole weights file as bytes."""
     items = _items(entries)
     if layout is None:
         layout = layout_for(items)
     if payload_bytes is None:
         payload_bytes = payload_size(layout)
-    payload = pack_payload(items, layout, payload_bytes)
+    payload = pack_payload(items, layout, payload_bytes, base)
     layout = _check_layout(layout, payload_bytes)
     head = HEADER.pack(MAGIC, payload_bytes, len(layout), fnv1a64(payload)) + _encode_entries(layout)
     return head + bytes(_round_up(len(head)) - len(head)) + payload
 
 
-def write_weights(path: str, entries, layout=None, payload_bytes: int | None = None) -> None:
+def write_weights(path: str, entries, layout=None, payload_bytes: int | None = None,
+                  base: bytes | None = None) -> None:
     """Write `entries` (list of (name, array), or a dict) as a weights file, atomically.
     `layout` (list of (name, dtype_code, shape, offset, nbytes)) is where each tensor goes; by
     default layout_for(entries). `payload_bytes` defaults to payload_size(layout) and must equal
-    the model's TDC_WEIGHTS_BYTES."""
-    data = encode_weights(entries, layout, payload_bytes)
+    the model's TDC_WEIGHTS_BYTES; `base` is the payload before the entries go in (pack_payload)."""
+    data = encode_weights(entries, layout, payload_bytes, base)
     atomic_write(path, lambda f: f.write(data))
 
 

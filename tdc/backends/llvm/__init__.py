@@ -116,6 +116,7 @@ class LLVMExecutable:
 
         values = initial_state(self.graph, params, seed)
         self.weights = aligned_bytes(mb.weights.nbytes)
+        mb.weights.fill(self.weights)
         self.state: dict[str, np.ndarray] = {}
         for a, off in mb.weights.entries:
             view = self.weights[off:off + a.type.nbytes].view(a.type.np_dtype).reshape(a.type.shape)

@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -88,19 +88,20 @@ class Interface:
     inputs: list
     outputs: list
     weights: list                 # (name, TensorType, byte offset)
-    weights_bytes: int
+    weights_bytes: int            # the weights, then the modules' large literals (WeightsLayout.bind)
     scratch_bytes: int
     comm: bool
     ranks: int
     fingerprint: str
     owners: list | None = None    # partitioned: per weight, the rank whose value is saved
+    literals: list = field(default_factory=list)   # (byte offset, data): in the weights buffer, unnamed
 
     @classmethod
     def of(cls, mb: ModuleBuilder) -> "Interface":
         g = mb.graph
         return cls(mb.name, g.name, [(a.name, a.type) for a in g.inputs], [(n, v.type) for n, v in g.outputs],
                    [(a.name, a.type, off) for a, off in mb.weights.entries], mb.weights.nbytes, mb.scratch_bytes,
-                   mb.uses_comm, graph_ranks(g), fingerprint([mb]))
+                   mb.uses_comm, graph_ranks(g), fingerprint([mb]), literals=mb.weights.literals)
 
 
 def header_text(face: Interface, training: bool, embedded: bool, schedule: LrSchedule | None = None) -> str:
@@ -251,7 +252,7 @@ def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: i
               obj, str(rt.object_path), *comm, *blas, "-lpthread", "-lm", "-o", exe], "the executable")
         if not embed_weights:
             write_weights(os.path.join(tmp, "model.weights"), [(n, values[n]) for n, _, _ in face.weights],
-                          layout=_layout(face), payload_bytes=face.weights_bytes)
+                          layout=_layout(face), payload_bytes=face.weights_bytes, base=_pack(face, {}))
         elif os.path.exists(os.path.join(out_dir, "model.weights")):
             os.remove(os.path.join(out_dir, "model.weights"))   # a stale file would override nothing, but mislead
         for f in os.listdir(tmp):
@@ -262,9 +263,13 @@ def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: i
 
 
 def _pack(face: Interface, values: dict) -> bytes:
+    """The weights buffer: the literals, and the weights among `values`."""
     buf = np.zeros(face.weights_bytes, np.uint8)
+    for off, data in face.literals:
+        buf[off:off + len(data)] = np.frombuffer(data, np.uint8)
     for name, t, off in face.weights:
-        buf[off:off + t.nbytes] = np.ascontiguousarray(values[name], t.np_dtype).reshape(-1).view(np.uint8)
+        if name in values:
+            buf[off:off + t.nbytes] = np.ascontiguousarray(values[name], t.np_dtype).reshape(-1).view(np.uint8)
     return buf.tobytes()
 
 
@@ -290,15 +295,17 @@ def _partitioned_modules(graph: Graph, cname: str, autotune: bool) -> tuple[list
     outputs = [n for n, _ in graph.outputs]
     mbs = []
     for r, g in enumerate(optimized):
+        # each rank's large literals follow the previous rank's: one buffer holds them all
         layout = WeightsLayout([(a, offsets[a.name]) for a in g.args if a.kind != "input"], off)
         mbs.append(build_module(g, f"{cname}_r{r}", layout=layout, inputs=inputs, outputs=outputs))
+        off = layout.nbytes
     owners = []
     for name, _, _ in weights:
         keepers = [p.rank for p in programs if name in p.updated]
         owners.append(min(keepers) if keepers else 0)
     face = Interface(cname, graph.name, [(a.name, a.type) for a in graph.inputs],
                      [(n, v.type) for n, v in graph.outputs], weights, off, max(mb.scratch_bytes for mb in mbs),
-                     True, world, fingerprint(mbs), owners)
+                     True, world, fingerprint(mbs), owners, [x for mb in mbs for x in mb.weights.literals])
     return mbs, face
 
 

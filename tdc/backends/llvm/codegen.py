@@ -8,7 +8,8 @@ point:
     i64 NAME_run(ptr inputs, ptr outputs, ptr weights, ptr scratch)
 
 inputs/outputs are arrays of pointers to the caller's tensors (C order). `weights` holds the
-params, consts and state, laid out by `WeightsLayout`; a training step updates them in place.
+params, consts and state, laid out by `WeightsLayout`, then the large literals; a training step
+updates the params and state in place.
 `scratch` holds every intermediate value at the offset the memory plan gave it. The entry
 point returns 0, or 1 + the index of a label that was out of range.
 
@@ -17,7 +18,7 @@ compiled backend renders; this module renders it as IR.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from llvmlite import ir
@@ -33,13 +34,32 @@ from .scalar import F64, I64, MEM, REG, const
 
 PTR = ir.PointerType()
 LIBRARY_DTYPES = ("f32", "f64")
+# Literals above this size go into the weights buffer rather than the module: the JIT's small
+# code model cannot reach globals of hundreds of MB (32-bit relocations overflow and LLVM
+# aborts), and the IR text of such a global is several times its size.
+BOUND_LITERAL_BYTES = 1 << 16
 
 
 @dataclass
 class WeightsLayout:
-    """Params, consts and state of a graph in one buffer, each at a 64-byte aligned offset."""
+    """Params, consts and state of a graph in one buffer, each at a 64-byte aligned offset, then
+    the large literals of its modules (unnamed: they are not params, a weights file carries
+    them only as payload bytes)."""
     entries: list[tuple[Value, int]]      # (arg, byte offset)
     nbytes: int
+    literals: list[tuple[int, bytes]] = field(default_factory=list)   # (byte offset, data)
+
+    def bind(self, data: bytes) -> int:
+        """Place a literal after everything else; its byte offset."""
+        off = self.nbytes
+        self.literals.append((off, data))
+        self.nbytes += align(max(len(data), 1))
+        return off
+
+    def fill(self, buf: np.ndarray):
+        """Write the literals into `buf` (uint8, nbytes)."""
+        for off, data in self.literals:
+            buf[off:off + len(data)] = np.frombuffer(data, np.uint8)
 
     @classmethod
     def of(cls, graph: Graph) -> "WeightsLayout":
@@ -58,6 +78,7 @@ class WeightsLayout:
 
     def pack(self, values: dict[str, np.ndarray]) -> bytes:
         buf = np.zeros(self.nbytes, np.uint8)
+        self.fill(buf)
         for a, off in self.entries:
             x = np.ascontiguousarray(values[a.name], a.type.np_dtype)
             buf[off:off + a.type.nbytes] = x.reshape(-1).view(np.uint8)
@@ -83,6 +104,7 @@ class ModuleBuilder:
         self.scratch_bytes = self.plan.arena_bytes
         self.extra: dict[Value, int] = {}         # values the plan leaves unplaced: after the arena
         self.globals: dict[Value, ir.GlobalVariable] = {}
+        self.bound: dict[Value, int] = {}         # large literals: their offset in the weights buffer
         self.aliases: dict[Value, Value] = {}     # reshape outputs that share their input's storage
         self.copies: dict[Node, tuple[Value, Value]] = {}
         self.n_kernels = 0
@@ -112,7 +134,10 @@ class ModuleBuilder:
         plan = self.plan
         for v, x in self.program.literal_values.items():
             data = np.ascontiguousarray(x, v.type.np_dtype).reshape(-1).view(np.uint8).tobytes()
-            self.globals[v] = self._constant_bytes("lit", data or b"\0", 64)
+            if len(data) > BOUND_LITERAL_BYTES:
+                self.bound[v] = self.weights.bind(data)
+            else:
+                self.globals[v] = self._constant_bytes("lit", data or b"\0", 64)
         for step in self.program.steps:
             if not isinstance(step, View):
                 continue
@@ -123,7 +148,7 @@ class ModuleBuilder:
             root = src
             while root in self.aliases:
                 root = self.aliases[root]
-            if same or root.kind == "input" or root in self.globals:   # storage nothing writes to
+            if same or root.kind == "input" or root in self.globals or root in self.bound:   # storage nothing writes to
                 self.aliases[out] = src
             else:
                 self.copies[n] = (src, out)
@@ -148,8 +173,9 @@ class ModuleBuilder:
         if v.kind == "input":
             idx = self.input_names.index(v.name)
             return b.load(b.gep(self.inputs_arg, [ir.Constant(I64, idx)], source_etype=PTR), typ=PTR)
-        if v.kind in ("param", "const", "state"):
-            return b.gep(self.weights_arg, [ir.Constant(I64, self.weights.offset(v))], source_etype=S.I8)
+        if v.kind in ("param", "const", "state") or v in self.bound:
+            off = self.bound[v] if v in self.bound else self.weights.offset(v)
+            return b.gep(self.weights_arg, [ir.Constant(I64, off)], source_etype=S.I8)
         buf = self.plan.assignments.get(v)
         if buf is not None and not buf.in_arena:
             return self.pointer(b, buf.inplace_of)
