@@ -41,6 +41,22 @@ def placed_ranks(placement: str | None) -> set[int] | None:
     raise TdcError(f"bad placement {placement!r}: expected rank:N or ranks:A..B,C,...")
 
 
+def upstream(roots, extra=None) -> set["Node"]:
+    """The nodes the values `roots` depend on, their producers included; `extra(node)` may name
+    more nodes a node depends on than its inputs' producers (a recv: its send)."""
+    seen: set[Node] = set()
+    stack = [v.producer for v in roots if v.producer is not None]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(v.producer for v in n.inputs if v.producer is not None)
+        if extra is not None:
+            stack.extend(extra(n))
+    return seen
+
+
 def held_on(v: "Value") -> set[int] | None:
     """The ranks holding value v in a partitioned graph: where its producer runs (None: every rank,
     as for args and unplaced nodes), except that a transfer's result is its destination's."""

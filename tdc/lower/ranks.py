@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import TdcError
-from ..ir.graph import Graph, Node, Value, placed_ranks
+from ..ir.graph import Graph, Node, Value, placed_ranks, upstream
 from ..ops.common import norm_axis
 from ..passes.data_parallel import NETWORKS, choose_allreduce
 
@@ -126,20 +126,13 @@ def forward_values(graph: Graph) -> set[Value]:
     and tag are one edge)."""
     from ..passes.autodiff import GRAD_PREFIX
     sends = {(n.placement, n.attrs["dst"], n.attrs["tag"]): n for n in graph.nodes if n.op == "send"}
-    seen: set[Node] = set()
-    stack = [v.producer for name, v in graph.outputs if not name.startswith(GRAD_PREFIX) and v.producer]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(v.producer for v in n.inputs if v.producer is not None)
-        if n.op == "recv":
-            ranks = placed_ranks(n.placement) or set()
-            for dst in ranks:
-                s = sends.get((f"rank:{n.attrs['src']}", dst, n.attrs["tag"]))
-                if s is not None:
-                    stack.append(s)
+
+    def send_of(n: Node) -> list[Node]:
+        if n.op != "recv":
+            return []
+        found = (sends.get((f"rank:{n.attrs['src']}", dst, n.attrs["tag"])) for dst in placed_ranks(n.placement) or ())
+        return [s for s in found if s is not None]
+    seen = upstream([v for name, v in graph.outputs if not name.startswith(GRAD_PREFIX)], send_of)
     return {v for n in seen for v in n.outputs}
 
 

@@ -27,7 +27,7 @@ order, so a micro-batch's gradient is added as soon as it is made instead of bei
 from __future__ import annotations
 
 from ..errors import TdcError
-from ..ir.graph import Graph, Node, Value, placed_ranks, ranks_placement
+from ..ir.graph import Graph, Node, Value, placed_ranks, ranks_placement, upstream
 from ..ir.types import TensorType, is_float
 from ..ops import functional as F
 from ..ops.tensor import Builder, Tensor
@@ -246,16 +246,7 @@ def _micro_batches(g: Graph, batched: list[Value]) -> dict[Node, set[int]]:
 def _forward_nodes(g: Graph) -> set[Node]:
     """The nodes the step's forward results need (its outputs other than gradients, and its
     updates); the others are the backward pass."""
-    roots = [v for name, v in g.outputs if not name.startswith(GRAD_PREFIX)] + [v for _, v in g.updates]
-    seen: set[Node] = set()
-    stack = [v.producer for v in roots if v.producer is not None]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(v.producer for v in n.inputs if v.producer is not None)
-    return seen
+    return upstream([v for name, v in g.outputs if not name.startswith(GRAD_PREFIX)] + [v for _, v in g.updates])
 
 
 def _regroup_sums(g: Graph, micro: dict, forward: set, backward_pos) -> None:
