@@ -82,7 +82,9 @@ def test_train_hogwild_converges_like_one_thread():
     # (the threads race on its moments too; tdc train warns)
     sgd = ["--optimizer", "momentum", "--lr", "0.02"]
     one, hog = accuracy("--threads", "1", *sgd), accuracy("--threads", "2", "--hogwild", *sgd)
-    assert hog >= one - 0.02, (hog, one)
+    # Hogwild's races make each run differ: 0.94 to 0.97 seen on a loaded machine (359 test samples,
+    # one is 0.3 points), against 0.97 on one thread. Chance is 0.1, so this still fails if it diverges.
+    assert hog >= 0.9 and hog >= one - 0.05, (hog, one)
 
 
 @pytest.mark.parametrize("extra,message", [(["--ranks", "2"], "does not combine with --ranks"),
