@@ -32,7 +32,7 @@ CONV_OPS = ("conv2d", "conv2d_grad_input", "conv2d_grad_weight")
 LIBRARY_OPS = frozenset({
     "matmul", "linear", *CONV_OPS, "maxpool2d", "maxpool2d_grad", "maxpool2d_gather", "avgpool2d",
     "avgpool2d_grad", "global_avgpool", "softmax", "log_softmax", "softmax_cross_entropy", "one_hot",
-    "mse", "batchnorm", "dropout",
+    "mse", "batchnorm", "dropout", "gather", "gather_grad",
 })
 
 

@@ -172,6 +172,7 @@ def transpose(x, perm=None): return apply("transpose", x, perm=tuple(perm) if pe
 def broadcast_to(x, shape): return apply("broadcast_to", x, shape=tuple(shape))
 def flatten(x, axis: int = 1): return apply("flatten", x, axis=axis)
 def concat(xs, axis: int = 0): return apply("concat", *xs, axis=axis)
+def gather(data, indices, axis: int = 0): return apply("gather", data, indices, axis=axis)
 
 
 def slice(x, starts, ends, steps=None):

@@ -6,7 +6,8 @@ import numpy as np
 from ..ir.types import TensorType
 from . import functional as F
 from ..ir.opdef import Attr, defop
-from .common import broadcast_shapes, fail, norm_axis, numel, same_dtype
+from ..errors import TdcError
+from .common import broadcast_shapes, fail, need_float, norm_axis, numel, same_dtype
 
 
 def _copy_cost(ins, outs, **a):
@@ -191,3 +192,68 @@ def _pad_grad(ctx, x):
 defop("pad", "shape", attrs={"pads": Attr("ints"), "value": Attr("float", 0.0)}, infer=_pad_infer,
       ref=_pad_ref, grad=_pad_grad, cost=_copy_cost,
       doc="constant padding; pads = (begin_0..begin_n-1, end_0..end_n-1) as in ONNX")
+
+# ---- gather -----------------------------------------------------------------------
+# out[o, j, i] = data[o, indices[j], i] over data viewed as [outer, n, inner] around `axis`
+# (ONNX Gather, numpy take); indices may be negative (from the end). Its adjoint adds each
+# gradient element into the row it was read from: rows read twice get both (weight sharing's
+# "gradients summed per cluster").
+
+_INDEX_DTYPES = ("i8", "i32", "i64")
+
+
+def _gather_infer(ins, axis):
+    data, idx = ins
+    if data.rank < 1:
+        fail("data must have rank >= 1")
+    if idx.dtype not in _INDEX_DTYPES:
+        fail(f"indices must be integers ({', '.join(_INDEX_DTYPES)}), got {idx}")
+    ax = norm_axis(axis, data.rank)
+    return data.with_shape(data.shape[:ax] + idx.shape + data.shape[ax + 1:])
+
+
+def _check_indices(idx, n, op):
+    bad = (idx < -n) | (idx >= n)
+    if np.any(bad):
+        raise TdcError(f"{op}: index {int(idx[bad][0])} is out of range for a dim of {n} (indices must be in [-{n}, {n}))")
+
+
+def _gather_ref(data, idx, axis):
+    ax = norm_axis(axis, data.ndim)
+    _check_indices(idx, data.shape[ax], "gather")
+    return np.take(data, idx.astype(np.int64), axis=ax)
+
+
+defop("gather", "shape", arity=(2, 2), attrs={"axis": Attr("int", 0)}, infer=_gather_infer, ref=_gather_ref, nondiff=(1,),
+      grad=lambda ctx, data, idx: [F.apply("gather_grad", ctx.g, idx, axis=norm_axis(ctx.attrs["axis"], data.ndim),
+                                           size=data.shape[norm_axis(ctx.attrs["axis"], data.ndim)]), None],
+      cost=lambda ins, outs, **a: numel(outs[0].shape),
+      doc="data's slices at `indices` along `axis` (ONNX Gather; negative indices count from the end)")
+
+
+def _gather_grad_infer(ins, axis, size):
+    g, idx = ins
+    if idx.dtype not in _INDEX_DTYPES:
+        fail(f"indices must be integers ({', '.join(_INDEX_DTYPES)}), got {idx}")
+    if size < 1 or not 0 <= axis <= g.rank - idx.rank:
+        fail(f"size {size} and axis {axis} do not fit a gradient {g} of indices {idx}")
+    if g.shape[axis:axis + idx.rank] != idx.shape:
+        fail(f"gradient {g} does not hold indices {idx} at axis {axis}")
+    need_float(g)
+    return g.with_shape(g.shape[:axis] + (size,) + g.shape[axis + idx.rank:])
+
+
+def _gather_grad_ref(g, idx, axis, size):
+    _check_indices(idx, size, "gather_grad")
+    outer, inner = int(np.prod(g.shape[:axis])), int(np.prod(g.shape[axis + idx.ndim:]))
+    rows = np.where(idx < 0, idx + size, idx).reshape(-1).astype(np.int64)
+    out = np.zeros((outer, size, inner), g.dtype)
+    np.add.at(out, (slice(None), rows), g.reshape(outer, rows.size, inner))
+    return out.reshape(g.shape[:axis] + (size,) + g.shape[axis + idx.ndim:])
+
+
+defop("gather_grad", "shape", arity=(2, 2), attrs={"axis": Attr("int"), "size": Attr("int")}, infer=_gather_grad_infer,
+      ref=_gather_grad_ref, nondiff=(1,),
+      grad=lambda ctx, g, idx: [F.apply("gather", ctx.g, idx, axis=ctx.attrs["axis"]), None],
+      cost=lambda ins, outs, **a: numel(ins[0].shape),
+      doc="the adjoint of gather: zeros of `size` rows along `axis`, each g slice added into the row its index names")

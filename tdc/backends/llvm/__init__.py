@@ -85,7 +85,10 @@ def aligned_bytes(n: int) -> np.ndarray:
     return raw[start:start + n]
 
 
-def label_error(code: int) -> TdcError:
+def label_error(code: int, graph: Graph | None = None) -> TdcError:
+    if graph is not None and any(n.op in ("gather", "gather_grad") for n in graph.nodes):
+        return TdcError(f"a label or index is out of range (element {code - 1}): labels must be in "
+                        "[0, number of classes), gather's indices in [-n, n) for a dim of n")
     return TdcError(f"a label is out of range (element {code - 1}): labels must be in [0, number of classes)")
 
 
@@ -186,5 +189,5 @@ class LLVMExecutable:
         copy_inputs(self.inputs, inputs)
         code = self._run(self._in_ptrs, self._out_ptrs, self.weights.ctypes.data, self.scratch.ctypes.data)
         if code:
-            raise label_error(code)
+            raise label_error(code, self.graph)
         return {n: x.copy() for n, x in self.outputs}

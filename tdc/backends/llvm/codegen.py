@@ -125,7 +125,7 @@ class ModuleBuilder:
                 raise TdcError(f"llvm backend: {n.op} {why}{' at ' + n.loc if n.loc else ''}")
             if isinstance(step, Library):
                 dt = _library_dtype(step.node)
-                if dt not in LIBRARY_DTYPES:
+                if dt not in LIBRARY_DTYPES and step.node.op != "gather":     # gather moves bytes
                     raise TdcError(f"llvm backend: {step.node.op} on {dt} is not supported (only f32 and f64)"
                                    f"{' at ' + step.node.loc if step.node.loc else ''}")
 
@@ -429,6 +429,14 @@ def library_call(node: Node):
     elif op == "one_hot":
         args = [I[0], ("i64", node.inputs[0].type.np_dtype.itemsize), O[0],
                 *i64([int(np.prod(ins[0])), a["depth"]])]
+    elif op in ("gather", "gather_grad"):
+        table = ins[0] if op == "gather" else outs[0]
+        ax = a["axis"] % len(table)
+        dims = i64([int(np.prod(table[:ax])), table[ax], int(np.prod(ins[1])), int(np.prod(table[ax + 1:]))])
+        idx = [I[1], ("i64", node.inputs[1].type.np_dtype.itemsize)]
+        if op == "gather":      # moves bytes: one function for every dtype
+            return "tdc_gather", [I[0], ("i64", node.inputs[0].type.np_dtype.itemsize), *idx, O[0], *dims], True
+        args = [I[0], *idx, O[0], *dims]
     elif op == "mse":
         args = [I[0], I[1], O[0], ("i64", int(np.prod(ins[0])))]
     elif op == "batchnorm":
@@ -447,7 +455,7 @@ def library_call(node: Node):
         raise TdcError(f"llvm backend: no runtime kernel for {op}")
     if op.startswith("conv2d"):
         op = f"{op}_{conv_algorithm(node)}"
-    return f"tdc_{op}_{dt}", args, op in ("softmax_cross_entropy", "one_hot")
+    return f"tdc_{op}_{dt}", args, op in ("softmax_cross_entropy", "one_hot", "gather_grad")
 
 
 def conv_algorithm(node: Node) -> str:

@@ -280,7 +280,7 @@ class NumbaExecutable:
         except ValueError as e:
             if "out of range" not in str(e):   # only the kernels' own input checks are user errors
                 raise
-            raise TdcError(f"{e}: labels must be in [0, number of classes)") from None
+            raise TdcError(str(e)) from None
         for dst, src in self.updates:
             dst[...] = src
         return {n: x.copy() for n, x in self.outputs}

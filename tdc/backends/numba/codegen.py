@@ -195,6 +195,16 @@ def _conv_library(fns):
     return bind
 
 
+def _gather_views(n, table, idx, out):
+    """gather's and gather_grad's operands as [outer, rows, inner], indices flat (the table is
+    the input of gather, the output of gather_grad)."""
+    table, out = (table, out) if n.op == "gather" else (out, table)
+    ax = n.attrs["axis"] % table.ndim
+    outer, inner = int(np.prod(table.shape[:ax])), int(np.prod(table.shape[ax + 1:]))
+    views = (table.reshape(outer, table.shape[ax], inner), idx.reshape(-1), out.reshape(outer, idx.size, inner))
+    return views if n.op == "gather" else (views[2], views[1], views[0])
+
+
 LIBRARY = {
     "matmul": lambda n, i, o: (K.matmul2d, (i[0], i[1], o[0])) if _plain_2d(n) else _batched_matmul_args(n, i, o),
     "linear": lambda n, i, o: (K.linear, (i[0].reshape(-1, i[1].shape[1]), i[1], _bias(i),
@@ -216,6 +226,8 @@ LIBRARY = {
     "log_softmax": _softmax_args,
     "softmax_cross_entropy": lambda n, i, o: (K.softmax_cross_entropy, (i[0], i[1], o[0].reshape(1))),
     "one_hot": lambda n, i, o: (K.one_hot, (i[0].reshape(-1), o[0].reshape(-1, n.attrs["depth"]), n.attrs["depth"])),
+    "gather": lambda n, i, o: (K.gather, _gather_views(n, i[0], i[1], o[0])),
+    "gather_grad": lambda n, i, o: (K.gather_grad, _gather_views(n, i[0], i[1], o[0])),
     "mse": lambda n, i, o: (K.mse, (i[0].reshape(-1), i[1].reshape(-1), o[0].reshape(1))),
     "batchnorm": _bn_args,
     "dropout": lambda n, i, o: (K.dropout, (i[0].reshape(-1), _key_array(i[1]), n.attrs["rate"], n.attrs["seed"],

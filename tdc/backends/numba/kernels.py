@@ -422,7 +422,7 @@ def softmax_cross_entropy(logits, labels, out):
     for n in range(N):
         lab = labels[n]
         if lab < 0 or lab >= C:
-            raise ValueError("label out of range")
+            raise ValueError("label out of range: labels must be in [0, number of classes)")
         m = -np.inf
         for c in range(C):
             m = max(m, np.float64(logits[n, c]))
@@ -439,9 +439,34 @@ def one_hot(idx, out2, depth):
     for i in range(M):
         k = idx[i]
         if k < 0 or k >= depth:
-            raise ValueError("label out of range")
+            raise ValueError("label out of range: labels must be in [0, number of classes)")
         for j in range(depth):
             out2[i, j] = 1 if j == k else 0
+
+
+@njit(cache=True)
+def gather(data3, idx, out3):
+    """out3[o, j, i] = data3[o, idx[j], i]; data3 is [outer, n, inner]."""
+    n = data3.shape[1]
+    for j in range(idx.shape[0]):
+        k = idx[j] + n if idx[j] < 0 else idx[j]
+        if k < 0 or k >= n:
+            raise ValueError("gather index out of range: indices must be in [-n, n) for a dim of n")
+        for o in range(data3.shape[0]):
+            out3[o, j, :] = data3[o, k, :]
+
+
+@njit(cache=True)
+def gather_grad(g3, idx, out3):
+    """The adjoint of gather: out3 [outer, n, inner] = 0, then out3[o, idx[j], i] += g3[o, j, i]."""
+    n = out3.shape[1]
+    out3[...] = 0
+    for j in range(idx.shape[0]):
+        k = idx[j] + n if idx[j] < 0 else idx[j]
+        if k < 0 or k >= n:
+            raise ValueError("gather index out of range: indices must be in [-n, n) for a dim of n")
+        for o in range(g3.shape[0]):
+            out3[o, k, :] += g3[o, j, :]
 
 
 @njit(cache=True)

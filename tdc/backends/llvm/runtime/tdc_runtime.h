@@ -1,5 +1,5 @@
 /* tdc runtime: the non-elementwise kernels the LLVM backend calls (one .c file per family of
- * ops: linalg.c, conv_*.c, pool.c, reduce.c, loss.c, norm.c; common.c for memory and threads).
+ * ops: linalg.c, conv_*.c, pool.c, reduce.c, loss.c, norm.c, gather.c; common.c for memory and threads).
  *
  * One function per op and dtype: suffix _f32 (T = float) or _f64 (T = double); the two
  * families have identical argument lists. Every array is C-contiguous; every integer
@@ -18,6 +18,10 @@
 #define TDC_RUNTIME_H
 
 #include <stdint.h>
+
+/* gather of any dtype: elem is its size in bytes */
+int64_t tdc_gather(const void *data, int64_t elem, const void *idx, int64_t idx_bytes, void *out,
+                   int64_t outer, int64_t n, int64_t m, int64_t inner);
 
 #ifdef __cplusplus
 extern "C" {
@@ -104,6 +108,8 @@ int64_t tdc_softmax_cross_entropy_f32(const float *logits, const void *labels, i
                                       int64_t N, int64_t K);
 /* out[n,depth] = 1 at [i, idx[i]], 0 elsewhere; idx int8/int16/int32/int64 (idx_bytes 1/2/4/8). */
 int64_t tdc_one_hot_f32(const void *idx, int64_t idx_bytes, float *out, int64_t n, int64_t depth);
+int64_t tdc_gather_grad_f32(const float *g, const void *idx, int64_t idx_bytes, float *out, int64_t outer, int64_t n,
+                            int64_t m, int64_t inner);
 /* out[0] = mean((p - t)^2) over n elements (0 when n == 0). */
 void tdc_mse_f32(const float *p, const float *t, float *out, int64_t n);
 /* out[N,C,S] = (x - mean[c]) / sqrt(var[c] + eps) * gamma[c] + beta[c]. */
@@ -171,6 +177,8 @@ void tdc_softmax_f64(const double *x, double *out, int64_t A, int64_t B, int64_t
 int64_t tdc_softmax_cross_entropy_f64(const double *logits, const void *labels, int64_t label_bytes, double *out,
                                       int64_t N, int64_t K);
 int64_t tdc_one_hot_f64(const void *idx, int64_t idx_bytes, double *out, int64_t n, int64_t depth);
+int64_t tdc_gather_grad_f64(const double *g, const void *idx, int64_t idx_bytes, double *out, int64_t outer, int64_t n,
+                            int64_t m, int64_t inner);
 void tdc_mse_f64(const double *p, const double *t, double *out, int64_t n);
 void tdc_batchnorm_infer_f64(const double *x, const double *gamma, const double *beta, const double *mean,
                              const double *var, double eps, double *out, int64_t N, int64_t C, int64_t S);
