@@ -168,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "optimizer update) is one compiled graph.")
     add_train_arguments(t)
     add_conv_algo_arguments(t)
+
+    from .runtime.deep_compression import add_compress_arguments
+    z = sub.add_parser("compress", help="Deep Compression: prune, share weights by k-means, Huffman-code",
+                       description="Compress a trained model as Deep Compression does (Han et al. 2016): prune "
+                                   "and retrain, share the surviving weights among K centroids and retrain them, "
+                                   "Huffman-code the codes and index gaps. Prints the per-layer table and the "
+                                   "accuracy before and after; writes a compressed model file that tdc run and "
+                                   "tdc compile take as --weights.")
+    add_compress_arguments(z)
     return ap
 
 
@@ -502,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .runtime.trainer import cmd_train
             return cmd_train(args, argv)
+        if args.command == "compress":
+            from .runtime.deep_compression import cmd_compress
+            return cmd_compress(args)
         return {"dump": cmd_dump, "run": cmd_run, "ops": cmd_ops, "compile": cmd_compile,
                 "cache": cmd_cache}[args.command](args)
     except TdcError as e:

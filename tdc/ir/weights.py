@@ -286,11 +286,15 @@ def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_npz(path: str) -> dict[str, np.ndarray]:
-    """Arrays by name from a .npz file, or from a native executable's weights file."""
+    """Arrays by name from a .npz file, a native executable's weights file or a compressed model
+    file (tdc compress; decoded to dense arrays)."""
     if not os.path.exists(path):
         raise TdcError(f"{path}: no such file")
     if is_weights_file(path):
         return read_weights(path)
+    from .compressed import is_compressed_file, read_compressed
+    if is_compressed_file(path):
+        return read_compressed(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
