@@ -83,7 +83,7 @@ def _ref(x, values, cols, rowptr, bias=None, note=""):
     k = x.shape[-1]
     check_csr(values, cols, rowptr, k)
     w = dense_weight(values, cols, rowptr, k)
-    y = (x.reshape(-1, k) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))
+    y = (x.reshape(numel(x.shape[:-1]), k) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))   # -1 fails when k = 0
     return y + bias if bias is not None else y
 
 

@@ -94,6 +94,7 @@ SPARSE_MB = 32
 @njit(cache=True)
 def _csr_rows(x, values, cols, rowptr, b, has_bias, out):
     part = np.zeros(SPARSE_LANES, x.dtype)
+    zero = np.zeros(1, x.dtype)[0]
     for n in range(out.shape[0]):
         lo, hi = rowptr[n], rowptr[n + 1]
         part[:] = 0
@@ -102,7 +103,7 @@ def _csr_rows(x, values, cols, rowptr, b, has_bias, out):
             for i in range(SPARSE_LANES):
                 part[i] += values[j + i] * x[cols[j + i]]
             j += SPARSE_LANES
-        acc = part[0]   # zero, of x's dtype: the tail and the lanes add to it
+        acc = zero
         for jj in range(j, hi):
             acc += values[jj] * x[cols[jj]]
         for i in range(SPARSE_LANES):
