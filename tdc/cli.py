@@ -40,6 +40,34 @@ def add_conv_algo_arguments(p: argparse.ArgumentParser) -> None:
                         "cost model (cached per layer shape, dtype and machine in ~/.cache/tdc/autotune.json)")
 
 
+def add_sparse_argument(p: argparse.ArgumentParser) -> None:
+    """--sparse, for the commands that take inference weights (run, compile, dump)."""
+    p.add_argument("--sparse", default="auto", metavar="MODE",
+                   help="pruned linear layers as CSR products, for inference with --weights: auto (default: where "
+                        "the backend's cost model says the sparse kernel is faster), on (every layer with zeros in "
+                        "its weight) or off")
+
+
+def apply_sparse(args, graph, params, backend: str, training: bool = False):
+    """(graph, params, decisions): the inference graph with the layers --sparse picks as sparse_linear."""
+    from .passes.sparsify import MODES, sparsify
+    if args.sparse not in MODES:
+        raise TdcError(f"--sparse must be one of {', '.join(MODES)}, not {args.sparse!r}")
+    if args.sparse == "off" or (args.sparse == "auto" and (training or not args.weights)):
+        return graph, params, []
+    if training:
+        raise TdcError("--sparse on is for inference: a training step updates the weights a CSR layer was built from")
+    if not args.weights:
+        raise TdcError("--sparse on needs the pruned weights: give --weights FILE")
+    target = None
+    if args.sparse == "auto":
+        if backend == "reference":     # no kernels to price: the reference computes densely either way
+            return graph, params, []
+        from .backends import get_target
+        target = get_target(backend)
+    return sparsify(graph, params, target, args.sparse)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="tdc", description="tdc: compile tensor dataflow models (Python DSL, IR text) and run or train them.",
@@ -92,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--llvm", action="store_true", help="print the LLVM IR generated for the graph")
     d.add_argument("--asm", action="store_true", help="print the optimised machine code for this CPU")
     d.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    d.add_argument("--weights", metavar="FILE", help="params of the inference graph (with --sparse: which layers "
+                   "are pruned enough to run as CSR products; the dump lists every layer's density and choice)")
+    add_sparse_argument(d)
     add_conv_algo_arguments(d)
     from .runtime.launch import add_parallel_arguments
     add_parallel_arguments(d)
@@ -110,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "source; its first compile takes up to a minute) or reference (the numpy interpreter)")
     r.add_argument("--output", action="append", default=[], metavar="[NAME=]FILE.npy",
                    help="save an output (the first one when NAME is not given)")
+    add_sparse_argument(r)
     add_conv_algo_arguments(r)
 
     sub.add_parser("ops", help="list the ops tdc knows, with their attributes")
@@ -158,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--step-size", type=int, default=0, metavar="STEPS",
                     help="step schedule: decay every STEPS steps (default: a third of the steps after the warm-up)")
     sg.add_argument("--gamma", type=float, default=0.1, help="step schedule: decay factor (default 0.1)")
+    add_sparse_argument(c)
     add_conv_algo_arguments(c)
     from .runtime.launch import add_parallel_arguments
     add_parallel_arguments(c)
@@ -236,6 +269,15 @@ def cmd_dump(args) -> int:
     short = None if args.full_constants else ELIDE_ABOVE
     fmt = (lambda g: to_dot(g)) if args.format == "dot" else (lambda g: print_graph(g, short))
     chunks = []
+    if args.weights and not partitioned:
+        from .ir.weights import load_weights
+        from .passes.sparsify import report
+        graph, _, decisions = apply_sparse(args, graph, load_weights(args.weights, graph), args.backend,
+                                           training=train)
+        if args.sparse != "off" and not train:
+            chunks.append(report(decisions))
+    elif args.sparse not in ("auto", "on", "off"):
+        apply_sparse(args, graph, {}, args.backend)      # the one-line error for a bad --sparse
     if partitioned and not train and not args.after and not args.all:
         from .passes.training import partitioned_inference
         graph, pipeline = partitioned_inference(graph, parallel), inference
@@ -383,6 +425,7 @@ def cmd_run(args) -> int:
         raise TdcError(f"missing input {', '.join(missing)}; {src.name} takes {expected} "
                        "(give --input NAME=FILE.npy or --random-inputs)")
     params = load_weights(args.weights, graph) if args.weights else src.params   # an ONNX file's initializers
+    graph, params, _ = apply_sparse(args, graph, params, args.backend)
     from .runtime.trainer import compile_progress
     exe = compile(graph, backend=args.backend, params=params, seed=args.seed, conv_algo=args.conv_algo,
                   autotune=args.autotune, progress=compile_progress(src.name))
@@ -436,6 +479,10 @@ def cmd_compile(args) -> int:
     else:
         graph = src.graph(args.batch)
     params = load_weights(args.weights, graph) if args.weights else src.params
+    if partitioned and args.sparse == "on":
+        raise TdcError("--sparse on applies to one-process inference bundles, not partitioned ones")
+    if not partitioned:
+        graph, params, _ = apply_sparse(args, graph, params, "llvm", training=args.train)
     b = write_bundle(request_conv_algo(graph, args.conv_algo), args.output, params=params, seed=args.seed,
                      name=args.name or src.name, embed_weights=args.embed_weights, training=args.train,
                      autotune=args.autotune, copy_blas=not args.shared_blas,

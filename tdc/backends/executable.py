@@ -7,6 +7,7 @@ import numpy as np
 from ..errors import TdcError
 from ..frontend.init import init_params
 from ..ir.graph import Graph, Value, placed_ranks
+from ..ops.sparse import check_csr
 
 
 def check_feed(arg: Value, array, what: str) -> np.ndarray:
@@ -50,7 +51,20 @@ def initial_state(graph: Graph, params: dict | None, seed: int) -> dict[str, np.
             if a.name not in values:
                 raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
             state[a.name] = check_feed(a, values[a.name], a.kind)
+    check_sparse_weights(graph, state)
     return state
+
+
+def check_sparse_weights(graph: Graph, state: dict[str, np.ndarray]) -> None:
+    """The compiled sparse kernels index memory with their CSR arrays unchecked: check each
+    sparse_linear's arrays held in `state` (name -> array) before a kernel sees them."""
+    for n in graph.nodes:
+        if n.op != "sparse_linear":
+            continue
+        csr = n.inputs[1:4]
+        if all(v.is_arg and v.name in state for v in csr):
+            check_csr(*(state[v.name] for v in csr), n.inputs[0].type.shape[-1],
+                      f"sparse_linear ({', '.join(v.name for v in csr)})")
 
 
 def graph_ranks(graph: Graph) -> int:

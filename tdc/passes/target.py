@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import TdcError
 from ..files import atomic_write, cache_dir
 
 CALIBRATION_VERSION = 3
@@ -87,6 +88,14 @@ class Target(ABC):
     @abstractmethod
     def time_matmul(self, m: int, k: int, n: int) -> float:
         """Seconds one float32 [m, k] x [k, n] product takes on one thread."""
+
+    def time_linear(self, m: int, k: int, n: int) -> float:
+        """Seconds one float32 linear layer (x [m, k], weight [n, k]) takes (the sparsify pass's rates)."""
+        raise TdcError(f"the {self.name} target has no timer for linear layers")
+
+    def time_sparse_linear(self, m: int, k: int, n: int, density: float) -> float:
+        """Seconds one float32 sparse_linear with a random CSR weight of `density` takes."""
+        raise TdcError(f"the {self.name} target has no sparse kernels to time")
 
     # ---- rates ------------------------------------------------------------------------------
     def cache_key(self) -> str:

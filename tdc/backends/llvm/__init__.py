@@ -15,7 +15,7 @@ import numpy as np
 from ...errors import TdcError
 from ...ir.graph import Graph
 from ...lower.pipeline import optimize_for_target
-from ..executable import check_feed, copy_inputs, initial_state
+from ..executable import check_feed, check_sparse_weights, copy_inputs, initial_state
 
 ENTRY_ARGS = (ctypes.c_void_p,) * 4
 
@@ -176,10 +176,14 @@ class LLVMExecutable:
     def set_state(self, values: dict[str, np.ndarray]) -> None:
         """Copy new values into params or state (in place: the generated code reads these buffers)."""
         args = {a.name: a for a, _ in self.module_builder.weights.entries}
+        new = {}
         for name, x in values.items():
             if name not in args:
                 raise TdcError(f"no param or state named {name!r}")
-            self.state[name][...] = check_feed(args[name], x, args[name].kind)
+            new[name] = check_feed(args[name], x, args[name].kind)
+        check_sparse_weights(self.graph, {**self.state, **new})   # before the kernels' buffers change
+        for name, x in new.items():
+            self.state[name][...] = x
 
     def source(self) -> str:
         """The generated LLVM IR, before optimisation."""

@@ -43,6 +43,32 @@ class LLVMTarget(Target):
         dims = [ctypes.c_int64(d) for d in (m, k, n)]
         return best_time(lambda: lib.tdc_matmul_f32(*ptr, *dims))
 
+    def time_linear(self, m: int, k: int, n: int) -> float:
+        lib = runtime_library()
+        lib.tdc_runtime_set_threads(ctypes.c_int64(1))
+        x, w, b, out = _linear_arrays(m, k, n, 1.0)
+        args = [ctypes.c_void_p(a.ctypes.data) for a in (x, w, b)] + [ctypes.c_int64(1), ctypes.c_void_p(out.ctypes.data)]
+        dims = [ctypes.c_int64(d) for d in (m, k, n)]
+        return best_time(lambda: lib.tdc_linear_f32(*args, *dims), reps=20)
+
+    def time_sparse_linear(self, m: int, k: int, n: int, density: float) -> float:
+        from ...ops.sparse import to_csr
+        lib = runtime_library()
+        x, w, b, out = _linear_arrays(m, k, n, density)
+        keep = [x, *to_csr(w), b, out]
+        ptrs = [ctypes.c_void_p(a.ctypes.data) for a in keep]
+        args = ptrs[:5] + [ctypes.c_int64(1), ptrs[5]] + [ctypes.c_int64(d) for d in (m, k, n)]
+        return best_time(lambda: lib.tdc_sparse_linear_f32(*args), reps=20)
+
+
+def _linear_arrays(m: int, k: int, n: int, density: float):
+    """Random float32 x [m, k], weight [n, k] with `density` of its entries nonzero, bias, output."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((n, k), np.float32)
+    w[rng.random((n, k)) >= density] = 0
+    return (rng.standard_normal((m, k), np.float32), w, rng.standard_normal(n, np.float32),
+            np.empty((m, n), np.float32))
+
 
 def time_conv(node: Node, algo: str, reps: int = 3) -> float:
     """Seconds one call of the C runtime takes for conv op `node` by `algo` on random data (best of

@@ -25,7 +25,7 @@ from ...lower.memplan import plan_memory  # noqa: E402
 from ...lower.pipeline import optimize_for_target  # noqa: E402
 from ...lower.plan import CONV_OPS, Copy, Library, Loop, View, build_plan  # noqa: E402
 from ..comm import check_world, comm_step, communicator  # noqa: E402
-from ..executable import check_feed, copy_inputs, graph_ranks, initial_state  # noqa: E402
+from ..executable import check_feed, check_sparse_weights, copy_inputs, graph_ranks, initial_state  # noqa: E402
 from .codegen import LIBRARY, NumbaProgram, is_python_step, render  # noqa: E402
 from .target import TARGET  # noqa: E402
 
@@ -250,11 +250,15 @@ class NumbaExecutable:
 
     def set_state(self, values: dict[str, np.ndarray]) -> None:
         """Copy new values into params or state (in place: the buffers stay bound)."""
+        new = {}
         for name, x in values.items():
             if name not in self.state:
                 raise TdcError(f"no param or state named {name!r}")
             arg = next(a for a in self.graph.args if a.name == name)
-            self._owned.get(name, self.state[name])[...] = check_feed(arg, x, arg.kind)
+            new[name] = check_feed(arg, x, arg.kind)
+        check_sparse_weights(self.graph, {**self.state, **new})   # before the kernels' buffers change
+        for name, x in new.items():
+            self._owned.get(name, self.state[name])[...] = x
             for ustate in self._filter_caches.get(name, ()):
                 ustate[0] = 1
 

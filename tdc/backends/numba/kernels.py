@@ -82,6 +82,65 @@ def matmul_batched(a3, b3, out3, ia, ib):
         np.dot(a3[ia[i]], b3[ib[i]], out3[i])
 
 
+# ---- sparse products (pruned layers) ----------------------------------------------------
+# Without fastmath LLVM keeps every floating sum in order, so the kernels spell out independent
+# lanes, as the C runtime's sparse.c does: SPARSE_LANES partial sums per output of a single row
+# (vectorised with gathers), and for a batch, blocks of SPARSE_MB rows of x transposed into
+# xt [K, SPARSE_MB] so each nonzero adds v * xt[k, :] to SPARSE_MB accumulators.
+SPARSE_LANES = 16
+SPARSE_MB = 32
+
+
+@njit(cache=True)
+def _csr_rows(x, values, cols, rowptr, b, has_bias, out):
+    part = np.zeros(SPARSE_LANES, x.dtype)
+    zero = np.zeros(1, x.dtype)[0]
+    for n in range(out.shape[0]):
+        lo, hi = rowptr[n], rowptr[n + 1]
+        part[:] = 0
+        j = lo
+        while j + SPARSE_LANES <= hi:
+            for i in range(SPARSE_LANES):
+                part[i] += values[j + i] * x[cols[j + i]]
+            j += SPARSE_LANES
+        acc = zero
+        for jj in range(j, hi):
+            acc += values[jj] * x[cols[jj]]
+        for i in range(SPARSE_LANES):
+            acc += part[i]
+        out[n] = acc + b[n] if has_bias else acc
+
+
+@njit(cache=True)
+def sparse_linear(x2, values, cols, rowptr, b, has_bias, out2):
+    """out2 = x2 @ W.T (+ b), W [N, K] in CSR; x2 [M, K], out2 [M, N]."""
+    M, K = x2.shape
+    N = out2.shape[1]
+    if M < 4:
+        for m in range(M):
+            _csr_rows(x2[m], values, cols, rowptr, b, has_bias, out2[m])
+        return
+    xt = np.zeros((max(K, 1), SPARSE_MB), x2.dtype)
+    acc = np.zeros(SPARSE_MB, x2.dtype)
+    for m0 in range(0, M, SPARSE_MB):
+        rows = min(SPARSE_MB, M - m0)
+        for k in range(K):
+            for i in range(rows):
+                xt[k, i] = x2[m0 + i, k]
+            for i in range(rows, SPARSE_MB):
+                xt[k, i] = 0
+        for n in range(N):
+            acc[:] = 0
+            for j in range(rowptr[n], rowptr[n + 1]):
+                v = values[j]
+                r = xt[cols[j]]
+                for i in range(SPARSE_MB):
+                    acc[i] += v * r[i]
+            bn = b[n] if has_bias else b[0] * 0   # without bias b is a placeholder of zeros
+            for i in range(rows):
+                out2[m0 + i, n] = acc[i] + bn
+
+
 # ---- convolution ----------------------------------------------------------------------
 
 @njit(cache=True)

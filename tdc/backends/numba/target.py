@@ -32,5 +32,28 @@ class NumbaTarget(Target):
         out = np.empty((m, n), np.float32)
         return best_time(lambda: K.matmul2d(a, b, out))
 
+    def time_linear(self, m: int, k: int, n: int) -> float:
+        from . import kernels as K
+        from . import prepare_runtime
+        prepare_runtime()
+        x, w, b, out = _linear_arrays(m, k, n, 1.0)
+        return best_time(lambda: K.linear(x, w, b, True, out), reps=20)
+
+    def time_sparse_linear(self, m: int, k: int, n: int, density: float) -> float:
+        from ...ops.sparse import to_csr
+        from . import kernels as K
+        x, w, b, out = _linear_arrays(m, k, n, density)
+        v, c, r = to_csr(w)
+        return best_time(lambda: K.sparse_linear(x, v, c, r, b, True, out), reps=20)
+
+
+def _linear_arrays(m: int, k: int, n: int, density: float):
+    """Random float32 x [m, k], weight [n, k] with `density` of its entries nonzero, bias, output."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((n, k), np.float32)
+    w[rng.random((n, k)) >= density] = 0
+    return (rng.standard_normal((m, k), np.float32), w, rng.standard_normal(n, np.float32),
+            np.empty((m, n), np.float32))
+
 
 TARGET = NumbaTarget()

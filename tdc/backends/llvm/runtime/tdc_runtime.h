@@ -35,6 +35,10 @@ void tdc_runtime_set_threads(int64_t n);
 /* out[M,N] = x[M,K] @ w[N,K]^T (+ b[N] when has_bias); b is not read otherwise (may be NULL). */
 void tdc_linear_f32(const float *x, const float *w, const float *b, int64_t has_bias, float *out,
                     int64_t M, int64_t K, int64_t N);
+/* out[M,N] = x[M,K] @ W^T (+ b[N]) with W [N,K] in CSR: row n is values[rowptr[n]:rowptr[n+1]] at
+ * columns cols[...] (sparse.c; the arrays must describe a valid CSR matrix). */
+void tdc_sparse_linear_f32(const float *x, const float *values, const int32_t *cols, const int32_t *rowptr,
+                           const float *b, int64_t has_bias, float *out, int64_t M, int64_t K, int64_t N);
 /* out[M,N] = a[M,K] @ b[K,N]. */
 void tdc_matmul_f32(const float *a, const float *b, float *out, int64_t M, int64_t K, int64_t N);
 /* out[i] = a[ia[i]] @ b[ib[i]] for i < B; a is [*,M,K], b [*,K,N], out [B,M,N]. */
@@ -127,6 +131,8 @@ void tdc_dropout_f32(const float *x, const void *key, int64_t key_bytes, double 
 
 void tdc_linear_f64(const double *x, const double *w, const double *b, int64_t has_bias, double *out,
                     int64_t M, int64_t K, int64_t N);
+void tdc_sparse_linear_f64(const double *x, const double *values, const int32_t *cols, const int32_t *rowptr,
+                           const double *b, int64_t has_bias, double *out, int64_t M, int64_t K, int64_t N);
 void tdc_matmul_f64(const double *a, const double *b, double *out, int64_t M, int64_t K, int64_t N);
 void tdc_matmul_batched_f64(const double *a, const double *b, double *out, int64_t B, int64_t M, int64_t K,
                             int64_t N, const int64_t *ia, const int64_t *ib);

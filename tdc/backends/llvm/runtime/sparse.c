@@ -1,0 +1,172 @@
+/* tdc runtime: sparse_linear, a dense x times a CSR weight (pruned layers).
+ *
+ * out[M,N] = x[M,K] @ W^T (+ b) with W [N,K] in CSR (values, cols, rowptr; int32 indices). The
+ * CSR arrays were checked when the executable bound them (tdc/ops/sparse.py: check_csr), so the
+ * kernels index without bounds checks.
+ *
+ * Without -ffast-math gcc neither reorders a floating sum nor (under -std=c11) contracts a * b + c
+ * into an FMA, and plain loops over a CSR row measured 4-5x slower than the kernels below, which
+ * spell out the independent lanes with gcc's vector extensions (lowered to AVX-512 or AVX2 by
+ * -march=native):
+ *   - few rows of x (M < 4): each output's nonzeros are summed in eight partial sums, added at
+ *     the end of the row;
+ *   - a batch: x is transposed block by block into xt [K, MB] (MB rows of x side by side, 8x8
+ *     tiles transposed in registers), and a nonzero (n, k) adds v * xt[k, 0:MB] to row n's MB
+ *     accumulators: contiguous loads, one broadcast, MB / VL independent multiply-adds per
+ *     nonzero. The results go to yt [N, MB] and are transposed into out the same way. MB is the
+ *     smallest of VL, 2 VL, 4 VL that covers the batch (4 VL, in blocks, for larger batches), so a
+ *     small batch pays for little padding. */
+#include "internal.h"
+
+#ifndef TDC_TEMPLATE
+#define VBYTES 64   /* one AVX-512 register; two or four operations where vectors are narrower */
+typedef int32_t lane_f32;   /* shuffle masks have the element width of the data */
+typedef int64_t lane_f64;
+#define fma_f32 __builtin_fmaf   /* inlined: -march=native has FMA where the CPU does */
+#define fma_f64 __builtin_fma
+#define TDC_SELF "sparse.c"
+#include "instantiate.h"
+
+#else /* the template: T, SFX(name) */
+
+typedef T SFX(vec) __attribute__((vector_size(VBYTES)));
+typedef T SFX(v8) __attribute__((vector_size(8 * sizeof(T))));
+typedef SFX(lane) SFX(m8) __attribute__((vector_size(8 * sizeof(T))));
+#define VL ((int64_t)(VBYTES / sizeof(T)))
+
+/* dst[c * ldd + r] = src[r * lds + c] for an 8x8 tile: three rounds of two-vector shuffles. */
+static inline void SFX(transpose8)(const T *src, int64_t lds, T *dst, int64_t ldd)
+{
+    typedef SFX(v8) V;
+    typedef SFX(m8) Mk;
+    V r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++)
+        __builtin_memcpy(&r[i], src + i * lds, sizeof(V));
+    const Mk lo1 = {0, 8, 1, 9, 4, 12, 5, 13}, hi1 = {2, 10, 3, 11, 6, 14, 7, 15};
+    const Mk lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+    const Mk lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shuffle(r[i], r[i + 1], lo1);
+        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi1);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = __builtin_shuffle(t[i], t[i + 2], lo2);
+        u[i + 1] = __builtin_shuffle(t[i], t[i + 2], hi2);
+        u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], lo2);
+        u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], hi2);
+    }
+    for (int i = 0; i < 4; i++) {
+        V c0 = __builtin_shuffle(u[i], u[i + 4], lo4), c4 = __builtin_shuffle(u[i], u[i + 4], hi4);
+        __builtin_memcpy(dst + i * ldd, &c0, sizeof(V));
+        __builtin_memcpy(dst + (i + 4) * ldd, &c4, sizeof(V));
+    }
+}
+
+/* dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols; tiles of 8x8 where they fit. */
+static void SFX(transpose)(const T *src, int64_t lds, T *dst, int64_t ldd, int64_t rows, int64_t cols)
+{
+    const int64_t r8 = rows & ~(int64_t)7, c8 = cols & ~(int64_t)7;
+    for (int64_t r = 0; r < r8; r += 8)
+        for (int64_t c = 0; c < c8; c += 8)
+            SFX(transpose8)(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = r < r8 ? c8 : 0; c < cols; c++)
+            dst[c * ldd + r] = src[r * lds + c];
+}
+
+static void SFX(csr_rows)(const T *x, const T *values, const int32_t *cols, const int32_t *rowptr,
+                          const T *b, int64_t has_bias, T *out, int64_t N)
+{
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t hi = rowptr[n + 1];
+        int64_t j = rowptr[n];
+        /* eight chains of FMAs: scalar loads measured faster than gcc's gathers of x here */
+        T a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+        for (; j + 8 <= hi; j += 8) {
+            a0 = SFX(fma)(values[j], x[cols[j]], a0);
+            a1 = SFX(fma)(values[j + 1], x[cols[j + 1]], a1);
+            a2 = SFX(fma)(values[j + 2], x[cols[j + 2]], a2);
+            a3 = SFX(fma)(values[j + 3], x[cols[j + 3]], a3);
+            a4 = SFX(fma)(values[j + 4], x[cols[j + 4]], a4);
+            a5 = SFX(fma)(values[j + 5], x[cols[j + 5]], a5);
+            a6 = SFX(fma)(values[j + 6], x[cols[j + 6]], a6);
+            a7 = SFX(fma)(values[j + 7], x[cols[j + 7]], a7);
+        }
+        T acc = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));
+        for (; j < hi; j++)
+            acc += values[j] * x[cols[j]];
+        out[n] = has_bias ? acc + b[n] : acc;
+    }
+}
+
+/* Rows [0, mb) of x (mb <= NV * VL) into out; xt and yt are scratch of K and N times NV * VL. */
+#define BLOCK_KERNEL(NV)                                                                               \
+static void SFX(csr_block##NV)(const T *x, const T *values, const int32_t *cols, const int32_t *rowptr,  \
+                               const T *b, int64_t has_bias, T *out, int64_t mb, int64_t K, int64_t N,  \
+                               T *xt, T *yt)                                                            \
+{                                                                                                      \
+    typedef SFX(vec) V;                                                                                \
+    const int64_t MB = NV * VL;                                                                        \
+    if (mb < MB)                                                                                       \
+        for (int64_t k = 0; k < K; k++)                                                                \
+            for (int64_t i = mb; i < MB; i++)                                                          \
+                xt[k * MB + i] = 0;                                                                    \
+    SFX(transpose)(x, K, xt, MB, mb, K);                                                               \
+    for (int64_t n = 0; n < N; n++) {                                                                  \
+        V acc[NV];                                                                                     \
+        for (int q = 0; q < NV; q++)                                                                   \
+            acc[q] = (V){0};                                                                           \
+        for (int64_t j = rowptr[n]; j < rowptr[n + 1]; j++) {                                          \
+            const T v = values[j];                                                                     \
+            const T *r = xt + (int64_t)cols[j] * MB;                                                   \
+            for (int q = 0; q < NV; q++) {                                                             \
+                V t;                                                                                   \
+                __builtin_memcpy(&t, r + q * VL, sizeof(V));                                           \
+                acc[q] += v * t;                                                                       \
+            }                                                                                          \
+        }                                                                                              \
+        const T bn = has_bias ? b[n] : 0;                                                              \
+        for (int q = 0; q < NV; q++) {                                                                 \
+            V t = acc[q] + bn;                                                                         \
+            __builtin_memcpy(yt + n * MB + q * VL, &t, sizeof(V));                                     \
+        }                                                                                              \
+    }                                                                                                  \
+    SFX(transpose)(yt, MB, out, N, N, mb);                                                             \
+}
+BLOCK_KERNEL(1)
+BLOCK_KERNEL(2)
+BLOCK_KERNEL(4)
+
+void SFX(tdc_sparse_linear)(const T *x, const T *values, const int32_t *cols, const int32_t *rowptr,
+                            const T *b, int64_t has_bias, T *out, int64_t M, int64_t K, int64_t N)
+{
+    if (M <= 0 || N <= 0)
+        return;
+    if (M < 4) {   /* gathers per nonzero and row cost less than padding a block to VL rows */
+        for (int64_t m = 0; m < M; m++)
+            SFX(csr_rows)(x + m * K, values, cols, rowptr, b, has_bias, out + m * N, N);
+        return;
+    }
+    const int64_t nv = M <= VL ? 1 : M <= 2 * VL ? 2 : 4, mb = nv * VL;
+    /* 64-byte aligned: a row of xt is whole vectors, and a load split over two cache lines
+       made the block kernel 15% slower */
+    void *raw = tdcrt_malloc((K + N) * mb * (int64_t)sizeof(T) + 64);
+    T *xt = (T *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
+    T *yt = xt + K * mb;
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+        const int64_t rows = min64(mb, M - m0);
+        const T *xb = x + m0 * K;
+        T *ob = out + m0 * N;
+        if (nv == 1)
+            SFX(csr_block1)(xb, values, cols, rowptr, b, has_bias, ob, rows, K, N, xt, yt);
+        else if (nv == 2)
+            SFX(csr_block2)(xb, values, cols, rowptr, b, has_bias, ob, rows, K, N, xt, yt);
+        else
+            SFX(csr_block4)(xb, values, cols, rowptr, b, has_bias, ob, rows, K, N, xt, yt);
+    }
+    free(raw);
+}
+
+#undef BLOCK_KERNEL
+#undef VL
+#endif

@@ -1,0 +1,93 @@
+"""Sparse products: a linear layer whose weight is stored in CSR (compressed sparse rows).
+
+    sparse_linear(x [..., K], values [nnz], cols [nnz] i32, rowptr [N+1] i32[, bias [N]]) -> [..., N]
+
+computes x @ W.T (+ bias) for the [N, K] matrix W whose row n holds values[rowptr[n]:rowptr[n+1]]
+at columns cols[rowptr[n]:rowptr[n+1]] (zeros elsewhere). N comes from rowptr's length and K from
+x's last dim, so the op takes no attributes but a `note` the sparsify pass writes (why the layer is
+sparse: its density and the cost model's times), which `tdc dump` shows.
+
+The CSR arrays are data, not types: inference cannot check that they describe a matrix. `check_csr`
+does (rowptr starts at 0, never decreases, ends at nnz; every column in [0, K)); the reference runs
+it on every call and the compiled executables when they bind the arrays, since their kernels index
+memory with them. Duplicate (row, column) entries are summed, as scipy's CSR product does.
+
+The op is for inference graphs: it has no gradient rule (the pruned pattern is fixed by the weights
+it was built from, which a training step would change), so autodiff refuses a loss that depends
+on a param through it, and the sparsify pass refuses training graphs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import TdcError
+from ..ir.opdef import Attr, defop
+from ..ir.types import TensorType
+from .common import fail, need_float, numel
+
+INDEX_DTYPE = "i32"
+
+
+def _infer(ins, note):
+    x, values, cols, rowptr = ins[:4]
+    need_float(x)
+    if x.rank < 1:
+        fail("x needs rank >= 1")
+    if values.dtype != x.dtype:
+        fail(f"values must be {x.dtype} like x, got {values.dtype}")
+    if values.rank != 1 or cols.shape != values.shape:
+        fail(f"values and cols must be vectors of the same length (nnz), got {list(values.shape)} and "
+             f"{list(cols.shape)}")
+    if cols.dtype != INDEX_DTYPE or rowptr.dtype != INDEX_DTYPE:
+        fail(f"cols and rowptr must be {INDEX_DTYPE}, got {cols.dtype} and {rowptr.dtype}")
+    if rowptr.rank != 1 or rowptr.shape[0] < 1:
+        fail(f"rowptr must be [N+1] with N >= 0, got {list(rowptr.shape)}")
+    n = rowptr.shape[0] - 1
+    if len(ins) == 5 and (ins[4].shape != (n,) or ins[4].dtype != x.dtype):
+        fail(f"bias must be {x.dtype}[{n}], got {ins[4]}")
+    return TensorType(x.dtype, x.shape[:-1] + (n,))
+
+
+def check_csr(values: np.ndarray, cols: np.ndarray, rowptr: np.ndarray, k: int, what: str = "sparse_linear"):
+    """Raise a one-line error unless (values, cols, rowptr) is a CSR matrix with K = k columns."""
+    nnz = len(values)
+    rp = np.asarray(rowptr, np.int64)
+    if len(rp) < 1 or rp[0] != 0 or rp[-1] != nnz or np.any(np.diff(rp) < 0):
+        raise TdcError(f"{what}: rowptr must start at 0, never decrease and end at nnz={nnz}; got "
+                       f"{rp[:4].tolist()}{'...' if len(rp) > 4 else ''} ending at {rp[-1] if len(rp) else None}")
+    c = np.asarray(cols, np.int64)
+    if len(c) and (c.min() < 0 or c.max() >= k):
+        raise TdcError(f"{what}: column indices must lie in [0, {k}), got {c.min()}..{c.max()}")
+
+
+def dense_weight(values, cols, rowptr, k: int) -> np.ndarray:
+    """The [N, K] matrix a CSR triple describes (duplicates summed)."""
+    n = len(rowptr) - 1
+    w = np.zeros((n, k), values.dtype)
+    rows = np.repeat(np.arange(n), np.diff(np.asarray(rowptr, np.int64)))
+    np.add.at(w, (rows, np.asarray(cols, np.int64)), values)
+    return w
+
+
+def to_csr(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, cols, rowptr) of the nonzeros of a 2-D array, row by row, columns ascending."""
+    if w.ndim != 2:
+        raise TdcError(f"to_csr needs a 2-D weight, got shape {list(w.shape)}")
+    rows, cols = np.nonzero(w)
+    counts = np.bincount(rows, minlength=w.shape[0])
+    rowptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return np.ascontiguousarray(w[rows, cols]), cols.astype(np.int32), rowptr
+
+
+def _ref(x, values, cols, rowptr, bias=None, note=""):
+    k = x.shape[-1]
+    check_csr(values, cols, rowptr, k)
+    w = dense_weight(values, cols, rowptr, k)
+    y = (x.reshape(numel(x.shape[:-1]), k) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))   # -1 fails when k = 0
+    return y + bias if bias is not None else y
+
+
+defop("sparse_linear", "sparse", arity=(4, 5), attrs={"note": Attr("str", "", doc="why the layer is sparse")},
+      infer=_infer, ref=_ref, nondiff=(2, 3),
+      cost=lambda ins, outs, note: 2 * numel(outs[0].shape[:-1]) * ins[1].shape[0],
+      doc="x @ W.T + b with W [N, K] in CSR: values [nnz], cols [nnz] i32, rowptr [N+1] i32; inference only")

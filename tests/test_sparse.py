@@ -1,0 +1,276 @@
+"""sparse_linear (CSR weights) and the sparsify pass: the op against a dense linear on the reference,
+the C runtime and the Numba kernel (random shapes and densities, empty rows, no nonzeros), whole
+graphs on every backend and in a native bundle, the cost model's choices, refusals (training,
+malformed CSR arrays) and what `tdc dump --sparse` shows."""
+import ctypes
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tdc
+from tdc.backends import get_target
+from tdc.cli import main
+from tdc.errors import TdcError
+from tdc.frontend.init import init_params
+from tdc.ir.graph import Graph
+from tdc.ir.types import TensorType
+from tdc.ops.sparse import check_csr, dense_weight, to_csr
+from tdc.ops.tensor import Builder
+from tdc.passes.sparsify import sparsify
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from mlp import mlp  # noqa: E402
+
+
+def _pruned(rng, n, k, density, dtype=np.float32, empty_rows=()):
+    w = rng.standard_normal((n, k)).astype(dtype)
+    w[rng.random((n, k)) >= density] = 0
+    for r in empty_rows:
+        if r < n:
+            w[r] = 0
+    return w
+
+
+def _bound(x2, w, dtype):
+    """Float error allowed: a few ulps of the sum of |x||w| per output (the terms' rounding)."""
+    eps = np.finfo(dtype).eps
+    return 8 * eps * (np.abs(x2) @ np.abs(w).T) + np.finfo(dtype).tiny
+
+
+def _reference_linear(x, w, b):
+    y = x.astype(np.float64) @ w.astype(np.float64).T
+    return y + b if b is not None else y
+
+
+# ---- the op's kernels against a float64 dense product ----------------------------------
+
+def _c_kernel(x2, v, c, r, b, n):
+    from tdc.backends.llvm.target import runtime_library
+    lib = runtime_library()
+    m, k = x2.shape
+    out = np.full((m, n), np.nan, x2.dtype)
+    bias = b if b is not None else np.zeros(1, x2.dtype)
+    fn = lib.tdc_sparse_linear_f32 if x2.dtype == np.float32 else lib.tdc_sparse_linear_f64
+    arrs = [np.ascontiguousarray(a) for a in (x2, v, c, r, bias)]
+    p = [ctypes.c_void_p(a.ctypes.data) for a in arrs]
+    fn(*p, ctypes.c_int64(b is not None), ctypes.c_void_p(out.ctypes.data),
+       *(ctypes.c_int64(d) for d in (m, k, n)))
+    return out
+
+
+def _numba_kernel(x2, v, c, r, b, n):
+    from tdc.backends.numba import kernels as K
+    out = np.full((x2.shape[0], n), np.nan, x2.dtype)
+    K.sparse_linear(x2, v, c, r, b if b is not None else np.zeros(1, x2.dtype), b is not None, out)
+    return out
+
+
+def _ref_op(x2, v, c, r, b, n):
+    from tdc.ir.opdef import get_op
+    return get_op("sparse_linear").ref(x2, v, c, r, *([b] if b is not None else []))
+
+
+KERNELS = {"reference": _ref_op, "llvm": _c_kernel, "numba": _numba_kernel}
+
+
+@pytest.mark.parametrize("backend", list(KERNELS))
+@settings(max_examples=40, deadline=None)
+@given(m=st.sampled_from([1, 2, 3, 4, 5, 8, 15, 16, 17, 31, 33, 64, 65, 130]), k=st.integers(0, 70),
+       n=st.integers(0, 40), density=st.sampled_from([0.0, 0.02, 0.1, 0.5, 0.9, 1.0]), bias=st.booleans(),
+       f64=st.booleans(), seed=st.integers(0, 2**31))
+def test_kernel_matches_dense_linear(backend, m, k, n, density, bias, f64, seed):
+    dtype = np.float64 if f64 else np.float32
+    rng = np.random.default_rng(seed)
+    w = _pruned(rng, n, k, density, dtype, empty_rows=(0, n // 2))
+    x = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal(n).astype(dtype) if bias else None
+    v, c, r = to_csr(w)
+    got = KERNELS[backend](x, v, c, r, b, n)
+    assert got.shape == (m, n) and got.dtype == dtype
+    want = _reference_linear(x, w, b)
+    assert np.all(np.abs(got - want) <= _bound(x, w, dtype) + 8 * np.finfo(dtype).eps * np.abs(want))
+
+
+def test_csr_round_trip_and_checks():
+    rng = np.random.default_rng(0)
+    w = _pruned(rng, 7, 9, 0.3, empty_rows=(0, 6))
+    v, c, r = to_csr(w)
+    assert c.dtype == np.int32 and r.dtype == np.int32 and r[0] == 0 and r[-1] == len(v)
+    np.testing.assert_array_equal(dense_weight(v, c, r, 9), w)
+    check_csr(v, c, r, 9)
+    k = int(c.max())     # one column too few for the largest index
+    with pytest.raises(TdcError, match=rf"column indices must lie in \[0, {k}\)"):
+        check_csr(v, c, r, k)
+    bad = r.copy()
+    bad[3] = bad[4] + 1
+    with pytest.raises(TdcError, match="never decrease"):
+        check_csr(v, c, bad, 9)
+
+
+# ---- whole graphs on every backend -------------------------------------------------------
+
+def _sparse_graph(m, k, n, nnz, lead=()):
+    g = Graph("s")
+    with Builder(g) as b:
+        x = b.arg("x", TensorType("f32", (*lead, m, k)), "input")
+        args = [b.arg("v", TensorType("f32", (nnz,)), "const"), b.arg("c", TensorType("i32", (nnz,)), "const"),
+                b.arg("r", TensorType("i32", (n + 1,)), "const"), b.arg("b", TensorType("f32", (n,)), "param")]
+        y = b.apply("sparse_linear", [x, *args]).relu()
+        g.add_output("y", y.value)
+    return g
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba", "llvm"])
+@pytest.mark.parametrize("m,density,lead", [(1, 0.1, ()), (64, 0.1, ()), (5, 0.0, (2,)), (33, 1.0, ())])
+def test_graph_matches_dense(backend, m, density, lead):
+    rng = np.random.default_rng(m)
+    k, n = 37, 19
+    w = _pruned(rng, n, k, density, empty_rows=(3,))
+    v, c, r = to_csr(w)
+    bias = rng.standard_normal(n).astype(np.float32)
+    g = _sparse_graph(m, k, n, len(v), lead)
+    x = rng.standard_normal((*lead, m, k)).astype(np.float32)
+    got = tdc.compile(g, backend=backend, params={"v": v, "c": c, "r": r, "b": bias})(x=x)["y"]
+    want = np.maximum(_reference_linear(x, w, bias), 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba", "llvm"])
+def test_malformed_csr_is_refused_before_any_kernel_runs(backend):
+    v, c, r = to_csr(np.eye(4, 6, dtype=np.float32))
+    g = _sparse_graph(2, 6, 4, len(v))
+    c_bad = c.copy()
+    c_bad[1] = 6
+    params = {"v": v, "c": c_bad, "r": r, "b": np.zeros(4, np.float32)}
+    with pytest.raises(TdcError, match="column indices"):
+        tdc.compile(g, backend=backend, params=params)(x=np.ones((2, 6), np.float32))
+    exe = tdc.compile(g, backend=backend, params={**params, "c": c})
+    if backend != "reference":
+        with pytest.raises(TdcError, match="rowptr"):
+            exe.set_state({"r": np.array([0, 1, 2, 3, 9], np.int32)})
+        np.testing.assert_allclose(exe(x=np.ones((2, 6), np.float32))["y"], np.ones((2, 4)))   # unchanged
+
+
+def test_shape_errors_are_clear():
+    g = Graph("bad")
+    with Builder(g) as b:
+        x = b.arg("x", TensorType("f32", (2, 6)), "input")
+        v = b.arg("v", TensorType("f32", (3,)), "const")
+        c = b.arg("c", TensorType("i64", (3,)), "const")
+        r = b.arg("r", TensorType("i32", (5,)), "const")
+        with pytest.raises(TdcError, match="cols and rowptr must be i32"):
+            b.apply("sparse_linear", [x, v, c, r])
+
+
+def test_no_gradient_and_training_graphs_refused():
+    g, params = _mlp_params(0.9, batch=2)
+    step = tdc.train_step(g, loss="softmax_cross_entropy", optimizer=tdc.Optimizer("sgd", lr=0.1))
+    with pytest.raises(TdcError, match="inference"):
+        sparsify(step, params, mode="on")
+    sg, _, _ = sparsify(g, params, mode="on")
+    assert [a.name for a in sg.params] == ["fc1.bias", "fc2.bias", "fc3.bias"]   # the biases stay trainable
+    with pytest.raises(TdcError, match="no gradient rule"):
+        tdc.train_step(sg, loss="softmax_cross_entropy", optimizer=tdc.Optimizer("sgd", lr=0.1))
+
+
+# ---- the pass and its cost model ----------------------------------------------------------
+
+def _mlp_params(sparsity, seed=0, batch=1):
+    g = mlp.trace(batch=batch)
+    p = init_params(g, seed)
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        w = p[name]
+        if sparsity:
+            w[np.abs(w) < np.quantile(np.abs(w), sparsity)] = 0
+    return g, p
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_cost_model_picks_sparse_when_pruned_and_dense_when_not(batch):
+    target = get_target("llvm")
+    g, p = _mlp_params(0.95, batch=batch)
+    _, _, decisions = sparsify(g, p, target, "auto")
+    by = {d.weight: d for d in decisions}
+    assert by["fc1.weight"].sparse and by["fc2.weight"].sparse, [d.line() for d in decisions]
+    g0, p0 = _mlp_params(0.0, batch=batch)
+    sg, sp, decisions = sparsify(g0, p0, target, "auto")
+    assert not any(d.sparse for d in decisions) and "sparse_linear" not in sg.op_counts()
+    assert sp.keys() == p0.keys()
+
+
+def test_pass_rewrites_the_graph_and_params():
+    g, p = _mlp_params(0.9)
+    sg, sp, decisions = sparsify(g, p, mode="on")
+    assert sg.op_counts()["sparse_linear"] == 3 and "linear" not in sg.op_counts()
+    assert "fc1.weight" not in sp and "fc1.weight" not in {a.name for a in sg.args}
+    assert sp["fc1.weight.values"].size == np.count_nonzero(p["fc1.weight"]) == decisions[0].nnz
+    x = np.random.default_rng(1).standard_normal((1, 784)).astype(np.float32)
+    np.testing.assert_allclose(tdc.compile(sg, params=sp)(x=x)["out"], tdc.compile(g, params=p)(x=x)["out"],
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(TdcError, match="--sparse must be one of"):
+        sparsify(g, p, mode="yes")
+
+
+def test_layer_with_no_nonzeros():
+    g, p = _mlp_params(0.0)
+    p["fc2.weight"][:] = 0
+    sg, sp, _ = sparsify(g, p, mode="on")
+    assert sp["fc2.weight.values"].size == 0
+    x = np.random.default_rng(2).standard_normal((1, 784)).astype(np.float32)
+    want = tdc.compile(g, params=p)(x=x)["out"]
+    for backend in ("llvm", "numba"):
+        np.testing.assert_allclose(tdc.compile(sg, backend=backend, params=sp)(x=x)["out"], want, rtol=1e-5,
+                                   atol=1e-6)
+
+
+# ---- native bundle and the CLI -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pruned_weights(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sparse")
+    g, p = _mlp_params(0.9, seed=3, batch=4)
+    np.savez(d / "w.npz", **p)
+    x = np.random.default_rng(4).standard_normal((4, 784)).astype(np.float32)
+    np.save(d / "x.npy", x)
+    return d, g, p, x
+
+
+def test_native_bundle_with_sparse_layers_matches_dense_model(pruned_weights):
+    from tdc.backends.llvm.bundle import write_bundle
+    d, g, p, x = pruned_weights
+    sg, sp, _ = sparsify(g, p, mode="on")
+    b = write_bundle(sg, str(d / "bundle"), params=sp, copy_blas=False)
+    r = subprocess.run([b.executable, "--input", f"x={d / 'x.npy'}", "--output", f"out={d / 'y.npy'}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.load(d / "y.npy"), tdc.compile(g, params=p)(x=x)["out"], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_dump_names_the_sparse_layers(pruned_weights, capsys):
+    d, *_ = pruned_weights
+    assert main(["dump", "examples/mlp.py", "--batch", "4", "--weights", str(d / "w.npz"), "--sparse", "on"]) == 0
+    out = capsys.readouterr().out
+    for layer in ("fc1", "fc2", "fc3"):
+        assert f"// sparsify: {layer}.weight [" in out and "csr, density 0.1000" in out
+    assert out.count("= sparse_linear(") == 3
+    assert main(["dump", "examples/mlp.py", "--weights", str(d / "w.npz"), "--sparse", "off"]) == 0
+    assert "sparse_linear" not in capsys.readouterr().out
+    assert main(["dump", "examples/mlp.py", "--sparse", "sometimes"]) == 1
+    assert "--sparse must be one of auto, on, off" in capsys.readouterr().err
+
+
+def test_cli_run_sparse_matches_dense(pruned_weights, capsys):
+    d, *_ = pruned_weights
+    outs = {}
+    for mode in ("on", "off"):
+        assert main(["run", "examples/mlp.py", "--batch", "4", "--weights", str(d / "w.npz"), "--input",
+                     f"x={d / 'x.npy'}", "--sparse", mode, "--output", str(d / f"{mode}.npy")]) == 0
+        outs[mode] = np.load(d / f"{mode}.npy")
+    np.testing.assert_allclose(outs["on"], outs["off"], rtol=1e-5, atol=1e-6)
+    assert main(["run", "examples/mlp.py", "--random-inputs", "--sparse", "on"]) == 1
+    assert "needs the pruned weights" in capsys.readouterr().err
