@@ -2,3 +2,4 @@
 `tdc.ir.opdef`); `tensor.py` and `functional.py` are the graph-building API that the
 families' gradient rules, the passes and the DSL are written in."""
 from . import comm, conv, elementwise, linalg, loss, norm, pool, reduce, shape  # noqa: F401
+from . import quant  # noqa: F401
