@@ -42,6 +42,21 @@ static void pack_weights(const int8_t *w, int64_t n, int64_t K, int64_t ldw, con
     memset(packed, 0, (size_t)(nv * ng * 64));
     for (int64_t c = 0; c < nv * QV; c++)
         wsum[c] = 0;
+    if (!kpos) {    /* the identity order (qlinear, every call): written in packed order, 4 bytes at a time */
+        for (int64_t c = 0; c < n; c++) {
+            const int8_t *restrict src = w + c * ldw;
+            int8_t *restrict dst = packed + (c / QV * ng * QV + c % QV) * 4;
+            int64_t s = 0;
+            for (int64_t k = 0; k < K; k++)
+                s += src[k];
+            wsum[c] = s;
+            for (int64_t g = 0; g < K / 4; g++)
+                memcpy(dst + g * QV * 4, src + 4 * g, 4);
+            for (int64_t k = K / 4 * 4; k < K; k++)
+                dst[(k / 4) * QV * 4 + k % 4] = src[k];
+        }
+        return;
+    }
     for (int64_t c = 0; c < n; c++)
         for (int64_t k = 0; k < K; k++) {
             const int64_t p = kpos ? kpos[k] : k;
@@ -169,32 +184,69 @@ typedef struct {
     int64_t ng;
     const int8_t *packed;       /* [nv][ng][64] */
     int64_t n;                  /* output channels */
-    const int64_t *off;         /* per channel: bias - (128 + x_zero) * wsum */
-    const float *mult;          /* per channel */
+    const uint32_t *off;        /* per channel, padded to whole blocks: bias - (128 + x_zero) * wsum, mod 2^32 */
+    const float *mult;          /* per channel, padded likewise */
     int32_t y_zero, lo;         /* i8 output: clamp to [lo, 127] */
     int relu, out_f32;
     void *out;                  /* element (r, c) at r * ors + c * ocs */
     int64_t ors, ocs;
 } qgemm;
 
+/* One channel vector (16 lanes) of the epilogue: acc + off wraps mod 2^32 like numpy's int64 ->
+ * int32 astype (the accumulator itself always fits), then the reference's float32 steps. */
+static inline void requant16(const qgemm *q, const int32_t *t, int64_t c, int8_t *q8, float *f)
+{
+#if defined(__AVX512F__)
+    const __m512i a = _mm512_add_epi32(_mm512_loadu_si512((const void *)t),
+                                       _mm512_loadu_si512((const void *)(q->off + c)));
+    const __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_loadu_ps(q->mult + c));
+    if (q->out_f32) {
+        _mm512_storeu_ps(f, q->relu ? _mm512_max_ps(y, _mm512_setzero_ps()) : y);
+        return;
+    }
+    __m512 r = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-256.0f)), _mm512_set1_ps(256.0f));
+    __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(r), _mm512_set1_epi32(q->y_zero));
+    v = _mm512_min_epi32(_mm512_max_epi32(v, _mm512_set1_epi32(q->lo)), _mm512_set1_epi32(127));
+    _mm_storeu_si128((__m128i *)q8, _mm512_cvtepi32_epi8(v));
+#else
+    for (int l = 0; l < QV; l++) {
+        const float y = (float)(int32_t)((uint32_t)t[l] + q->off[c + l]) * q->mult[c + l];
+        if (q->out_f32) {
+            f[l] = q->relu && y < 0 ? 0.0f : y;
+            continue;
+        }
+        float r = rintf(y);
+        r = r < -256.0f ? -256.0f : r > 256.0f ? 256.0f : r;
+        const int32_t v = (int32_t)r + q->y_zero;
+        q8[l] = (int8_t)(v < q->lo ? q->lo : v > 127 ? 127 : v);
+    }
+#endif
+}
+
 static inline void epilogue(const qgemm *q, const int32_t *t, int64_t r0, int64_t mr, int64_t c0, int64_t nc,
                             int64_t ld)
 {
+    int8_t q8[MR1 * QV * 4];
+    float f[MR1 * QV * 4];
     for (int64_t i = 0; i < mr; i++)
-        for (int64_t j = 0; j < nc; j++) {
-            const int64_t c = c0 + j;
-            const float a = (float)(int32_t)((int64_t)t[i * ld + j] + q->off[c]);   /* wraps like numpy's astype */
-            const int64_t at = (r0 + i) * q->ors + c * q->ocs;
-            if (q->out_f32) {
-                float y = a * q->mult[c];
-                ((float *)q->out)[at] = q->relu && y < 0 ? 0.0f : y;
-            } else {
-                float r = rintf(a * q->mult[c]);
-                r = r < -256.0f ? -256.0f : r > 256.0f ? 256.0f : r;
-                int32_t v = (int32_t)r + q->y_zero;
-                ((int8_t *)q->out)[at] = (int8_t)(v < q->lo ? q->lo : v > 127 ? 127 : v);
-            }
-        }
+        for (int64_t j = 0; j < nc; j += QV)
+            requant16(q, t + i * ld + j, c0 + j, q8 + i * ld + j, f + i * ld + j);
+    const int64_t es = q->out_f32 ? 4 : 1;
+    char *out = (char *)q->out;
+    if (q->ocs == 1) {          /* rows of channels: contiguous runs */
+        for (int64_t i = 0; i < mr; i++)
+            memcpy(out + ((r0 + i) * q->ors + c0) * es, q->out_f32 ? (void *)(f + i * ld) : (void *)(q8 + i * ld),
+                   (size_t)(nc * es));
+    } else if (q->out_f32) {
+        for (int64_t j = 0; j < nc; j++)
+            for (int64_t i = 0; i < mr; i++)
+                ((float *)out)[(r0 + i) * q->ors + (c0 + j) * q->ocs] = f[i * ld + j];
+    } else {
+        for (int64_t j = 0; j < nc; j++)
+            for (int64_t i = 0; i < mr; i++)
+                ((int8_t *)out)[(r0 + i) * q->ors + (c0 + j) * q->ocs] = q8[i * ld + j];
+    }
 }
 
 /* rows [r0, r1), every channel */
@@ -225,12 +277,22 @@ static void qgemm_rows(const qgemm *q, int64_t r0, int64_t r1)
     }
 }
 
-/* Per-channel offsets: bias - (128 + x_zero) * sum_k w */
+/* Per-channel offsets: bias - (128 + x_zero) * sum_k w, mod 2^32 */
 static void offsets(const int32_t *bias, int64_t has_bias, const int64_t *wsum, int64_t n, int64_t x_zero,
-                    int64_t *off)
+                    uint32_t *off)
 {
     for (int64_t c = 0; c < n; c++)
-        off[c] = (has_bias ? bias[c] : 0) - (128 + x_zero) * wsum[c];
+        off[c] = (uint32_t)((has_bias ? bias[c] : 0) - (128 + x_zero) * wsum[c]);
+}
+
+/* mult padded to whole channel blocks (the epilogue reads 16 at a time) */
+static float *padded_mult(const float *mult, int64_t n)
+{
+    float *m = tdcrt_malloc(rup(n, QV) * (int64_t)sizeof(float));
+    memcpy(m, mult, (size_t)n * sizeof(float));
+    for (int64_t c = n; c < rup(n, QV); c++)
+        m[c] = 0.0f;
+    return m;
 }
 
 /* ---- qlinear -------------------------------------------------------------------------------- */
@@ -248,10 +310,10 @@ static void qlinear_rows(void *ctx, int64_t r0, int64_t r1)
         return;
     uint8_t *xu = tdcrt_malloc((r1 - r0) * j->Kp + 64);
     for (int64_t r = r0; r < r1; r++) {
-        uint8_t *d = xu + (r - r0) * j->Kp;
-        const int8_t *s = j->x + r * j->K;
+        uint8_t *restrict d = xu + (r - r0) * j->Kp;
+        const uint8_t *restrict s = (const uint8_t *)(j->x + r * j->K);
         for (int64_t k = 0; k < j->K; k++)
-            d[k] = (uint8_t)s[k] ^ 0x80;
+            d[k] = s[k] ^ 0x80;
         for (int64_t k = j->K; k < j->Kp; k++)
             d[k] = 0x80;
     }
@@ -285,18 +347,24 @@ void tdc_qlinear_i8(const int8_t *x, const int8_t *w, const int32_t *bias, int64
         pack_weights(w, N, K, K, NULL, ng, packed, own_sum);
         wsum = own_sum;
     }
-    int64_t *off = tdcrt_malloc(N * (int64_t)sizeof(int64_t));
+    uint32_t *off = calloc((size_t)(nv * QV), sizeof(uint32_t));
+    float *m = padded_mult(mult, N);
     int64_t *goff = tdcrt_malloc(ng * (int64_t)sizeof(int64_t));
+    if (!off) {
+        fprintf(stderr, "tdc runtime: out of memory\n");
+        exit(1);
+    }
     offsets(bias, has_bias, wsum, N, x_zero, off);
     for (int64_t g = 0; g < ng; g++)
         goff[g] = 4 * g;
-    qlinear_job j = {{NULL, 1, Kp, 0, goff, ng, prepacked ? prepacked : packed, N, off, mult, (int32_t)y_zero,
+    qlinear_job j = {{NULL, 1, Kp, 0, goff, ng, prepacked ? prepacked : packed, N, off, m, (int32_t)y_zero,
                       relu ? (int32_t)y_zero : -128, (int)relu, (int)out_f32, out, N, 1},
                      x, K, Kp};
     tdcrt_parallel_for(M, 2.0 * M * N * Kp, qlinear_rows, &j);
     free(packed);
     free(own_sum);
     free(off);
+    free(m);
     free(goff);
 }
 
@@ -306,7 +374,7 @@ typedef struct {
     qgemm q;                    /* rbase, out set per image and group */
     const int8_t *x;
     const int8_t *packed;       /* [groups][nv][ng][64] */
-    const int64_t *off;         /* [CO] */
+    const uint32_t *off;        /* [CO + QV] */
     int64_t C, H, W, CO, OH, OW, pt, pl, groups, cs, hp, wp, x_zero;
 } qconv_job;
 
@@ -369,12 +437,20 @@ void tdc_qconv2d_i8(const int8_t *x, const int8_t *w, const int32_t *bias, int64
     }
     int8_t *packed = tdcrt_malloc(groups * nv * ng * 64);
     int64_t *wsum = tdcrt_malloc(nv * QV * (int64_t)sizeof(int64_t));
-    int64_t *off = tdcrt_malloc(CO * (int64_t)sizeof(int64_t));
+    uint32_t *off = calloc((size_t)(CO + QV), sizeof(uint32_t));
+    float *m = tdcrt_malloc((CO + QV) * (int64_t)sizeof(float));
+    if (!off) {
+        fprintf(stderr, "tdc runtime: out of memory\n");
+        exit(1);
+    }
+    memcpy(m, mult, (size_t)CO * sizeof(float));
+    for (int64_t c = CO; c < CO + QV; c++)
+        m[c] = 0.0f;
     for (int64_t gi = 0; gi < groups; gi++) {
         pack_weights(w + gi * cog * K, cog, K, K, kpos, ng, packed + gi * nv * ng * 64, wsum);
         offsets(has_bias ? bias + gi * cog : NULL, has_bias, wsum, cog, x_zero, off + gi * cog);
     }
-    qconv_job j = {{NULL, OW, sh * wp * cs, sw * cs, goff, ng, NULL, cog, NULL, mult, (int32_t)y_zero,
+    qconv_job j = {{NULL, OW, sh * wp * cs, sw * cs, goff, ng, NULL, cog, NULL, m, (int32_t)y_zero,
                     relu ? (int32_t)y_zero : -128, (int)relu, (int)out_f32, out, 1, OH * OW},
                    x, packed, off, C, H, W, CO, OH, OW, pt, pl, groups, cs, hp, wp, x_zero};
     tdcrt_parallel_for(N, 2.0 * N * CO * OH * OW * K, qconv_images, &j);
@@ -383,6 +459,7 @@ void tdc_qconv2d_i8(const int8_t *x, const int8_t *w, const int32_t *bias, int64
     free(packed);
     free(wsum);
     free(off);
+    free(m);
 }
 
 /* ---- quantize, dequantize ---------------------------------------------------------------------- */
