@@ -28,10 +28,11 @@ def _window_attrs(dilation: bool, **extra) -> dict:
     return attrs
 
 
-def _check_input(x: TensorType, what="input"):
+def _check_input(x: TensorType, what="input", int8: bool = False):
     if x.rank != 4:
         fail(f"the {what} must be NCHW (rank 4), got shape {list(x.shape)}")
-    need_float(x, f"the {what}")
+    if not (int8 and x.dtype == "i8"):
+        need_float(x, f"the {what}")
 
 
 def _covered(size, k, s, d, lo, n) -> np.ndarray:
@@ -65,7 +66,8 @@ MAX_ATTRS = _window_attrs(dilation=True)
 
 
 def _maxpool_infer(ins, kernel, stride, pad, dilation, ceil_mode):
-    _check_input(ins[0])
+    # i8 too: max commutes with an affine quantization (scale > 0), so int8 graphs pool their codes
+    _check_input(ins[0], int8=True)
     return ins[0].with_shape(_pool_out(ins[0].shape, kernel, stride, pad, dilation, ceil_mode, True))
 
 
@@ -83,7 +85,8 @@ def _argmax(x, **a):
 
 
 def _maxpool_ref(x, **a):
-    win, _ = _max_windows(x, fill=-np.inf, **a)
+    # every window overlaps the real input, so the lowest value of the dtype acts as -inf
+    win, _ = _max_windows(x, fill=-np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min, **a)
     return win.max(axis=2)
 
 

@@ -29,6 +29,7 @@ from ...lower.loops import Const, LoopKernel, Operand
 from ...lower.memplan import MemoryPlan, align, plan_memory
 from ...lower.plan import Copy, Fallback, KernelPlan, Library, Loop, View, avgpool_divisors, build_plan
 from ...ops.common import norm_axis
+from . import quant as Q
 from . import scalar as S
 from .scalar import F64, I64, MEM, REG, const
 
@@ -125,7 +126,7 @@ class ModuleBuilder:
                 raise TdcError(f"llvm backend: {n.op} {why}{' at ' + n.loc if n.loc else ''}")
             if isinstance(step, Library):
                 dt = _library_dtype(step.node)
-                if dt not in LIBRARY_DTYPES and step.node.op != "gather":     # gather moves bytes
+                if dt not in LIBRARY_DTYPES and step.node.op != "gather" and not Q.supports(step.node):
                     raise TdcError(f"llvm backend: {step.node.op} on {dt} is not supported (only f32 and f64)"
                                    f"{' at ' + step.node.loc if step.node.loc else ''}")
 
@@ -324,8 +325,12 @@ class ModuleBuilder:
             elif kind == "f64":
                 ll_args.append(ir.Constant(F64, float(x)))
                 types.append(F64)
-            else:   # a constant table (int64 or float64 array)
-                ll_args.append(b.bitcast(self._constant_bytes("table", x.tobytes() or b"\0", 8), PTR))
+            else:   # a constant table (any array); a large one goes into the weights buffer, as literals do
+                data = x.tobytes() or b"\0"
+                if len(data) > BOUND_LITERAL_BYTES:
+                    ll_args.append(b.gep(self.weights_arg, [ir.Constant(I64, self.weights.bind(data))], source_etype=S.I8))
+                else:
+                    ll_args.append(b.bitcast(self._constant_bytes("table", data, 8), PTR))
                 types.append(PTR)
         ret = I64 if checks else ir.VoidType()
         callee = self.module.globals.get(cname)
@@ -383,6 +388,8 @@ def library_call(node: Node):
     def bias():
         return (I[2], ("i64", 1)) if len(ins) == 3 else (I[0], ("i64", 0))   # an unread pointer without bias
 
+    if Q.supports(node):     # the int8 ops, maxpool2d on i8 codes (runtime/quant.c)
+        return (*Q.quant_call(node, _window), False)
     if op == "linear":
         K, N = ins[1][1], ins[1][0]
         args = [I[0], I[1], *bias(), O[0], *i64([int(np.prod(ins[0])) // K, K, N])]

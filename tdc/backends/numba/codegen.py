@@ -39,9 +39,13 @@ class NumbaProgram:
 
 
 def is_python_step(step) -> bool:
-    """Whether a step runs at Python level: a fallback, or an FFT convolution."""
-    return isinstance(step, Fallback) or (isinstance(step, Library) and step.node.op in CONV_OPS
-                                          and step.node.attrs["algo"] == "fft")
+    """Whether a step runs at Python level: a fallback, an FFT convolution, or an int8 op (no
+    Numba kernel: its numpy reference runs, exact but not fast; the LLVM backend has kernels)."""
+    if isinstance(step, Fallback):
+        return True
+    n = step.node if isinstance(step, Library) else None
+    return n is not None and ((n.op in CONV_OPS and n.attrs["algo"] == "fft") or n.opdef.family == "quant"
+                              or (n.op == "maxpool2d" and n.inputs[0].type.dtype == "i8"))
 
 
 def render(plan: KernelPlan) -> NumbaProgram:
@@ -61,7 +65,8 @@ def render(plan: KernelPlan) -> NumbaProgram:
         elif isinstance(step, Fallback):
             prog.fallbacks.append(f"{step.name}: {step.node.op}" + (" (dtype)" if step.why == "dtype" else ""))
         elif is_python_step(step):
-            prog.fallbacks.append(f"{step.name}: {step.node.op} by FFT (numpy.fft, Python level)")
+            how = "by FFT (numpy.fft" if step.node.op in CONV_OPS else "(its numpy reference"
+            prog.fallbacks.append(f"{step.name}: {step.node.op} {how}, Python level)")
     return prog
 
 
