@@ -109,11 +109,24 @@ def test_kmeans_is_exact_with_as_many_centroids_as_values():
 
 
 def test_quantize_spec_is_checked():
-    assert Quantize.parse("kmeans:32") == Quantize(32, "linear")
-    assert Quantize.parse("kmeans:4:density") == Quantize(4, "density")
+    assert Quantize.parse("kmeans:32") == Quantize("kmeans", 32, "linear")
+    assert Quantize.parse("kmeans:4:density") == Quantize("kmeans", 4, "density")
+    assert Quantize.parse("ternary").kind == "ternary"
     for bad in ["kmeans", "kmeans:1", "kmeans:257", "kmeans:x", "int8", "kmeans:8:sorted"]:
         with pytest.raises(TdcError, match="--quantize must be kmeans:K"):
             Quantize.parse(bad)
+
+
+def test_binary_and_ternary_weights_are_a_sign_and_a_scale():
+    w = np.array([[0.9, -0.1, 0.0, -1.1], [0.05, 0.3, -0.6, 0.2]], np.float32)
+    b = Quantize.parse("binary").share(w)
+    kept = w != 0
+    alpha = np.abs(w[kept]).mean()
+    np.testing.assert_allclose(b.dense()[kept], np.sign(w[kept]) * alpha, rtol=1e-6)
+    assert b.dense()[0, 2] == 0                       # a pruned weight stays pruned
+    t = Quantize.parse("ternary").share(w)
+    big = np.abs(w) > 0.7 * alpha                     # TWN's threshold
+    np.testing.assert_allclose(t.dense(), np.where(big, np.sign(w) * np.abs(w[big]).mean(), 0), rtol=1e-6)
 
 
 # ---- the file ---------------------------------------------------------------------------------
@@ -128,7 +141,7 @@ def _shared(rng, shape, k, density):
 def test_the_file_round_trips_and_load_weights_reads_it(tmp_path, huffman):
     rng = np.random.default_rng(1)
     shared = {"a.weight": _shared(rng, (30, 40), 16, 0.1), "b.weight": _shared(rng, (5, 3, 3, 3), 4, 0.7),
-              "empty": _shared(rng, (7,), 2, 0.0)}
+              "empty": _shared(rng, (7,), 2, 0.0), "dense": _shared(rng, (3, 9), 2, 1.0)}
     raw = {"a.bias": rng.standard_normal(30).astype(np.float32), "n": np.arange(4, dtype=np.int64)}
     path = str(tmp_path / "m.tdcz")
     write_compressed(path, raw, {k: encode_shared(s, huffman) for k, s in shared.items()})
@@ -184,6 +197,7 @@ def _with_header(data: bytes, edit) -> bytes:
     (lambda h: h["arrays"][0].update(shape=[4]), "holds 12 bytes"),
     (lambda h: h["arrays"][1].update(codec="lzma"), "unknown codec"),
     (lambda h: h["arrays"][1].pop("gaps"), "gaps"),
+    (lambda h: h["arrays"][1].update(index_bits=40), "40-bit indices"),
 ])
 def test_a_consistent_checksum_does_not_hide_a_bad_header(tmp_path, edit, message):
     path, data = _file(tmp_path)

@@ -11,7 +11,8 @@ A shared weight W (n values, nnz of them kept) is stored as two streams of symbo
 
 and every other array (biases, normalization params, ...) raw. With Huffman coding each stream
 is a canonical Huffman code (its code lengths stored, 5 bits per symbol, none over 24 bits)
-instead of fixed-width symbols. b is chosen per layer, 1..8, for the smallest stream.
+instead of fixed-width symbols. b is chosen per layer, 1..8, for the smallest stream; b = 0 when
+no weight of the layer is pruned (there are then no gaps to store).
 
 File: MAGIC | u64 header length | header (zlib'd JSON) | payload | u64 FNV-1a of all before it.
 The header lists the arrays with their codec, shapes and the byte ranges of their streams in the
@@ -224,6 +225,8 @@ class SharedLayer:
         """(index bits, layer bits) of its best fixed-width coding (P+Q: no Huffman), which may
         take another index width than the Huffman-coded file's."""
         n = int(np.prod(self.shape))
+        if self.index_bits == 0:
+            return 0, self.codes.count * self.codes.width + 32 * len(self.centroids)
         kept = np.zeros(n, bool)
         kept[positions(decode_stream(self.gaps), self.index_bits, n)] = True
         b = min(range(1, MAX_INDEX_BITS + 1), key=lambda b: len(gap_symbols(kept, b)) * b)
@@ -237,6 +240,9 @@ def encode_shared(w: SharedWeight, huffman: bool) -> SharedLayer:
     if k < 1 or (kept.any() and flat.max() >= k):
         raise TdcError(f"shared weight codes must be in [0, {k}) or -1, with k >= 1")
     codes = encode_stream(flat[kept].astype(np.int64), k, huffman)
+    if kept.all():      # no weight pruned (binary weights, say): the positions go without saying
+        return SharedLayer(tuple(w.codes.shape), 0, encode_stream(np.zeros(0, np.int64), 1, False), codes,
+                           np.asarray(w.centroids, np.float32))
     best = None
     for b in range(1, MAX_INDEX_BITS + 1):
         gaps = encode_stream(gap_symbols(kept, b), 1 << b, huffman)
@@ -249,7 +255,7 @@ def decode_shared(layer: SharedLayer) -> np.ndarray:
     n = int(np.prod(layer.shape))
     if len(layer.centroids) != layer.codes.alphabet:
         raise ValueError(f"{len(layer.centroids)} centroids for {layer.codes.alphabet} codes")
-    pos = positions(decode_stream(layer.gaps), layer.index_bits, n)
+    pos = np.arange(n) if layer.index_bits == 0 else positions(decode_stream(layer.gaps), layer.index_bits, n)
     codes = decode_stream(layer.codes)
     if len(pos) != len(codes):
         raise ValueError(f"its index stream names {len(pos)} weights but it has {len(codes)} codes")
@@ -347,6 +353,8 @@ def read_compressed_layers(path: str) -> tuple[dict[str, np.ndarray], dict[str, 
                     raise ValueError(f"{name} holds {len(b)} bytes, not {list(shape)} of {a['dtype']}")
                 raw[name] = np.frombuffer(b, dt.newbyteorder("<")).astype(dt).reshape(shape)
             elif a["codec"] == "shared":
+                if not 0 <= int(a["index_bits"]) <= MAX_INDEX_BITS:
+                    raise ValueError(f"{name} has {a['index_bits']}-bit indices")
                 shared[name] = SharedLayer(shape, int(a["index_bits"]), stream(a["gaps"]), stream(a["codes"]),
                                            np.frombuffer(take(a["centroids"]), "<f4").astype(np.float32))
             else:

@@ -32,17 +32,37 @@ INITS = ("linear", "density", "random")
 
 @dataclass(frozen=True)
 class Quantize:
-    k: int
+    """kmeans: k shared weights per layer; binary: sign(w) times one scale per sign (XNOR-Net's
+    alpha = mean |w| to start); ternary: as binary, and the weights under 0.7 mean |w| pruned
+    too (Ternary Weight Networks' threshold). The scales are then retrained as centroids."""
+    kind: str
+    k: int = 2
     init: str = "linear"
 
     @staticmethod
     def parse(spec: str) -> "Quantize":
+        if spec in ("binary", "ternary"):
+            return Quantize(spec)
         kind, _, rest = spec.partition(":")
         k, _, init = rest.partition(":")
-        bad = f"--quantize must be kmeans:K or kmeans:K:INIT (K from 2 to 256, INIT {'|'.join(INITS)}), not {spec!r}"
+        bad = (f"--quantize must be kmeans:K or kmeans:K:INIT (K from 2 to 256, INIT {'|'.join(INITS)}), binary "
+               f"or ternary, not {spec!r}")
         if kind != "kmeans" or not k.isdigit() or not 2 <= int(k) <= 256 or (init and init not in INITS):
             raise TdcError(bad)
-        return Quantize(int(k), init or "linear")
+        return Quantize("kmeans", int(k), init or "linear")
+
+    def share(self, w: np.ndarray, seed: int = 0) -> SharedWeight:
+        """The weight's codes (-1 where pruned: its zeros, and ternary's small weights) and centroids."""
+        kept = w != 0
+        if self.kind == "ternary" and kept.any():
+            kept &= np.abs(w) > 0.7 * np.abs(w[kept]).mean()
+        codes = np.full(w.shape, -1, np.int64)
+        if self.kind == "kmeans":
+            centroids, codes[kept] = kmeans_1d(w[kept], self.k, self.init, seed=seed)
+        else:
+            alpha = float(np.abs(w[kept]).mean()) if kept.any() else 0.0
+            centroids, codes[kept] = np.array([-alpha, alpha], np.float32), w[kept] > 0
+        return SharedWeight(codes, centroids)
 
 
 def kmeans_1d(values: np.ndarray, k: int, init: str = "linear", iters: int = 50,
@@ -155,14 +175,7 @@ def compress(model, params: dict[str, np.ndarray], data: Dataset, output: str, *
         accuracy["pruned"] = r.test_accuracy
         out(f"pruned to {prune.sparsity:g} ({prune.scope}) and retrained {epochs} epochs: test accuracy "
             f"{accuracy['pruned']:.4f}")
-    shared = {}
-    for name in weights:
-        w = params[name]
-        kept = w != 0
-        centroids, codes = kmeans_1d(w[kept], quantize.k, quantize.init, seed=seed)
-        full = np.full(w.shape, -1, np.int64)
-        full[kept] = codes
-        shared[name] = SharedWeight(full, centroids)
+    shared = {name: quantize.share(params[name], seed) for name in weights}
     shared = retrain_centroids(model, params, shared, x_train, y_train, epochs=share_epochs, batch=batch,
                                optimizer=optimizer, backend=backend, seed=seed)
     layers = {k: encode_shared(s, huffman) for k, s in shared.items()}
@@ -200,11 +213,12 @@ def compression_table(raw: dict[str, np.ndarray], shared: dict[str, SharedLayer]
         n = int(np.prod(s.shape))
         b, pq = s.fixed()
         index_pq = pq - s.codes.count * s.codes.width - 32 * len(s.centroids)
+        index_entries = index_pq // b if b else 0
         rows.append([name, _count(n), f"{100 * s.nnz / max(n, 1):.1f}%", str(s.codes.width),
                      h(f"{s.codes.bits / max(s.nnz, 1):.1f}"), str(b), h(f"{s.gaps.bits / max(s.gaps.count, 1):.1f}"),
                      f"{100 * pq / (32 * n):.2f}%", h(f"{100 * s.bits() / (32 * n):.2f}%")])
         for k, v in [("n", n), ("kept", s.nnz), ("pq", pq), ("pqh", s.bits()), ("code_pq", s.nnz * s.codes.width),
-                     ("code_h", s.codes.bits), ("index_pq", index_pq), ("index_pq_count", index_pq // b),
+                     ("code_h", s.codes.bits), ("index_pq", index_pq), ("index_pq_count", index_entries),
                      ("index_h", s.gaps.bits), ("index_count", s.gaps.count)]:
             t[k] += v
     n_raw = sum(int(v.size) for v in raw.values())
@@ -251,9 +265,10 @@ def add_compress_arguments(p) -> None:
                    help="S of each layer (layer, the default) or one threshold over all of them (global)")
     p.add_argument("--prune-schedule", default="oneshot", metavar="oneshot|iterative:N",
                    help="as tdc train's: prune at once, or ramp up to S over N epochs (default oneshot)")
-    p.add_argument("--quantize", required=True, metavar="kmeans:K[:INIT]",
+    p.add_argument("--quantize", required=True, metavar="kmeans:K[:INIT]|binary|ternary",
                    help="share each weight's survivors among K centroids (2..256) found by k-means, initialised "
-                        "linear (default), density or random, then retrain the centroids")
+                        "linear (default), density or random; or binary (sign and a scale per sign) or ternary "
+                        "(binary, with the weights under 0.7 mean |w| pruned); then retrain the centroids")
     p.add_argument("--huffman", action="store_true", help="Huffman-code the cluster codes and the index gaps")
     p.add_argument("--epochs", type=int, default=4, help="retraining epochs after pruning (default 4)")
     p.add_argument("--share-epochs", type=int, default=2, help="epochs retraining the centroids (default 2)")
