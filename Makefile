@@ -86,6 +86,15 @@ demo: $(STAMP)
 	$(TDC) compile examples/digits.py --batch 16 --train --optimizer sgd --ranks 2 --parallel spatial -o out/digits_sp
 	$(VENV)/bin/mpiexec -n 2 out/digits_sp/model --input x=out/digits_x_train.npy --input y=out/digits_y_train.npy \
 	    --input lr=0.05 --steps 300 --print-every 100 --save out/digits_sp.weights
+	@echo
+	@echo "== 10. Deep Compression of the 784-300-100-10 MLP: prune, share weights by k-means, Huffman-code"
+	$(PY) -c "from tdc.runtime.data import write_digits_as_mnist; write_digits_as_mnist('out/mnist')"
+	$(TDC) train examples/mlp.py --data mnist:out/mnist --epochs 20 --weight-decay 1e-3 --save-weights out/mlp.npz \
+	    --no-progress
+	$(TDC) compress examples/mlp.py --weights out/mlp.npz --data mnist:out/mnist --prune 0.92 --prune-scope global \
+	    --prune-schedule iterative:6 --epochs 20 --quantize kmeans:8 --huffman -o out/mlp.tdcz
+	@echo "   The compressed file is a weights file: at batch 1 its pruned layers run as CSR products:"
+	$(TDC) dump examples/mlp.py --batch 1 --backend llvm --weights out/mlp.tdcz | grep "sparsify"
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache    # the layers point down (pyproject.toml: [tool.importlinter])
