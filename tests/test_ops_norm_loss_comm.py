@@ -527,7 +527,8 @@ TESTED = {
                     "rsqrt", "relu", "leaky_relu", "sigmoid", "tanh", "cast", "constant", "full"},
     "linalg": {"matmul", "linear"},
     "reduce": {"reduce_sum", "reduce_mean", "reduce_max", "softmax", "log_softmax"},
-    "shape": {"reshape", "flatten", "transpose", "broadcast_to", "concat", "slice", "slice_grad", "pad"},
+    "shape": {"reshape", "flatten", "transpose", "broadcast_to", "concat", "slice", "slice_grad", "pad",
+              "gather", "gather_grad"},                                          # gather: test_gather.py
     "norm": {"batchnorm", "dropout"},
     "loss": {"softmax_cross_entropy", "mse", "one_hot"},
     "comm": {"allreduce", "allreduce_start", "allreduce_wait", "broadcast", "reduce_to", "send", "recv", "push",

@@ -531,6 +531,10 @@ def fail_job(message: str, code: int = 3) -> None:
     waiting for it until their timeout)."""
     print(f"tdc: error: {message}", file=sys.stderr, flush=True)
     if launched_ranks() > 1:
+        import time
         from mpi4py import MPI
+        # hydra forwards a rank's stderr asynchronously and the abort tears its forwarding down:
+        # on a loaded machine the line was lost (the job then ended with no reason given)
+        time.sleep(0.5)
         MPI.COMM_WORLD.Abort(code)
     sys.exit(code)
