@@ -83,6 +83,7 @@ CASES = [
     ("concat", [any_(2, 3), any_(2, 2), any_(2, 1)], {"axis": 1}),
     ("slice", [any_(5, 6)], {"starts": (1, 0), "ends": (4, 6), "steps": (2, 3)}),
     ("slice_grad", [any_(2, 2)], {"input_shape": (5, 6), "starts": (1, 0), "ends": (4, 6), "steps": (2, 3)}),
+    ("erf", [any_(3, 4)], {}),
     ("gather", [any_(4, 3), np.array([[1, -1], [1, 0]], np.int32)], {"axis": 0}),     # a row read twice
     ("gather", [any_(2, 5, 3), np.array([4, 0, 4], np.int64)], {"axis": -2}),
     ("gather_grad", [any_(2, 3, 2), np.array([0, 2, 0], np.int32)], {"axis": 1, "size": 4}),

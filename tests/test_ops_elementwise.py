@@ -153,6 +153,7 @@ UNARY = {
     "relu": (lambda v: v if v > 0 else 0.0, FLOAT_DTYPES, -100, 100),
     "sigmoid": (_sigmoid, FLOAT_DTYPES, -50, 50),
     "tanh": (math.tanh, FLOAT_DTYPES, -20, 20),
+    "erf": (math.erf, FLOAT_DTYPES, -6, 6),
 }
 
 
@@ -303,7 +304,7 @@ def test_non_broadcastable_shapes_name_both(op):
     assert "[2, 3]" in msg and "[4]" in msg and "broadcast" in msg
 
 
-@pytest.mark.parametrize("op", ["exp", "log", "sqrt", "rsqrt", "relu", "leaky_relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("op", ["exp", "log", "sqrt", "rsqrt", "relu", "leaky_relu", "sigmoid", "tanh", "erf"])
 @pytest.mark.parametrize("dt", ["i32", "i64", "bool"])
 def test_float_only_unary_ops_reject_integers(op, dt):
     with pytest.raises(ShapeError, match="float"):

@@ -524,7 +524,7 @@ def test_push_and_pull_gradients_match_finite_differences_over_ranks():
 TESTED = {
     "elementwise": {"add", "sub", "mul", "div", "pow", "maximum", "minimum", "equal", "not_equal", "less",
                     "less_equal", "greater", "greater_equal", "where", "neg", "abs", "sign", "exp", "log", "sqrt",
-                    "rsqrt", "relu", "leaky_relu", "sigmoid", "tanh", "cast", "constant", "full"},
+                    "rsqrt", "relu", "leaky_relu", "sigmoid", "tanh", "erf", "cast", "constant", "full"},
     "linalg": {"matmul", "linear"},
     "reduce": {"reduce_sum", "reduce_mean", "reduce_max", "softmax", "log_softmax"},
     "shape": {"reshape", "flatten", "transpose", "broadcast_to", "concat", "slice", "slice_grad", "pad",

@@ -41,7 +41,7 @@ INPLACE_OPS = frozenset({
     "add", "sub", "mul", "div", "pow", "maximum", "minimum",
     "equal", "not_equal", "less", "less_equal", "greater", "greater_equal", "where",
     "neg", "abs", "sign", "exp", "log", "sqrt", "rsqrt",
-    "relu", "leaky_relu", "sigmoid", "tanh", "cast",
+    "relu", "leaky_relu", "sigmoid", "tanh", "erf", "cast",
     "reshape", "flatten",
 })
 

@@ -27,7 +27,7 @@ TO_ONNX = {v: k for k, v in DTYPES.items()}
 _SAME = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "maximum": "Max", "minimum": "Min",
          "equal": "Equal", "less": "Less", "greater": "Greater", "less_equal": "LessOrEqual",
          "greater_equal": "GreaterOrEqual", "where": "Where", "neg": "Neg", "abs": "Abs", "sign": "Sign",
-         "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh",
+         "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "erf": "Erf",
          "matmul": "MatMul", "global_avgpool": "GlobalAveragePool"}
 
 
@@ -177,6 +177,8 @@ class _Exporter:
             self.add("Transpose", ins, outs, perm=list(a["perm"]))
         elif op == "concat":
             self.add("Concat", ins, outs, axis=a["axis"])
+        elif op == "gather":
+            self.add("Gather", ins, outs, axis=a["axis"])
         elif op == "broadcast_to":
             self.add("Expand", [ins[0], self.ints(a["shape"], "shape")], outs)
         elif op == "slice":

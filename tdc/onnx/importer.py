@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from ..errors import TdcError
+from ..errors import ShapeError, TdcError
 from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
 from ..ops import functional as F
@@ -37,7 +37,8 @@ DTYPES = {TensorProto.FLOAT: "f32", TensorProto.DOUBLE: "f64", TensorProto.FLOAT
 # Inputs that tdc needs at import time (they become shapes or attributes). Graph inputs feeding
 # them can be fixed with load(..., constants={name: array}).
 STATIC_INPUTS = {"Reshape": (1,), "Pad": (1, 2, 3), "Squeeze": (1,), "Unsqueeze": (1,), "ReduceSum": (1,),
-                 "ReduceMean": (1,), "ReduceMax": (1,), "Slice": (1, 2, 3, 4), "Expand": (1,), "Dropout": (1, 2)}
+                 "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "Slice": (1, 2, 3, 4), "Expand": (1,),
+                 "Dropout": (1, 2), "Split": (1,)}
 
 # never evaluated at import even when their inputs are known
 _RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
@@ -47,7 +48,8 @@ _RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUnifo
 # What a float initializer becomes depends on what reads it. A weight or bias of a differentiable op
 # is a `param` (trained by `tdc compile --train`); BatchNormalization's running statistics are
 # `state`; everything else (epsilons, clip bounds, exponents, scales) is a `const`.
-_WEIGHT_INPUTS = {"Conv": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "BatchNormalization": (1, 2)}
+_WEIGHT_INPUTS = {"Conv": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "BatchNormalization": (1, 2),
+                  "LayerNormalization": (1, 2)}
 _STATE_INPUTS = {"BatchNormalization": (3, 4)}
 # Exporters also write biases and scales as elementwise arithmetic (PyTorch's MatMul + Add, a
 # decomposed LayerNorm's Mul and Add): a weight there unless it is a scalar (an epsilon, GELU's 0.5).
@@ -417,7 +419,7 @@ def converter(*ops: str, attrs: tuple = ()):
 _BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Equal": "equal", "Less": "less",
            "Greater": "greater", "LessOrEqual": "less_equal", "GreaterOrEqual": "greater_equal"}
 _UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Exp": "exp", "Log": "log", "Sqrt": "sqrt",
-          "Neg": "neg", "Abs": "abs", "Sign": "sign"}
+          "Neg": "neg", "Abs": "abs", "Sign": "sign", "Erf": "erf"}
 
 
 @converter(*_BINARY)
@@ -695,13 +697,38 @@ def _lrn(n):
     problem = _lrn_problem(x.type, **a)
     if problem:
         n.fail(f"{problem} (input {x.type})")
+    return [_composite(n, F.lrn, x, **a)]
+
+
+def _composite(n, fn, *xs, **attrs):
+    """The outputs of the DSL composite fn (F.lrn, F.gelu, ...) on input values xs, recorded in the
+    graph being imported; a shape error becomes the node's."""
     g = n.imp.graph
     first = len(g.nodes)
-    with Builder(g) as b:   # a composite (see F.lrn), recorded through the DSL
-        y = F.lrn(Tensor(x, b), **a)
+    try:
+        with Builder(g) as b:
+            out = fn(*[Tensor(x, b) if isinstance(x, Value) else x for x in xs], **attrs)
+    except ShapeError as e:
+        n.fail(str(e))
     for node in g.nodes[first:]:
         node.loc = None   # the Builder saw the caller of load(); these nodes come from the file
-    return [y.value]
+    return [t.value for t in out] if isinstance(out, (list, tuple)) else out.value
+
+
+@converter("Gelu", attrs=("approximate",))
+def _gelu(n):
+    approximate = n.attr("approximate", "none")
+    if approximate not in ("none", "tanh"):
+        n.fail(f"approximate must be 'none' or 'tanh', not {approximate!r}")
+    return [_composite(n, F.gelu, n.x(0), approximate=approximate)]
+
+
+@converter("LayerNormalization", attrs=("axis", "epsilon", "stash_type"))
+def _layer_norm(n):
+    # stash_type=1 (float32 statistics) is what tdc computes for f32; f64 inputs keep f64
+    y, mean, inv = _composite(n, F.layer_norm, n.x(0), n.x(1), n.x(2), axis=n.attr("axis", -1),
+                              eps=n.attr("epsilon", 1e-5), stats=True)
+    return [y, mean, inv]
 
 
 # ---- reductions and softmax ---------------------------------------------------------------
@@ -721,6 +748,25 @@ def _reduce(n):
         y = n.emit(op, [n.emit("cast", [x], to="i8")], axes=axes, keepdims=keep)
         return [n.emit("cast", [y], to="bool")]
     return [n.emit(op, [x], axes=axes, keepdims=keep)]
+
+
+@converter("ReduceMin", attrs=("axes", "keepdims", "noop_with_empty_axes"))
+def _reduce_min(n):
+    x = n.x(0)
+    axes = n.axes(1)
+    if not axes and n.attr("noop_with_empty_axes", 0):
+        return [x]
+    keep = bool(n.attr("keepdims", 1))
+    if x.type.dtype == "bool":     # the min of bools is their "all"
+        y = _composite(n, F.min, n.emit("cast", [x], to="i8"), axes or None, keep)
+        return [n.emit("cast", [y], to="bool")]
+    return [_composite(n, F.min, x, axes or None, keep)]
+
+
+@converter("ArgMax", attrs=("axis", "keepdims", "select_last_index"))
+def _argmax(n):
+    return [_composite(n, F.argmax, n.x(0), n.attr("axis", 0), bool(n.attr("keepdims", 1)),
+                       bool(n.attr("select_last_index", 0)))]
 
 
 @converter("Softmax", "LogSoftmax", attrs=("axis",))
@@ -784,6 +830,29 @@ def _unsqueeze(n):
     new = {a % rank for a in axes}
     dims = iter(x.type.shape)
     return [n.emit("reshape", [x], shape=[1 if i in new else next(dims) for i in range(rank)])]
+
+
+@converter("Split", attrs=("axis", "split", "num_outputs"))
+def _split(n):
+    x = n.x(0)
+    axis = n.attr("axis", 0)
+    if not -x.type.rank <= axis < x.type.rank:
+        n.fail(f"axis {axis} is out of range for {x.type}")
+    d = x.type.shape[axis]
+    if "split" in n.attrs:
+        sizes = list(n.attrs["split"])
+    elif n.has(1):
+        sizes = [int(v) for v in n.const(1, "split")]
+    else:      # equal parts: one per output (opset < 18), or num_outputs, the last one smaller
+        parts = n.attr("num_outputs", len(n.proto.output))
+        step = -(-d // parts)
+        sizes = [min(step, d - i * step) for i in range(parts)]
+    return _composite(n, F.split, x, sizes, axis)
+
+
+@converter("Gather", attrs=("axis",))
+def _gather(n):
+    return [n.emit("gather", [n.x(0), n.x(1)], axis=n.attr("axis", 0))]
 
 
 @converter("Expand")

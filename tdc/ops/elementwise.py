@@ -1,6 +1,8 @@
 """Elementwise ops with numpy-style broadcasting, and constants."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..ir.types import TensorType, is_float
@@ -179,6 +181,12 @@ defop("sigmoid", "elementwise", infer=_unary_infer(), ref=_keep_dtype(_sigmoid),
       grad=lambda ctx, x: [ctx.g * ctx.out * (1.0 - ctx.out)], cost=_ew_cost(12), doc="1 / (1 + e^-x)")
 defop("tanh", "elementwise", infer=_unary_infer(), ref=_keep_dtype(np.tanh),
       grad=lambda ctx, x: [ctx.g * (1.0 - ctx.out * ctx.out)], cost=_ew_cost(12), doc="tanh")
+
+# numpy has no erf: math.erf per element, in float64 (the reference is the oracle, not the fast path)
+_erf64 = np.frompyfunc(math.erf, 1, 1)
+defop("erf", "elementwise", infer=_unary_infer(), ref=_keep_dtype(lambda x: np.asarray(_erf64(x.astype(np.float64)), np.float64)),
+      grad=lambda ctx, x: [ctx.g * (2.0 / math.sqrt(math.pi)) * F.exp(-(x * x))], cost=_ew_cost(14),
+      doc="the error function, 2/sqrt(pi) times the integral of e^(-t^2) from 0 to x")
 
 
 def _cast_grad(ctx, x):

@@ -8,6 +8,7 @@ registry checks everything else.
 from __future__ import annotations
 
 import builtins
+import math
 
 import numpy as np
 
@@ -63,8 +64,19 @@ def relu(x): return apply("relu", x)
 def leaky_relu(x, alpha: float = 0.01): return apply("leaky_relu", x, alpha=alpha)
 def sigmoid(x): return apply("sigmoid", x)
 def tanh(x): return apply("tanh", x)
+def erf(x): return apply("erf", x)
 def cast(x, to: str): return apply("cast", x, to=to)
 def square(x): return x * x
+
+
+def gelu(x, approximate: str = "none"):
+    """x times the standard normal CDF of x (ONNX Gelu, PyTorch's GELU): exactly
+    0.5 x (1 + erf(x / sqrt 2)), or with approximate="tanh" 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    if approximate == "none":
+        return x * (erf(x * (1.0 / math.sqrt(2.0))) * 0.5 + 0.5)
+    if approximate == "tanh":
+        return x * (tanh((x + x * x * x * 0.044715) * math.sqrt(2.0 / math.pi)) * 0.5 + 0.5)
+    raise ShapeError(f"gelu: approximate must be 'none' or 'tanh', not {approximate!r}")
 
 
 def clip(x, lo=None, hi=None):
@@ -234,6 +246,21 @@ def getitem(x, idx):
     return y if tuple(y.shape) == tuple(out_shape) else reshape(y, out_shape)
 
 
+def split(x, sizes, axis: int = 0) -> list:
+    """x cut along `axis` into consecutive pieces of `sizes` (which must add up to its length)."""
+    ax = axis + x.ndim if axis < 0 else axis
+    if not 0 <= ax < x.ndim or builtins.sum(sizes) != x.shape[ax] or builtins.min(sizes, default=0) < 0:
+        raise ShapeError(f"split of {x.type} along axis {axis} into {list(sizes)}: the sizes must be >= 0 and "
+                         f"add up to {x.shape[ax] if 0 <= ax < x.ndim else 'the dim'}")
+    out, at = [], 0
+    for s in sizes:
+        starts, ends = [0] * x.ndim, list(x.shape)
+        starts[ax], ends[ax] = at, at + s
+        out.append(apply("slice", x, starts=starts, ends=ends, steps=[1] * x.ndim))
+        at += s
+    return out
+
+
 def pad(x, pads, value: float = 0.0):
     """pads = (begin_0, ..., begin_n-1, end_0, ..., end_n-1), as in ONNX; constant mode."""
     return apply("pad", x, pads=tuple(pads), value=value)
@@ -249,6 +276,51 @@ def _axes(axes):
 def sum(x, axes=None, keepdims: bool = False): return apply("reduce_sum", x, axes=_axes(axes), keepdims=keepdims)
 def mean(x, axes=None, keepdims: bool = False): return apply("reduce_mean", x, axes=_axes(axes), keepdims=keepdims)
 def max(x, axes=None, keepdims: bool = False): return apply("reduce_max", x, axes=_axes(axes), keepdims=keepdims)
+
+
+def min(x, axes=None, keepdims: bool = False):
+    """The min over axes, as a max: -max(-x) for floats, and -1 - max(-1 - x) for integers, which
+    cannot overflow where -x would (the most negative value)."""
+    if x.dtype in ("f16", "f32", "f64"):
+        return -max(-x, axes, keepdims)
+    return constant(-1, x.dtype) - max(constant(-1, x.dtype) - x, axes, keepdims)
+
+
+def argmax(x, axis: int = 0, keepdims: bool = True, select_last_index: bool = False):
+    """The index (i64) of the largest value along `axis`: the first one unless select_last_index
+    (ONNX ArgMax), as a composite: the positions equal to the max, their least (or greatest) index."""
+    if x.ndim == 0 or x.dtype == "bool":
+        raise ShapeError(f"argmax needs a tensor of numbers of rank >= 1, got {x.type}")
+    ax = axis + x.ndim if axis < 0 else axis
+    if not 0 <= ax < x.ndim:
+        raise ShapeError(f"argmax: axis {axis} is out of range for {x.type}")
+    n = x.shape[ax]
+    iota = constant(np.arange(n, dtype=np.int64).reshape([n if i == ax else 1 for i in range(x.ndim)]), "i64")
+    hit = apply("equal", x, max(x, ax, keepdims=True))
+    if select_last_index:
+        idx = max(where(hit, iota, constant(-1, "i64")), ax, keepdims)
+    else:
+        idx = min(where(hit, iota, constant(n, "i64")), ax, keepdims)
+    return idx
+
+
+def layer_norm(x, scale=None, bias=None, axis: int = -1, eps: float = 1e-5, stats: bool = False):
+    """Normalize over the dims from `axis` on (ONNX LayerNormalization): (x - mean) / sqrt(var + eps),
+    times `scale` and plus `bias` (broadcast over those dims). With stats=True, also the mean and
+    1 / sqrt(var + eps), with the normalized dims kept as 1."""
+    ax = axis + x.ndim if axis < 0 else axis
+    if not 0 <= ax < x.ndim:
+        raise ShapeError(f"layer_norm: axis {axis} is out of range for {x.type}")
+    axes = tuple(range(ax, x.ndim))
+    mu = mean(x, axes, keepdims=True)
+    d = x - mu
+    inv = rsqrt(mean(d * d, axes, keepdims=True) + float(eps))
+    y = d * inv
+    if scale is not None:
+        y = y * scale
+    if bias is not None:
+        y = y + bias
+    return (y, mu, inv) if stats else y
 
 
 def sum_to(x: Tensor, shape) -> Tensor:

@@ -44,11 +44,12 @@ def store(b: ir.IRBuilder, value, ptr, dtype: str):
 
 
 def intrinsic(module: ir.Module, name: str, dtype: str, n_args: int = 1) -> ir.Function:
-    """llvm.<name>.f32 / .f64, or a libm function (tanhf / tanh) when LLVM has no intrinsic."""
+    """llvm.<name>.f32 / .f64, or a libm function (tanhf / tanh, erff / erf) when LLVM has no intrinsic."""
     t = REG[dtype]
-    if name == "tanh" and dtype == "f16":
-        raise TdcError("llvm backend: tanh on f16 is not supported")
-    full = f"llvm.{name}.f{FLOAT_BITS[dtype]}" if name != "tanh" else ("tanhf" if dtype == "f32" else "tanh")
+    libm = name in ("tanh", "erf")
+    if libm and dtype == "f16":
+        raise TdcError(f"llvm backend: {name} on f16 is not supported")
+    full = f"llvm.{name}.f{FLOAT_BITS[dtype]}" if not libm else (name + "f" if dtype == "f32" else name)
     fn = module.globals.get(full)
     if fn is None:
         fn = ir.Function(module, ir.FunctionType(t, [t] * n_args), name=full)
@@ -146,7 +147,7 @@ def emit(b: ir.IRBuilder, op: str, args: list, in_types: list[TensorType], out: 
         else:
             pos, negv = b.icmp_signed(">", x, zero), b.icmp_signed("<", x, zero)
         return b.select(pos, const(dt, 1), b.select(negv, const(dt, -1), x if fl else zero))
-    if op in ("exp", "log", "sqrt", "tanh"):
+    if op in ("exp", "log", "sqrt", "tanh", "erf"):
         return b.call(intrinsic(m, op, dt), [x])
     if op == "rsqrt":
         return b.fdiv(const(dt, 1), b.call(intrinsic(m, "sqrt", dt), [x]))

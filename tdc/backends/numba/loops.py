@@ -42,7 +42,7 @@ def scalar_expr(op: str, args: list[str], in_types: list[TensorType], out: Tenso
               "less_equal": "({0} <= {1})", "greater": "({0} > {1})", "greater_equal": "({0} >= {1})",
               "where": "({1} if {0} else {2})", "neg": "(-{0})", "abs": "abs({0})", "sign": "np.sign({0})",
               "exp": "np.exp({0})", "log": "np.log({0})", "sqrt": "np.sqrt({0})", "relu": "K.relu({0})",
-              "sigmoid": "K.sigmoid({0})", "tanh": "np.tanh({0})", "broadcast_to": "{0}"}
+              "sigmoid": "K.sigmoid({0})", "tanh": "np.tanh({0})", "erf": "math.erf({0})", "broadcast_to": "{0}"}
     if op == "div":
         expr = "K.idiv({0}, {1})" if dt.startswith("i") else "({0} / {1})"
     elif op == "rsqrt":
