@@ -82,7 +82,10 @@ def calibrate(target: Target) -> SparseRates:
         nnz = [m * round(d * k * n) for d in PROBE_DENSITIES]
         t = [target.time_sparse_linear(m, k, n, d) for d in PROBE_DENSITIES]
         per_nz = max((t[1] - t[0]) / (nnz[1] - nnz[0]), 1e-15)
-        per_elem = max(t[0] - per_nz * nnz[0] - s_call, 1e-15) / (m * (n if m < SMALL_BATCH else k + n))
+        elems = (lambda k, n: m * (n if m < SMALL_BATCH else k + n))
+        s_call = max(s_call - m * TINY[0] * TINY[1] * per_nz, 0.0)    # the tiny layer's nonzeros
+        per_elem = max(t[0] - per_nz * nnz[0] - s_call, 1e-15) / elems(k, n)
+        s_call = max(s_call - elems(*TINY) * per_elem, 0.0)           # and its rows
         fitted.append((d_call, dense, s_call, 1.0 / per_elem, 1.0 / per_nz))
     (drc, dr, src, ro, nzr), (dbc, db, sbc, pack, nzb) = fitted
     return SparseRates(drc, dr, dbc, db, src, ro, nzr, sbc, pack, nzb)
