@@ -3,12 +3,14 @@
 Given a graph and its params (name -> array), every `linear` whose weight W is a param (f32 or
 f64, with its value given) is priced both ways on the target, from W's measured density:
 
-    dense:   2 M K N / R_dense(M)                          (the BLAS GEMM, or GEMV for M = 1)
-    sparse:  M nnz / R_nz(M)  +  M (K + N) / R_pack         (R_pack: the batch kernel's transposes)
+    dense:   C_dense(M) + 2 M K N / R_dense(M)          (the BLAS GEMM, or GEMV for M < 4)
+    sparse:  C_sparse(M) + M nnz / R_nz(M) + M N / R_out   (row by row, M < 4)
+             C_sparse(M) + M nnz / R_nz(M) + M (K + N) / R_pack   (a batch: R_pack its transposes)
 
 where M is the layer's rows (batch), [N, K] W's shape and nnz its nonzeros. The rates are this
 machine's, measured on the target's own kernels the first time they are needed (`calibrate`:
-one GEMV-sized and one GEMM-sized probe layer, the sparse kernel at two densities each) and kept
+a small and a large probe layer at one row and at a batch, the sparse kernel at two densities
+each; C is the per-call time the small layers mostly consist of, the Python call excluded) and kept
 in targets.json with the target's other rates. A layer whose sparse time is lower becomes
 `sparse_linear(x, W.values, W.cols, W.rowptr[, b])`; the CSR arrays are new `const` args and W
 leaves the graph and the params if nothing else reads it. The node's `note` says why (density,
@@ -34,26 +36,34 @@ from .target import Target, read_json, targets_path, update_json
 MODES = ("auto", "on", "off")
 SUFFIXES = (".values", ".cols", ".rowptr")
 SMALL_BATCH = 4            # rows below which the kernels run row by row (runtime/sparse.c, kernels.py)
-# Probe layers (rows, in, out) and densities: one row (the GEMV path, no transposes) and a batch.
-PROBES = ((1, 1024, 512), (64, 512, 256))
+# Probe layers (in, out) at one row (the GEMV path, no transposes) and at a batch: a tiny one, whose
+# time is the kernels' per-call cost (what the small layers, such as the MLP's 100x10 at well under
+# a microsecond, mostly consist of), and a large one for the rates, sparse at two densities.
+TINY, ROW_PROBE, BATCH_PROBE, BATCH = (8, 4), (768, 384), (512, 256), 64
 PROBE_DENSITIES = (0.05, 0.25)
-RATES_VERSION = 1
+RATES_VERSION = 2
 
 
 @dataclass(frozen=True)
 class SparseRates:
-    dense_row: float      # flop/s of the dense linear on one row
-    dense_batch: float    # flop/s of the dense linear on a batch
-    nz_row: float         # nonzeros x rows per second of the sparse kernel, row by row
-    nz_batch: float       # nonzeros x rows per second of the sparse kernel's batch path
-    pack: float           # elements per second of its transposes, (K + N) per row of a batch
+    dense_row_call: float   # seconds per call of the dense linear on one row, beyond its flops
+    dense_row: float        # its flop/s
+    dense_batch_call: float
+    dense_batch: float
+    sparse_row_call: float  # seconds per call of the sparse kernel, row by row
+    row_out: float          # outputs per second it loops over beyond their nonzeros (N per row)
+    nz_row: float           # nonzeros x rows per second
+    sparse_batch_call: float
+    pack: float             # elements per second of the batch path's transposes, (K + N) per row
+    nz_batch: float
 
     def times(self, m: int, k: int, n: int, nnz: int) -> tuple[float, float]:
         """(dense, sparse) modelled seconds of one call on an [m, k] input and an [n, k] weight."""
-        small = m < SMALL_BATCH
-        dense = 2.0 * m * k * n / (self.dense_row if small else self.dense_batch)
-        sparse = m * nnz / (self.nz_row if small else self.nz_batch) + (0.0 if small else m * (k + n) / self.pack)
-        return dense, sparse
+        if m < SMALL_BATCH:
+            dense = self.dense_row_call + 2.0 * m * k * n / self.dense_row
+            return dense, self.sparse_row_call + m * (n / self.row_out + nnz / self.nz_row)
+        dense = self.dense_batch_call + 2.0 * m * k * n / self.dense_batch
+        return dense, self.sparse_batch_call + m * ((k + n) / self.pack + nnz / self.nz_batch)
 
     def break_even(self, m: int, k: int, n: int) -> float:
         """The density below which the sparse kernel is modelled faster (0 if never, 1 if always)."""
@@ -63,19 +73,22 @@ class SparseRates:
 
 
 def calibrate(target: Target) -> SparseRates:
-    """Time the target's dense and sparse linear kernels on the probe layers."""
-    rates = []
-    for m, k, n in PROBES:
-        dense = 2.0 * m * k * n / target.time_linear(m, k, n)
+    """Time the target's dense and sparse linear kernels on the probe layers and fit the model."""
+    fitted = []
+    for m, (k, n) in ((1, ROW_PROBE), (BATCH, BATCH_PROBE)):
+        d_call, s_call = target.time_linear(m, *TINY), target.time_sparse_linear(m, *TINY, 1.0)
+        dense = 2.0 * m * k * n / max(target.time_linear(m, k, n) - d_call, 1e-9)
+        d_call = max(d_call - 2.0 * m * TINY[0] * TINY[1] / dense, 0.0)    # the tiny layer's flops
+        nnz = [m * round(d * k * n) for d in PROBE_DENSITIES]
         t = [target.time_sparse_linear(m, k, n, d) for d in PROBE_DENSITIES]
-        nnz = [round(d * k * n) for d in PROBE_DENSITIES]
-        per_nz = max((t[1] - t[0]) / (nnz[1] - nnz[0]), 1e-15)   # seconds per nonzero of all m rows
-        fixed = max(t[0] - per_nz * nnz[0], 0.0)
-        rates.append((dense, m / per_nz, fixed))
-    (d_row, nz_row, _), (d_batch, nz_batch, fixed) = rates
-    m, k, n = PROBES[1]
-    pack = m * (k + n) / fixed if fixed > 0 else float("inf")
-    return SparseRates(d_row, d_batch, nz_row, nz_batch, pack)
+        per_nz = max((t[1] - t[0]) / (nnz[1] - nnz[0]), 1e-15)
+        elems = (lambda k, n: m * (n if m < SMALL_BATCH else k + n))
+        s_call = max(s_call - m * TINY[0] * TINY[1] * per_nz, 0.0)    # the tiny layer's nonzeros
+        per_elem = max(t[0] - per_nz * nnz[0] - s_call, 1e-15) / elems(k, n)
+        s_call = max(s_call - elems(*TINY) * per_elem, 0.0)           # and its rows
+        fitted.append((d_call, dense, s_call, 1.0 / per_elem, 1.0 / per_nz))
+    (drc, dr, src, ro, nzr), (dbc, db, sbc, pack, nzb) = fitted
+    return SparseRates(drc, dr, dbc, db, src, ro, nzr, sbc, pack, nzb)
 
 
 def sparse_rates(target: Target) -> SparseRates:

@@ -142,6 +142,19 @@ def best_time(fn, reps: int = 5) -> float:
     return best
 
 
+def kernel_time(call, empty, reps: int = 15, span: float = 1e-3) -> float:
+    """Seconds one `call` of a compiled kernel takes, less what calling it costs from Python:
+    the fastest of `reps` loops of calls (as many as fill about `span` seconds), minus the same
+    for `empty` (the same kernel on zero rows, which returns at once). A graph's executable calls
+    its kernels from compiled code, so the foreign-call overhead (about a microsecond, the whole
+    time of a small layer) is not the layer's."""
+    inner = int(np.clip(span / max(best_time(call, 3), 1e-8), 4, 4000))
+
+    def loop(fn):
+        return lambda: [fn() for _ in range(inner)]
+    return max(best_time(loop(call), reps) - best_time(loop(empty), reps), 0.0) / inner
+
+
 def measure_gemm(target: Target, size: int = 256) -> float:
     return 2.0 * size ** 3 / target.time_matmul(size, size, size)
 

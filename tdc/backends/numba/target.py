@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...passes.target import Target, best_time
+from ...passes.target import Target, best_time, kernel_time
 from .codegen import SUPPORTED_DTYPES
 
 
@@ -37,14 +37,17 @@ class NumbaTarget(Target):
         from . import prepare_runtime
         prepare_runtime()
         x, w, b, out = _linear_arrays(m, k, n, 1.0)
-        return best_time(lambda: K.linear(x, w, b, True, out), reps=20)
+        x0, out0 = x[:0], out[:0]
+        return kernel_time(lambda: K.linear(x, w, b, True, out), lambda: K.linear(x0, w, b, True, out0))
 
     def time_sparse_linear(self, m: int, k: int, n: int, density: float) -> float:
         from ...ops.sparse import to_csr
         from . import kernels as K
         x, w, b, out = _linear_arrays(m, k, n, density)
         v, c, r = to_csr(w)
-        return best_time(lambda: K.sparse_linear(x, v, c, r, b, True, out), reps=20)
+        x0, out0 = x[:0], out[:0]
+        return kernel_time(lambda: K.sparse_linear(x, v, c, r, b, True, out),
+                           lambda: K.sparse_linear(x0, v, c, r, b, True, out0))
 
 
 def _linear_arrays(m: int, k: int, n: int, density: float):
