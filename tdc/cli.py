@@ -68,6 +68,91 @@ def apply_sparse(args, graph, params, backend: str, training: bool = False):
     return sparsify(graph, params, target, args.sparse)
 
 
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    """--quantize int8 and its calibration, for the commands that take inference weights (run,
+    compile, dump)."""
+    from .runtime.quantize import DEFAULT_CALIBRATION_SAMPLES
+    p.add_argument("--quantize", metavar="int8",
+                   help="post-training int8 quantization of the linear and conv2d layers of --weights (per-channel "
+                        "weights, per-tensor activations over ranges from --calibrate, or the ranges tdc train "
+                        "--qat saved with the weights); weight sharing (kmeans:K) is tdc compress's")
+    p.add_argument("--calibrate", metavar="DATA",
+                   help="with --quantize int8: data as tdc train --data takes it; the activation ranges are "
+                        "the min and max over the first --calibrate-samples samples of its training split "
+                        "(given with QAT weights, it recalibrates instead of using their ranges)")
+    p.add_argument("--calibrate-samples", type=int, metavar="N",
+                   help=f"with --calibrate: how many samples (default {DEFAULT_CALIBRATION_SAMPLES})")
+
+
+def _qat_range_names(names) -> list[str]:
+    from .passes.quantize import OBSERVED, RANGE_SUFFIXES
+    return [k for k in names if k.endswith(RANGE_SUFFIXES) or k == OBSERVED]
+
+
+def load_inference_weights(args, graph, src) -> dict:
+    """The params of --weights (or the model's own), plus any activation ranges tdc train --qat
+    saved with them (which --quantize int8 reads; without it they are ignored, unreported)."""
+    from .ir.weights import CHECKPOINT_STATE, load_npz, load_weights
+    if not args.weights:
+        return src.params
+    data = load_npz(args.weights)
+    if any(k.startswith(CHECKPOINT_STATE) for k in data):
+        data = {k[len(CHECKPOINT_STATE):]: v for k, v in data.items() if k.startswith(CHECKPOINT_STATE)}
+    known = {a.name for a in graph.args}
+    ranges = {k: data[k] for k in _qat_range_names(data) if k not in known}
+    unused = [k for k in data if k not in known and k not in ranges]
+    params = load_weights(args.weights, graph, warn=None if unused else (lambda message: None))
+    return {**params, **ranges}
+
+
+def apply_quantize(args, graph, params, backend: str, training: bool = False, partitioned: bool = False):
+    """(graph, params, how): with --quantize int8, the int8 graph (tdc/passes/quantize.py) over
+    the ranges QAT saved in --weights or calibrated on --calibrate; else the graph unchanged
+    (how None) and params without QAT's ranges."""
+    from .passes.quantize import learned_ranges, observed, quantize_int8
+    floats = None if params is None else {k: v for k, v in params.items() if k not in _qat_range_names(params)}
+    if args.quantize is None:
+        if args.calibrate is not None or args.calibrate_samples is not None:
+            raise TdcError("--calibrate and --calibrate-samples go with --quantize int8")
+        return graph, floats, None
+    if args.quantize.startswith("kmeans"):
+        raise TdcError(f"--quantize {args.quantize}: k-means weight sharing is tdc compress's (its compressed "
+                       "model file is then --weights here); tdc run, compile and dump take --quantize int8")
+    if args.quantize != "int8":
+        raise TdcError(f"--quantize must be int8, not {args.quantize!r}")
+    if training:
+        raise TdcError("--quantize int8 is for inference: a training step updates float weights "
+                       "(quantization-aware training is tdc train --qat)")
+    if partitioned:
+        raise TdcError("--quantize int8 applies to one-process inference, not partitioned graphs")
+    if args.sparse == "on":
+        raise TdcError("--quantize int8 and --sparse on exclude each other: the int8 kernels are dense")
+    if not args.weights:
+        raise TdcError("--quantize int8 needs the trained weights: give --weights FILE")
+    if not observed(graph):
+        raise TdcError(f"--quantize int8: {graph.name} has no linear or conv2d layer with param weights to quantize")
+    ranges = None if args.calibrate else learned_ranges(graph, params)
+    if ranges is None:
+        if not args.calibrate:
+            raise TdcError("--quantize int8 needs activation ranges: give --calibrate DATA (or weights from "
+                           "tdc train --qat, which hold them)")
+        from .runtime.data import fit_to_model, load_data
+        from .runtime.quantize import DEFAULT_CALIBRATION_SAMPLES, calibrate
+        n = args.calibrate_samples if args.calibrate_samples is not None else DEFAULT_CALIBRATION_SAMPLES
+        if n < 1:
+            raise TdcError(f"--calibrate-samples must be >= 1, got {n}")
+        if len(graph.inputs) != 1:
+            raise TdcError(f"--calibrate feeds one input; {graph.name} takes {len(graph.inputs)}")
+        data = load_data(args.calibrate)
+        x = fit_to_model(data.x_train[:n], graph.inputs[0].type, f"{data.name} calibration")
+        ranges = calibrate(graph, floats, x, backend)
+        how = f"calibrated on {len(x)} samples of {data.name}"
+    else:
+        how = "over the ranges learned by quantization-aware training"
+    qg, qp = quantize_int8(graph, floats, ranges)
+    return qg, qp, how
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="tdc", description="tdc: compile tensor dataflow models (Python DSL, IR text) and run or train them.",
@@ -123,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--weights", metavar="FILE", help="params of the inference graph (with --sparse: which layers "
                    "are pruned enough to run as CSR products; the dump lists every layer's density and choice)")
     add_sparse_argument(d)
+    add_quantize_arguments(d)
     add_conv_algo_arguments(d)
     from .runtime.launch import add_parallel_arguments
     add_parallel_arguments(d)
@@ -142,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", action="append", default=[], metavar="[NAME=]FILE.npy",
                    help="save an output (the first one when NAME is not given)")
     add_sparse_argument(r)
+    add_quantize_arguments(r)
     add_conv_algo_arguments(r)
 
     sub.add_parser("ops", help="list the ops tdc knows, with their attributes")
@@ -191,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="step schedule: decay every STEPS steps (default: a third of the steps after the warm-up)")
     sg.add_argument("--gamma", type=float, default=0.1, help="step schedule: decay factor (default 0.1)")
     add_sparse_argument(c)
+    add_quantize_arguments(c)
     add_conv_algo_arguments(c)
     from .runtime.launch import add_parallel_arguments
     add_parallel_arguments(c)
@@ -269,10 +357,13 @@ def cmd_dump(args) -> int:
     short = None if args.full_constants else ELIDE_ABOVE
     fmt = (lambda g: to_dot(g)) if args.format == "dot" else (lambda g: print_graph(g, short))
     chunks = []
-    if args.weights and not partitioned:
-        from .ir.weights import load_weights
+    if args.quantize is not None or args.calibrate is not None or args.calibrate_samples is not None:
+        graph, _, quantized = apply_quantize(args, graph, load_inference_weights(args, graph, src) if args.weights
+                                             else {}, args.backend, training=train, partitioned=partitioned)
+        chunks.append(f"// int8: {quantized}")
+    elif args.weights and not partitioned:
         from .passes.sparsify import report
-        graph, _, decisions = apply_sparse(args, graph, load_weights(args.weights, graph), args.backend,
+        graph, _, decisions = apply_sparse(args, graph, load_inference_weights(args, graph, src), args.backend,
                                            training=train)
         if args.sparse != "off" and not train:
             chunks.append(report(decisions))
@@ -386,7 +477,6 @@ def _summary(name: str, x: np.ndarray) -> str:
 def cmd_run(args) -> int:
     from .backends import compile
     from .files import atomic_write, check_output_dir, check_output_file
-    from .ir.weights import load_weights
     from .runtime.inputs import random_inputs, read_input, run_in_batches
     from .runtime.loader import Source
 
@@ -424,8 +514,12 @@ def cmd_run(args) -> int:
     if missing:
         raise TdcError(f"missing input {', '.join(missing)}; {src.name} takes {expected} "
                        "(give --input NAME=FILE.npy or --random-inputs)")
-    params = load_weights(args.weights, graph) if args.weights else src.params   # an ONNX file's initializers
-    graph, params, _ = apply_sparse(args, graph, params, args.backend)
+    params = load_inference_weights(args, graph, src)   # without --weights: an ONNX file's initializers
+    graph, params, quantized = apply_quantize(args, graph, params, args.backend)
+    if quantized:
+        print(f"int8: {quantized}")
+    else:
+        graph, params, _ = apply_sparse(args, graph, params, args.backend)
     from .runtime.trainer import compile_progress
     exe = compile(graph, backend=args.backend, params=params, seed=args.seed, conv_algo=args.conv_algo,
                   autotune=args.autotune, progress=compile_progress(src.name))
@@ -450,7 +544,6 @@ def cmd_compile(args) -> int:
     from .runtime.trainer import optimizer_from
     from .passes.training import training_pipeline
     from .runtime.loader import Source
-    from .ir.weights import load_weights
 
     from .runtime.launch import parallel_config
     from .passes.partition import Partition
@@ -478,16 +571,17 @@ def cmd_compile(args) -> int:
         graph = partitioned_inference(src.graph(src.split_batch(args.batch, parallel)), parallel)
     else:
         graph = src.graph(args.batch)
-    params = load_weights(args.weights, graph) if args.weights else src.params
+    params = load_inference_weights(args, graph, src)
+    graph, params, quantized = apply_quantize(args, graph, params, "llvm", training=args.train, partitioned=partitioned)
     if partitioned and args.sparse == "on":
         raise TdcError("--sparse on applies to one-process inference bundles, not partitioned ones")
-    if not partitioned:
+    if not partitioned and not quantized:
         graph, params, _ = apply_sparse(args, graph, params, "llvm", training=args.train)
     b = write_bundle(request_conv_algo(graph, args.conv_algo), args.output, params=params, seed=args.seed,
                      name=args.name or src.name, embed_weights=args.embed_weights, training=args.train,
                      autotune=args.autotune, copy_blas=not args.shared_blas,
                      schedule=LrSchedule(args.schedule, args.warmup, args.step_size, args.gamma) if args.train else None)
-    kind = "training step" if args.train else "inference"
+    kind = "training step" if args.train else "int8 inference" if quantized else "inference"
     if partitioned:
         kind += f" partitioned over {parallel.ranks} ranks ({parallel.strategy}): run it with mpiexec -n {parallel.ranks}"
     elif parallel is not None:

@@ -111,45 +111,72 @@ defop("dequantize", "quant", attrs=AFFINE, infer=_dequantize_infer, ref=_dequant
 
 
 # ---- fake_quant: quantize and dequantize in float, for quantization-aware training ------
+#
+# The scales and zero points are attributes (fixed at build time) or, when given as the two
+# trailing inputs scale f32[n] and zero_point i32[n], values computed in the graph: QAT derives
+# them every step from the current weights and from running ranges (tdc/passes/quantize.py).
+# They never get a gradient (the straight-through estimator treats the grid as constant).
 
 FAKE_ATTRS = {**AFFINE,
+              "scale": Attr("floats", (), doc="one scale (per tensor) or one per channel along axis; > 0 "
+                                              "(empty when the scale and zero point are inputs)"),
               "qmin": Attr("int", QMIN, doc="lowest integer level"),
               "qmax": Attr("int", QMAX, doc="highest integer level (weights: -127..127)")}
 
 
-def _fake_infer(ins, scale, zero_point, axis, qmin, qmax):
-    x = ins[0]
+def _fake_infer(ins, n_data, scale, zero_point, axis, qmin, qmax):
+    data, grid = ins[:n_data], ins[n_data:]
+    x = data[0]
     if x.dtype not in ("f32", "f64"):
         fail(f"fake_quant takes an f32 or f64 tensor, got {x}")
     if not QMIN <= qmin < qmax <= QMAX:
         fail(f"need -128 <= qmin < qmax <= 127, got qmin={qmin}, qmax={qmax}")
-    _check_affine(x, scale, zero_point, axis)
-    for t in ins[1:]:
+    for t in data[1:]:
         if t != x:
             fail(f"the gradient must be {x}, got {t}")
+    if not grid:
+        _check_affine(x, scale, zero_point, axis)
+        return x
+    if len(grid) != 2:
+        fail("give both the scale and the zero point as inputs, or neither")
+    s, z = grid
+    if s.dtype != "f32" or z.dtype != "i32" or s.rank != 1 or z.shape != s.shape:
+        fail(f"scale and zero_point inputs must be f32[n] and i32[n], got {s} and {z}")
+    if s.shape[0] > 1 and (x.rank == 0 or s.shape[0] != x.shape[norm_axis(axis, x.rank)]):
+        fail(f"{s.shape[0]} scales for axis {axis} of {x}")
     return x
 
 
-def _fake_ref(x, *, scale, zero_point, axis, qmin, qmax):
-    q, z, s = _q(x, scale, zero_point, axis)
+def _grid(scale, zero_point, s, z):
+    """The scales and zero points: the inputs when given, else the attributes."""
+    return (scale, zero_point) if s is None else (s, z)
+
+
+def _fake_ref(x, s=None, z=None, *, scale, zero_point, axis, qmin, qmax):
+    q, z, s = _q(x, *_grid(scale, zero_point, s, z), axis)
     return ((np.clip(q, qmin, qmax) - z).astype(np.float32) * s).astype(x.dtype)
 
 
-def _fake_grad_ref(g, x, *, scale, zero_point, axis, qmin, qmax):
-    q, _, _ = _q(x, scale, zero_point, axis)
+def _fake_grad_ref(g, x, s=None, z=None, *, scale, zero_point, axis, qmin, qmax):
+    q, _, _ = _q(x, *_grid(scale, zero_point, s, z), axis)
     return np.where((q >= qmin) & (q <= qmax), g, 0).astype(g.dtype)
 
 
-defop("fake_quant", "quant", attrs=FAKE_ATTRS, infer=lambda ins, **a: _fake_infer(ins, **a), ref=_fake_ref,
-      grad=lambda ctx, x: [F.apply("fake_quant_grad", ctx.g, x, **ctx.attrs)],
+def _fake_grad(ctx, x, *grid):
+    return [F.apply("fake_quant_grad", ctx.g, x, *grid, **ctx.attrs)] + [None] * len(grid)
+
+
+defop("fake_quant", "quant", arity=(1, 3), attrs=FAKE_ATTRS, infer=lambda ins, **a: _fake_infer(ins, 1, **a),
+      ref=_fake_ref, nondiff=(1, 2), grad=_fake_grad,
       cost=lambda ins, outs, **a: 5 * numel(ins[0].shape),
-      doc="dequantize(quantize(x)) in float; its gradient is the straight-through estimator: g where "
-          "x quantizes inside [qmin, qmax], 0 where it is clamped")
-defop("fake_quant_grad", "quant", arity=(2, 2), attrs=FAKE_ATTRS, infer=lambda ins, **a: _fake_infer(ins, **a),
-      ref=_fake_grad_ref, nondiff=(1,),
-      grad=lambda ctx, g, x: [F.apply("fake_quant_grad", ctx.g, x, **ctx.attrs), None],
+      doc="fake_quant(x[, scale, zero_point]): dequantize(quantize(x)) in float; its gradient is the "
+          "straight-through estimator: g where x quantizes inside [qmin, qmax], 0 where it is clamped")
+defop("fake_quant_grad", "quant", arity=(2, 4), attrs=FAKE_ATTRS, infer=lambda ins, **a: _fake_infer(ins, 2, **a),
+      ref=_fake_grad_ref, nondiff=(1, 2, 3),
+      grad=lambda ctx, g, x, *grid: [F.apply("fake_quant_grad", ctx.g, x, *grid, **ctx.attrs), None]
+      + [None] * len(grid),
       cost=lambda ins, outs, **a: 4 * numel(ins[0].shape),
-      doc="fake_quant_grad(g, x): g where x quantizes inside [qmin, qmax], else 0")
+      doc="fake_quant_grad(g, x[, scale, zero_point]): g where x quantizes inside [qmin, qmax], else 0")
 
 
 # ---- qlinear / qconv2d ---------------------------------------------------------------

@@ -17,9 +17,15 @@ The ranges come from running the float graph on calibration inputs: `observed(gr
 values whose [min, max] the rewrite needs; the caller runs the graph (any backend) and passes
 {value name or Value: (min, max)} (tdc/runtime/quantize.py does this).
 
-`insert_fake_quant(graph, ranges)` (QAT) puts fake_quant on every such activation and on the
-weights of the same layers (per output channel), so training sees the rounding and clamping of
-the int8 graph, with straight-through gradients.
+`insert_fake_quant(graph)` (quantization-aware training) puts fake_quant on the training-mode
+forward graph, before autodiff, wherever the int8 graph rounds: on the weights of the same layers
+(per output channel, symmetric, the scales recomputed in the graph from the current weights every
+step) and on the activations the int8 graph quantizes (`quant_points`), per tensor over a range
+kept as state: an exponential moving average of the batches' min and max (PyTorch's moving-average
+observer; the first batch sets it), updated by the step like batchnorm's running statistics.
+Training thus sees the int8 graph's rounding and clamping, with straight-through gradients.
+The learned ranges are saved with the weights (LAYER.in_range, LAYER.out_range: f32[2] lo, hi);
+`learned_ranges(graph, params)` gives quantize_int8 its ranges from them instead of calibration.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from ..errors import TdcError
 from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
 from ..ops.quant import QMAX, QMIN, WMAX
+from ..ops.tensor import Builder, Tensor
 
 LAYERS = ("conv2d", "linear")
 CODE_OPS = ("maxpool2d", "flatten", "reshape")   # run on int8 codes unchanged
@@ -46,6 +53,12 @@ def _fused_relu(graph: Graph, node, users):
     if len(us) == 1 and us[0].op == "relu" and all(v is not out for _, v in graph.outputs):
         return us[0]
     return None
+
+
+def layer_name(node) -> str:
+    """A layer's name: its weight param's, without the last component (conv1.weight -> conv1)."""
+    w = node.inputs[1].name
+    return w.rsplit(".", 1)[0] if "." in w else w
 
 
 def observed(graph: Graph) -> list[Value]:
@@ -152,7 +165,7 @@ def quantize_int8(graph: Graph, params: dict[str, np.ndarray], ranges: dict) -> 
             last = (relu or n).outputs[0]
             xq, sx, zx = as_codes(n.inputs[0])
             wq, ws = weight_params(params[n.inputs[1].name])
-            base = n.inputs[1].name.rsplit(".", 1)[0] if "." in n.inputs[1].name else n.inputs[1].name
+            base = layer_name(n)
             ins = [xq, g.add_arg(f"{base}.weight_q", _t("i8", wq.shape), "const")]
             new_params[ins[1].name] = wq
             if len(n.inputs) == 3:
@@ -191,3 +204,122 @@ def quantize_int8(graph: Graph, params: dict[str, np.ndarray], ranges: dict) -> 
 
 def _t(dtype, shape) -> TensorType:
     return TensorType(dtype, tuple(shape))
+
+
+# ---- the activations the int8 graph quantizes, and quantization-aware training ------------------
+
+RANGE_SUFFIXES = (".in_range", ".out_range")
+OBSERVED = "qat.observed"    # state: 0 before the first step (which sets the ranges), then 1
+EMA = 0.01                    # weight of each batch in the running ranges (PyTorch's averaging constant)
+
+
+def quant_points(graph: Graph) -> list[tuple[Value, str, list | None]]:
+    """(value, the name of its range, the layers reading it in int8 or None for every reader) of
+    each activation quantize_int8 rounds: a layer's input quantized from float (only that layer
+    reads the codes) and a layer's output requantized to i8 (every reader sees the codes), in
+    graph order. Values reached from codes through maxpool, flatten or reshape keep their scale."""
+    users = graph.users()
+    outputs = {v for _, v in graph.outputs}
+    coded: set = set()
+    points: dict[Value, tuple[str, list | None]] = {}
+
+    def reads_codes(v: Value) -> bool:
+        return any((u.op in LAYERS and _weight_args(u) and u.inputs[0] is v)
+                   or (u.op in CODE_OPS and reads_codes(u.outputs[0])) for u in users.get(v, []))
+
+    for n in graph.nodes:
+        if n.op in CODE_OPS and n.inputs[0] in coded:
+            coded.add(n.outputs[0])
+        if not (n.op in LAYERS and _weight_args(n)):
+            continue
+        x = n.inputs[0]
+        if x not in coded:
+            points.setdefault(x, (layer_name(n) + RANGE_SUFFIXES[0], []))[1].append(n)
+        relu = _fused_relu(graph, n, users)
+        last = (relu or n).outputs[0]
+        if reads_codes(last) and last not in outputs:
+            coded.add(last)
+            points[last] = (layer_name(n) + RANGE_SUFFIXES[1], None)
+    return [(v, name, readers) for v, (name, readers) in points.items()]
+
+
+def learned_ranges(graph: Graph, params: dict) -> dict | None:
+    """{value: (lo, hi)} for quantize_int8 from the ranges QAT saved with the weights, or None
+    when the weights hold none of them."""
+    points = quant_points(graph)
+    have = [name in params for _, name, _ in points]
+    if not any(have):
+        return None
+    if not all(have):
+        missing = ", ".join(name for (_, name, _), h in zip(points, have) if not h)
+        raise TdcError(f"quantize: the weights hold QAT ranges but not {missing} (trained on another model?)")
+    ranges = {}
+    for v, name, _ in points:
+        r = np.asarray(params[name], np.float64).reshape(-1)
+        if r.shape != (2,) or not np.isfinite(r).all():
+            raise TdcError(f"quantize: {name} must be two finite numbers (lo, hi), got {r.tolist()}")
+        ranges[v] = (float(r[0]), float(r[1]))
+    return ranges
+
+
+def _fake_weight(w: Tensor) -> Tensor:
+    """w fake-quantized per output channel (dim 0), symmetric in [-127, 127], with the scales of
+    the current values (weight_params' rule, in float32)."""
+    b = w.builder
+    amax = b.apply("reduce_max", [abs(w)], {"axes": list(range(1, w.ndim))})
+    scale = b.apply("where", [amax > 0.0, amax / float(WMAX), 1.0])
+    zero = b.constant(np.zeros(w.shape[0], np.int32))
+    return b.apply("fake_quant", [w, scale, zero], {"axis": 0, "qmin": -WMAX, "qmax": WMAX})
+
+
+def _fake_activation(x: Tensor, state: Tensor, first: Tensor, ema: float) -> tuple[Tensor, Tensor]:
+    """(x fake-quantized per tensor over the running range, the range's new value): the range
+    is the batch's [min, max] at the first step, then moves by `ema` towards each batch's, and
+    scale and zero point follow activation_params' rule (the range widened to hold 0)."""
+    b = x.builder
+    lo_b = b.apply("neg", [b.apply("reduce_max", [-x], {"axes": None})])
+    hi_b = b.apply("reduce_max", [x], {"axes": None})
+    batch = b.apply("concat", [b.apply("reshape", [lo_b], {"shape": [1]}),
+                               b.apply("reshape", [hi_b], {"shape": [1]})], {"axis": 0})
+    new = b.apply("where", [first, batch, state * (1.0 - ema) + batch * ema])
+    lo = b.apply("minimum", [new[0:1], 0.0])
+    hi = b.apply("maximum", [new[1:2], 0.0])
+    width = hi - lo
+    scale = b.apply("where", [width > 0.0, width / float(QMAX - QMIN), 1.0])
+    # QMIN - round(lo / scale), lo <= 0: the cast truncates the non-negative 0.5 - lo / scale
+    up = b.apply("cast", [b.apply("minimum", [0.5 - lo / scale, float(QMAX - QMIN)])], {"to": "i32"})
+    zero = up + QMIN
+    return b.apply("fake_quant", [x, scale, zero], {"qmin": QMIN, "qmax": QMAX}), new
+
+
+def insert_fake_quant(graph: Graph, ema: float = EMA) -> Graph:
+    """The training-mode forward graph with fake_quant on the weights of every linear and conv2d
+    with param weights and on the activations quant_points names, and the updates of their
+    running ranges (state LAYER.in_range / LAYER.out_range, and qat.observed)."""
+    if not 0 < ema <= 1:
+        raise TdcError(f"QAT: the moving average's weight must be in (0, 1], got {ema}")
+    g, _ = graph.map_copy()
+    layers = [n for n in g.nodes if n.op in LAYERS and _weight_args(n) and n.inputs[1].kind == "param"]
+    if not layers:
+        raise TdcError(f"QAT: graph {g.name} has no linear or conv2d layer with param weights to quantize")
+    points = quant_points(g)
+    original = set(g.nodes)
+    with Builder(g, training=True) as b:
+        observed = b.arg(OBSERVED, TensorType("f32", ()), "state", init="zeros")
+        first = observed.eq(0.0)
+        fake: dict[Value, Value] = {}
+        for n in layers:
+            w = n.inputs[1]
+            if w not in fake:
+                fake[w] = _fake_weight(Tensor(w, b)).value
+            n.inputs[1] = fake[w]
+        for v, name, readers in points:
+            state = b.arg(name, TensorType("f32", (2,)), "state", init="zeros")
+            fq, new = _fake_activation(Tensor(v, b), state, first, ema)
+            g.add_update(state.value, new.value)
+            for n in (readers if readers is not None else original):
+                if n in original:
+                    n.inputs = [fq.value if u is v else u for u in n.inputs]
+        g.add_update(observed.value, b.constant(np.float32(1.0)).value)
+    g.toposort()
+    return g

@@ -24,6 +24,7 @@ from .parameter_server import ParameterServer, parameter_server
 from .partition import Partition, place_rest, route_outputs
 from .pipeline import place_stages, schedule_pipeline
 from .prune import add_masks
+from .quantize import insert_fake_quant
 from .spatial import spatial
 from .tensor_parallel import tensor_parallel
 
@@ -112,8 +113,9 @@ def partitioned_inference(graph: Graph, cfg: Partition) -> Graph:
 def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,
                       simplify: bool = True,
                       parallel: DataParallel | ParameterServer | Partition | None = None,
-                      prune: bool = False) -> Pipeline:
-    """loss, autodiff, optimizer (and simplification); with `prune`, then the prune pass's masks. With `parallel` a DataParallel, the step of
+                      prune: bool = False, qat: bool = False) -> Pipeline:
+    """loss, autodiff, optimizer (and simplification); with `prune`, then the prune pass's masks;
+    with `qat`, fake_quant on the forward graph before autodiff (passes/quantize.py). With `parallel` a DataParallel, the step of
     one of `parallel.ranks` data-parallel ranks: sync_batchnorm (if asked) before autodiff and
     data_parallel after it; a ParameterServer, the step placed on workers and servers, the
     optimizer on the servers; a Partition, the forward graph placed on the ranks (model,
@@ -122,7 +124,12 @@ def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer 
     opt = optimizer or Optimizer()
     if prune and parallel is not None:
         raise TdcError("pruning masks are in single-process training steps only: drop --ranks/--ps with --prune")
+    if qat and parallel is not None:
+        raise TdcError("quantization-aware training runs in one process: drop --ranks/--ps with --qat")
     passes = [Pass("loss", partial(add_loss, loss=loss), "append the loss and its label input")]
+    if qat:
+        passes.append(Pass("fake_quant", insert_fake_quant, "int8 rounding of weights (per channel) and "
+                           "activations (running ranges), straight-through gradients"))
     if isinstance(parallel, Partition):
         passes += partition_passes(parallel)
         passes.append(Pass("autodiff", partial(autodiff, loss="loss"), "reverse-mode gradients of the loss, placed "
@@ -158,9 +165,10 @@ def training_pipeline(loss: str = "softmax_cross_entropy", optimizer: Optimizer 
 
 def train_step(model: Model | Graph, loss: str = "softmax_cross_entropy", optimizer: Optimizer | None = None,
                batch: int | None = None, ctx: PassContext | None = None,
-               parallel: DataParallel | ParameterServer | Partition | None = None, prune: bool = False) -> Graph:
+               parallel: DataParallel | ParameterServer | Partition | None = None, prune: bool = False,
+               qat: bool = False) -> Graph:
     """One graph doing forward, backward and update for `model` (a @tdc.model or a training-mode
-    Graph); with `prune`, masked (passes/prune.py). With `parallel`, a model is traced at the batch of one rank (batch / ranks, or
+    Graph); with `prune`, masked (passes/prune.py); with `qat`, fake-quantized (passes/quantize.py). With `parallel`, a model is traced at the batch of one rank (batch / ranks, or
     batch / workers with a parameter server; batch: the global batch, by default the model's)."""
     if isinstance(model, Model):
         if parallel is not None:
@@ -168,4 +176,4 @@ def train_step(model: Model | Graph, loss: str = "softmax_cross_entropy", optimi
         g = model.trace(batch, training=True)
     else:
         g = model
-    return training_pipeline(loss, optimizer, parallel=parallel, prune=prune).run(g, ctx)
+    return training_pipeline(loss, optimizer, parallel=parallel, prune=prune, qat=qat).run(g, ctx)

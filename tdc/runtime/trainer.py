@@ -29,6 +29,7 @@ from ..ir.printer import print_graph
 from ..passes.data_parallel import DataParallel
 from ..frontend.model import Model
 from ..passes.optimizer import SLOTS, Optimizer
+from ..passes.quantize import RANGE_SUFFIXES, learned_ranges, quantize_int8
 from ..passes.training import LOSSES, train_step
 from .checkpoint import LAST, check_compatible, check_settings, load_checkpoint, save_checkpoint
 from .data import Dataset, check_labels, fit_to_model, load_data
@@ -68,6 +69,7 @@ class TrainResult:
     servers: list = field(default_factory=list)   # parameter servers' ServerStats (on rank 0)
     role: str = "worker"            # "server" on a parameter server's rank (it trains nothing itself)
     sparsity: float | None = None   # with pruning: the fraction of the prunable weights that are zero
+    int8_accuracy: float | None = None   # with QAT: the int8 graph's test accuracy over the learned ranges
 
     def summary(self) -> str:
         if self.role == "server":
@@ -75,8 +77,10 @@ class TrainResult:
         done = (f"{self.epoch} epoch{'' if self.epoch == 1 else 's'}" if self.epoch >= self.epochs
                 else f"{self.step} steps")
         pruned = f", pruned weights sparsity {self.sparsity:.4f}" if self.sparsity is not None else ""
+        int8 = "" if self.int8_accuracy is None else \
+            f", int8 test accuracy {self.int8_accuracy:.4f} (learned ranges)"
         return (f"test accuracy {self.test_accuracy:.4f} ({self.correct}/{self.total}) "
-                f"after {done}{pruned}, {self.seconds:.1f} s")
+                f"after {done}{pruned}{int8}, {self.seconds:.1f} s")
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -216,7 +220,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
           out=print, conv_algo: str = "auto", autotune: bool = False,
           parallel: DataParallel | ParameterServer | None = None, comm_timeout: float = 30.0,
           nonfinite_steps: int = 1, staleness_lr: bool = False, momentum_correction: bool = False,
-          hogwild: bool = False, threads: int | None = None, prune: Prune | None = None) -> TrainResult:
+          hogwild: bool = False, threads: int | None = None, prune: Prune | None = None,
+          qat: bool = False) -> TrainResult:
     """Train `model` (a Model or "FILE.py[:NAME]") on `data` (a Dataset, "digits" or "mnist:DIR").
 
     schedule: a Schedule, or a name (constant|step|cosine) built with warmup/step_size/gamma and,
@@ -247,6 +252,9 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
       that is NaN or infinite; the checkpoint then holds the last state saved before them.
     prune: magnitude pruning (a Prune): the step keeps masked weights at zero (passes/prune.py)
       and the masks are recomputed before the epochs where prune's schedule raises the sparsity.
+    qat: quantization-aware training: the step sees int8 rounding (passes/quantize.py
+      insert_fake_quant); the saved weights hold the learned activation ranges, and the result's
+      int8_accuracy is the int8 graph's (quantized with those ranges) on the test set.
     """
     t_start = time.perf_counter()
     model = _as_model(model)
@@ -277,6 +285,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         if epochs <= prune.last_epoch():
             raise TdcError(f"--prune-schedule {prune.schedule} prunes to {prune.sparsity:g} before epoch "
                            f"{prune.last_epoch() + 1}: train for more than {prune.last_epoch()} epochs")
+    if qat and (parallel is not None or hogwild):
+        raise TdcError("--qat trains in one process: it does not combine with --ranks, --ps or --hogwild")
     if resume and not checkpoint:
         raise TdcError("resuming needs the checkpoint directory (--checkpoint DIR)")
     if log_every < 1:
@@ -349,8 +359,10 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
 
     if partitioned and parallel.target is None:      # the partition's costs: one set of rates for every rank
         parallel.target = agreed_rates(comm, backend)
-    train_graph = train_step(model, loss, optimizer, batch, parallel=parallel, prune=prune is not None)
+    train_graph = train_step(model, loss, optimizer, batch, parallel=parallel, prune=prune is not None, qat=qat)
     settings = {"batch": batch, "loss": loss, "data": data.name, "train_samples": n}
+    if qat:
+        settings["qat"] = True
     if prune is not None:
         settings["prune"] = prune.describe()
     if ranks > 1:
@@ -396,6 +408,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         return whole_params(train_graph, exe.gather_state() or {}) if partitioned else exe.state
 
     infer_args = [a.name for a in infer_graph.args if a.kind != "input"]
+    # QAT's learned ranges go with the weights: tdc run/compile --quantize int8 reads them
+    saved_args = infer_args + [a.name for a in train_graph.state if a.name.endswith(RANGE_SUFFIXES)]
     runners = make_runners(exe, threads) if hogwild else None
     # The inference executable owns copies that are refreshed in place before each evaluation:
     # a backend may bind its buffers at compile time, so replacing dict entries would go unseen.
@@ -558,12 +572,18 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         correct, test_loss = run_eval()
     final = model_state() if partitioned else exe.state
     if save_weights:
-        save_npz(save_weights, {k: final[k] for k in infer_args})
+        save_npz(save_weights, {k: final[k] for k in saved_args})
     if plot:
         _write_plot(plot, records, out)
+    int8_accuracy = None
+    if qat and root:
+        qg, qp = quantize_int8(infer_graph, final, learned_ranges(infer_graph, final))
+        qexe = compile_graph(qg, backend=backend, params=qp, seed=seed)
+        int8_accuracy = evaluate(qexe, input_name, output, x_test, y_test, batch, loss)[0] / len(y_test)
     return TrainResult(np.array(losses, np.float32), first_step, step, epoch, epochs, correct / len(y_test),
                        test_loss, correct, len(y_test), time.perf_counter() - t_start, history, dict(final),
-                       rank, servers, sparsity=sparsity_report(final, pruned)[0] if pruned else None)
+                       rank, servers, sparsity=sparsity_report(final, pruned)[0] if pruned else None,
+                       int8_accuracy=int8_accuracy)
 
 
 class FixedRates:
@@ -734,6 +754,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hogwild", action="store_true",
                    help="llvm backend: N threads (--threads) each train on their own batches and update the shared "
                         "params without locks (Hogwild)")
+    p.add_argument("--qat", action="store_true",
+                   help="quantization-aware training: the step rounds weights and activations as int8 inference "
+                        "will (straight-through gradients, activation ranges as running averages); --save-weights "
+                        "then holds the ranges, which tdc run/compile --quantize int8 use instead of calibrating")
     add_parallel_arguments(p)
 
 
@@ -767,7 +791,7 @@ def cmd_train(args, argv: list[str] | None = None) -> int:
                        conv_algo=getattr(args, "conv_algo", "auto"), autotune=getattr(args, "autotune", False),
                        parallel=parallel, comm_timeout=args.comm_timeout, nonfinite_steps=args.nonfinite_steps,
                        staleness_lr=args.staleness_lr, momentum_correction=args.momentum_correction,
-                       hogwild=args.hogwild, threads=args.threads, prune=prune)
+                       hogwild=args.hogwild, threads=args.threads, prune=prune, qat=args.qat)
     except Exception as e:
         if launched_ranks() > 1 and not getattr(args, "debug", False):   # one rank alone would leave the others waiting
             fail_job(str(e) if isinstance(e, TdcError) else f"internal error: {type(e).__name__}: {e}")

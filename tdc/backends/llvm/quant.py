@@ -65,8 +65,15 @@ def quant_call(node: Node, window) -> tuple[str, list]:
     if op == "dequantize":
         return "tdc_dequantize_i8", [I[0], ("out", 0), *_affine_tables(node)]
     if op in ("fake_quant", "fake_quant_grad"):
-        return f"tdc_{op}_f32", [*I, ("out", 0), *_affine_tables(node),
-                                 ("i64", a["qmin"]), ("i64", a["qmax"])]
+        n_data = 1 if op == "fake_quant" else 2
+        if len(I) == n_data:
+            grid = _affine_tables(node)
+        else:     # scale and zero point computed in the graph (QAT): the kernel reads their buffers
+            x = node.inputs[0].type
+            nc = node.inputs[n_data].type.shape[0]
+            inner = int(np.prod(x.shape[norm_axis(a["axis"], x.rank) + 1:], dtype=np.int64)) if nc > 1 else 1
+            grid = [("i64", x.size), ("i64", inner), ("i64", nc), *I[n_data:]]
+        return f"tdc_{op}_f32", [*I[:n_data], ("out", 0), *grid, ("i64", a["qmin"]), ("i64", a["qmax"])]
     if op == "maxpool2d":
         return "tdc_maxpool2d_i8", [I[0], ("out", 0), *[("i64", x) for x in window(node, ins[0], node.outputs[0].type.shape)]]
     tail = [("i64", a["x_zero"]), ("i64", a["y_zero"]), ("i64", int(a["relu"])), ("i64", int(a["out"] == "f32"))]
