@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -27,21 +26,11 @@ import tdc.onnx  # noqa: E402
 from tdc.runtime.data import Dataset, load_digits  # noqa: E402
 from tdc.runtime.quantize import quantize_model  # noqa: E402
 from tdc.runtime.trainer import train  # noqa: E402
+from inference_latency import median_ms  # noqa: E402  (this directory's own timing rule)
 
 
 def to_lenet(x):
     return np.pad(np.kron(x, np.ones((3, 3), np.float32)), ((0, 0), (0, 0), (2, 2), (2, 2)))
-
-
-def median_ms(fn, reps: int, warmup: int = 30) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
 
 
 def accuracy(run, x, y, batch) -> float:

@@ -186,3 +186,12 @@ def update_json(path: str, key: str, entry) -> None:
     data[key] = entry
     text = json.dumps(data, indent=1, sort_keys=True)
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def linear_probe_arrays(m: int, k: int, n: int, density: float):
+    """The arrays of a probe layer the targets time: random float32 x [m, k], weight [n, k] with `density` of its entries nonzero, bias, output."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((n, k), np.float32)
+    w[rng.random((n, k)) >= density] = 0
+    return (rng.standard_normal((m, k), np.float32), w, rng.standard_normal(n, np.float32),
+            np.empty((m, n), np.float32))

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from ...ir.graph import Node
-from ...passes.target import Target, available_cores, best_time, kernel_time
+from ...passes.target import Target, available_cores, best_time, kernel_time, linear_probe_arrays
 from .codegen import LIBRARY_DTYPES, library_call
 from .scalar import MEM
 
@@ -46,7 +46,7 @@ class LLVMTarget(Target):
     def time_linear(self, m: int, k: int, n: int) -> float:
         lib = runtime_library()
         lib.tdc_runtime_set_threads(ctypes.c_int64(1))
-        x, w, b, out = _linear_arrays(m, k, n, 1.0)
+        x, w, b, out = linear_probe_arrays(m, k, n, 1.0)
         args = [ctypes.c_void_p(a.ctypes.data) for a in (x, w, b)] + [ctypes.c_int64(1), ctypes.c_void_p(out.ctypes.data)]
         dims = [ctypes.c_int64(d) for d in (m, k, n)]
         return kernel_time(lambda: lib.tdc_linear_f32(*args, *dims), _empty_call(lib))
@@ -54,7 +54,7 @@ class LLVMTarget(Target):
     def time_sparse_linear(self, m: int, k: int, n: int, density: float) -> float:
         from ...ops.sparse import to_csr
         lib = runtime_library()
-        x, w, b, out = _linear_arrays(m, k, n, density)
+        x, w, b, out = linear_probe_arrays(m, k, n, density)
         keep = [x, *to_csr(w), b, out]
         ptrs = [ctypes.c_void_p(a.ctypes.data) for a in keep]
         args = ptrs[:5] + [ctypes.c_int64(1), ptrs[5]]
@@ -67,15 +67,6 @@ def _empty_call(lib):
     zero rows; BLAS on zero rows still does some work)."""
     null, zero = ctypes.c_void_p(0), ctypes.c_int64(0)
     return lambda: lib.tdc_sparse_linear_f32(null, null, null, null, null, zero, null, zero, zero, zero)
-
-
-def _linear_arrays(m: int, k: int, n: int, density: float):
-    """Random float32 x [m, k], weight [n, k] with `density` of its entries nonzero, bias, output."""
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((n, k), np.float32)
-    w[rng.random((n, k)) >= density] = 0
-    return (rng.standard_normal((m, k), np.float32), w, rng.standard_normal(n, np.float32),
-            np.empty((m, n), np.float32))
 
 
 def time_conv(node: Node, algo: str, reps: int = 3) -> float:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...passes.target import Target, best_time, kernel_time
+from ...passes.target import Target, best_time, kernel_time, linear_probe_arrays
 from .codegen import SUPPORTED_DTYPES
 
 
@@ -36,27 +36,18 @@ class NumbaTarget(Target):
         from . import kernels as K
         from . import prepare_runtime
         prepare_runtime()
-        x, w, b, out = _linear_arrays(m, k, n, 1.0)
+        x, w, b, out = linear_probe_arrays(m, k, n, 1.0)
         x0, out0 = x[:0], out[:0]
         return kernel_time(lambda: K.linear(x, w, b, True, out), lambda: K.linear(x0, w, b, True, out0))
 
     def time_sparse_linear(self, m: int, k: int, n: int, density: float) -> float:
         from ...ops.sparse import to_csr
         from . import kernels as K
-        x, w, b, out = _linear_arrays(m, k, n, density)
+        x, w, b, out = linear_probe_arrays(m, k, n, density)
         v, c, r = to_csr(w)
         x0, out0 = x[:0], out[:0]
         return kernel_time(lambda: K.sparse_linear(x, v, c, r, b, True, out),
                            lambda: K.sparse_linear(x0, v, c, r, b, True, out0))
-
-
-def _linear_arrays(m: int, k: int, n: int, density: float):
-    """Random float32 x [m, k], weight [n, k] with `density` of its entries nonzero, bias, output."""
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((n, k), np.float32)
-    w[rng.random((n, k)) >= density] = 0
-    return (rng.standard_normal((m, k), np.float32), w, rng.standard_normal(n, np.float32),
-            np.empty((m, n), np.float32))
 
 
 TARGET = NumbaTarget()
