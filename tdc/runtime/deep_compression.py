@@ -13,6 +13,7 @@ is. The result is a compressed model file `tdc run` and `tdc compile` read like 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,8 +148,8 @@ def compress(model, params: dict[str, np.ndarray], data: Dataset, output: str, *
              optimizer: Optimizer | None = None, schedule: str = "constant", backend: str = "llvm", seed: int = 0,
              out=print) -> CompressResult:
     """Compress `model` with `params`, retraining on `data`; write the compressed file to `output`."""
-    from .trainer import train
     from ..files import check_output_file
+    from .trainer import train     # trainer imports much of tdc: only when compressing
     check_output_file(output, "-o")
     batch = batch or model.batch
     optimizer = optimizer or Optimizer("adam", lr=1e-3)
@@ -181,7 +182,6 @@ def compress(model, params: dict[str, np.ndarray], data: Dataset, output: str, *
     layers = {k: encode_shared(s, huffman) for k, s in shared.items()}
     raw = {k: v for k, v in params.items() if k not in shared}
     write_compressed(output, raw, layers)
-    import os
     file_bytes = os.path.getsize(output)
     dense_bytes = sum(v.size * 4 for v in params.values())
     decoded = read_compressed(output)
