@@ -296,3 +296,69 @@ def test_calibrate_recovers_the_per_call_and_rate_terms_of_a_synthetic_target():
         assert getattr(got, f) == pytest.approx(getattr(true, f), rel=0.05), f
     no_call = S.SparseRates(0.0, 4e10, 0.0, 9e10, 0.0, 1e9, 2.5e9, 0.0, 6e9, 3e10)
     assert true.break_even(64, 100, 10) > 2 * no_call.break_even(64, 100, 10)
+
+
+# ---- sparse_conv2d (reference only so far: no compiled kernels, no pass) --------------------
+
+CONV_CASES = [   # (n, c, h, w, co, kh, kw, stride, pad, dilation, groups, density)
+    (2, 3, 9, 8, 5, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.3),
+    (2, 4, 11, 10, 6, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 2, 0.5),
+    (1, 3, 12, 12, 4, 3, 2, (1, 2), (2, 0, 1, 3), (2, 2), 1, 0.2),
+    (3, 6, 14, 14, 16, 5, 5, (1, 1), (0, 0, 0, 0), (1, 1), 1, 0.1),   # LeNet-5's conv2
+    (2, 8, 5, 7, 6, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 2, 0.4),      # 1x1, groups 2
+    (2, 3, 6, 6, 4, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 0.0),      # no nonzeros: bias only
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_sparse_conv2d_reference_matches_dense_conv2d(case, bias):
+    from tdc.ir.opdef import get_op
+    n, c, h, w, co, kh, kw, stride, pad, dil, groups, density = case
+    rng = np.random.default_rng(hash(case) % 2**32)
+    k = c // groups * kh * kw
+    wm = _pruned(rng, co, k, density)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    b = rng.standard_normal(co).astype(np.float32) if bias else None
+    geo = dict(stride=stride, pad=pad, dilation=dil, groups=groups)
+    got = get_op("sparse_conv2d").ref(x, *to_csr(wm), *([b] if bias else []), kernel=(kh, kw), note="", **geo)
+    # float64 dense conv2d as the oracle; float32 bound: 8 eps times the sum of |x||w| per output
+    x64, w64 = x.astype(np.float64), wm.reshape(co, c // groups, kh, kw).astype(np.float64)
+    want = get_op("conv2d").ref(x64, w64, *([b.astype(np.float64)] if bias else []), algo="auto", algo_note="", **geo)
+    absum = get_op("conv2d").ref(np.abs(x64), np.abs(w64), algo="auto", algo_note="", **geo)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.all(np.abs(got - want) <= 8 * np.finfo(np.float32).eps * absum + np.finfo(np.float32).tiny
+                  + (np.abs(want) * np.finfo(np.float32).eps if bias else 0))
+    if density == 0.0:
+        bias_only = (b if bias else np.zeros(co, np.float32))[:, None, None]
+        np.testing.assert_array_equal(got, np.broadcast_to(bias_only, got.shape))
+
+
+def test_sparse_conv2d_infers_the_shape_and_refuses_a_bad_layer():
+    from tdc.ir.opdef import get_op
+    op = get_op("sparse_conv2d")
+    csr = [TensorType("f32", (7,)), TensorType("i32", (7,)), TensorType("i32", (17,))]
+    geo = dict(stride=(1, 1), pad=(0, 0, 0, 0), dilation=(1, 1), groups=1, note="")
+    attrs = op.normalize_attrs({"kernel": (5, 5)})
+    assert op.infer_types([TensorType("f32", (64, 6, 14, 14)), *csr], attrs)[0].shape == (64, 16, 10, 10)
+    with pytest.raises(TdcError, match="does not fit"):
+        op.infer_types([TensorType("f32", (1, 6, 3, 3)), *csr], attrs)
+    with pytest.raises(TdcError, match="divisible"):
+        op.infer_types([TensorType("f32", (1, 6, 14, 14)), *csr], {**attrs, "groups": 4})
+    with pytest.raises(TdcError, match="kernel.*required"):
+        op.normalize_attrs({})
+    with pytest.raises(TdcError, match="column indices"):
+        op.ref(np.zeros((1, 1, 3, 3), np.float32), np.ones(1, np.float32), np.array([9], np.int32),
+               np.array([0, 1], np.int32), kernel=(3, 3), **geo)
+
+
+def test_sparse_conv2d_has_no_gradient():
+    g = Graph("sc")
+    with Builder(g) as b:
+        x = b.arg("x", TensorType("f32", (2, 6, 14, 14)), "input")
+        csr = [b.arg("v", TensorType("f32", (7,)), "const"), b.arg("c", TensorType("i32", (7,)), "const"),
+               b.arg("r", TensorType("i32", (17,)), "const"), b.arg("b", TensorType("f32", (16,)), "param")]
+        y = b.apply("sparse_conv2d", [x, *csr], {"kernel": (5, 5)}).relu()
+        g.add_output("y", b.apply("flatten", [y]).value)
+    with pytest.raises(TdcError, match="no gradient rule"):
+        tdc.train_step(g, loss="mse", optimizer=tdc.Optimizer("sgd", lr=0.1))

@@ -24,6 +24,7 @@ from ..errors import TdcError
 from ..ir.opdef import Attr, defop
 from ..ir.types import TensorType
 from .common import fail, need_float, numel
+from .conv import GEOMETRY, _conv2d_ref, conv_out_shape
 
 INDEX_DTYPE = "i32"
 
@@ -91,3 +92,51 @@ defop("sparse_linear", "sparse", arity=(4, 5), attrs={"note": Attr("str", "", do
       infer=_infer, ref=_ref, nondiff=(2, 3),
       cost=lambda ins, outs, note: 2 * numel(outs[0].shape[:-1]) * ins[1].shape[0],
       doc="x @ W.T + b with W [N, K] in CSR: values [nnz], cols [nnz] i32, rowptr [N+1] i32; inference only")
+
+
+# ---- sparse_conv2d ------------------------------------------------------------------------
+# sparse_conv2d(x [N, C, H, W], values, cols, rowptr[, bias [CO]]) -> [N, CO, OH, OW]: conv2d with
+# its weight [CO, C/groups, KH, KW] flattened to [CO, C/groups*KH*KW] and stored in CSR (rows are
+# output channels, columns (c*KH + i)*KW + j, im2col's row order). The kernel shape is an attribute
+# since the weight is gone. Inference only, like sparse_linear: no gradient rule. Reference only for
+# now: the compiled backends have no kernel for it yet (llvm refuses it at compile time) and the
+# sparsify pass does not emit it.
+
+def _conv_infer(ins, kernel, stride, pad, dilation, groups, note):
+    x, values, cols, rowptr = ins[:4]
+    need_float(x)
+    if values.dtype != x.dtype or values.rank != 1 or cols.shape != values.shape:
+        fail(f"values must be a {x.dtype} vector and cols an i32 vector of its length, got {values} and {cols}")
+    if cols.dtype != INDEX_DTYPE or rowptr.dtype != INDEX_DTYPE or rowptr.rank != 1 or rowptr.shape[0] < 1:
+        fail(f"cols and rowptr must be {INDEX_DTYPE} vectors, rowptr [CO+1]; got {cols} and {rowptr}")
+    if x.rank != 4:
+        fail(f"x must be NCHW (rank 4), got shape {list(x.shape)}")
+    co = rowptr.shape[0] - 1
+    cg = x.shape[1] // groups if groups >= 1 else 0
+    out = conv_out_shape(x.shape, (co, cg, *kernel), stride, pad, dilation, groups, w_name="CSR weight")
+    if len(ins) == 5 and (ins[4].shape != (co,) or ins[4].dtype != x.dtype):
+        fail(f"bias must be {x.dtype}[{co}], got {ins[4]}")
+    return TensorType(x.dtype, out)
+
+
+def _conv_ref(x, values, cols, rowptr, bias=None, *, kernel, stride, pad, dilation, groups, note):
+    co, k = len(rowptr) - 1, x.shape[1] // groups * kernel[0] * kernel[1]
+    check_csr(values, cols, rowptr, k, "sparse_conv2d")
+    w = dense_weight(values, cols, rowptr, k).reshape(co, x.shape[1] // groups, *kernel)
+    return _conv2d_ref(x, w, bias, stride=stride, pad=pad, dilation=dilation, groups=groups,
+                       algo="auto", algo_note="")
+
+
+CONV_ATTRS = {"kernel": Attr("ints", length=2, doc="(KH, KW) of the pruned weight"), **GEOMETRY,
+              "note": Attr("str", "", doc="why the layer is sparse")}
+
+
+def _conv_cost(ins, outs, **a):
+    n, _, oh, ow = outs[0].shape
+    return 2 * n * oh * ow * ins[1].shape[0]     # one multiply-add per nonzero and output pixel
+
+
+defop("sparse_conv2d", "sparse", arity=(4, 5), attrs=CONV_ATTRS, infer=_conv_infer, ref=_conv_ref, nondiff=(2, 3),
+      cost=_conv_cost,
+      doc="conv2d(x, W[, b]) with W [CO, C/groups*KH*KW] in CSR (values, cols i32, rowptr [CO+1] i32); "
+          "inference only")
