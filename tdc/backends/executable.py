@@ -7,7 +7,7 @@ import numpy as np
 from ..errors import TdcError
 from ..frontend.init import init_params
 from ..ir.graph import Graph, Value, placed_ranks
-from ..ops.sparse import check_csr
+from ..ops.sparse import check_csr, csr_columns
 
 
 def check_feed(arg: Value, array, what: str) -> np.ndarray:
@@ -57,14 +57,14 @@ def initial_state(graph: Graph, params: dict | None, seed: int) -> dict[str, np.
 
 def check_sparse_weights(graph: Graph, state: dict[str, np.ndarray]) -> None:
     """The compiled sparse kernels index memory with their CSR arrays unchecked: check each
-    sparse_linear's arrays held in `state` (name -> array) before a kernel sees them."""
+    sparse_linear's and sparse_conv2d's arrays held in `state` (name -> array) before a kernel sees them."""
     for n in graph.nodes:
-        if n.op != "sparse_linear":
+        if n.op not in ("sparse_linear", "sparse_conv2d"):
             continue
         csr = n.inputs[1:4]
         if all(v.is_arg and v.name in state for v in csr):
-            check_csr(*(state[v.name] for v in csr), n.inputs[0].type.shape[-1],
-                      f"sparse_linear ({', '.join(v.name for v in csr)})")
+            check_csr(*(state[v.name] for v in csr), csr_columns(n.op, n.inputs[0].type.shape, n.attrs),
+                      f"{n.op} ({', '.join(v.name for v in csr)})")
 
 
 def graph_ranks(graph: Graph) -> int:

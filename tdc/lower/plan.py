@@ -26,13 +26,13 @@ from .loops import Const, LoopKernel, Operand, Reduce, ScalarOp, broadcast_strid
 
 VIEW_OPS = ("reshape", "flatten")
 COPY_OPS = ("transpose", "slice", "slice_grad", "pad", "concat")
-ANCHORED_OPS = ("matmul", "linear", "conv2d", "sparse_linear")
+ANCHORED_OPS = ("matmul", "linear", "conv2d", "sparse_linear", "sparse_conv2d")
 CONV_OPS = ("conv2d", "conv2d_grad_input", "conv2d_grad_weight")
 # Ops with a library kernel on every compiled backend.
 LIBRARY_OPS = frozenset({
     "matmul", "linear", *CONV_OPS, "maxpool2d", "maxpool2d_grad", "maxpool2d_gather", "avgpool2d",
     "avgpool2d_grad", "global_avgpool", "softmax", "log_softmax", "softmax_cross_entropy", "one_hot",
-    "mse", "batchnorm", "dropout", "gather", "gather_grad", "sparse_linear",
+    "mse", "batchnorm", "dropout", "gather", "gather_grad", "sparse_linear", "sparse_conv2d",
     "quantize", "dequantize", "fake_quant", "fake_quant_grad", "qlinear", "qconv2d",   # int8: ops/quant.py
 })
 

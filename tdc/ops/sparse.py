@@ -61,6 +61,13 @@ def check_csr(values: np.ndarray, cols: np.ndarray, rowptr: np.ndarray, k: int, 
         raise TdcError(f"{what}: column indices must lie in [0, {k}), got {c.min()}..{c.max()}")
 
 
+def csr_columns(op: str, x_shape, attrs) -> int:
+    """K, the columns of the CSR weight of a sparse_linear or sparse_conv2d whose x has `x_shape`."""
+    if op == "sparse_linear":
+        return x_shape[-1]
+    return x_shape[1] // attrs["groups"] * attrs["kernel"][0] * attrs["kernel"][1]
+
+
 def dense_weight(values, cols, rowptr, k: int) -> np.ndarray:
     """The [N, K] matrix a CSR triple describes (duplicates summed)."""
     n = len(rowptr) - 1
@@ -98,9 +105,7 @@ defop("sparse_linear", "sparse", arity=(4, 5), attrs={"note": Attr("str", "", do
 # sparse_conv2d(x [N, C, H, W], values, cols, rowptr[, bias [CO]]) -> [N, CO, OH, OW]: conv2d with
 # its weight [CO, C/groups, KH, KW] flattened to [CO, C/groups*KH*KW] and stored in CSR (rows are
 # output channels, columns (c*KH + i)*KW + j, im2col's row order). The kernel shape is an attribute
-# since the weight is gone. Inference only, like sparse_linear: no gradient rule. Reference only for
-# now: the compiled backends have no kernel for it yet (llvm refuses it at compile time) and the
-# sparsify pass does not emit it.
+# since the weight is gone. Inference only, like sparse_linear: no gradient rule.
 
 def _conv_infer(ins, kernel, stride, pad, dilation, groups, note):
     x, values, cols, rowptr = ins[:4]
@@ -120,7 +125,7 @@ def _conv_infer(ins, kernel, stride, pad, dilation, groups, note):
 
 
 def _conv_ref(x, values, cols, rowptr, bias=None, *, kernel, stride, pad, dilation, groups, note):
-    co, k = len(rowptr) - 1, x.shape[1] // groups * kernel[0] * kernel[1]
+    co, k = len(rowptr) - 1, csr_columns("sparse_conv2d", x.shape, {"kernel": kernel, "groups": groups})
     check_csr(values, cols, rowptr, k, "sparse_conv2d")
     w = dense_weight(values, cols, rowptr, k).reshape(co, x.shape[1] // groups, *kernel)
     return _conv2d_ref(x, w, bias, stride=stride, pad=pad, dilation=dilation, groups=groups,

@@ -20,7 +20,7 @@ from ..ir.graph import Graph, Node
 from .manager import register_pass
 
 LITERAL_OPS = ("constant", "full")
-ANCHOR_OPS = ("matmul", "linear", "conv2d", "sparse_linear")   # matmul only in 2-D: batched ones take no epilogue
+ANCHOR_OPS = ("matmul", "linear", "conv2d", "sparse_linear", "sparse_conv2d")   # matmul only in 2-D: batched ones take no epilogue
 REDUCE_OPS = ("reduce_sum", "reduce_mean", "reduce_max")
 
 

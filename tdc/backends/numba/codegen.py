@@ -85,6 +85,10 @@ def _anchor_call(node: Node, out_param: str) -> list[str]:
         bias = ins[4] if len(ins) == 5 else f"np.zeros(1, {ins[0]}.dtype)"
         return [f"K.sparse_linear({ins[0]}.reshape(-1, {k}), {ins[1]}, {ins[2]}, {ins[3]}, {bias}, {len(ins) == 5}, "
                 f"{out_param}.reshape(-1, {n_out}))"]
+    if node.op == "sparse_conv2d":
+        bias = ins[4] if len(ins) == 5 else f"np.zeros(1, {ins[0]}.dtype)"
+        return [f"K.sparse_conv2d({', '.join(ins[:4])}, {bias}, {len(ins) == 5}, {out_param}, "
+                + ", ".join(map(str, (*a["kernel"], *_geo(a)))) + ")"]
     if node.op == "conv2d":
         bias = ins[2] if len(ins) == 3 else f"np.zeros(1, {ins[0]}.dtype)"
         head = f"{ins[0]}, {ins[1]}, {bias}, {len(ins) == 3}, {out_param}"
@@ -222,6 +226,8 @@ LIBRARY = {
     "sparse_linear": lambda n, i, o: (K.sparse_linear, (i[0].reshape(-1, i[0].shape[-1]), i[1], i[2], i[3],
                                                         i[4] if len(i) == 5 else np.zeros(1, i[0].dtype),
                                                         len(i) == 5, o[0].reshape(-1, o[0].shape[-1]))),
+    "sparse_conv2d": lambda n, i, o: (K.sparse_conv2d, (*i[:4], i[4] if len(i) == 5 else np.zeros(1, i[0].dtype),
+                                                        len(i) == 5, o[0], *n.attrs["kernel"], *_geo(n.attrs))),
     "conv2d": _conv_library({"im2col": K.conv2d, "direct": CA.direct_conv2d, "winograd": CA.winograd_conv2d}),
     "conv2d_grad_input": _conv_library({"im2col": K.conv2d_grad_input, "direct": CA.direct_conv2d_grad_input,
                                         "winograd": CA.winograd_conv2d_grad_input}),

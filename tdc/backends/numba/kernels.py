@@ -163,6 +163,34 @@ def _im2col(x, n, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, cols):
                         cols[row, base + xx] = x[n, c0 + c, iy, ix] if 0 <= ix < W else 0
 
 
+@njit(cache=True, parallel=True)
+def sparse_conv2d(x, values, cols, rowptr, b, has_bias, out, kh, kw, sh, sw, pt, pl, dh, dw, groups):
+    """out = conv2d(x, W) (+ b) with W [CO, C/groups*kh*kw] in CSR: each image's im2col columns, then
+    every output channel's nonzeros times their column rows (contiguous over the pixels)."""
+    N, C = x.shape[0], x.shape[1]
+    CO, oh, ow = out.shape[1], out.shape[2], out.shape[3]
+    P, cg, cog = oh * ow, C // groups, CO // groups
+    chunks = min(CHUNKS, N)
+    for t in prange(chunks):
+        n0, n1 = _chunk_span(t, chunks, N)
+        if n0 >= n1:
+            continue
+        xm = np.empty((max(cg * kh * kw, 1), P), x.dtype)
+        for n in range(n0, n1):
+            for g in range(groups):
+                _im2col(x, n, g * cg, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow, xm)
+                for o in range(g * cog, (g + 1) * cog):
+                    dst = out[n, o].reshape(P)
+                    bias = b[o] if has_bias else b[0] * 0   # without bias b is a placeholder of zeros
+                    for p in range(P):
+                        dst[p] = bias
+                    for j in range(rowptr[o], rowptr[o + 1]):
+                        v = values[j]
+                        r = xm[cols[j]]
+                        for p in range(P):
+                            dst[p] += v * r[p]
+
+
 @njit(cache=True)
 def _col2im_add(cols, dx, n, c0, cg, kh, kw, sh, sw, pt, pl, dh, dw, oh, ow):
     """The adjoint of _im2col: dx[n, c0 + c, ...] += cols scattered back."""

@@ -11,7 +11,7 @@
 
 /* cols[(c*KH + i)*KW + j, y*OW + x] = x_img[c, y*sh - pt + i*dh, x*sw - pl + j*dw], 0 in the
  * padding; x_img is [cg, H, W] and ld the row stride of cols. */
-static void SFX(im2col)(const conv_geo *g, const T *x_img, int64_t cg, T *cols, int64_t ld)
+void SFX(tdcrt_im2col)(const conv_geo *g, const T *x_img, int64_t cg, T *cols, int64_t ld)
 {
     const int64_t H = g->H, W = g->W, OH = g->OH, OW = g->OW;
     for (int64_t c = 0; c < cg; c++)
@@ -68,7 +68,7 @@ static void SFX(chunk_cols)(const conv_geo *g, const T *x, int64_t n0, int64_t n
 {
     const int64_t P = g->OH * g->OW, cg = g->C / g->groups;
     for (int64_t n = 0; n < nb; n++)
-        SFX(im2col)(g, x + ((n0 + n) * g->C + c0) * g->H * g->W, cg, cols + n * P, nb * P);
+        SFX(tdcrt_im2col)(g, x + ((n0 + n) * g->C + c0) * g->H * g->W, cg, cols + n * P, nb * P);
 }
 
 /* gm [cog, nb*P]: channels o0..o0+cog of images n0..n0+nb of gy, in the layout of chunk_cols. */

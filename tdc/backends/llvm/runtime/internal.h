@@ -82,4 +82,9 @@ typedef struct {
 } conv_geo;
 #define CONV_GEO {N, C, H, W, CO, KH, KW, OH, OW, sh, sw, pt, pl, dh, dw, groups}
 
+/* cols[(c*KH + i)*KW + j, y*OW + x] = x_img[c, y*sh - pt + i*dh, x*sw - pl + j*dw], 0 in the
+ * padding; x_img is [cg, H, W] and ld the row stride of cols (conv_im2col.c; sparse.c's conv too). */
+HIDDEN void tdcrt_im2col_f32(const conv_geo *g, const float *x_img, int64_t cg, float *cols, int64_t ld);
+HIDDEN void tdcrt_im2col_f64(const conv_geo *g, const double *x_img, int64_t cg, double *cols, int64_t ld);
+
 #endif

@@ -24,6 +24,7 @@ typedef int32_t lane_f32;   /* shuffle masks have the element width of the data 
 typedef int64_t lane_f64;
 #define fma_f32 __builtin_fmaf   /* inlined: -march=native has FMA where the CPU does */
 #define fma_f64 __builtin_fma
+#define SPARSE_CHUNK_BYTES ((int64_t)512 << 10)   /* a chunk of sparse_conv2d's im2col columns */
 #define TDC_SELF "sparse.c"
 #include "instantiate.h"
 
@@ -119,26 +120,23 @@ static void SFX(csr_rows)(const T *x, const T *values, const int32_t *cols, cons
 }
 #undef CSR_FMA4
 
-/* Rows [0, mb) of x (mb <= NV * VL) into out; xt and yt are scratch of K and N times NV * VL. */
-#define BLOCK_KERNEL(NV)                                                                               \
-static void SFX(csr_block##NV)(const T *x, const T *values, const int32_t *cols, const int32_t *rowptr,  \
-                               const T *b, int64_t has_bias, T *out, int64_t mb, int64_t K, int64_t N,  \
-                               T *xt, T *yt)                                                            \
+/* y[n - r0, 0 : NV VL] = b[n] + the sum over row n's nonzeros j of values[j] * xm[cols[j], 0 : NV VL],
+ * for the rows n in [r0, r1): CSR rows times NV vectors of the dense matrix xm (row stride ldx), into
+ * y (row stride ldy). A nonzero costs one broadcast and NV independent multiply-adds on contiguous
+ * loads, the accumulators stay in registers for the whole row. */
+#define CSR_STRIP(NV)                                                                                  \
+static void SFX(csr_strip##NV)(const T *values, const int32_t *cols, const int32_t *rowptr, const T *b,  \
+                               int64_t has_bias, int64_t r0, int64_t r1, const T *xm, int64_t ldx,       \
+                               T *y, int64_t ldy)                                                       \
 {                                                                                                      \
     typedef SFX(vec) V;                                                                                \
-    const int64_t MB = NV * VL;                                                                        \
-    if (mb < MB)                                                                                       \
-        for (int64_t k = 0; k < K; k++)                                                                \
-            for (int64_t i = mb; i < MB; i++)                                                          \
-                xt[k * MB + i] = 0;                                                                    \
-    SFX(transpose)(x, K, xt, MB, mb, K);                                                               \
-    for (int64_t n = 0; n < N; n++) {                                                                  \
+    for (int64_t n = r0; n < r1; n++) {                                                                \
         V acc[NV];                                                                                     \
         for (int q = 0; q < NV; q++)                                                                   \
             acc[q] = (V){0};                                                                           \
         for (int64_t j = rowptr[n]; j < rowptr[n + 1]; j++) {                                          \
             const T v = values[j];                                                                     \
-            const T *r = xt + (int64_t)cols[j] * MB;                                                   \
+            const T *r = xm + (int64_t)cols[j] * ldx;                                                  \
             for (int q = 0; q < NV; q++) {                                                             \
                 V t;                                                                                   \
                 __builtin_memcpy(&t, r + q * VL, sizeof(V));                                           \
@@ -148,9 +146,27 @@ static void SFX(csr_block##NV)(const T *x, const T *values, const int32_t *cols,
         const T bn = has_bias ? b[n] : 0;                                                              \
         for (int q = 0; q < NV; q++) {                                                                 \
             V t = acc[q] + bn;                                                                         \
-            __builtin_memcpy(yt + n * MB + q * VL, &t, sizeof(V));                                     \
+            __builtin_memcpy(y + (n - r0) * ldy + q * VL, &t, sizeof(V));                              \
         }                                                                                              \
     }                                                                                                  \
+}
+CSR_STRIP(1)
+CSR_STRIP(2)
+CSR_STRIP(4)
+
+/* Rows [0, mb) of x (mb <= NV * VL) into out; xt and yt are scratch of K and N times NV * VL. */
+#define BLOCK_KERNEL(NV)                                                                               \
+static void SFX(csr_block##NV)(const T *x, const T *values, const int32_t *cols, const int32_t *rowptr,  \
+                               const T *b, int64_t has_bias, T *out, int64_t mb, int64_t K, int64_t N,  \
+                               T *xt, T *yt)                                                            \
+{                                                                                                      \
+    const int64_t MB = NV * VL;                                                                        \
+    if (mb < MB)                                                                                       \
+        for (int64_t k = 0; k < K; k++)                                                                \
+            for (int64_t i = mb; i < MB; i++)                                                          \
+                xt[k * MB + i] = 0;                                                                    \
+    SFX(transpose)(x, K, xt, MB, mb, K);                                                               \
+    SFX(csr_strip##NV)(values, cols, rowptr, b, has_bias, 0, N, xt, MB, yt, MB);                       \
     SFX(transpose)(yt, MB, out, N, N, mb);                                                             \
 }
 BLOCK_KERNEL(1)
@@ -185,6 +201,65 @@ void SFX(tdc_sparse_linear)(const T *x, const T *values, const int32_t *cols, co
             SFX(csr_block4)(xb, values, cols, rowptr, b, has_bias, ob, rows, K, N, xt, yt);
     }
     free(raw);
+}
+
+/* ---- sparse_conv2d: im2col, then the CSR rows times the column matrix ---------------------------- */
+
+typedef struct {
+    conv_geo g;
+    const T *x, *values, *b;
+    const int32_t *cols, *rowptr;
+    int64_t has_bias;
+    T *out;
+} SFX(sparse_conv_job);
+
+/* Images [n_begin, n_end), in chunks whose im2col columns sit side by side in xm [K, ld] (ld whole
+ * vectors, the columns past the images zero): each group's CSR rows times xm by strips of four
+ * vectors and then one, into res [cog, ld], and res to out in its image layout. A chunk's columns
+ * are kept near the L2 size, not conv2d's 8 MB: every strip reads K of their rows, once per group
+ * rather than once per GEMM panel. */
+static void SFX(sparse_conv2d_images)(void *ctx, int64_t n_begin, int64_t n_end)
+{
+    const SFX(sparse_conv_job) *j = ctx;
+    const conv_geo *g = &j->g;
+    const int64_t P = g->OH * g->OW, groups = g->groups, cg = g->C / groups, CO = g->CO, cog = CO / groups;
+    const int64_t K = cg * g->KH * g->KW;
+    const int64_t fit = SPARSE_CHUNK_BYTES / max64(K * P * (int64_t)sizeof(T), 1);
+    const int64_t nb = max64(1, min64(fit, n_end - n_begin));
+    const int64_t ld = (nb * P + VL - 1) / VL * VL;
+    void *raw = tdcrt_malloc((K + cog) * ld * (int64_t)sizeof(T) + 64);
+    T *xm = (T *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
+    T *res = xm + K * ld;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += nb) {
+        const int64_t m = min64(nb, n_end - n0), used = m * P, width = (used + VL - 1) / VL * VL;
+        for (int64_t gi = 0; gi < groups; gi++) {
+            for (int64_t n = 0; n < m; n++)
+                SFX(tdcrt_im2col)(g, j->x + ((n0 + n) * g->C + gi * cg) * g->H * g->W, cg, xm + n * P, ld);
+            for (int64_t k = 0; k < K; k++)
+                memset(xm + k * ld + used, 0, (size_t)(width - used) * sizeof(T));
+            const int64_t r0 = gi * cog, r1 = r0 + cog;
+            int64_t q = 0;
+            for (; q + 4 * VL <= width; q += 4 * VL)
+                SFX(csr_strip4)(j->values, j->cols, j->rowptr, j->b, j->has_bias, r0, r1, xm + q, ld, res + q, ld);
+            for (; q < width; q += VL)
+                SFX(csr_strip1)(j->values, j->cols, j->rowptr, j->b, j->has_bias, r0, r1, xm + q, ld, res + q, ld);
+            for (int64_t n = 0; n < m; n++)
+                for (int64_t o = 0; o < cog; o++)
+                    memcpy(j->out + ((n0 + n) * CO + r0 + o) * P, res + o * ld + n * P, (size_t)P * sizeof(T));
+        }
+    }
+    free(raw);
+}
+
+void SFX(tdc_sparse_conv2d)(const T *x, const T *values, const int32_t *cols, const int32_t *rowptr,
+                            const T *b, int64_t has_bias, T *out,
+                            int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW,
+                            int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                            int64_t dh, int64_t dw, int64_t groups)
+{
+    SFX(sparse_conv_job) j = {CONV_GEO, x, values, b, cols, rowptr, has_bias, out};
+    const double work = 2.0 * N * OH * OW * rowptr[CO];
+    tdcrt_parallel_for(N, work, SFX(sparse_conv2d_images), &j);    /* the images are split over the threads */
 }
 
 #undef BLOCK_KERNEL

@@ -39,6 +39,13 @@ void tdc_linear_f32(const float *x, const float *w, const float *b, int64_t has_
  * columns cols[...] (sparse.c; the arrays must describe a valid CSR matrix). */
 void tdc_sparse_linear_f32(const float *x, const float *values, const int32_t *cols, const int32_t *rowptr,
                            const float *b, int64_t has_bias, float *out, int64_t M, int64_t K, int64_t N);
+/* out[N,CO,OH,OW] = conv2d(x, W) (+ b[CO]) with W [CO, C/groups*KH*KW] in CSR (sparse.c; im2col,
+ * then each output channel's nonzeros times its column rows). */
+void tdc_sparse_conv2d_f32(const float *x, const float *values, const int32_t *cols, const int32_t *rowptr,
+                           const float *b, int64_t has_bias, float *out,
+                           int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW,
+                           int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                           int64_t dh, int64_t dw, int64_t groups);
 /* out[M,N] = a[M,K] @ b[K,N]. */
 void tdc_matmul_f32(const float *a, const float *b, float *out, int64_t M, int64_t K, int64_t N);
 /* out[i] = a[ia[i]] @ b[ib[i]] for i < B; a is [*,M,K], b [*,K,N], out [B,M,N]. */
@@ -133,6 +140,11 @@ void tdc_linear_f64(const double *x, const double *w, const double *b, int64_t h
                     int64_t M, int64_t K, int64_t N);
 void tdc_sparse_linear_f64(const double *x, const double *values, const int32_t *cols, const int32_t *rowptr,
                            const double *b, int64_t has_bias, double *out, int64_t M, int64_t K, int64_t N);
+void tdc_sparse_conv2d_f64(const double *x, const double *values, const int32_t *cols, const int32_t *rowptr,
+                           const double *b, int64_t has_bias, double *out,
+                           int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW,
+                           int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                           int64_t dh, int64_t dw, int64_t groups);
 void tdc_matmul_f64(const double *a, const double *b, double *out, int64_t M, int64_t K, int64_t N);
 void tdc_matmul_batched_f64(const double *a, const double *b, double *out, int64_t B, int64_t M, int64_t K,
                             int64_t N, const int64_t *ia, const int64_t *ib);
