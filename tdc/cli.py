@@ -43,13 +43,14 @@ def add_conv_algo_arguments(p: argparse.ArgumentParser) -> None:
 def add_sparse_argument(p: argparse.ArgumentParser) -> None:
     """--sparse, for the commands that take inference weights (run, compile, dump)."""
     p.add_argument("--sparse", default="auto", metavar="MODE",
-                   help="pruned linear layers as CSR products, for inference with --weights: auto (default: where "
+                   help="pruned linear and conv2d layers as CSR products, for inference with --weights: auto (default: where "
                         "the backend's cost model says the sparse kernel is faster), on (every layer with zeros in "
                         "its weight) or off")
 
 
 def apply_sparse(args, graph, params, backend: str, training: bool = False):
-    """(graph, params, decisions): the inference graph with the layers --sparse picks as sparse_linear."""
+    """(graph, params, decisions): the inference graph with the layers --sparse picks as sparse_linear
+    or sparse_conv2d."""
     from .passes.sparsify import MODES, sparsify
     if args.sparse not in MODES:
         raise TdcError(f"--sparse must be one of {', '.join(MODES)}, not {args.sparse!r}")

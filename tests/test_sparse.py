@@ -24,6 +24,7 @@ from tdc.ops.tensor import Builder
 from tdc.passes.sparsify import sparsify
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from lenet import lenet  # noqa: E402
 from mlp import mlp  # noqa: E402
 
 
@@ -201,6 +202,51 @@ def test_cost_model_picks_sparse_when_pruned_and_dense_when_not(batch):
     sg, sp, decisions = sparsify(g0, p0, target, "auto")
     assert not any(d.sparse for d in decisions) and "sparse_linear" not in sg.op_counts()
     assert sp.keys() == p0.keys()
+
+
+def _lenet_params(sparsity, seed=0, batch=1):
+    g = lenet.trace(batch=batch)
+    p = init_params(g, seed)
+    for name, w in p.items():
+        if name.endswith("weight") and sparsity:
+            w[np.abs(w) < np.quantile(np.abs(w), sparsity)] = 0
+    return g, p
+
+
+@pytest.mark.parametrize("backend", ["numba", "llvm"])
+def test_cost_model_prices_conv_layers(backend):
+    """LeNet-5 pruned to 95% at batch 64: on llvm both convolutions go sparse (its kernel is 4-10x
+    faster there, benchmarks/sparse.py; numba's dense conv model is too rough at this size to assert
+    a choice); unpruned, none does on either backend. Every conv gets a decision either way."""
+    target = get_target(backend)
+    g, p = _lenet_params(0.95, batch=64)
+    sg, _, decisions = sparsify(g, p, target, "auto")
+    by = {d.weight: d for d in decisions}
+    assert by["conv2.weight"].shape == (16, 150) and f"{backend} cost model at batch 64" in by["conv2.weight"].why
+    if backend == "llvm":
+        assert by["conv1.weight"].sparse and by["conv2.weight"].sparse, [d.line() for d in decisions]
+        assert sg.op_counts()["sparse_conv2d"] == 2 and "conv2d" not in sg.op_counts()
+    g0, p0 = _lenet_params(0.0, batch=64)
+    _, _, decisions = sparsify(g0, p0, target, "auto")
+    assert {d.weight for d in decisions} >= {"conv1.weight", "conv2.weight"} and not any(d.sparse for d in decisions)
+
+
+def test_pruned_lenet_runs_sparse_on_every_backend_and_natively(tmp_path):
+    from tdc.backends.llvm.bundle import write_bundle
+    g, p = _lenet_params(0.9, seed=1, batch=3)
+    sg, sp, _ = sparsify(g, p, mode="on")
+    assert sg.op_counts()["sparse_conv2d"] == 2 and sg.op_counts()["sparse_linear"] == 3
+    x = np.random.default_rng(3).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    want = tdc.compile(g, backend="reference", params=p)(x=x)["out"]
+    for backend in ("reference", "numba", "llvm"):
+        np.testing.assert_allclose(tdc.compile(sg, backend=backend, params=sp)(x=x)["out"], want, rtol=1e-4,
+                                   atol=1e-5, err_msg=backend)
+    b = write_bundle(sg, str(tmp_path / "bundle"), params=sp, copy_blas=False)
+    np.save(tmp_path / "x.npy", x)
+    r = subprocess.run([b.executable, "--input", f"x={tmp_path / 'x.npy'}", "--output", f"out={tmp_path / 'y.npy'}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-4, atol=1e-5)
 
 
 def test_pass_rewrites_the_graph_and_params():

@@ -1,4 +1,4 @@
-"""The sparsify pass: pruned linear layers of an inference graph as CSR products.
+"""The sparsify pass: pruned linear and conv2d layers of an inference graph as CSR products.
 
 Given a graph and its params (name -> array), every `linear` whose weight W is a param (f32 or
 f64, with its value given) is priced both ways on the target, from W's measured density:
@@ -16,6 +16,17 @@ in targets.json with the target's other rates. A layer whose sparse time is lowe
 leaves the graph and the params if nothing else reads it. The node's `note` says why (density,
 both modelled times, the break-even density), which `tdc dump` prints.
 
+A conv2d whose weight [CO, C/groups, KH, KW] is such a param is priced the same way as the CSR
+matrix [CO, C/groups*KH*KW]: dense is the conv_algo pass's estimate for the algorithm it would pick
+(its calibrated model), sparse
+
+    C_conv + (copies x R_copy + multiply-adds x R_mac) / min(N, threads)
+
+where the copies are the padded images (or, where the target has no such path or the stride is
+not 1, the im2col columns) and the outputs, and the multiply-adds one per nonzero and computed
+output position; the three coefficients are fitted to the target's sparse_conv2d kernel on probe
+layers (`calibrate_conv`). A chosen layer becomes `sparse_conv2d(x, W.values, W.cols, W.rowptr[, b])`.
+
 Modes: "auto" (the cost model decides), "on" (every such layer with density < 1 goes sparse),
 "off" (nothing changes). The pass is for inference: a graph that updates params is refused, since
 the op has no gradient and the CSR arrays would not follow the weights' updates.
@@ -31,6 +42,7 @@ from ..errors import TdcError
 from ..ir.graph import Graph
 from ..ir.types import TensorType
 from ..ops.sparse import INDEX_DTYPE, to_csr
+from .conv_algo import choose, conv_problem, estimate, nonnegative_fit
 from .target import Target, read_json, targets_path, update_json
 
 MODES = ("auto", "on", "off")
@@ -107,6 +119,99 @@ def sparse_rates(target: Target) -> SparseRates:
     return rates
 
 
+# ---- conv2d --------------------------------------------------------------------------------
+
+# (x, w, stride) of the probe layers (pad 1): a tiny one (the per-call cost), one channel of large
+# images, many channels of small ones, and a strided one (the im2col path); each at two densities.
+CONV_PROBES = (((1, 2, 6, 6), (4, 2, 3, 3), 1), ((8, 1, 28, 28), (8, 1, 5, 5), 1), ((8, 16, 12, 12), (16, 16, 3, 3), 1),
+               ((4, 16, 16, 16), (16, 16, 3, 3), 2))
+CONV_RATES_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SparseConvRates:
+    call: float     # seconds per call
+    copy: float     # seconds per element copied (padded images or im2col columns, and outputs)
+    mac: float      # seconds per multiply-add (a nonzero at one computed position)
+
+    def time(self, p: dict, nnz: int, wide: bool, threads: int) -> float:
+        copies, macs = sparse_conv_work(p, nnz, wide)
+        return self.call + (self.copy * copies + self.mac * macs) / max(1, min(p["x"][0], threads))
+
+
+def sparse_conv_work(p: dict, nnz: int, wide: bool) -> tuple[int, int]:
+    """(elements copied, multiply-adds) of a sparse_conv2d on conv problem `p` (passes/conv_algo.py)
+    with `nnz` nonzeros: the kernels' loops counted (runtime/sparse.c, numba kernels.py)."""
+    n, c, _, _ = p["x"]
+    co, _, kh, kw = p["w"]
+    _, _, oh, ow = p["y"]
+    dh, dw = p["dilation"]
+    if wide and tuple(p["stride"]) == (1, 1):
+        hp, wp = oh + (kh - 1) * dh, ow + (kw - 1) * dw
+        return n * (c * hp * wp + co * oh * ow), n * nnz * oh * wp
+    return n * (c * kh * kw + co) * oh * ow, n * nnz * oh * ow
+
+
+def _conv_probe(x_shape, w_shape, stride, density, rng):
+    """A sparse_conv2d node (pad 1) with a random CSR weight of `density`, and its input arrays."""
+    co, k = w_shape[0], int(np.prod(w_shape[1:]))
+    w = rng.standard_normal((co, k)).astype(np.float32)
+    w[rng.random((co, k)) >= density] = 0
+    arrays = [rng.standard_normal(x_shape).astype(np.float32), *to_csr(w)]
+    g = Graph("probe")
+    args = [g.add_arg("x", TensorType("f32", x_shape), "input")] + [
+        g.add_arg(name, TensorType(dtype, a.shape), "const")
+        for name, dtype, a in zip(("v", "c", "r"), ("f32", INDEX_DTYPE, INDEX_DTYPE), arrays[1:])]
+    g.emit("sparse_conv2d", args, {"kernel": w_shape[2:], "stride": (stride, stride), "pad": (1, 1, 1, 1)})
+    return g.nodes[0], arrays
+
+
+def calibrate_conv(target: Target) -> SparseConvRates:
+    """Time the target's sparse_conv2d on the probe layers and fit its three coefficients."""
+    rng = np.random.default_rng(0)
+    rows, measured = [], []
+    for x_shape, w_shape, stride in CONV_PROBES:
+        for density in PROBE_DENSITIES:
+            node, arrays = _conv_probe(x_shape, w_shape, stride, density, rng)
+            p = conv_problem_of(node)
+            copies, macs = sparse_conv_work(p, len(arrays[1]), target.sparse_conv_wide)
+            threads = max(1, min(x_shape[0], target.threads()))
+            rows.append((1.0, copies / threads, macs / threads))
+            measured.append(target.time_sparse_conv(node, arrays))
+    return SparseConvRates(*nonnegative_fit(rows, measured))
+
+
+def conv_problem_of(node) -> dict:
+    """conv_problem for a sparse_conv2d node: its weight's shape from the CSR rows and the kernel."""
+    a, x = node.attrs, node.inputs[0].type.shape
+    w = (node.inputs[3].type.shape[0] - 1, x[1] // a["groups"], *a["kernel"])
+    return {"op": "conv2d", "x": tuple(x), "w": w, "y": tuple(node.outputs[0].type.shape),
+            "stride": tuple(a["stride"]), "pad": tuple(a["pad"]), "dilation": tuple(a["dilation"]),
+            "groups": a["groups"], "dtype": node.inputs[0].type.dtype}
+
+
+def sparse_conv_rates(target: Target) -> SparseConvRates:
+    """This machine's sparse_conv2d rates for `target`: cached in targets.json, or measured now (once)."""
+    cached = getattr(target, "_sparse_conv_rates", None)
+    if cached is not None:
+        return cached
+    key = f"{target.cache_key()}|sparse_conv2d|v{CONV_RATES_VERSION}"
+    entry = read_json(targets_path()).get(key)
+    try:
+        rates = SparseConvRates(*(float(entry[f]) for f in SparseConvRates.__dataclass_fields__))
+    except (TypeError, KeyError, ValueError):
+        rates = calibrate_conv(target)
+        update_json(targets_path(), key, {**rates.__dict__, "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
+    target._sparse_conv_rates = rates
+    return rates
+
+
+def dense_conv_time(node, target: Target) -> float:
+    """The conv_algo pass's estimate for conv2d `node` by the algorithm it would choose."""
+    algo, _ = choose(node, node.attrs["algo"], target, filter_cached=True)
+    return estimate(conv_problem(node), algo, target, filter_cached=True)
+
+
 @dataclass
 class Decision:
     weight: str
@@ -125,8 +230,8 @@ class Decision:
 
 def sparsify(graph: Graph, params: dict, target: Target | None = None,
              mode: str = "auto") -> tuple[Graph, dict, list[Decision]]:
-    """(graph, params, one Decision per candidate layer) with the chosen layers as sparse_linear.
-    `target` prices the layers in mode "auto"; "on" and "off" need none."""
+    """(graph, params, one Decision per candidate layer) with the chosen layers as sparse_linear or
+    sparse_conv2d. `target` prices the layers in mode "auto"; "on" and "off" need none."""
     if mode not in MODES:
         raise TdcError(f"--sparse must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "off":
@@ -141,32 +246,28 @@ def sparsify(graph: Graph, params: dict, target: Target | None = None,
     params = dict(params)
     decisions: list[Decision] = []
     csr_of: dict[str, list] = {}       # weight name -> its const args (shared by every layer reading it)
-    rates = None
     for node in list(g.nodes):
-        if node.op != "linear":
+        if node.op not in ("linear", "conv2d"):
             continue
         w = node.inputs[1]
         if not (w.is_arg and w.kind == "param" and w.name in params and w.type.dtype in ("f32", "f64")):
             continue
         wv = np.asarray(params[w.name], w.type.np_dtype)
-        n, k = w.type.shape
-        m = int(np.prod(node.inputs[0].type.shape[:-1], dtype=np.int64))
+        n, k = w.type.shape[0], int(np.prod(w.type.shape[1:], dtype=np.int64))
         nnz = int(np.count_nonzero(wv))
+        density = f"density {nnz / max(n * k, 1):.4f} ({nnz} of {n * k})"
         if mode == "on":
-            sparse = nnz < n * k
-            why = f"density {nnz / max(n * k, 1):.4f} ({nnz} of {n * k}), --sparse on"
+            sparse, why = nnz < n * k, f"{density}, --sparse on"
         else:
-            rates = rates or sparse_rates(target)
-            t_dense, t_sparse = rates.times(m, k, n, nnz)
+            t_dense, t_sparse, at, even = _priced(node, target, nnz)
             sparse = t_sparse < t_dense
-            why = (f"density {nnz / max(n * k, 1):.4f} ({nnz} of {n * k}); {target.name} cost model at {m} rows: "
-                   f"sparse {t_sparse * 1e6:.3g} us, dense {t_dense * 1e6:.3g} us "
-                   f"(break-even density {rates.break_even(m, k, n):.3f})")
+            why = (f"{density}; {target.name} cost model at {at}: sparse {t_sparse * 1e6:.3g} us, "
+                   f"dense {t_dense * 1e6:.3g} us (break-even density {even:.3f})")
         decisions.append(Decision(w.name, (n, k), nnz, sparse, why))
         if not sparse:
             continue
         if w.name not in csr_of:
-            arrays = to_csr(wv)
+            arrays = to_csr(wv.reshape(n, k))
             names = [w.name + s for s in SUFFIXES]
             clash = [a for a in names if any(x.name == a for x in g.args)]
             if clash:
@@ -175,15 +276,37 @@ def sparsify(graph: Graph, params: dict, target: Target | None = None,
                      TensorType(INDEX_DTYPE, arrays[2].shape)]
             csr_of[w.name] = [g.add_arg(a, t, "const") for a, t in zip(names, types)]
             params.update(zip(names, arrays))
-        sl = g.emit("sparse_linear", [node.inputs[0], *csr_of[w.name], *node.inputs[2:]], {"note": why},
-                    placement=node.placement, loc=node.loc)[0]
-        _replace(g, node, sl)
+        if node.op == "linear":
+            op, attrs = "sparse_linear", {"note": why}
+        else:
+            geometry = {a: node.attrs[a] for a in ("stride", "pad", "dilation", "groups")}
+            op, attrs = "sparse_conv2d", {"kernel": w.type.shape[2:], **geometry, "note": why}
+        new = g.emit(op, [node.inputs[0], *csr_of[w.name], *node.inputs[2:]], attrs,
+                     placement=node.placement, loc=node.loc)[0]
+        _replace(g, node, new)
     used = {v for nd in g.nodes for v in nd.inputs} | {v for _, v in g.outputs}
     for a in [a for a in g.args if a.name in csr_of and a not in used]:
         g.args.remove(a)
         params.pop(a.name, None)
     g.toposort()
     return g, params, decisions
+
+
+def _priced(node, target: Target, nnz: int) -> tuple[float, float, str, float]:
+    """(dense seconds, sparse seconds, what they are for, break-even density) of layer `node` with
+    `nnz` nonzeros in its weight, by the target's cost models."""
+    if node.op == "linear":
+        n, k = node.inputs[1].type.shape
+        m = int(np.prod(node.inputs[0].type.shape[:-1], dtype=np.int64))
+        rates = sparse_rates(target)
+        return (*rates.times(m, k, n, nnz), f"{m} rows", rates.break_even(m, k, n))
+    rates, p = sparse_conv_rates(target), conv_problem(node)
+    size = int(np.prod(p["w"]))
+    dense = dense_conv_time(node, target)
+    fixed = rates.time(p, 0, target.sparse_conv_wide, target.threads())
+    per_nz = rates.time(p, 1, target.sparse_conv_wide, target.threads()) - fixed
+    even = float(np.clip((dense - fixed) / (per_nz * size), 0.0, 1.0)) if size and per_nz > 0 else 1.0
+    return dense, rates.time(p, nnz, target.sparse_conv_wide, target.threads()), f"batch {p['x'][0]}", even
 
 
 def _replace(g: Graph, node, new_value) -> None:
@@ -200,5 +323,5 @@ def _replace(g: Graph, node, new_value) -> None:
 def report(decisions: list[Decision]) -> str:
     """What `tdc dump --sparse` prints above the graph: one line per candidate layer."""
     if not decisions:
-        return "// sparsify: no linear layer with a weight param of f32 or f64 to consider"
+        return "// sparsify: no linear or conv2d layer with a weight param of f32 or f64 to consider"
     return "\n".join(f"// sparsify: {d.line()}" for d in decisions)

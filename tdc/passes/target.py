@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import TdcError
 from ..files import atomic_write, cache_dir
 
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4   # 4: conv timers run BLAS on one thread, as the kernels do
 
 
 def machine_id() -> str:
@@ -70,6 +70,7 @@ class Target(ABC):
     conv_gemm_threads_all = True             # Winograd's per-point GEMMs use every thread (else one)
     conv_image_threads_ops: tuple[str, ...] = ("conv2d", "conv2d_grad_input", "conv2d_grad_weight")
     wino_f4_transform_cost = 1.6             # F(4x4)'s transform work per element, relative to F(2x2)'s
+    sparse_conv_wide = False                 # its sparse_conv2d skips im2col at stride 1 (passes/sparsify.py)
 
     def threads(self) -> int:
         return available_cores()
@@ -95,6 +96,10 @@ class Target(ABC):
 
     def time_sparse_linear(self, m: int, k: int, n: int, density: float) -> float:
         """Seconds one float32 sparse_linear with a random CSR weight of `density` takes."""
+        raise TdcError(f"the {self.name} target has no sparse kernels to time")
+
+    def time_sparse_conv(self, node, ins: list) -> float:
+        """Seconds one call of this backend's kernel for sparse_conv2d `node` on the arrays `ins` takes."""
         raise TdcError(f"the {self.name} target has no sparse kernels to time")
 
     # ---- rates ------------------------------------------------------------------------------

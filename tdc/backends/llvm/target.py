@@ -13,8 +13,12 @@ from .scalar import MEM
 
 
 def runtime_library():
+    """The C runtime, with one BLAS thread as executables run it (two spin against each other on
+    2 vCPUs: a conv timed with more is an order of magnitude off)."""
     from .runtime import build_runtime
-    return ctypes.CDLL(str(build_runtime().shared_lib_path))
+    lib = ctypes.CDLL(str(build_runtime().shared_lib_path))
+    lib.tdc_runtime_set_threads(ctypes.c_int64(1))
+    return lib
 
 
 class LLVMTarget(Target):
@@ -25,6 +29,7 @@ class LLVMTarget(Target):
     conv_gemm_threads_all = False          # its GEMMs run on one BLAS thread
     conv_image_threads_ops = ("conv2d", "conv2d_grad_input")   # what the runtime's pool splits by image
     wino_f4_transform_cost = 3.0
+    sparse_conv_wide = True                # sparse.c runs stride-1 sparse convolutions without im2col
 
     def threads(self) -> int:
         env = os.environ.get("TDC_THREADS")
@@ -33,9 +38,11 @@ class LLVMTarget(Target):
     def time_conv(self, node, algo: str) -> float:
         return time_conv(node, algo)
 
+    def time_sparse_conv(self, node, ins) -> float:
+        return best_time(library_runner(node, ins))
+
     def time_matmul(self, m: int, k: int, n: int) -> float:
         lib = runtime_library()
-        lib.tdc_runtime_set_threads(ctypes.c_int64(1))
         rng = np.random.default_rng(0)
         a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
         out = np.empty((m, n), np.float32)
@@ -45,7 +52,6 @@ class LLVMTarget(Target):
 
     def time_linear(self, m: int, k: int, n: int) -> float:
         lib = runtime_library()
-        lib.tdc_runtime_set_threads(ctypes.c_int64(1))
         x, w, b, out = linear_probe_arrays(m, k, n, 1.0)
         args = [ctypes.c_void_p(a.ctypes.data) for a in (x, w, b)] + [ctypes.c_int64(1), ctypes.c_void_p(out.ctypes.data)]
         dims = [ctypes.c_int64(d) for d in (m, k, n)]
@@ -72,14 +78,20 @@ def _empty_call(lib):
 def time_conv(node: Node, algo: str, reps: int = 3) -> float:
     """Seconds one call of the C runtime takes for conv op `node` by `algo` on random data (best of
     `reps`, after a warm-up call): what --autotune measures for this backend."""
-    lib = runtime_library()
     trial = Node(node.op, node.inputs, {**node.attrs, "algo": algo}, node.placement, node.loc)
     trial.outputs = node.outputs
-    cname, spec, _ = library_call(trial)
     rng = np.random.default_rng(0)
-    ins = [rng.standard_normal(v.type.shape).astype(v.type.np_dtype) for v in node.inputs]
+    return best_time(library_runner(trial, [rng.standard_normal(v.type.shape).astype(v.type.np_dtype)
+                                            for v in node.inputs]), reps)
+
+
+def library_runner(node: Node, ins: list[np.ndarray]):
+    """A call of the C runtime's kernel for library op `node` on the arrays `ins` (into fresh
+    outputs), with its foreign-call arguments built once."""
+    lib = runtime_library()
+    cname, spec, _ = library_call(node)
     outs = [np.empty(v.type.shape, v.type.np_dtype) for v in node.outputs]
-    keep, args = [], []
+    keep, args = [ins, outs], []
     for kind, x in spec:
         if kind in ("in", "out"):
             args.append(ctypes.c_void_p((ins if kind == "in" else outs)[x].ctypes.data))
@@ -91,7 +103,7 @@ def time_conv(node: Node, algo: str, reps: int = 3) -> float:
             keep.append(np.ascontiguousarray(x))
             args.append(ctypes.c_void_p(keep[-1].ctypes.data))
     fn = getattr(lib, cname)
-    return best_time(lambda: fn(*args), reps)
+    return lambda: (fn(*args), keep)
 
 
 TARGET = LLVMTarget()

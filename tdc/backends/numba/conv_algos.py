@@ -547,7 +547,9 @@ def time_conv(node, algo: str, reps: int = 3) -> float:
     first run that compiles). For autotuning: the node's attributes other than algo are kept."""
     from ...ir.graph import Node
     from ...passes.target import best_time
+    from . import prepare_runtime
     from .codegen import LIBRARY
+    prepare_runtime()      # BLAS on one thread, as the kernels run it
     rng = np.random.default_rng(0)
     ins = [rng.standard_normal(v.type.shape).astype(v.type.np_dtype) for v in node.inputs]
     outs = [np.empty(v.type.shape, v.type.np_dtype) for v in node.outputs]

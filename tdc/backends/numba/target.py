@@ -23,6 +23,14 @@ class NumbaTarget(Target):
         from .conv_algos import time_conv
         return time_conv(node, algo)
 
+    def time_sparse_conv(self, node, ins) -> float:
+        from . import prepare_runtime
+        from .codegen import LIBRARY
+        prepare_runtime()
+        outs = [np.empty(v.type.shape, v.type.np_dtype) for v in node.outputs]
+        fn, args = LIBRARY[node.op](node, ins, outs)
+        return best_time(lambda: fn(*args))
+
     def time_matmul(self, m: int, k: int, n: int) -> float:
         from . import kernels as K
         from . import prepare_runtime

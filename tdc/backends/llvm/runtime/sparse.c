@@ -120,23 +120,25 @@ static void SFX(csr_rows)(const T *x, const T *values, const int32_t *cols, cons
 }
 #undef CSR_FMA4
 
-/* y[n - r0, 0 : NV VL] = b[n] + the sum over row n's nonzeros j of values[j] * xm[cols[j], 0 : NV VL],
- * for the rows n in [r0, r1): CSR rows times NV vectors of the dense matrix xm (row stride ldx), into
- * y (row stride ldy). A nonzero costs one broadcast and NV independent multiply-adds on contiguous
- * loads, the accumulators stay in registers for the whole row. */
-#define CSR_STRIP(NV)                                                                                  \
-static void SFX(csr_strip##NV)(const T *values, const int32_t *cols, const int32_t *rowptr, const T *b,  \
-                               int64_t has_bias, int64_t r0, int64_t r1, const T *xm, int64_t ldx,       \
-                               T *y, int64_t ldy)                                                       \
+/* y[n - r0, 0 : NV VL] = b[n] + the sum over row n's nonzeros j of values[j] * (NV vectors at ROW), for
+ * the rows n in [r0, r1), into y (row stride ldy): ROW is xm + cols[j] * ldx for a dense matrix xm
+ * (csr_strip), or xm + offs[j] for offsets computed once per call (csr_strip_at). A nonzero costs one
+ * broadcast and NV independent multiply-adds on contiguous loads; the accumulators stay in registers
+ * for the whole row. */
+#define CSR_STRIP(NV, NAME, ROW)                                                                       \
+static void SFX(NAME##NV)(const T *values, const int32_t *cols, const int64_t *offs,                   \
+                          const int32_t *rowptr, const T *b, int64_t has_bias, int64_t r0, int64_t r1,  \
+                          const T *xm, int64_t ldx, T *y, int64_t ldy)                                  \
 {                                                                                                      \
     typedef SFX(vec) V;                                                                                \
+    (void)cols, (void)offs, (void)ldx;                                                                 \
     for (int64_t n = r0; n < r1; n++) {                                                                \
         V acc[NV];                                                                                     \
         for (int q = 0; q < NV; q++)                                                                   \
             acc[q] = (V){0};                                                                           \
         for (int64_t j = rowptr[n]; j < rowptr[n + 1]; j++) {                                          \
             const T v = values[j];                                                                     \
-            const T *r = xm + (int64_t)cols[j] * ldx;                                                  \
+            const T *r = xm + (ROW);                                                                   \
             for (int q = 0; q < NV; q++) {                                                             \
                 V t;                                                                                   \
                 __builtin_memcpy(&t, r + q * VL, sizeof(V));                                           \
@@ -150,9 +152,11 @@ static void SFX(csr_strip##NV)(const T *values, const int32_t *cols, const int32
         }                                                                                              \
     }                                                                                                  \
 }
-CSR_STRIP(1)
-CSR_STRIP(2)
-CSR_STRIP(4)
+CSR_STRIP(1, csr_strip, (int64_t)cols[j] * ldx)
+CSR_STRIP(2, csr_strip, (int64_t)cols[j] * ldx)
+CSR_STRIP(4, csr_strip, (int64_t)cols[j] * ldx)
+CSR_STRIP(1, csr_strip_at, offs[j])
+CSR_STRIP(4, csr_strip_at, offs[j])
 
 /* Rows [0, mb) of x (mb <= NV * VL) into out; xt and yt are scratch of K and N times NV * VL. */
 #define BLOCK_KERNEL(NV)                                                                               \
@@ -166,7 +170,7 @@ static void SFX(csr_block##NV)(const T *x, const T *values, const int32_t *cols,
             for (int64_t i = mb; i < MB; i++)                                                          \
                 xt[k * MB + i] = 0;                                                                    \
     SFX(transpose)(x, K, xt, MB, mb, K);                                                               \
-    SFX(csr_strip##NV)(values, cols, rowptr, b, has_bias, 0, N, xt, MB, yt, MB);                       \
+    SFX(csr_strip##NV)(values, cols, NULL, rowptr, b, has_bias, 0, N, xt, MB, yt, MB);                       \
     SFX(transpose)(yt, MB, out, N, N, mb);                                                             \
 }
 BLOCK_KERNEL(1)
@@ -203,22 +207,85 @@ void SFX(tdc_sparse_linear)(const T *x, const T *values, const int32_t *cols, co
     free(raw);
 }
 
-/* ---- sparse_conv2d: im2col, then the CSR rows times the column matrix ---------------------------- */
+/* ---- sparse_conv2d ---------------------------------------------------------------------------------
+ * Stride 1 ("wide" outputs): each image is copied once into a zero-padded xp [C, Hp, Wp]. Output row
+ * y's pixel x, computed at y * Wp + x, reads tap (c, i, j) at c * Hp * Wp + (y + i dh) * Wp + x + j dw,
+ * so every nonzero's taps are one contiguous run at a fixed offset (offs, per call): the CSR strips
+ * run over OH * Wp positions, of which the Wp - OW per row past the output are computed and dropped
+ * (their taps stay within xp and its zero tail). No column matrix is built.
+ * Other strides: im2col, then the strips over the column matrix (chunks of images side by side). */
 
 typedef struct {
     conv_geo g;
     const T *x, *values, *b;
     const int32_t *cols, *rowptr;
+    const int64_t *offs;      /* the wide path's tap offsets, one per nonzero */
     int64_t has_bias;
     T *out;
 } SFX(sparse_conv_job);
 
-/* Images [n_begin, n_end), in chunks whose im2col columns sit side by side in xm [K, ld] (ld whole
- * vectors, the columns past the images zero): each group's CSR rows times xm by strips of four
- * vectors and then one, into res [cog, ld], and res to out in its image layout. A chunk's columns
- * are kept near the L2 size, not conv2d's 8 MB: every strip reads K of their rows, once per group
- * rather than once per GEMM panel. */
-static void SFX(sparse_conv2d_images)(void *ctx, int64_t n_begin, int64_t n_end)
+/* res [rows, width] by strips of four vectors, then one (width a whole number of vectors). */
+static void SFX(csr_strips)(const SFX(sparse_conv_job) *j, int64_t r0, int64_t r1, const T *xm, int64_t ldx,
+                            T *res, int64_t width)
+{
+    int64_t q = 0;
+    if (j->offs) {
+        for (; q + 4 * VL <= width; q += 4 * VL)
+            SFX(csr_strip_at4)(j->values, j->cols, j->offs, j->rowptr, j->b, j->has_bias, r0, r1, xm + q, 0, res + q, width);
+        for (; q < width; q += VL)
+            SFX(csr_strip_at1)(j->values, j->cols, j->offs, j->rowptr, j->b, j->has_bias, r0, r1, xm + q, 0, res + q, width);
+    } else {
+        for (; q + 4 * VL <= width; q += 4 * VL)
+            SFX(csr_strip4)(j->values, j->cols, NULL, j->rowptr, j->b, j->has_bias, r0, r1, xm + q, ldx, res + q, width);
+        for (; q < width; q += VL)
+            SFX(csr_strip1)(j->values, j->cols, NULL, j->rowptr, j->b, j->has_bias, r0, r1, xm + q, ldx, res + q, width);
+    }
+}
+
+static inline int64_t SFX(whole_vectors)(int64_t n) { return (n + VL - 1) / VL * VL; }
+
+static void *SFX(aligned)(int64_t elems, T **p)
+{
+    void *raw = tdcrt_malloc(elems * (int64_t)sizeof(T) + 64);
+    *p = (T *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
+    return raw;
+}
+
+/* Images [n_begin, n_end) by the wide path (stride 1). */
+static void SFX(sparse_conv2d_wide)(void *ctx, int64_t n_begin, int64_t n_end)
+{
+    const SFX(sparse_conv_job) *j = ctx;
+    const conv_geo *g = &j->g;
+    const int64_t C = g->C, H = g->H, W = g->W, OH = g->OH, OW = g->OW, CO = g->CO;
+    const int64_t Hp = OH + (g->KH - 1) * g->dh, Wp = OW + (g->KW - 1) * g->dw, plane = Hp * Wp;
+    const int64_t cg = C / g->groups, cog = CO / g->groups, width = SFX(whole_vectors)(OH * Wp);
+    const int64_t xp_elems = C * plane + (g->KW - 1) * g->dw + VL;   /* the tail the last runs read */
+    T *xp, *res;
+    void *raw_x = SFX(aligned)(xp_elems, &xp), *raw_r = SFX(aligned)(cog * width, &res);
+    memset(xp, 0, (size_t)xp_elems * sizeof(T));
+    /* the rows and columns of x inside the padded window [-pt, Hp - pt) x [-pl, Wp - pl) */
+    const int64_t y0 = max64(0, -g->pt), y1 = min64(H, Hp - g->pt), x0 = max64(0, -g->pl), x1 = min64(W, Wp - g->pl);
+    for (int64_t n = n_begin; n < n_end; n++) {
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t y = y0; y < y1; y++)
+                memcpy(xp + c * plane + (y + g->pt) * Wp + x0 + g->pl, j->x + ((n * C + c) * H + y) * W + x0,
+                       (size_t)max64(x1 - x0, 0) * sizeof(T));
+        for (int64_t gi = 0; gi < g->groups; gi++) {
+            const int64_t r0 = gi * cog;
+            SFX(csr_strips)(j, r0, r0 + cog, xp + gi * cg * plane, 0, res, width);
+            for (int64_t o = 0; o < cog; o++)
+                for (int64_t y = 0; y < OH; y++)
+                    memcpy(j->out + ((n * CO + r0 + o) * OH + y) * OW, res + o * width + y * Wp, (size_t)OW * sizeof(T));
+        }
+    }
+    free(raw_x);
+    free(raw_r);
+}
+
+/* Images [n_begin, n_end) by im2col: chunks whose columns sit side by side in xm [K, ld] (ld whole
+ * vectors, the columns past the images zero), kept near the L2 size rather than conv2d's 8 MB, since
+ * every strip reads K of their rows once per group. */
+static void SFX(sparse_conv2d_cols)(void *ctx, int64_t n_begin, int64_t n_end)
 {
     const SFX(sparse_conv_job) *j = ctx;
     const conv_geo *g = &j->g;
@@ -226,23 +293,19 @@ static void SFX(sparse_conv2d_images)(void *ctx, int64_t n_begin, int64_t n_end)
     const int64_t K = cg * g->KH * g->KW;
     const int64_t fit = SPARSE_CHUNK_BYTES / max64(K * P * (int64_t)sizeof(T), 1);
     const int64_t nb = max64(1, min64(fit, n_end - n_begin));
-    const int64_t ld = (nb * P + VL - 1) / VL * VL;
-    void *raw = tdcrt_malloc((K + cog) * ld * (int64_t)sizeof(T) + 64);
-    T *xm = (T *)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
+    const int64_t ld = SFX(whole_vectors)(nb * P);
+    T *xm;
+    void *raw = SFX(aligned)((K + cog) * ld, &xm);
     T *res = xm + K * ld;
     for (int64_t n0 = n_begin; n0 < n_end; n0 += nb) {
-        const int64_t m = min64(nb, n_end - n0), used = m * P, width = (used + VL - 1) / VL * VL;
+        const int64_t m = min64(nb, n_end - n0), used = m * P, width = SFX(whole_vectors)(used);
         for (int64_t gi = 0; gi < groups; gi++) {
             for (int64_t n = 0; n < m; n++)
                 SFX(tdcrt_im2col)(g, j->x + ((n0 + n) * g->C + gi * cg) * g->H * g->W, cg, xm + n * P, ld);
             for (int64_t k = 0; k < K; k++)
                 memset(xm + k * ld + used, 0, (size_t)(width - used) * sizeof(T));
-            const int64_t r0 = gi * cog, r1 = r0 + cog;
-            int64_t q = 0;
-            for (; q + 4 * VL <= width; q += 4 * VL)
-                SFX(csr_strip4)(j->values, j->cols, j->rowptr, j->b, j->has_bias, r0, r1, xm + q, ld, res + q, ld);
-            for (; q < width; q += VL)
-                SFX(csr_strip1)(j->values, j->cols, j->rowptr, j->b, j->has_bias, r0, r1, xm + q, ld, res + q, ld);
+            const int64_t r0 = gi * cog;
+            SFX(csr_strips)(j, r0, r0 + cog, xm, ld, res, ld);
             for (int64_t n = 0; n < m; n++)
                 for (int64_t o = 0; o < cog; o++)
                     memcpy(j->out + ((n0 + n) * CO + r0 + o) * P, res + o * ld + n * P, (size_t)P * sizeof(T));
@@ -257,9 +320,21 @@ void SFX(tdc_sparse_conv2d)(const T *x, const T *values, const int32_t *cols, co
                             int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                             int64_t dh, int64_t dw, int64_t groups)
 {
-    SFX(sparse_conv_job) j = {CONV_GEO, x, values, b, cols, rowptr, has_bias, out};
-    const double work = 2.0 * N * OH * OW * rowptr[CO];
-    tdcrt_parallel_for(N, work, SFX(sparse_conv2d_images), &j);    /* the images are split over the threads */
+    const int64_t nnz = rowptr[CO], wide = sh == 1 && sw == 1;
+    int64_t *offs = NULL;
+    if (wide) {
+        const int64_t Hp = OH + (KH - 1) * dh, Wp = OW + (KW - 1) * dw;
+        offs = tdcrt_malloc(max64(nnz, 1) * (int64_t)sizeof(int64_t));
+        for (int64_t q = 0; q < nnz; q++) {
+            const int64_t c = cols[q] / (KH * KW), i = cols[q] / KW % KH, jj = cols[q] % KW;
+            offs[q] = (c * Hp + i * dh) * Wp + jj * dw;
+        }
+    }
+    SFX(sparse_conv_job) j = {CONV_GEO, x, values, b, cols, rowptr, offs, has_bias, out};
+    const double work = 2.0 * N * OH * OW * nnz;
+    /* the images are split over the threads */
+    tdcrt_parallel_for(N, work, wide ? SFX(sparse_conv2d_wide) : SFX(sparse_conv2d_cols), &j);
+    free(offs);
 }
 
 #undef BLOCK_KERNEL
