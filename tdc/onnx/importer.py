@@ -22,7 +22,7 @@ from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
 from ..ops import functional as F
 from ..ops.common import broadcast_shapes
-from ..ops.functional import _lrn_problem
+from ..ops.functional import _conv_transpose_problem, _lrn_problem
 from ..ops.tensor import Builder, Tensor
 
 try:
@@ -669,8 +669,11 @@ def _conv_transpose(n):
         pad = _ints(n, "pads", (0, 0, 0, 0))
         if min(pad, default=0) < 0:
             n.fail(f"pads {list(pad)} must be >= 0")
-    return [_composite(n, F.conv_transpose2d, x, w, b, stride=strides, pad=pad, output_padding=extra,
-                       dilation=dil, groups=n.attr("group", 1))]
+    geo = dict(stride=strides, pad=pad, output_padding=extra, dilation=dil, groups=n.attr("group", 1))
+    problem = _conv_transpose_problem(x.type, w.type, None if b is None else b.type, **geo)
+    if problem:
+        n.fail(f"conv_transpose2d: {problem}")
+    return [_composite(n, F.conv_transpose2d, x, w, b, **geo)]
 
 
 _POOL_ATTRS = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "strides")

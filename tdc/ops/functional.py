@@ -137,40 +137,41 @@ def _transposed_axis(n: int, k: int, s: int, d: int, lo: int, hi: int, extra: in
 
 
 def _conv_transpose_problem(x, w, b, stride, pad, output_padding, dilation, groups) -> str | None:
-    """What makes conv_transpose2d's arguments invalid, or None (shared with the ONNX importer)."""
-    if x.ndim != 4:
-        return f"the input must be NCHW (rank 4), got {x.type}"
-    if w.ndim != 4:
-        return f"the weight must be [Cin, Cout/groups, kh, kw] (rank 4), got {w.type}"
+    """What makes conv_transpose2d's arguments (x, w and b as TensorTypes, b may be None) invalid,
+    or None (shared with the ONNX importer)."""
+    if x.rank != 4:
+        return f"the input must be NCHW (rank 4), got {x}"
+    if w.rank != 4:
+        return f"the weight must be [Cin, Cout/groups, kh, kw] (rank 4), got {w}"
     if x.dtype not in ("f16", "f32", "f64") or w.dtype != x.dtype:
-        return f"the input and weight must be floats of one dtype, got {x.type} and {w.type}"
+        return f"the input and weight must be floats of one dtype, got {x} and {w}"
     if not isinstance(groups, (int, np.integer)) or groups < 1:
-        return f"groups must be an integer >= 1, got {groups!r}"
+        return f"groups must be an integer >= 1, got {groups!r} (input {x}, weight {w})"
     for name, v in (("stride", stride), ("pad", pad), ("output_padding", output_padding), ("dilation", dilation)):
         if len(v) != (4 if name == "pad" else 2) or not builtins.all(isinstance(i, (int, np.integer)) for i in v):
-            return f"{name} must be {'4' if name == 'pad' else '2'} integers, got {list(v)}"
+            return f"{name} must be {'4' if name == 'pad' else '2'} integers, got {list(v)} (input {x}, weight {w})"
     c = x.shape[1]
     if c % groups:
-        return f"the input {x.type} has {c} channels, not divisible by groups={groups}"
+        return f"the input {x} has {c} channels, not divisible by groups={groups}"
     if w.shape[0] != c:
-        return (f"channel mismatch: the input {x.type} has {c} channels, so the weight must be "
-                f"[{c}, Cout/groups, kh, kw], got {w.type}")
+        return (f"channel mismatch: the input {x} has {c} channels, so the weight must be "
+                f"[{c}, Cout/groups, kh, kw], got {w}")
     if builtins.min(w.shape[2:]) < 1 or builtins.min(w.shape[1:2]) < 1:
-        return f"the weight {w.type} has an empty dim"
+        return f"the weight {w} has an empty dim"
     if builtins.min(stride) < 1 or builtins.min(dilation) < 1:
-        return f"stride {list(stride)} and dilation {list(dilation)} must be >= 1"
+        return f"stride {list(stride)} and dilation {list(dilation)} must be >= 1 (input {x}, weight {w})"
     for op, s, d in zip(output_padding, stride, dilation):
         if not 0 <= op < builtins.max(s, d):   # ONNX's and PyTorch's rule: it only picks existing rows
             return (f"output_padding {list(output_padding)} must be >= 0 and less than max(stride, dilation) "
-                    f"per dim (stride {list(stride)}, dilation {list(dilation)})")
+                    f"per dim (stride {list(stride)}, dilation {list(dilation)}; input {x}, weight {w})")
     out = [s * (n - 1) + (k - 1) * d + 1 + op - lo - hi
            for n, k, s, d, op, lo, hi in zip(x.shape[2:], w.shape[2:], stride, dilation, output_padding,
                                             pad[:2], pad[2:])]
     if builtins.min(out) < 1:
-        return (f"the output would be {out[0]}x{out[1]}: input {x.type}, weight {w.type}, stride {list(stride)}, "
+        return (f"the output would be {out[0]}x{out[1]}: input {x}, weight {w}, stride {list(stride)}, "
                 f"pad {list(pad)}, output_padding {list(output_padding)}, dilation {list(dilation)}")
     if b is not None and b.shape != (w.shape[1] * groups,):
-        return f"the bias must be [{w.shape[1] * groups}] (one per output channel), got {b.type}"
+        return f"the bias must be [{w.shape[1] * groups}] (one per output channel), got {b}"
     return None
 
 
@@ -187,7 +188,8 @@ def conv_transpose2d(x, w, b=None, stride=1, pad=0, output_padding=0, dilation=1
     reach (output_padding past the bottom pad, negative pads) are zero padding around it."""
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     pad, output_padding = _pads(pad), _pair(output_padding, "output_padding")
-    problem = _conv_transpose_problem(x, w, b, stride, pad, output_padding, dilation, groups)
+    problem = _conv_transpose_problem(x.type, w.type, None if b is None else b.type, stride, pad,
+                                     output_padding, dilation, groups)
     if problem:
         loc = user_location()
         raise ShapeError(f"{loc + ': ' if loc else ''}conv_transpose2d: {problem}")
