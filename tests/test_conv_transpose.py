@@ -143,6 +143,19 @@ def test_random_geometries_match_scatter_add(data):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_rows_only_output_padding_reaches_are_zeros():
+    # a 1x1 kernel dilated by 2 scatters into row 0 only; pad 1 on top leaves the output_padding row
+    x, w, b = _arrays((1, 2, 1, 3), (2, 3, 1, 1), 1)
+    g = Graph("z")
+    with Builder(g) as bld:
+        args = [bld.arg(nm, TensorType.of(a), "input") for nm, a in (("x", x), ("w", w), ("b", b))]
+        g.add_output("y", F.conv_transpose2d(*args, dilation=(2, 1), pad=(1, 0, 0, 0), output_padding=(1, 0)).value)
+    want = scatter_conv_transpose(x, w, b, (1, 1), (1, 0, 0, 0), (1, 0), (2, 1), 1)
+    assert want.shape == (1, 3, 1, 3) and np.allclose(want, b[:, None, None])
+    for backend in ("reference", "llvm"):
+        np.testing.assert_allclose(tdc.compile(g, backend=backend)(x=x, w=w, b=b)["y"], want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["stride2_upsample", "asymmetric", "dilation2_outpad_past_stride", "groups2"])
 def test_gradients_match_finite_differences(name):
     xs, ws, attrs = CASES[name]

@@ -48,8 +48,8 @@ _RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUnifo
 # What a float initializer becomes depends on what reads it. A weight or bias of a differentiable op
 # is a `param` (trained by `tdc compile --train`); BatchNormalization's running statistics are
 # `state`; everything else (epsilons, clip bounds, exponents, scales) is a `const`.
-_WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "BatchNormalization": (1, 2),
-                  "LayerNormalization": (1, 2)}
+_WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
+                  "BatchNormalization": (1, 2), "LayerNormalization": (1, 2)}
 _STATE_INPUTS = {"BatchNormalization": (3, 4)}
 # Exporters also write biases and scales as elementwise arithmetic (PyTorch's MatMul + Add, a
 # decomposed LayerNorm's Mul and Add): a weight there unless it is a scalar (an epsilon, GELU's 0.5).
