@@ -40,6 +40,28 @@ def conv2d(x: Tensor, out_channels: int, kernel, stride=1, pad=0, dilation=1, gr
     return F.conv2d(x, w, bb, stride=stride, pad=pad, dilation=dilation, groups=groups, algo=algo)
 
 
+def conv_transpose2d(x: Tensor, out_channels: int, kernel, stride=1, pad=0, output_padding=0, dilation=1,
+                     groups: int = 1, bias: bool = True, name: str | None = None, init: str = "he_normal",
+                     algo: str = "auto") -> Tensor:
+    """A transposed convolution layer (PyTorch's ConvTranspose2d): weight [Cin, out_channels/groups,
+    kh, kw], as ONNX ConvTranspose stores it; see F.conv_transpose2d for the geometry."""
+    b, name = _layer(x, "convt", name)
+    if x.ndim != 4:
+        raise ShapeError(f"conv_transpose2d {name}: input must be NCHW, got {x.type}")
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    if groups < 1 or x.shape[1] % groups or out_channels % groups:
+        raise ShapeError(f"conv_transpose2d {name}: {x.shape[1]} input and {out_channels} output channels "
+                         f"are not both divisible by groups={groups}")
+    # the init's fan-in is dim 1's (out_channels/groups * kh * kw), as PyTorch computes it for this layout
+    w = b.param(f"{name}.weight", (x.shape[1], out_channels // groups, kh, kw), init, x.dtype)
+    bb = b.param(f"{name}.bias", (out_channels,), "zeros", x.dtype) if bias else None
+    return F.conv_transpose2d(x, w, bb, stride=stride, pad=pad, output_padding=output_padding, dilation=dilation,
+                              groups=groups, algo=algo)
+
+
+ConvTranspose2d = conv_transpose2d   # the name PyTorch and ONNX users look for
+
+
 def batchnorm(x: Tensor, eps: float = 1e-5, momentum: float = 0.9, name: str | None = None,
               unbiased_running_var: bool = False) -> Tensor:
     """Per-channel (dim 1) batch normalization with learned scale and bias and running statistics

@@ -158,6 +158,16 @@ class _Exporter:
         elif op == "conv2d":
             self.add("Conv", ins, outs, kernel_shape=list(node.inputs[1].type.shape[2:]), strides=list(a["stride"]),
                      pads=list(a["pad"]), dilations=list(a["dilation"]), group=a["groups"])
+        elif op == "conv2d_grad_input":
+            # a transposed convolution with the same weight layout; the rows below the last window
+            # (input_shape's floor-division remainder) are ONNX's output_padding
+            (kh, kw), (h, w) = node.inputs[1].type.shape[2:], a["input_shape"][2:]
+            t, l, b, r = a["pad"]
+            extra = [size + lo + hi - (s * (n - 1) + (k - 1) * d + 1)
+                     for size, lo, hi, s, n, k, d in zip((h, w), (t, l), (b, r), a["stride"], x.type.shape[2:],
+                                                         (kh, kw), a["dilation"])]
+            self.add("ConvTranspose", ins, outs, kernel_shape=[kh, kw], strides=list(a["stride"]), pads=list(a["pad"]),
+                     output_padding=extra, dilations=list(a["dilation"]), group=a["groups"])
         elif op == "maxpool2d":
             self.add("MaxPool", ins, outs, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
                      pads=list(a["pad"]), dilations=list(a["dilation"]), ceil_mode=int(a["ceil_mode"]))

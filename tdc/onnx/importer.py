@@ -22,7 +22,7 @@ from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
 from ..ops import functional as F
 from ..ops.common import broadcast_shapes
-from ..ops.functional import _lrn_problem
+from ..ops.functional import _conv_transpose_problem, _lrn_problem
 from ..ops.tensor import Builder, Tensor
 
 try:
@@ -48,8 +48,8 @@ _RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUnifo
 # What a float initializer becomes depends on what reads it. A weight or bias of a differentiable op
 # is a `param` (trained by `tdc compile --train`); BatchNormalization's running statistics are
 # `state`; everything else (epsilons, clip bounds, exponents, scales) is a `const`.
-_WEIGHT_INPUTS = {"Conv": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "BatchNormalization": (1, 2),
-                  "LayerNormalization": (1, 2)}
+_WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
+                  "BatchNormalization": (1, 2), "LayerNormalization": (1, 2)}
 _STATE_INPUTS = {"BatchNormalization": (3, 4)}
 # Exporters also write biases and scales as elementwise arithmetic (PyTorch's MatMul + Add, a
 # decomposed LayerNorm's Mul and Add): a weight there unless it is a scalar (an epsilon, GELU's 0.5).
@@ -631,6 +631,49 @@ def _conv(n):
     pad = _window_pads(n, x.type.shape[2:], kernel, strides, dil)
     return [n.emit("conv2d", [x, w] + ([b] if b is not None else []), stride=strides, pad=pad, dilation=dil,
                    groups=n.attr("group", 1))]
+
+
+@converter("ConvTranspose", attrs=("auto_pad", "dilations", "group", "kernel_shape", "output_padding",
+                                  "output_shape", "pads", "strides"))
+def _conv_transpose(n):
+    x, w, b = n.x(0), n.x(1), n.x(2)
+    _need_2d(n, x, "ConvTranspose")
+    if w.type.rank != 4:
+        n.fail(f"the weight must be [Cin, Cout/group, kh, kw], got {w.type}")
+    kernel = w.type.shape[2:]
+    if "kernel_shape" in n.attrs and _ints(n, "kernel_shape", ()) != kernel:
+        n.fail(f"kernel_shape {list(n.attrs['kernel_shape'])} does not match the weight {w.type}")
+    strides, dil = _ints(n, "strides", (1, 1)), _ints(n, "dilations", (1, 1))
+    extra = _ints(n, "output_padding", (0, 0))
+    auto = n.attr("auto_pad", "NOTSET")
+    if auto not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
+        n.fail(f"auto_pad {auto!r} is not supported")
+    want = _ints(n, "output_shape", ())
+    if len(want) == 4:   # some writers include N and C, which the spec leaves out
+        want = want[2:]
+    if want or auto in ("SAME_UPPER", "SAME_LOWER"):
+        if not want:   # SAME: the output is the input times the stride
+            want = tuple(size * s for size, s in zip(x.type.shape[2:], strides))
+        if len(want) != 2 or len(strides) != 2 or len(dil) != 2 or len(extra) != 2:
+            n.fail(f"output_shape {list(want)}, strides, dilations and output_padding need 2 values each")
+        lo, hi = [], []
+        for size, k, s, d, e, out in zip(x.type.shape[2:], kernel, strides, dil, extra, want):
+            # the spec's split; a negative total (an output past the scattered rows) adds zero rows
+            total = s * (size - 1) + e + (k - 1) * d + 1 - out
+            lo.append(total // 2 if auto == "SAME_UPPER" else total - total // 2)
+            hi.append(total - lo[-1])
+        pad = (lo[0], lo[1], hi[0], hi[1])
+    elif auto == "VALID":
+        pad = (0, 0, 0, 0)
+    else:
+        pad = _ints(n, "pads", (0, 0, 0, 0))
+        if min(pad, default=0) < 0:
+            n.fail(f"pads {list(pad)} must be >= 0")
+    geo = dict(stride=strides, pad=pad, output_padding=extra, dilation=dil, groups=n.attr("group", 1))
+    problem = _conv_transpose_problem(x.type, w.type, None if b is None else b.type, **geo)
+    if problem:
+        n.fail(f"conv_transpose2d: {problem}")
+    return [_composite(n, F.conv_transpose2d, x, w, b, **geo)]
 
 
 _POOL_ATTRS = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "strides")

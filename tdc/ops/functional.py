@@ -117,6 +117,99 @@ def conv2d(x, w, b=None, stride=1, pad=0, dilation=1, groups: int = 1, algo: str
                  pad=_pads(pad), dilation=_pair(dilation, "dilation"), groups=groups, algo=algo)
 
 
+def _transposed_axis(n: int, k: int, s: int, d: int, lo: int, hi: int, extra: int):
+    """One spatial axis of a transposed convolution as conv2d_grad_input plus zero rows.
+
+    Scattering n input rows at stride s with a kernel spanning (k-1)*d + 1 fills `span` rows; the
+    output is rows lo .. span + extra - hi of that, where rows outside [0, span) are zeros (a
+    negative lo or hi, which ONNX's output_shape can imply, and output_padding reach there).
+    conv2d_grad_input(g, w) computes rows [lo', lo' + size) for pads lo', hi' >= 0 only when the
+    conv2d over an input of `size` rows gives back n rows, i.e. size + lo' + hi' is in
+    [span, span + s); the output rows it cannot reach are all past `span`, so they become zero
+    padding (`lead` before, `trail` after). Returns (lead, lo', size, hi', trail); size <= 0 means
+    no output row touches the scattered rows."""
+    span = s * (n - 1) + (k - 1) * d + 1
+    lead, lo_c = builtins.max(0, -lo), builtins.max(0, lo)
+    rest = span + extra - hi - lo_c            # output rows from scattered row lo_c on
+    size = builtins.min(rest, span + s - 1 - lo_c)
+    hi_c = builtins.max(0, span - lo_c - size)
+    return lead, lo_c, size, hi_c, rest - size
+
+
+def _conv_transpose_problem(x, w, b, stride, pad, output_padding, dilation, groups) -> str | None:
+    """What makes conv_transpose2d's arguments (x, w and b as TensorTypes, b may be None) invalid,
+    or None (shared with the ONNX importer)."""
+    if x.rank != 4:
+        return f"the input must be NCHW (rank 4), got {x}"
+    if w.rank != 4:
+        return f"the weight must be [Cin, Cout/groups, kh, kw] (rank 4), got {w}"
+    if x.dtype not in ("f16", "f32", "f64") or w.dtype != x.dtype:
+        return f"the input and weight must be floats of one dtype, got {x} and {w}"
+    if not isinstance(groups, (int, np.integer)) or groups < 1:
+        return f"groups must be an integer >= 1, got {groups!r} (input {x}, weight {w})"
+    for name, v in (("stride", stride), ("pad", pad), ("output_padding", output_padding), ("dilation", dilation)):
+        if len(v) != (4 if name == "pad" else 2) or not builtins.all(isinstance(i, (int, np.integer)) for i in v):
+            return f"{name} must be {'4' if name == 'pad' else '2'} integers, got {list(v)} (input {x}, weight {w})"
+    c = x.shape[1]
+    if c % groups:
+        return f"the input {x} has {c} channels, not divisible by groups={groups}"
+    if w.shape[0] != c:
+        return (f"channel mismatch: the input {x} has {c} channels, so the weight must be "
+                f"[{c}, Cout/groups, kh, kw], got {w}")
+    if builtins.min(w.shape[2:]) < 1 or builtins.min(w.shape[1:2]) < 1:
+        return f"the weight {w} has an empty dim"
+    if builtins.min(stride) < 1 or builtins.min(dilation) < 1:
+        return f"stride {list(stride)} and dilation {list(dilation)} must be >= 1 (input {x}, weight {w})"
+    for op, s, d in zip(output_padding, stride, dilation):
+        if not 0 <= op < builtins.max(s, d):   # ONNX's and PyTorch's rule: it only picks existing rows
+            return (f"output_padding {list(output_padding)} must be >= 0 and less than max(stride, dilation) "
+                    f"per dim (stride {list(stride)}, dilation {list(dilation)}; input {x}, weight {w})")
+    out = [s * (n - 1) + (k - 1) * d + 1 + op - lo - hi
+           for n, k, s, d, op, lo, hi in zip(x.shape[2:], w.shape[2:], stride, dilation, output_padding,
+                                            pad[:2], pad[2:])]
+    if builtins.min(out) < 1:
+        return (f"the output would be {out[0]}x{out[1]}: input {x}, weight {w}, stride {list(stride)}, "
+                f"pad {list(pad)}, output_padding {list(output_padding)}, dilation {list(dilation)}")
+    if b is not None and b.shape != (w.shape[1] * groups,):
+        return f"the bias must be [{w.shape[1] * groups}] (one per output channel), got {b}"
+    return None
+
+
+def conv_transpose2d(x, w, b=None, stride=1, pad=0, output_padding=0, dilation=1, groups: int = 1,
+                     algo: str = "auto"):
+    """Transposed convolution (ONNX ConvTranspose, PyTorch's ConvTranspose2d), NCHW; w is
+    [Cin, Cout/groups, kh, kw] and b is [Cout]. Each output dim is
+    stride * (in - 1) + output_padding + (k - 1) * dilation + 1 - pad_begin - pad_end, with pad
+    (top, left, bottom, right); a negative pad adds zero rows or columns on its side.
+
+    It is the gradient of a conv2d w.r.t. its input, and is recorded as that op,
+    conv2d_grad_input(x, w) (whose weight layout [conv's Cout, Cin/groups, kh, kw] is this w as it
+    is), so every backend's kernels, the conv_algo pass and autodiff serve it; rows that op cannot
+    reach (output_padding past the bottom pad, negative pads) are zero padding around it."""
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    pad, output_padding = _pads(pad), _pair(output_padding, "output_padding")
+    problem = _conv_transpose_problem(x.type, w.type, None if b is None else b.type, stride, pad,
+                                     output_padding, dilation, groups)
+    if problem:
+        loc = user_location()
+        raise ShapeError(f"{loc + ': ' if loc else ''}conv_transpose2d: {problem}")
+    n, cout = x.shape[0], w.shape[1] * groups
+    axes = [_transposed_axis(*a) for a in zip(x.shape[2:], w.shape[2:], stride, dilation, pad[:2], pad[2:],
+                                              output_padding)]
+    (lead_h, lo_h, h, hi_h, trail_h), (lead_w, lo_w, wd, hi_w, trail_w) = axes
+    if h < 1 or wd < 1:   # pads past every scattered row: only zeros (and the bias) are left
+        y = x.builder.apply("full", [], {"shape": (n, cout, lead_h + h + trail_h, lead_w + wd + trail_w),
+                                         "value": 0.0, "dtype": x.dtype})
+    else:
+        y = apply("conv2d_grad_input", x, w, input_shape=(n, cout, h, wd), stride=stride,
+                  pad=(lo_h, lo_w, hi_h, hi_w), dilation=dilation, groups=int(groups), algo=algo)
+        if lead_h or lead_w or trail_h or trail_w:
+            y = apply("pad", y, pads=(0, 0, lead_h, lead_w, 0, 0, trail_h, trail_w), value=0.0)
+    if b is not None:
+        y = y + reshape(b, (cout, 1, 1))
+    return y
+
+
 def maxpool2d(x, kernel, stride=None, pad=0, dilation=1, ceil_mode: bool = False):
     kernel = _pair(kernel, "kernel")
     return apply("maxpool2d", x, kernel=kernel, stride=kernel if stride is None else _pair(stride, "stride"),
