@@ -33,6 +33,7 @@ LIBRARY_OPS = frozenset({
     "matmul", "linear", *CONV_OPS, "maxpool2d", "maxpool2d_grad", "maxpool2d_gather", "avgpool2d",
     "avgpool2d_grad", "global_avgpool", "softmax", "log_softmax", "softmax_cross_entropy", "one_hot",
     "mse", "batchnorm", "dropout", "gather", "gather_grad", "sparse_linear", "sparse_conv2d",
+    "sparse_linear_grad_input", "sparse_linear_grad_values",
     "quantize", "dequantize", "fake_quant", "fake_quant_grad", "qlinear", "qconv2d",   # int8: ops/quant.py
 })
 

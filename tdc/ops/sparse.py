@@ -12,9 +12,11 @@ does (rowptr starts at 0, never decreases, ends at nnz; every column in [0, K));
 it on every call and the compiled executables when they bind the arrays, since their kernels index
 memory with them. Duplicate (row, column) entries are summed, as scipy's CSR product does.
 
-The op is for inference graphs: it has no gradient rule (the pruned pattern is fixed by the weights
-it was built from, which a training step would change), so autodiff refuses a loss that depends
-on a param through it, and the sparsify pass refuses training graphs.
+Its gradient keeps the pattern: w.r.t. x it is the product with W's transpose
+(sparse_linear_grad_input), w.r.t. the values one dot product per nonzero
+(sparse_linear_grad_values: dv[j] = sum over rows of dy[:, row(j)] * x[:, cols[j]]), so a training
+step with the values as a param updates only the weights that survive pruning, and the pruned
+ones stay exactly zero whatever the optimizer does (passes/sparsify.py: sparse_training).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import numpy as np
 from ..errors import TdcError
 from ..ir.opdef import Attr, defop
 from ..ir.types import TensorType
+from . import functional as F
 from .common import fail, need_float, numel
 from .conv import GEOMETRY, _conv2d_ref, conv_out_shape
 
@@ -87,6 +90,12 @@ def to_csr(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.ascontiguousarray(w[rows, cols]), cols.astype(np.int32), rowptr
 
 
+def _rows(rowptr) -> np.ndarray:
+    """The row of each nonzero."""
+    rp = np.asarray(rowptr, np.int64)
+    return np.repeat(np.arange(len(rp) - 1), np.diff(rp))
+
+
 def _ref(x, values, cols, rowptr, bias=None, note=""):
     k = x.shape[-1]
     check_csr(values, cols, rowptr, k)
@@ -95,10 +104,63 @@ def _ref(x, values, cols, rowptr, bias=None, note=""):
     return y + bias if bias is not None else y
 
 
+def _grad(ctx, x, values, cols, rowptr, b=None):
+    n, k = rowptr.shape[0] - 1, x.shape[-1]
+    g2 = F.reshape(ctx.g, (-1, n))
+    x2 = F.reshape(x, (-1, k))
+    gx = F.reshape(F.apply("sparse_linear_grad_input", g2, values, cols, rowptr, k=k), x.shape)
+    grads = [gx, F.apply("sparse_linear_grad_values", x2, g2, cols, rowptr), None, None]
+    return grads + ([F.sum(g2, 0)] if b is not None else [])
+
+
 defop("sparse_linear", "sparse", arity=(4, 5), attrs={"note": Attr("str", "", doc="why the layer is sparse")},
-      infer=_infer, ref=_ref, nondiff=(2, 3),
+      infer=_infer, ref=_ref, nondiff=(2, 3), grad=_grad,
       cost=lambda ins, outs, note: 2 * numel(outs[0].shape[:-1]) * ins[1].shape[0],
-      doc="x @ W.T + b with W [N, K] in CSR: values [nnz], cols [nnz] i32, rowptr [N+1] i32; inference only")
+      doc="x @ W.T + b with W [N, K] in CSR: values [nnz], cols [nnz] i32, rowptr [N+1] i32")
+
+
+def _check_index_args(cols, rowptr, nnz: int):
+    if cols.dtype != INDEX_DTYPE or rowptr.dtype != INDEX_DTYPE or cols.shape != (nnz,) or rowptr.rank != 1 \
+            or rowptr.shape[0] < 1:
+        fail(f"cols must be {INDEX_DTYPE}[{nnz}] and rowptr {INDEX_DTYPE}[N+1], got {cols} and {rowptr}")
+
+
+def _grad_input_infer(ins, k):
+    g, values, cols, rowptr = ins
+    need_float(g)
+    _check_index_args(cols, rowptr, values.shape[0] if values.rank == 1 else -1)
+    if g.rank != 2 or g.shape[1] != rowptr.shape[0] - 1 or values.dtype != g.dtype:
+        fail(f"g must be [M, {rowptr.shape[0] - 1}] of the values' dtype, got {g} and values {values}")
+    return TensorType(g.dtype, (g.shape[0], k))
+
+
+def _grad_input_ref(g, values, cols, rowptr, k):
+    check_csr(values, cols, rowptr, k, "sparse_linear_grad_input")
+    return (g @ dense_weight(values, cols, rowptr, k)).astype(g.dtype)
+
+
+def _grad_values_infer(ins):
+    x, g, cols, rowptr = ins
+    need_float(x)
+    _check_index_args(cols, rowptr, cols.shape[0] if cols.rank == 1 else -1)
+    if x.rank != 2 or g.rank != 2 or g.shape != (x.shape[0], rowptr.shape[0] - 1) or g.dtype != x.dtype:
+        fail(f"x must be [M, K] and g [M, {rowptr.shape[0] - 1}] of one float dtype, got {x} and {g}")
+    return TensorType(x.dtype, cols.shape)
+
+
+def _grad_values_ref(x, g, cols, rowptr):
+    check_csr(np.zeros(len(cols), x.dtype), cols, rowptr, x.shape[1], "sparse_linear_grad_values")
+    c = np.asarray(cols, np.int64)
+    return np.einsum("mj,mj->j", g[:, _rows(rowptr)], x[:, c]).astype(x.dtype)
+
+
+defop("sparse_linear_grad_input", "sparse", arity=(4, 4), attrs={"k": Attr("int", doc="columns of W (x's last dim)")},
+      infer=_grad_input_infer, ref=_grad_input_ref, nondiff=(1, 2, 3),
+      cost=lambda ins, outs, k: 2 * ins[0].shape[0] * ins[1].shape[0],
+      doc="g @ W for W [N, K] in CSR (values, cols, rowptr): sparse_linear's gradient w.r.t. x")
+defop("sparse_linear_grad_values", "sparse", arity=(4, 4), infer=_grad_values_infer, ref=_grad_values_ref,
+      nondiff=(0, 1, 2, 3), cost=lambda ins, outs: 2 * ins[0].shape[0] * ins[2].shape[0],
+      doc="dv[j] = sum_m g[m, row(j)] * x[m, cols[j]]: sparse_linear's gradient w.r.t. its values")
 
 
 # ---- sparse_conv2d ------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import numpy as np
 from ..errors import TdcError
 from ..ir.graph import Graph
 from ..ir.types import TensorType
-from ..ops.sparse import INDEX_DTYPE, to_csr
+from ..ops.sparse import INDEX_DTYPE, check_csr, dense_weight, to_csr
 from .conv_algo import choose, conv_problem, estimate, nonnegative_fit
 from .target import Target, read_json, targets_path, update_json
 
@@ -290,6 +290,71 @@ def sparsify(graph: Graph, params: dict, target: Target | None = None,
         params.pop(a.name, None)
     g.toposort()
     return g, params, decisions
+
+
+# ---- training with a fixed pattern -----------------------------------------------------------------
+
+def sparse_training(graph: Graph, params: dict) -> tuple[Graph, dict, list[Decision]]:
+    """(graph, params, decisions) for training with the pruned pattern fixed: every linear whose
+    weight param W has zeros becomes sparse_linear(x, W.values, W.cols, W.rowptr[, b]) with the
+    values a param (what the optimizer updates: the pruned weights are not stored, so they stay
+    exactly zero) and the indices consts. `graph` is a forward graph, before train_step; `params`
+    holds W, or (resuming) the CSR arrays themselves. conv2d layers stay dense: sparse_conv2d has
+    no gradient kernels."""
+    if graph.updates:
+        raise TdcError(f"sparse training: convert the forward graph before train_step, not {graph.name}'s step")
+    g, _ = graph.map_copy()
+    params = dict(params)
+    decisions = []
+    for node in list(g.nodes):
+        w = node.inputs[1] if node.op == "linear" else None
+        if w is None or not (w.is_arg and w.kind == "param" and w.type.dtype in ("f32", "f64")):
+            continue
+        names = [w.name + s for s in SUFFIXES]
+        if w.name in params:
+            arrays = to_csr(np.asarray(params.pop(w.name), w.type.np_dtype))
+        elif all(nm in params for nm in names):
+            arrays = tuple(params[nm] for nm in names)
+        else:
+            continue
+        n, k = w.type.shape
+        if len(arrays[0]) == n * k:
+            params[w.name] = dense_weight(*arrays, k)      # nothing pruned: the dense kernels are faster
+            continue
+        check_csr(*arrays, k, f"sparse training of {w.name}")
+        kinds = ("param", "const", "const")
+        types = [TensorType(w.type.dtype, arrays[0].shape), TensorType(INDEX_DTYPE, arrays[1].shape),
+                 TensorType(INDEX_DTYPE, arrays[2].shape)]
+        csr = [g.add_arg(nm, t, kind) for nm, t, kind in zip(names, types, kinds)]
+        params.update(zip(names, arrays))
+        decisions.append(Decision(w.name, (n, k), len(arrays[0]), True,
+                                  f"density {len(arrays[0]) / (n * k):.4f}, trained as CSR (pattern fixed)"))
+        new = g.emit("sparse_linear", [node.inputs[0], *csr, *node.inputs[2:]], {"note": decisions[-1].why},
+                     placement=node.placement, loc=node.loc)[0]
+        _replace(g, node, new)
+        if any(w in nd.inputs for nd in g.nodes):
+            raise TdcError(f"sparse training: weight {w.name} is read by another layer too; its pattern cannot "
+                           "be trained as CSR in one place and dense in the other")
+        g.args.remove(w)
+    g.toposort()
+    return g, params, decisions
+
+
+def dense_params(graph: Graph, state: dict) -> dict:
+    """`state` with each sparse_linear's CSR arrays (W.values, W.cols, W.rowptr) replaced by the
+    dense weight W they describe: what the inference graph and --save-weights take."""
+    out = dict(state)
+    for node in graph.nodes:
+        if node.op != "sparse_linear" or not node.inputs[1].name.endswith(SUFFIXES[0]):
+            continue
+        names = [v.name for v in node.inputs[1:4]]
+        if not all(nm in state for nm in names):
+            continue
+        weight = names[0][:-len(SUFFIXES[0])]
+        out[weight] = dense_weight(*(state[nm] for nm in names), node.inputs[0].type.shape[-1])
+        for nm in names:
+            out.pop(nm, None)
+    return out
 
 
 def _priced(node, target: Target, nnz: int) -> tuple[float, float, str, float]:

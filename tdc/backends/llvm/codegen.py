@@ -397,6 +397,10 @@ def library_call(node: Node):
         K, N = ins[0][-1], ins[3][0] - 1
         bias = (I[4], ("i64", 1)) if len(ins) == 5 else (I[0], ("i64", 0))
         args = [*I[:4], *bias, O[0], *i64([int(np.prod(ins[0][:-1])), K, N])]
+    elif op == "sparse_linear_grad_input":
+        args = [*I[:4], O[0], *i64([ins[0][0], a["k"], ins[0][1]])]
+    elif op == "sparse_linear_grad_values":
+        args = [*I[:4], O[0], *i64([ins[0][0], ins[0][1], ins[3][0] - 1])]
     elif op == "sparse_conv2d":
         bias = (I[4], ("i64", 1)) if len(ins) == 5 else (I[0], ("i64", 0))
         w_shape = (ins[3][0] - 1, 0, *a["kernel"])

@@ -226,6 +226,8 @@ LIBRARY = {
     "sparse_linear": lambda n, i, o: (K.sparse_linear, (i[0].reshape(-1, i[0].shape[-1]), i[1], i[2], i[3],
                                                         i[4] if len(i) == 5 else np.zeros(1, i[0].dtype),
                                                         len(i) == 5, o[0].reshape(-1, o[0].shape[-1]))),
+    "sparse_linear_grad_input": lambda n, i, o: (K.sparse_linear_grad_input, (*i, o[0])),
+    "sparse_linear_grad_values": lambda n, i, o: (K.sparse_linear_grad_values, (*i, o[0])),
     "sparse_conv2d": lambda n, i, o: (K.sparse_conv2d, (*i[:4], i[4] if len(i) == 5 else np.zeros(1, i[0].dtype),
                                                         len(i) == 5, o[0], *n.attrs["kernel"], *_geo(n.attrs))),
     "conv2d": _conv_library({"im2col": K.conv2d, "direct": CA.direct_conv2d, "winograd": CA.winograd_conv2d}),

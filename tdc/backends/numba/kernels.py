@@ -141,6 +141,51 @@ def sparse_linear(x2, values, cols, rowptr, b, has_bias, out2):
                 out2[m0 + i, n] = acc[i] + bn
 
 
+@njit(cache=True)
+def csr_transpose(values, cols, rowptr, k):
+    """(values, cols, rowptr) of W's transpose [K, N], for W [N, K] in CSR (a counting sort)."""
+    n = len(rowptr) - 1
+    tr = np.zeros(k + 1, np.int32)
+    for j in range(len(cols)):
+        tr[cols[j] + 1] += 1
+    for c in range(k):
+        tr[c + 1] += tr[c]
+    fill = tr[:-1].copy()
+    tv = np.empty_like(values)
+    tc = np.empty(len(cols), np.int32)
+    for r in range(n):
+        for j in range(rowptr[r], rowptr[r + 1]):
+            q = fill[cols[j]]
+            tv[q] = values[j]
+            tc[q] = r
+            fill[cols[j]] += 1
+    return tv, tc, tr
+
+
+@njit(cache=True)
+def sparse_linear_grad_input(g2, values, cols, rowptr, dx2):
+    """dx2 = g2 @ W for W [N, K] in CSR: the forward kernel on W's transpose."""
+    tv, tc, tr = csr_transpose(values, cols, rowptr, dx2.shape[1])
+    sparse_linear(g2, tv, tc, tr, np.zeros(1, g2.dtype), False, dx2)
+
+
+@njit(cache=True, parallel=True)
+def sparse_linear_grad_values(x2, g2, cols, rowptr, dv):
+    """dv[j] = sum_m g2[m, row(j)] * x2[m, cols[j]]: one dot product over the batch per nonzero, on
+    transposed copies so that both operands are contiguous."""
+    xt = np.ascontiguousarray(x2.T)
+    gt = np.ascontiguousarray(g2.T)
+    M = x2.shape[0]
+    for r in prange(len(rowptr) - 1):
+        gr = gt[r]
+        for j in range(rowptr[r], rowptr[r + 1]):
+            xr = xt[cols[j]]
+            acc = gr[0] * 0
+            for m in range(M):
+                acc += gr[m] * xr[m]
+            dv[j] = acc
+
+
 # ---- convolution ----------------------------------------------------------------------
 
 @njit(cache=True)

@@ -207,6 +207,67 @@ void SFX(tdc_sparse_linear)(const T *x, const T *values, const int32_t *cols, co
     free(raw);
 }
 
+/* ---- sparse_linear's gradients ------------------------------------------------------------------- */
+
+/* dx [M, K] = g [M, N] @ W for W [N, K] in CSR: the forward kernel on W's transpose, built per call
+ * by a counting sort (O(nnz + K), against the product's O(M nnz)). */
+void SFX(tdc_sparse_linear_grad_input)(const T *g, const T *values, const int32_t *cols, const int32_t *rowptr,
+                                       T *dx, int64_t M, int64_t K, int64_t N)
+{
+    const int64_t nnz = rowptr[N];
+    int32_t *tr = tdcrt_malloc((K + 1) * (int64_t)sizeof(int32_t));
+    int32_t *fill = tdcrt_malloc((K + 1) * (int64_t)sizeof(int32_t));
+    int32_t *tc = tdcrt_malloc(max64(nnz, 1) * (int64_t)sizeof(int32_t));
+    T *tv = tdcrt_malloc(max64(nnz, 1) * (int64_t)sizeof(T));
+    memset(tr, 0, (size_t)(K + 1) * sizeof(int32_t));
+    for (int64_t j = 0; j < nnz; j++)
+        tr[cols[j] + 1]++;
+    for (int64_t c = 0; c < K; c++)
+        tr[c + 1] += tr[c];
+    memcpy(fill, tr, (size_t)(K + 1) * sizeof(int32_t));
+    for (int64_t r = 0; r < N; r++)
+        for (int64_t j = rowptr[r]; j < rowptr[r + 1]; j++) {
+            const int32_t q = fill[cols[j]]++;
+            tv[q] = values[j];
+            tc[q] = (int32_t)r;
+        }
+    SFX(tdc_sparse_linear)(g, tv, tc, tr, NULL, 0, dx, M, N, K);
+    free(tr);
+    free(fill);
+    free(tc);
+    free(tv);
+}
+
+/* dv[j] = sum_m g[m, row(j)] * x[m, cols[j]]: x and g transposed into xt [K, ld] and gt [N, ld] (ld whole
+ * vectors, zero past M), then one dot product of contiguous rows per nonzero. */
+void SFX(tdc_sparse_linear_grad_values)(const T *x, const T *g, const int32_t *cols, const int32_t *rowptr,
+                                        T *dv, int64_t M, int64_t K, int64_t N)
+{
+    typedef SFX(vec) V;
+    const int64_t ld = (M + VL - 1) / VL * VL;
+    void *raw = tdcrt_malloc((K + N) * ld * (int64_t)sizeof(T) + 64);
+    T *xt = (T *)(((uintptr_t)raw + 63) & ~(uintptr_t)63), *gt = xt + K * ld;
+    memset(xt, 0, (size_t)((K + N) * ld) * sizeof(T));
+    SFX(transpose)(x, K, xt, ld, M, K);
+    SFX(transpose)(g, N, gt, ld, M, N);
+    for (int64_t r = 0; r < N; r++)
+        for (int64_t j = rowptr[r]; j < rowptr[r + 1]; j++) {
+            const T *a = gt + r * ld, *b = xt + (int64_t)cols[j] * ld;
+            V acc = (V){0};
+            for (int64_t m = 0; m < ld; m += VL) {
+                V u, w;
+                __builtin_memcpy(&u, a + m, sizeof(V));
+                __builtin_memcpy(&w, b + m, sizeof(V));
+                acc += u * w;
+            }
+            T sum = 0;
+            for (int q = 0; q < VL; q++)
+                sum += acc[q];
+            dv[j] = sum;
+        }
+    free(raw);
+}
+
 /* ---- sparse_conv2d ---------------------------------------------------------------------------------
  * Stride 1 ("wide" outputs): each image is copied once into a zero-padded xp [C, Hp, Wp]. Output row
  * y's pixel x, computed at y * Wp + x, reads tap (c, i, j) at c * Hp * Wp + (y + i dh) * Wp + x + j dw,

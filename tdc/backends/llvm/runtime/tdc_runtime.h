@@ -39,6 +39,11 @@ void tdc_linear_f32(const float *x, const float *w, const float *b, int64_t has_
  * columns cols[...] (sparse.c; the arrays must describe a valid CSR matrix). */
 void tdc_sparse_linear_f32(const float *x, const float *values, const int32_t *cols, const int32_t *rowptr,
                            const float *b, int64_t has_bias, float *out, int64_t M, int64_t K, int64_t N);
+/* sparse_linear's gradients: dx[M,K] = g[M,N] @ W, and dv[j] = sum_m g[m, row(j)] * x[m, cols[j]]. */
+void tdc_sparse_linear_grad_input_f32(const float *g, const float *values, const int32_t *cols,
+                                      const int32_t *rowptr, float *dx, int64_t M, int64_t K, int64_t N);
+void tdc_sparse_linear_grad_values_f32(const float *x, const float *g, const int32_t *cols, const int32_t *rowptr,
+                                       float *dv, int64_t M, int64_t K, int64_t N);
 /* out[N,CO,OH,OW] = conv2d(x, W) (+ b[CO]) with W [CO, C/groups*KH*KW] in CSR (sparse.c; im2col,
  * then each output channel's nonzeros times its column rows). */
 void tdc_sparse_conv2d_f32(const float *x, const float *values, const int32_t *cols, const int32_t *rowptr,
@@ -140,6 +145,10 @@ void tdc_linear_f64(const double *x, const double *w, const double *b, int64_t h
                     int64_t M, int64_t K, int64_t N);
 void tdc_sparse_linear_f64(const double *x, const double *values, const int32_t *cols, const int32_t *rowptr,
                            const double *b, int64_t has_bias, double *out, int64_t M, int64_t K, int64_t N);
+void tdc_sparse_linear_grad_input_f64(const double *g, const double *values, const int32_t *cols,
+                                      const int32_t *rowptr, double *dx, int64_t M, int64_t K, int64_t N);
+void tdc_sparse_linear_grad_values_f64(const double *x, const double *g, const int32_t *cols, const int32_t *rowptr,
+                                       double *dv, int64_t M, int64_t K, int64_t N);
 void tdc_sparse_conv2d_f64(const double *x, const double *values, const int32_t *cols, const int32_t *rowptr,
                            const double *b, int64_t has_bias, double *out,
                            int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW,
