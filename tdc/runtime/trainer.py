@@ -30,6 +30,7 @@ from ..passes.data_parallel import DataParallel
 from ..frontend.model import Model
 from ..passes.optimizer import SLOTS, Optimizer
 from ..passes.quantize import RANGE_SUFFIXES, learned_ranges, quantize_int8
+from ..passes.sparsify import dense_params, sparse_training
 from ..passes.training import LOSSES, train_step
 from .checkpoint import LAST, check_compatible, check_settings, load_checkpoint, save_checkpoint
 from .data import Dataset, check_labels, fit_to_model, load_data
@@ -209,6 +210,27 @@ def _write_plot(path: str, records: list[dict], out) -> None:
     plt.close(fig)
 
 
+def _initial_weights(args) -> dict | None:
+    """tdc train --weights: the model's params and state from a file, checked against its graph."""
+    if not args.weights:
+        if args.sparse == "on":
+            raise TdcError("--sparse on retrains pruned weights: give them with --weights FILE")
+        return None
+    from ..ir.weights import load_weights
+    model = _as_model(args.model)
+    return load_weights(args.weights, model.trace(args.batch or model.batch, training=True), strict=False)
+
+
+def _sparse_source(params, resume: bool, checkpoint: str | None) -> dict:
+    """The pruned weights sparse training starts from: `params`, or the checkpoint it resumes."""
+    if resume and checkpoint and os.path.exists(os.path.join(checkpoint, LAST)):
+        return load_checkpoint(checkpoint).state
+    if params is None:
+        raise TdcError("sparse training retrains pruned weights with their pattern fixed: give the weights "
+                       "(tdc train --weights FILE)")
+    return params
+
+
 def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS, batch: int | None = None,
           optimizer: Optimizer | None = None, loss: str = "softmax_cross_entropy",
           schedule: Schedule | str = "constant", warmup: int = 0, step_size: int | None = None,
@@ -221,7 +243,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
           parallel: DataParallel | ParameterServer | None = None, comm_timeout: float = 30.0,
           nonfinite_steps: int = 1, staleness_lr: bool = False, momentum_correction: bool = False,
           hogwild: bool = False, threads: int | None = None, prune: Prune | None = None,
-          qat: bool = False) -> TrainResult:
+          qat: bool = False, sparse: bool = False) -> TrainResult:
     """Train `model` (a Model or "FILE.py[:NAME]") on `data` (a Dataset, "digits" or "mnist:DIR").
 
     schedule: a Schedule, or a name (constant|step|cosine) built with warmup/step_size/gamma and,
@@ -255,6 +277,9 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
     qat: quantization-aware training: the step sees int8 rounding (passes/quantize.py
       insert_fake_quant); the saved weights hold the learned activation ranges, and the result's
       int8_accuracy is the int8 graph's (quantized with those ranges) on the test set.
+    sparse: retrain pruned `params` with their pattern fixed: each linear layer whose weight has
+      zeros runs as CSR products forward and backward, its nonzeros the trained param
+      (passes/sparsify.py: sparse_training); the result, evaluation and saved weights are dense.
     """
     t_start = time.perf_counter()
     model = _as_model(model)
@@ -287,6 +312,9 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                            f"{prune.last_epoch() + 1}: train for more than {prune.last_epoch()} epochs")
     if qat and (parallel is not None or hogwild):
         raise TdcError("--qat trains in one process: it does not combine with --ranks, --ps or --hogwild")
+    if sparse and (parallel is not None or hogwild or prune is not None or qat):
+        raise TdcError("--sparse on retrains pruned weights with a fixed pattern in one process: it does not combine "
+                       "with --prune (whose masks change the pattern), --qat, --ranks, --ps or --hogwild")
     if resume and not checkpoint:
         raise TdcError("resuming needs the checkpoint directory (--checkpoint DIR)")
     if log_every < 1:
@@ -359,7 +387,12 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
 
     if partitioned and parallel.target is None:      # the partition's costs: one set of rates for every rank
         parallel.target = agreed_rates(comm, backend)
-    train_graph = train_step(model, loss, optimizer, batch, parallel=parallel, prune=prune is not None, qat=qat)
+    if sparse:
+        forward, params, _ = sparse_training(model.trace(batch, training=True), _sparse_source(params, resume,
+                                                                                                checkpoint))
+        train_graph = train_step(forward, loss, optimizer, batch)
+    else:
+        train_graph = train_step(model, loss, optimizer, batch, parallel=parallel, prune=prune is not None, qat=qat)
     settings = {"batch": batch, "loss": loss, "data": data.name, "train_samples": n}
     if qat:
         settings["qat"] = True
@@ -404,7 +437,10 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         return (exe.gather_state() or {}) if partitioned and not simulated else exe.state
 
     def model_state() -> dict[str, np.ndarray]:
-        """The inference graph's params, pieces of split params put together (every rank calls)."""
+        """The inference graph's params, pieces of split params put together (every rank calls),
+        CSR-trained weights made dense."""
+        if sparse:
+            return dense_params(train_graph, exe.state)
         return whole_params(train_graph, exe.gather_state() or {}) if partitioned else exe.state
 
     infer_args = [a.name for a in infer_graph.args if a.kind != "input"]
@@ -570,7 +606,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         _, correct, test_loss = last_eval
     else:
         correct, test_loss = run_eval()
-    final = model_state() if partitioned else exe.state
+    final = model_state() if partitioned or sparse else exe.state
     if save_weights:
         save_npz(save_weights, {k: final[k] for k in saved_args})
     if plot:
@@ -746,6 +782,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", metavar="FILE.jsonl", help="write per-step and per-epoch metrics as JSON lines")
     p.add_argument("--plot", metavar="FILE.png", help="plot loss and accuracy (needs matplotlib)")
     p.add_argument("--save-weights", metavar="FILE.npz", help="save the trained weights for tdc run --weights")
+    p.add_argument("--weights", metavar="FILE",
+                   help="start from these weights (.npz, a checkpoint, or a tdc compress file) instead of the "
+                        "initialisation; arrays the model lacks are an error, params the file lacks are initialised")
+    p.add_argument("--sparse", choices=("off", "on"), default="off",
+                   help="on: retrain the --weights as pruned, with their pattern fixed: linear layers whose weights "
+                        "have zeros run as CSR products forward and backward and only their nonzeros are trained "
+                        "(exactly zero stays zero); --save-weights writes them dense (default off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nonfinite-steps", type=int, default=1, metavar="N",
                    help="stop once N steps in a row had a NaN or infinite loss (default 1)")
@@ -791,7 +834,8 @@ def cmd_train(args, argv: list[str] | None = None) -> int:
                        conv_algo=getattr(args, "conv_algo", "auto"), autotune=getattr(args, "autotune", False),
                        parallel=parallel, comm_timeout=args.comm_timeout, nonfinite_steps=args.nonfinite_steps,
                        staleness_lr=args.staleness_lr, momentum_correction=args.momentum_correction,
-                       hogwild=args.hogwild, threads=args.threads, prune=prune, qat=args.qat)
+                       hogwild=args.hogwild, threads=args.threads, prune=prune, qat=args.qat,
+                       params=_initial_weights(args), sparse=args.sparse == "on")
     except Exception as e:
         if launched_ranks() > 1 and not getattr(args, "debug", False):   # one rank alone would leave the others waiting
             fail_job(str(e) if isinstance(e, TdcError) else f"internal error: {type(e).__name__}: {e}")
