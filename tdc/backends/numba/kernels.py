@@ -132,10 +132,9 @@ def sparse_linear(x2, values, cols, rowptr, b, has_bias, out2):
         for n in range(N):
             acc[:] = 0
             for j in range(rowptr[n], rowptr[n + 1]):
-                v = values[j]
-                r = xt[cols[j]]
+                v, c = values[j], cols[j]     # indexed, not sliced: a view per nonzero costs more than its work
                 for i in range(SPARSE_MB):
-                    acc[i] += v * r[i]
+                    acc[i] += v * xt[c, i]
             bn = b[n] if has_bias else b[0] * 0   # without bias b is a placeholder of zeros
             for i in range(rows):
                 out2[m0 + i, n] = acc[i] + bn
@@ -169,20 +168,21 @@ def sparse_linear_grad_input(g2, values, cols, rowptr, dx2):
     sparse_linear(g2, tv, tc, tr, np.zeros(1, g2.dtype), False, dx2)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def sparse_linear_grad_values(x2, g2, cols, rowptr, dv):
     """dv[j] = sum_m g2[m, row(j)] * x2[m, cols[j]]: one dot product over the batch per nonzero, on
-    transposed copies so that both operands are contiguous."""
+    transposed copies so that both operands are contiguous. The sum may be reordered (vectorised):
+    in order it is one chain of dependent adds per nonzero, 5x slower; the error stays within a few
+    ulps of the sum of |terms| (tests/test_sparse.py)."""
     xt = np.ascontiguousarray(x2.T)
     gt = np.ascontiguousarray(g2.T)
     M = x2.shape[0]
     for r in prange(len(rowptr) - 1):
-        gr = gt[r]
         for j in range(rowptr[r], rowptr[r + 1]):
-            xr = xt[cols[j]]
-            acc = gr[0] * 0
+            c = cols[j]
+            acc = gt[r, 0] * 0
             for m in range(M):
-                acc += gr[m] * xr[m]
+                acc += gt[r, m] * xt[c, m]
             dv[j] = acc
 
 
@@ -230,10 +230,9 @@ def sparse_conv2d(x, values, cols, rowptr, b, has_bias, out, kh, kw, sh, sw, pt,
                     for p in range(P):
                         dst[p] = bias
                     for j in range(rowptr[o], rowptr[o + 1]):
-                        v = values[j]
-                        r = xm[cols[j]]
+                        v, c = values[j], cols[j]
                         for p in range(P):
-                            dst[p] += v * r[p]
+                            dst[p] += v * xm[c, p]
 
 
 @njit(cache=True)
