@@ -53,7 +53,7 @@ SMALL_BATCH = 4            # rows below which the kernels run row by row (runtim
 # a microsecond, mostly consist of), and a large one for the rates, sparse at two densities.
 TINY, ROW_PROBE, BATCH_PROBE, BATCH = (8, 4), (768, 384), (512, 256), 64
 PROBE_DENSITIES = (0.05, 0.25)
-RATES_VERSION = 2
+RATES_VERSION = 3   # 3: the llvm probes timed in C loops (runtime/timing.c)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from ...errors import TdcError
 
 RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
 FAMILIES = ("common", "linalg", "conv_im2col", "conv_direct", "conv_winograd", "conv_fft", "pool", "reduce",
-            "loss", "norm", "gather", "sparse", "quant")
+            "loss", "norm", "gather", "sparse", "quant", "timing")
 SOURCES = tuple(f"{f}.c" for f in FAMILIES) + ("tdc_runtime.h", "internal.h", "instantiate.h")
 CFLAGS = ("-O3", "-march=native", "-fPIC", "-Wall", "-Wextra", "-std=c11")
 OBJECT = "tdc_runtime.o"

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from ...ir.graph import Node
-from ...passes.target import Target, available_cores, best_time, kernel_time, linear_probe_arrays
+from ...passes.target import Target, available_cores, best_time, linear_probe_arrays
 from .codegen import LIBRARY_DTYPES, library_call
 from .scalar import MEM
 
@@ -51,28 +51,26 @@ class LLVMTarget(Target):
         return best_time(lambda: lib.tdc_matmul_f32(*ptr, *dims))
 
     def time_linear(self, m: int, k: int, n: int) -> float:
-        lib = runtime_library()
         x, w, b, out = linear_probe_arrays(m, k, n, 1.0)
         args = [ctypes.c_void_p(a.ctypes.data) for a in (x, w, b)] + [ctypes.c_int64(1), ctypes.c_void_p(out.ctypes.data)]
-        dims = [ctypes.c_int64(d) for d in (m, k, n)]
-        return kernel_time(lambda: lib.tdc_linear_f32(*args, *dims), _empty_call(lib))
+        return _time_in_c(runtime_library().tdc_time_linear_f32, args + [ctypes.c_int64(d) for d in (m, k, n)])
 
     def time_sparse_linear(self, m: int, k: int, n: int, density: float) -> float:
         from ...ops.sparse import to_csr
-        lib = runtime_library()
         x, w, b, out = linear_probe_arrays(m, k, n, density)
         keep = [x, *to_csr(w), b, out]
         ptrs = [ctypes.c_void_p(a.ctypes.data) for a in keep]
-        args = ptrs[:5] + [ctypes.c_int64(1), ptrs[5]]
-        dims = [ctypes.c_int64(d) for d in (m, k, n)]
-        return kernel_time(lambda: lib.tdc_sparse_linear_f32(*args, *dims), _empty_call(lib))
+        args = ptrs[:5] + [ctypes.c_int64(1), ptrs[5]] + [ctypes.c_int64(d) for d in (m, k, n)]
+        return _time_in_c(runtime_library().tdc_time_sparse_linear_f32, args)   # keep holds the arrays
 
 
-def _empty_call(lib):
-    """A foreign call with a linear layer's ten arguments that returns at once (a sparse_linear on
-    zero rows; BLAS on zero rows still does some work)."""
-    null, zero = ctypes.c_void_p(0), ctypes.c_int64(0)
-    return lambda: lib.tdc_sparse_linear_f32(null, null, null, null, null, zero, null, zero, zero, zero)
+def _time_in_c(timer, args, reps: int = 7, span: float = 1e-3) -> float:
+    """The fastest of `reps` runs of a timing.c loop of about `span` seconds (after a warm-up):
+    seconds per kernel call, no foreign call in between."""
+    timer.restype = ctypes.c_double
+    once = timer(*args, ctypes.c_int64(3))
+    loop = ctypes.c_int64(int(np.clip(span / max(once, 1e-9), 4, 100000)))
+    return min(timer(*args, loop) for _ in range(reps))
 
 
 def time_conv(node: Node, algo: str, reps: int = 3) -> float:

@@ -51,6 +51,12 @@ void tdc_sparse_conv2d_f32(const float *x, const float *values, const int32_t *c
                            int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW,
                            int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                            int64_t dh, int64_t dw, int64_t groups);
+/* Seconds per call of tdc_linear_f32 / tdc_sparse_linear_f32, timed over `reps` calls in C (timing.c). */
+double tdc_time_linear_f32(const float *x, const float *w, const float *b, int64_t has_bias, float *out,
+                           int64_t M, int64_t K, int64_t N, int64_t reps);
+double tdc_time_sparse_linear_f32(const float *x, const float *values, const int32_t *cols, const int32_t *rowptr,
+                                  const float *b, int64_t has_bias, float *out, int64_t M, int64_t K, int64_t N,
+                                  int64_t reps);
 /* out[M,N] = a[M,K] @ b[K,N]. */
 void tdc_matmul_f32(const float *a, const float *b, float *out, int64_t M, int64_t K, int64_t N);
 /* out[i] = a[ia[i]] @ b[ib[i]] for i < B; a is [*,M,K], b [*,K,N], out [B,M,N]. */
