@@ -197,8 +197,10 @@ def test_qconv2d_reference_and_kernel(seed, n, groups, cpg, copg, k, stride, pad
 
 def test_maxpool_on_codes_and_build_time_refusals():
     x = np.random.default_rng(1).integers(-128, 128, (2, 3, 9, 8)).astype(np.int8)
-    a = {"kernel": [3, 2], "stride": [2, 2], "pad": [1, 0, 1, 1]}
-    np.testing.assert_array_equal(_c_call("maxpool2d", [x], a), _ref("maxpool2d", [x], a))
+    for a in ({"kernel": [3, 2], "stride": [2, 2], "pad": [1, 0, 1, 1]},     # clipped windows
+              {"kernel": [2, 2], "stride": [2, 2]},                           # the tiled 2x2 path, odd height
+              {"kernel": [2, 3], "stride": [1, 2], "dilation": [2, 1], "pad": [0, 1, 2, 1]}):
+        np.testing.assert_array_equal(_c_call("maxpool2d", [x], a), _ref("maxpool2d", [x], a), err_msg=str(a))
     with pytest.raises(ShapeError, match="qlinear: the bias must be i32"):
         _graph("qlinear", [np.zeros((2, 3), np.int8), np.zeros((4, 3), np.int8), np.zeros(4, np.float32)],
                {"x_scale": 1.0, "w_scale": [1.0]})

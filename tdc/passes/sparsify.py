@@ -29,7 +29,9 @@ layers (`calibrate_conv`). A chosen layer becomes `sparse_conv2d(x, W.values, W.
 
 Modes: "auto" (the cost model decides), "on" (every such layer with density < 1 goes sparse),
 "off" (nothing changes). The pass is for inference: a graph that updates params is refused, since
-the op has no gradient and the CSR arrays would not follow the weights' updates.
+its CSR arrays are consts made from the weights' values, which the updates would leave behind.
+Training with the pruned pattern fixed is `sparse_training`, on the forward graph before
+train_step: the values become the param.
 """
 from __future__ import annotations
 
@@ -105,17 +107,23 @@ def calibrate(target: Target) -> SparseRates:
 
 def sparse_rates(target: Target) -> SparseRates:
     """This machine's rates for `target`: cached in targets.json, or measured now (once)."""
-    cached = getattr(target, "_sparse_rates", None)
-    if cached is not None:
-        return cached
-    key = f"{target.cache_key()}|sparse_linear|v{RATES_VERSION}"
+    return _cached_rates(target, f"sparse_linear|v{RATES_VERSION}", SparseRates, calibrate)
+
+
+def _cached_rates(target: Target, kind: str, cls, measure):
+    """Rates of dataclass `cls` for `target`, kept on it and in targets.json under `kind`, or
+    measured now by measure(target)."""
+    attr = "_rates_" + kind
+    if getattr(target, attr, None) is not None:
+        return getattr(target, attr)
+    key = f"{target.cache_key()}|{kind}"
     entry = read_json(targets_path()).get(key)
     try:
-        rates = SparseRates(*(float(entry[f]) for f in SparseRates.__dataclass_fields__))
+        rates = cls(*(float(entry[f]) for f in cls.__dataclass_fields__))
     except (TypeError, KeyError, ValueError):
-        rates = calibrate(target)
+        rates = measure(target)
         update_json(targets_path(), key, {**rates.__dict__, "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
-    target._sparse_rates = rates
+    setattr(target, attr, rates)
     return rates
 
 
@@ -192,18 +200,7 @@ def conv_problem_of(node) -> dict:
 
 def sparse_conv_rates(target: Target) -> SparseConvRates:
     """This machine's sparse_conv2d rates for `target`: cached in targets.json, or measured now (once)."""
-    cached = getattr(target, "_sparse_conv_rates", None)
-    if cached is not None:
-        return cached
-    key = f"{target.cache_key()}|sparse_conv2d|v{CONV_RATES_VERSION}"
-    entry = read_json(targets_path()).get(key)
-    try:
-        rates = SparseConvRates(*(float(entry[f]) for f in SparseConvRates.__dataclass_fields__))
-    except (TypeError, KeyError, ValueError):
-        rates = calibrate_conv(target)
-        update_json(targets_path(), key, {**rates.__dict__, "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
-    target._sparse_conv_rates = rates
-    return rates
+    return _cached_rates(target, f"sparse_conv2d|v{CONV_RATES_VERSION}", SparseConvRates, calibrate_conv)
 
 
 def dense_conv_time(node, target: Target) -> float:

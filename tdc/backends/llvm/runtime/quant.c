@@ -518,27 +518,58 @@ void tdc_fake_quant_grad_f32(const float *g, const float *x, float *dx, int64_t 
 
 /* ---- maxpool2d on i8 codes (max commutes with the affine map) ---------------------------------- */
 
+typedef struct {
+    const int8_t *x;
+    int8_t *out;
+    int64_t H, W, OH, OW, KH, KW, sh, sw, pt, pl, dh, dw;
+} maxpool_i8_job;
+
+/* Planes [p0, p1) (image-channel pairs). Windows that tile the input without padding (2x2 stride 2,
+ * LeNet's and VGG's) take a branch-free loop gcc vectorises; the general loop clips each window
+ * to the input, and was 7 ns per output at LeNet-5's sizes, a third of its whole int8 forward. */
+static void maxpool_i8_planes(void *ctx, int64_t p0, int64_t p1)
+{
+    const maxpool_i8_job *j = ctx;
+    const int64_t H = j->H, W = j->W, OH = j->OH, OW = j->OW;
+    const int tiled2 = j->KH == 2 && j->KW == 2 && j->sh == 2 && j->sw == 2 && j->pt == 0 && j->pl == 0
+                       && j->dh == 1 && j->dw == 1 && 2 * OH <= H && 2 * OW <= W;
+    for (int64_t nc = p0; nc < p1; nc++) {
+        const int8_t *src = j->x + nc * H * W;
+        int8_t *dst = j->out + nc * OH * OW;
+        if (tiled2) {
+            for (int64_t y = 0; y < OH; y++) {
+                const int8_t *r0 = src + 2 * y * W, *r1 = r0 + W;
+                int8_t *o = dst + y * OW;
+                for (int64_t xx = 0; xx < OW; xx++) {
+                    const int8_t a = r0[2 * xx] > r0[2 * xx + 1] ? r0[2 * xx] : r0[2 * xx + 1];
+                    const int8_t b = r1[2 * xx] > r1[2 * xx + 1] ? r1[2 * xx] : r1[2 * xx + 1];
+                    o[xx] = a > b ? a : b;
+                }
+            }
+            continue;
+        }
+        for (int64_t y = 0; y < OH; y++) {
+            int64_t i0, i1;
+            valid_range(y * j->sh - j->pt, j->dh, H, j->KH, &i0, &i1);
+            for (int64_t xx = 0; xx < OW; xx++) {
+                int64_t k0, k1;
+                valid_range(xx * j->sw - j->pl, j->dw, W, j->KW, &k0, &k1);
+                int m = -128;
+                for (int64_t i = i0; i < i1; i++) {
+                    const int8_t *row = src + (y * j->sh - j->pt + i * j->dh) * W + xx * j->sw - j->pl;
+                    for (int64_t k = k0; k < k1; k++)
+                        m = row[k * j->dw] > m ? row[k * j->dw] : m;
+                }
+                dst[y * OW + xx] = (int8_t)m;
+            }
+        }
+    }
+}
+
 void tdc_maxpool2d_i8(const int8_t *x, int8_t *out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH,
                       int64_t OW, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                       int64_t dh, int64_t dw)
 {
-    for (int64_t nc = 0; nc < N * C; nc++) {
-        const int8_t *src = x + nc * H * W;
-        int8_t *dst = out + nc * OH * OW;
-        for (int64_t y = 0; y < OH; y++)
-            for (int64_t xx = 0; xx < OW; xx++) {
-                int m = -128;
-                for (int64_t i = 0; i < KH; i++) {
-                    const int64_t iy = y * sh - pt + i * dh;
-                    if (iy < 0 || iy >= H)
-                        continue;
-                    for (int64_t j = 0; j < KW; j++) {
-                        const int64_t ix = xx * sw - pl + j * dw;
-                        if (ix >= 0 && ix < W && src[iy * W + ix] > m)
-                            m = src[iy * W + ix];
-                    }
-                }
-                dst[y * OW + xx] = (int8_t)m;
-            }
-    }
+    maxpool_i8_job j = {x, out, H, W, OH, OW, KH, KW, sh, sw, pt, pl, dh, dw};
+    tdcrt_parallel_for(N * C, 4.0 * N * C * OH * OW * KH * KW, maxpool_i8_planes, &j);
 }
