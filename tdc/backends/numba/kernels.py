@@ -47,11 +47,25 @@ def sigmoid(x):
 
 @njit(cache=True, inline="always")
 def idiv(a, b):
-    # C semantics: truncate toward zero (numpy's reference does the same for tdc)
+    # C semantics: truncate toward zero (numpy's reference does the same for tdc); x / 0 is 0 and
+    # MIN / -1 wraps to MIN, as in the reference, where Numba would raise or the CPU trap
+    if b == 0:
+        return a - a
+    if b == -1:
+        return -a
     q = a // b
     if q < 0 and q * b != a:
         q += 1
     return q
+
+
+@njit(cache=True, inline="always")
+def udiv(a, b):
+    # its own kernel: idiv's `q += 1` would type q as float64 for uint64 (Numba's int64 + uint64),
+    # rounding quotients above 2**53; floor and truncation agree on unsigned values
+    if b == 0:
+        return a - a    # not the literal 0: int64 and uint64 unify to float64
+    return a // b
 
 
 # ---- matrix products ----------------------------------------------------------------
