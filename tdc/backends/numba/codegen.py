@@ -106,8 +106,14 @@ def _anchor_call(node: Node, out_param: str) -> list[str]:
         fn = "CA.direct_conv2d" if a["algo"] == "direct" else "K.conv2d"
         return [f"{fn}({head}, {a['stride'][0]}, {a['stride'][1]}, {a['pad'][0]}, {a['pad'][1]}, "
                 f"{a['dilation'][0]}, {a['dilation'][1]}, {a['groups']})"]
-    return [f"K.matmul2d({ins[0]}, {ins[1]}, {out_param})"] if _plain_2d(node) else \
-        [f"K.matmul_batched({ins[0]}, {ins[1]}, {out_param}, ia, ib)"]
+    pre = _matmul_prefix(node)
+    return [f"K.{pre}matmul2d({ins[0]}, {ins[1]}, {out_param})"] if _plain_2d(node) else \
+        [f"K.{pre}matmul_batched({ins[0]}, {ins[1]}, {out_param}, ia, ib)"]
+
+
+def _matmul_prefix(node: Node) -> str:
+    """"int_" for the integer kernels: Numba's np.dot takes floats only."""
+    return "" if node.inputs[0].type.dtype.startswith("f") else "int_"
 
 
 def _plain_2d(node: Node) -> bool:
@@ -155,7 +161,7 @@ def _batched_matmul_args(node, ins, outs):
         ids = np.arange(int(np.prod(x.shape[:-2]))).reshape(x.shape[:-2]) if x.ndim > 2 else 0
         return np.ascontiguousarray(np.broadcast_to(ids, batch), np.int64).reshape(-1)
 
-    return K.matmul_batched, (a.reshape((-1,) + a.shape[-2:]), b.reshape((-1,) + b.shape[-2:]),
+    return getattr(K, _matmul_prefix(node) + "matmul_batched"), (a.reshape((-1,) + a.shape[-2:]), b.reshape((-1,) + b.shape[-2:]),
                               out.reshape((-1,) + out.shape[-2:]), index_map(a), index_map(b))
 
 
@@ -228,7 +234,8 @@ def _gather_views(n, table, idx, out):
 
 
 LIBRARY = {
-    "matmul": lambda n, i, o: (K.matmul2d, (i[0], i[1], o[0])) if _plain_2d(n) else _batched_matmul_args(n, i, o),
+    "matmul": lambda n, i, o: ((getattr(K, _matmul_prefix(n) + "matmul2d"), (i[0], i[1], o[0])) if _plain_2d(n)
+                               else _batched_matmul_args(n, i, o)),
     "linear": lambda n, i, o: (K.linear, (i[0].reshape(-1, i[1].shape[1]), i[1], _bias(i),
                                           len(i) == 3, o[0].reshape(-1, i[1].shape[0]))),
     "sparse_linear": lambda n, i, o: (K.sparse_linear, (i[0].reshape(-1, i[0].shape[-1]), i[1], i[2], i[3],

@@ -96,6 +96,24 @@ def matmul_batched(a3, b3, out3, ia, ib):
         np.dot(a3[ia[i]], b3[ib[i]], out3[i])
 
 
+@njit(cache=True)
+def int_matmul2d(a, b, out):
+    """matmul on integers (Numba's np.dot takes floats only): sums wrap in the output dtype, as
+    numpy's integer matmul does."""
+    out[...] = 0
+    for i in range(a.shape[0]):
+        for p in range(a.shape[1]):
+            x = a[i, p]
+            for j in range(b.shape[1]):
+                out[i, j] += x * b[p, j]
+
+
+@njit(cache=True)
+def int_matmul_batched(a3, b3, out3, ia, ib):
+    for i in range(out3.shape[0]):
+        int_matmul2d(a3[ia[i]], b3[ib[i]], out3[i])
+
+
 # ---- sparse products (pruned layers) ----------------------------------------------------
 # Without fastmath LLVM keeps every floating sum in order, so the kernels spell out independent
 # lanes, as the C runtime's sparse.c does: SPARSE_LANES partial sums per output of a single row
