@@ -234,3 +234,18 @@ def test_integer_matmul_wraps_on_numba_and_is_refused_clearly_on_llvm(dt):
         assert np.array_equal(tdc.compile(g, backend="numba")(a=x, b=y)["y"], w)
         with pytest.raises(tdc.TdcError, match=f"^llvm backend: matmul on {dt} is not supported"):
             tdc.compile(g, backend="llvm")
+
+
+def test_dsl_names_and_python_scalars():
+    """tdc.u8 ... tdc.u64 annotate inputs; a Python int beside a tensor takes its dtype."""
+    @tdc.model
+    def f(a: tdc.u8[3], b: tdc.i16[3], c: tdc.u16[3], d: tdc.u32[3], e: tdc.u64[3]):
+        return {"a": a + 10, "b": b - 1, "c": c * 2, "d": d / 3, "e": tdc.min(e)}
+    g = f.trace()
+    assert [v.type.dtype for v in g.inputs] == list(NEW)
+    out = tdc.compile(g)(a=np.array([250, 1, 2], np.uint8), b=np.array([-32768, 0, 5], np.int16),
+                         c=np.array([40000, 1, 0], np.uint16), d=np.array([7, 1, 2**32 - 1], np.uint32),
+                         e=np.array([2**63 + 1, 2**64 - 1, 2**63], np.uint64))
+    assert out["a"].tolist() == [4, 11, 12] and out["b"].tolist() == [32767, -1, 4]
+    assert out["c"].tolist() == [14464, 2, 0] and out["d"].tolist() == [2, 0, 1431655765]
+    assert out["e"].dtype == np.uint64 and int(out["e"]) == 2**63
