@@ -249,3 +249,17 @@ def test_dsl_names_and_python_scalars():
     assert out["a"].tolist() == [4, 11, 12] and out["b"].tolist() == [32767, -1, 4]
     assert out["c"].tolist() == [14464, 2, 0] and out["d"].tolist() == [2, 0, 1431655765]
     assert out["e"].dtype == np.uint64 and int(out["e"]) == 2**63
+
+
+def test_maxpool_on_u8_images(backend):
+    """Values above 127 win (an i8 comparison would lose them), padding never does (u8's lowest is 0)."""
+    x = np.random.default_rng(3).integers(0, 256, (2, 3, 5, 5), np.uint8)
+    x[0, 0, 0, 0] = 255
+    g = Graph("pool_u8")
+    a = g.add_arg("x", T("u8", x.shape), "input")
+    g.add_output("y", g.emit("maxpool2d", [a], {"kernel": [2, 2], "stride": [2, 2], "pad": [1, 1, 1, 1]})[0])
+    y = tdc.compile(g, backend=backend)(x=x)["y"]
+    xp = np.zeros((2, 3, 7, 7), np.uint8)
+    xp[:, :, 1:6, 1:6] = x
+    want = xp[:, :, :6, :6].reshape(2, 3, 3, 2, 3, 2).max(axis=(3, 5))
+    assert y.dtype == np.uint8 and np.array_equal(y, want)

@@ -219,7 +219,6 @@ SKIPS: dict[str, str] = {
     "test_identity_opt": "optional type: tdc values are tensors",
     "test_identity_sequence": "sequence type: tdc values are tensors",
     "test_maxpool_1d_default": "1-D pooling: tdc pools are 2-D",
-    "test_maxpool_2d_uint8": "MaxPool on uint8: tdc's maxpool2d takes floats (and i8 from quantization)",
     "test_maxpool_3d_default": "3-D pooling: tdc pools are 2-D",
     "test_maxpool_3d_dilations": "3-D pooling: tdc pools are 2-D",
     "test_maxpool_3d_dilations_use_ref_impl": "3-D pooling: tdc pools are 2-D",

@@ -47,13 +47,13 @@ class NumbaProgram:
 
 
 def is_python_step(step) -> bool:
-    """Whether a step runs at Python level: a fallback, an FFT convolution, or an int8 op (no
+    """Whether a step runs at Python level: a fallback, an FFT convolution, or an int8 op or u8 pool (no
     Numba kernel: its numpy reference runs, exact but not fast; the LLVM backend has kernels)."""
     if isinstance(step, Fallback):
         return True
     n = step.node if isinstance(step, Library) else None
     return n is not None and ((n.op in CONV_OPS and n.attrs["algo"] == "fft") or n.opdef.family == "quant"
-                              or (n.op == "maxpool2d" and n.inputs[0].type.dtype == "i8"))
+                              or (n.op == "maxpool2d" and n.inputs[0].type.dtype in ("i8", "u8")))
 
 
 def render(plan: KernelPlan) -> NumbaProgram:

@@ -516,29 +516,32 @@ void tdc_fake_quant_grad_f32(const float *g, const float *x, float *dx, int64_t 
     }
 }
 
-/* ---- maxpool2d on i8 codes (max commutes with the affine map) ---------------------------------- */
+/* ---- maxpool2d on i8 codes (max commutes with the affine map) and u8 images ------------------ */
 
-void tdc_maxpool2d_i8(const int8_t *x, int8_t *out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH,
-                      int64_t OW, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
-                      int64_t dh, int64_t dw)
-{
-    for (int64_t nc = 0; nc < N * C; nc++) {
-        const int8_t *src = x + nc * H * W;
-        int8_t *dst = out + nc * OH * OW;
-        for (int64_t y = 0; y < OH; y++)
-            for (int64_t xx = 0; xx < OW; xx++) {
-                int m = -128;
-                for (int64_t i = 0; i < KH; i++) {
-                    const int64_t iy = y * sh - pt + i * dh;
-                    if (iy < 0 || iy >= H)
-                        continue;
-                    for (int64_t j = 0; j < KW; j++) {
-                        const int64_t ix = xx * sw - pl + j * dw;
-                        if (ix >= 0 && ix < W && src[iy * W + ix] > m)
-                            m = src[iy * W + ix];
-                    }
-                }
-                dst[y * OW + xx] = (int8_t)m;
-            }
+#define TDC_MAXPOOL2D_INT(NAME, T, LOWEST)                                                               \
+    void NAME(const T *x, T *out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,      \
+              int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t dh, int64_t dw) \
+    {                                                                                                    \
+        for (int64_t nc = 0; nc < N * C; nc++) {                                                         \
+            const T *src = x + nc * H * W;                                                               \
+            T *dst = out + nc * OH * OW;                                                                 \
+            for (int64_t y = 0; y < OH; y++)                                                             \
+                for (int64_t xx = 0; xx < OW; xx++) {                                                    \
+                    int m = LOWEST;                                                                      \
+                    for (int64_t i = 0; i < KH; i++) {                                                   \
+                        const int64_t iy = y * sh - pt + i * dh;                                         \
+                        if (iy < 0 || iy >= H)                                                           \
+                            continue;                                                                    \
+                        for (int64_t j = 0; j < KW; j++) {                                               \
+                            const int64_t ix = xx * sw - pl + j * dw;                                    \
+                            if (ix >= 0 && ix < W && src[iy * W + ix] > m)                               \
+                                m = src[iy * W + ix];                                                    \
+                        }                                                                                \
+                    }                                                                                    \
+                    dst[y * OW + xx] = (T)m;                                                             \
+                }                                                                                        \
+        }                                                                                                \
     }
-}
+
+TDC_MAXPOOL2D_INT(tdc_maxpool2d_i8, int8_t, INT8_MIN)
+TDC_MAXPOOL2D_INT(tdc_maxpool2d_u8, uint8_t, 0)
