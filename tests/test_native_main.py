@@ -41,7 +41,8 @@ def header(name, *, training, embedded, inputs, outputs, weights, weights_bytes,
 #include <stdint.h>
 #ifndef TDC_TENSOR_INFO_DEFINED
 #define TDC_TENSOR_INFO_DEFINED
-enum {{ TDC_F32 = 0, TDC_F64 = 1, TDC_I8 = 2, TDC_I32 = 3, TDC_I64 = 4, TDC_BOOL = 5 }};
+enum {{ TDC_F32 = 0, TDC_F64 = 1, TDC_I8 = 2, TDC_I32 = 3, TDC_I64 = 4, TDC_BOOL = 5,
+       TDC_U8 = 6, TDC_I16 = 7, TDC_U16 = 8, TDC_U32 = 9, TDC_U64 = 10 }};
 typedef struct {{ const char *name; int32_t dtype; int32_t rank; int64_t shape[8]; int64_t nbytes; int64_t offset; }} tdc_tensor_info;
 #endif
 #define TDC_MODEL "{name}"
@@ -375,7 +376,7 @@ def _input_errors(d):
     j = lambda name: os.path.join(d, name)  # noqa: E731
     np.save(j("f64.npy"), good.astype(np.float64))
     np.save(j("shape.npy"), good.reshape(4, 2))
-    np.save(j("u2.npy"), good.astype(np.uint16))
+    np.save(j("c8.npy"), good.astype(np.complex64))
     np.save(j("fortran.npy"), np.asfortranarray(good))
     np.save(j("good.npy"), good)
     raw = open(j("good.npy"), "rb").read()
@@ -387,7 +388,7 @@ def _input_errors(d):
     return [
         (j("f64.npy"), ["input 'x'", "expected f32[2,4]", "got f64[2,4]"]),
         (j("shape.npy"), ["input 'x'", "expected f32[2,4]", "got f32[4,2]"]),
-        (j("u2.npy"), ["input 'x'", "unsupported dtype '<u2'"]),
+        (j("c8.npy"), ["input 'x'", "unsupported dtype '<c8'"]),
         (_npy(j("be.npy"), ">f4", (2, 4), good.astype(">f4").tobytes()), ["unsupported dtype '>f4'"]),
         (j("fortran.npy"), ["Fortran"]),
         (j("truncated.npy"), ["truncated"]),

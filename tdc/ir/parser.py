@@ -18,7 +18,7 @@ from ..errors import IRParseError, ShapeError, TdcError
 from .graph import ARG_KINDS, Graph, Value
 from .opdef import get_op
 from .printer import is_numbered
-from .types import DTYPES, TensorType
+from .types import DTYPES, TensorType, is_int
 
 _STRING = r'"(?:[^"\\\n]|\\.)*"'
 _TOKEN_RE = re.compile(rf"""
@@ -368,7 +368,7 @@ class _Parser:
                 return isinstance(x, bool)
             if isinstance(x, bool) or not isinstance(x, (int, float)):
                 return False
-            if t.dtype in ("i8", "i32", "i64"):
+            if is_int(t.dtype):
                 info = np.iinfo(t.np_dtype)
                 return isinstance(x, int) and info.min <= x <= info.max
             return True

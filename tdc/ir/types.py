@@ -7,19 +7,26 @@ import numpy as np
 
 from ..errors import TdcError
 
-# IR name -> numpy dtype. The order is the promotion order used by `result_dtype`.
+# IR name -> numpy dtype. Binary ops require equal dtypes (there is no implicit promotion).
 DTYPES = {
     "bool": np.dtype(np.bool_),
     "i8": np.dtype(np.int8),
+    "u8": np.dtype(np.uint8),
+    "i16": np.dtype(np.int16),
+    "u16": np.dtype(np.uint16),
     "i32": np.dtype(np.int32),
+    "u32": np.dtype(np.uint32),
     "i64": np.dtype(np.int64),
+    "u64": np.dtype(np.uint64),
     "f16": np.dtype(np.float16),
     "f32": np.dtype(np.float32),
     "f64": np.dtype(np.float64),
 }
 _BY_NUMPY = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = ("f16", "f32", "f64")
-INT_DTYPES = ("i8", "i32", "i64")
+SIGNED_DTYPES = ("i8", "i16", "i32", "i64")
+UNSIGNED_DTYPES = ("u8", "u16", "u32", "u64")
+INT_DTYPES = ("i8", "u8", "i16", "u16", "i32", "u32", "i64", "u64")
 
 
 def dtype_name(dt) -> str:
@@ -38,6 +45,10 @@ def is_float(dtype: str) -> bool:
 
 def is_int(dtype: str) -> bool:
     return dtype in INT_DTYPES
+
+
+def is_unsigned(dtype: str) -> bool:
+    return dtype in UNSIGNED_DTYPES
 
 
 @dataclass(frozen=True)

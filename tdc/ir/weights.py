@@ -43,11 +43,15 @@ ALIGN = 64
 MAX_RANK = 8  # the generated header's tdc_tensor_info holds at most 8 dims
 HEADER = struct.Struct("<8sQQQ")
 
-DTYPE_CODES = {"f32": 0, "f64": 1, "i8": 2, "i32": 3, "i64": 4, "bool": 5}
+# Codes are part of the file format and the generated header: new dtypes take new codes.
+DTYPE_CODES = {"f32": 0, "f64": 1, "i8": 2, "i32": 3, "i64": 4, "bool": 5,
+               "u8": 6, "i16": 7, "u16": 8, "u32": 9, "u64": 10}
 CODE_DTYPES = {code: name for name, code in DTYPE_CODES.items()}
 NUMPY_DTYPES = {
     "f32": np.dtype("<f4"), "f64": np.dtype("<f8"), "i8": np.dtype("i1"),
     "i32": np.dtype("<i4"), "i64": np.dtype("<i8"), "bool": np.dtype("?"),
+    "u8": np.dtype("u1"), "i16": np.dtype("<i2"), "u16": np.dtype("<u2"), "u32": np.dtype("<u4"),
+    "u64": np.dtype("<u8"),
 }
 _BY_NUMPY = {dt.newbyteorder("="): name for name, dt in NUMPY_DTYPES.items()}
 

@@ -32,7 +32,9 @@ except ImportError as e:   # a declared extra: pip install 'tdc[onnx]'
     raise TdcError("ONNX support needs the onnx package: pip install 'tdc[onnx]'") from e
 
 DTYPES = {TensorProto.FLOAT: "f32", TensorProto.DOUBLE: "f64", TensorProto.FLOAT16: "f16",
-          TensorProto.INT8: "i8", TensorProto.INT32: "i32", TensorProto.INT64: "i64", TensorProto.BOOL: "bool"}
+          TensorProto.INT8: "i8", TensorProto.INT32: "i32", TensorProto.INT64: "i64", TensorProto.BOOL: "bool",
+          TensorProto.UINT8: "u8", TensorProto.INT16: "i16", TensorProto.UINT16: "u16", TensorProto.UINT32: "u32",
+          TensorProto.UINT64: "u64"}
 
 # Inputs that tdc needs at import time (they become shapes or attributes). Graph inputs feeding
 # them can be fixed with load(..., constants={name: array}).
@@ -99,7 +101,7 @@ def dtype_of(elem_type: int, what: str) -> str:
     if elem_type not in DTYPES:
         name = TensorProto.DataType.Name(elem_type) if elem_type in TensorProto.DataType.values() else elem_type
         raise TdcError(f"{what}: ONNX dtype {name} is not supported "
-                       "(tdc has float32, float64, float16, int8, int32, int64 and bool)")
+                       "(tdc has " + ", ".join(TensorProto.DataType.Name(k).lower() for k in DTYPES) + ")")
     return DTYPES[elem_type]
 
 

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from ..errors import ShapeError
+from ..ir.types import DTYPES, is_unsigned
 from .tensor import Builder, Tensor, user_location
 
 
@@ -372,11 +373,13 @@ def max(x, axes=None, keepdims: bool = False): return apply("reduce_max", x, axe
 
 
 def min(x, axes=None, keepdims: bool = False):
-    """The min over axes, as a max: -max(-x) for floats, and -1 - max(-1 - x) for integers, which
-    cannot overflow where -x would (the most negative value)."""
+    """The min over axes, as a max: -max(-x) for floats, and c - max(c - x) for integers with c
+    = -1 (signed) or the largest value (unsigned): c - x is the bitwise complement, which never
+    overflows where -x would (the most negative signed value, any nonzero unsigned one)."""
     if x.dtype in ("f16", "f32", "f64"):
         return -max(-x, axes, keepdims)
-    return constant(-1, x.dtype) - max(constant(-1, x.dtype) - x, axes, keepdims)
+    c = constant(np.iinfo(DTYPES[x.dtype]).max if is_unsigned(x.dtype) else -1, x.dtype)
+    return c - max(c - x, axes, keepdims)
 
 
 def argmax(x, axis: int = 0, keepdims: bool = True, select_last_index: bool = False):

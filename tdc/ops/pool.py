@@ -31,7 +31,7 @@ def _window_attrs(dilation: bool, **extra) -> dict:
 def _check_input(x: TensorType, what="input", int8: bool = False):
     if x.rank != 4:
         fail(f"the {what} must be NCHW (rank 4), got shape {list(x.shape)}")
-    if not (int8 and x.dtype == "i8"):
+    if not (int8 and x.dtype in ("i8", "u8")):
         need_float(x, f"the {what}")
 
 
@@ -66,7 +66,8 @@ MAX_ATTRS = _window_attrs(dilation=True)
 
 
 def _maxpool_infer(ins, kernel, stride, pad, dilation, ceil_mode):
-    # i8 too: max commutes with an affine quantization (scale > 0), so int8 graphs pool their codes
+    # i8 too: max commutes with an affine quantization (scale > 0), so int8 graphs pool their codes;
+    # and u8, the dtype images come in (ONNX MaxPool takes uint8)
     _check_input(ins[0], int8=True)
     return ins[0].with_shape(_pool_out(ins[0].shape, kernel, stride, pad, dilation, ceil_mode, True))
 

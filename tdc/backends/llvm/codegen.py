@@ -124,11 +124,13 @@ class ModuleBuilder:
                 why = "needs MPI" if n.opdef.family == "comm" else \
                     f"has no LLVM lowering for {', '.join(sorted({str(v.type.dtype) for v in n.inputs + n.outputs}))}"
                 raise TdcError(f"llvm backend: {n.op} {why}{' at ' + n.loc if n.loc else ''}")
-            if isinstance(step, Library):
-                dt = _library_dtype(step.node)
-                if dt not in LIBRARY_DTYPES and step.node.op != "gather" and not Q.supports(step.node):
-                    raise TdcError(f"llvm backend: {step.node.op} on {dt} is not supported (only f32 and f64)"
-                                   f"{' at ' + step.node.loc if step.node.loc else ''}")
+            # a loop's anchor (a matmul with its fused epilogue) calls the same library kernels
+            lib = step.node if isinstance(step, Library) else getattr(step, "anchor", None)
+            if lib is not None:
+                dt = _library_dtype(lib)
+                if dt not in LIBRARY_DTYPES and lib.op != "gather" and not Q.supports(lib):
+                    raise TdcError(f"llvm backend: {lib.op} on {dt} is not supported (only f32 and f64)"
+                                   f"{' at ' + lib.loc if lib.loc else ''}")
 
     # ---- where each value lives ----------------------------------------------------------
     def _place_values(self):
@@ -548,7 +550,7 @@ def emit_loop_nest(b: ir.IRBuilder, lk: LoopKernel, ptrs: dict):
         acc = b.load(acc_slot, typ=REG[r.acc_dtype])
         out_dt = ptrs[r.operand.var][1]
         if r.kind == "mean":
-            accf = acc if S.is_float(r.acc_dtype) else b.sitofp(acc, F64)
+            accf = acc if S.is_float(r.acc_dtype) else S.convert(b, acc, r.acc_dtype, "f64")
             acc = b.fmul(accf, const("f64" if not S.is_float(r.acc_dtype) else r.acc_dtype, r.scale))
             S.store(b, S.convert(b, acc, "f64" if not S.is_float(r.acc_dtype) else r.acc_dtype, out_dt),
                     address(r.operand), out_dt)

@@ -1,4 +1,4 @@
-"""How the int8 ops (tdc/ops/quant.py) and maxpool2d on i8 call the C runtime (runtime/quant.c).
+"""How the int8 ops (tdc/ops/quant.py) and maxpool2d on i8 and u8 call the C runtime (runtime/quant.c).
 
 Arguments follow `codegen.library_call`'s kinds. qlinear weights that are literals (`constant`
 nodes) are packed here, at compile time, into the layout quant.c's GEMM reads; weights given
@@ -20,7 +20,8 @@ QV = 16   # output channels per packed block (quant.c's QV)
 
 
 def supports(node: Node) -> bool:
-    return INT8_LIBRARY.get(node.op) == node.inputs[0].type.dtype
+    dt = node.inputs[0].type.dtype
+    return INT8_LIBRARY.get(node.op) == dt or (node.op == "maxpool2d" and dt == "u8")
 
 
 def pack_weights(w: np.ndarray) -> np.ndarray:
@@ -75,7 +76,7 @@ def quant_call(node: Node, window) -> tuple[str, list]:
             grid = [("i64", x.size), ("i64", inner), ("i64", nc), *I[n_data:]]
         return f"tdc_{op}_f32", [*I[:n_data], ("out", 0), *grid, ("i64", a["qmin"]), ("i64", a["qmax"])]
     if op == "maxpool2d":
-        return "tdc_maxpool2d_i8", [I[0], ("out", 0), *[("i64", x) for x in window(node, ins[0], node.outputs[0].type.shape)]]
+        return f"tdc_maxpool2d_{node.inputs[0].type.dtype}", [I[0], ("out", 0), *[("i64", x) for x in window(node, ins[0], node.outputs[0].type.shape)]]
     tail = [("i64", a["x_zero"]), ("i64", a["y_zero"]), ("i64", int(a["relu"])), ("i64", int(a["out"] == "f32"))]
     if op == "qlinear":
         n_out, k = ins[1]

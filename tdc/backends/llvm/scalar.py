@@ -3,17 +3,20 @@
 Values are computed in the op's output dtype (bool as i1 in registers, i8 in memory), with
 the same semantics as the reference: NaN wins in maximum/minimum, integer division truncates
 toward zero (and gives 0 for a zero divisor instead of trapping), casts truncate toward zero.
+LLVM's integers are signless: the dtype says whether a division, comparison, widening or
+int/float conversion is the signed or the unsigned instruction.
 """
 from __future__ import annotations
 
 from llvmlite import ir
 
 from ...errors import TdcError
-from ...ir.types import TensorType
+from ...ir.types import TensorType, is_unsigned
 
-I1, I8, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
+I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F16, F32, F64 = ir.HalfType(), ir.FloatType(), ir.DoubleType()
-REG = {"f16": F16, "f32": F32, "f64": F64, "i8": I8, "i32": I32, "i64": I64, "bool": I1}
+REG = {"f16": F16, "f32": F32, "f64": F64, "i8": I8, "i16": I16, "i32": I32, "i64": I64,
+       "u8": I8, "u16": I16, "u32": I32, "u64": I64, "bool": I1}
 MEM = {**REG, "bool": I8}       # numpy stores a bool in one byte
 
 
@@ -22,6 +25,11 @@ FLOAT_BITS = {"f16": 16, "f32": 32, "f64": 64}
 
 def is_float(dtype: str) -> bool:
     return dtype in FLOAT_BITS
+
+
+def icmp(b: ir.IRBuilder, dtype: str, op: str, x, y):
+    """An integer comparison, unsigned for bool and the u* dtypes."""
+    return (b.icmp_unsigned if dtype == "bool" or is_unsigned(dtype) else b.icmp_signed)(op, x, y)
 
 
 def const(dtype: str, value) -> ir.Constant:
@@ -67,10 +75,14 @@ def convert(b: ir.IRBuilder, v, src: str, dst: str):
     if is_float(src) and is_float(dst):
         return b.fpext(v, REG[dst]) if FLOAT_BITS[dst] > FLOAT_BITS[src] else b.fptrunc(v, REG[dst])
     if is_float(src):
-        return b.fptosi(v, REG[dst])
+        return (b.fptoui if is_unsigned(dst) else b.fptosi)(v, REG[dst])
     if is_float(dst):
-        return b.sitofp(v, REG[dst])
-    return b.sext(v, REG[dst]) if REG[dst].width > REG[src].width else b.trunc(v, REG[dst])
+        return (b.uitofp if is_unsigned(src) else b.sitofp)(v, REG[dst])
+    if REG[dst].width == REG[src].width:
+        return v            # i32 <-> u32: the same bits
+    if REG[dst].width < REG[src].width:
+        return b.trunc(v, REG[dst])
+    return (b.zext if is_unsigned(src) else b.sext)(v, REG[dst])
 
 
 def _isnan(b, x):
@@ -80,7 +92,7 @@ def _isnan(b, x):
 def fmax(b, x, y, dtype, smaller=False):
     """numpy maximum / minimum: NaN wins."""
     if not is_float(dtype):
-        return b.select(b.icmp_signed("<=" if smaller else ">=", x, y), x, y)
+        return b.select(icmp(b, dtype, "<=" if smaller else ">=", x, y), x, y)
     pick = b.select(b.fcmp_ordered("<=" if smaller else ">=", x, y), x, y)
     return b.select(_isnan(b, x), x, b.select(_isnan(b, y), y, pick))
 
@@ -98,9 +110,7 @@ def emit(b: ir.IRBuilder, op: str, args: list, in_types: list[TensorType], out: 
         t = in_types[0].dtype
         if is_float(t):
             return (b.fcmp_unordered if op == "not_equal" else b.fcmp_ordered)(_CMP[op], args[0], args[1])
-        if t == "bool":
-            return b.icmp_unsigned(_CMP[op], args[0], args[1])
-        return b.icmp_signed(_CMP[op], args[0], args[1])
+        return icmp(b, t, _CMP[op], args[0], args[1])
     if op == "where":
         return b.select(args[0], args[1], args[2])
     if op in ("broadcast_to",):
@@ -122,6 +132,8 @@ def emit(b: ir.IRBuilder, op: str, args: list, in_types: list[TensorType], out: 
         zero, one = const(dt, 0), const(dt, 1)
         y = args[1]
         bad = b.icmp_signed("==", y, zero)
+        if is_unsigned(dt):
+            return b.select(bad, zero, b.udiv(x, b.select(bad, one, y)))
         minus_one = b.icmp_signed("==", y, const(dt, -1))
         safe = b.select(b.or_(bad, minus_one), one, y)          # no trap on /0 or MIN / -1
         q = b.sdiv(x, safe)
@@ -130,8 +142,8 @@ def emit(b: ir.IRBuilder, op: str, args: list, in_types: list[TensorType], out: 
     if op == "pow":
         if fl:
             return b.call(intrinsic(m, "pow", dt, 2), args)
-        xd, yd = b.sitofp(args[0], F64), b.sitofp(args[1], F64)
-        return b.fptosi(b.call(intrinsic(m, "pow", "f64", 2), [xd, yd]), REG[dt])
+        xd, yd = convert(b, args[0], dt, "f64"), convert(b, args[1], dt, "f64")
+        return convert(b, b.call(intrinsic(m, "pow", "f64", 2), [xd, yd]), "f64", dt)
     if op in ("maximum", "minimum"):
         return fmax(b, args[0], args[1], dt, smaller=(op == "minimum"))
     if op == "neg":
@@ -139,13 +151,13 @@ def emit(b: ir.IRBuilder, op: str, args: list, in_types: list[TensorType], out: 
     if op == "abs":
         if fl:
             return b.call(intrinsic(m, "fabs", dt), [x])
-        return b.select(b.icmp_signed("<", x, const(dt, 0)), b.neg(x), x)
+        return x if is_unsigned(dt) else b.select(b.icmp_signed("<", x, const(dt, 0)), b.neg(x), x)
     if op == "sign":
         zero = const(dt, 0)
         if fl:
             pos, negv = b.fcmp_ordered(">", x, zero), b.fcmp_ordered("<", x, zero)
         else:
-            pos, negv = b.icmp_signed(">", x, zero), b.icmp_signed("<", x, zero)
+            pos, negv = icmp(b, dt, ">", x, zero), icmp(b, dt, "<", x, zero)
         return b.select(pos, const(dt, 1), b.select(negv, const(dt, -1), x if fl else zero))
     if op in ("exp", "log", "sqrt", "tanh", "erf"):
         return b.call(intrinsic(m, op, dt), [x])
@@ -153,7 +165,7 @@ def emit(b: ir.IRBuilder, op: str, args: list, in_types: list[TensorType], out: 
         return b.fdiv(const(dt, 1), b.call(intrinsic(m, "sqrt", dt), [x]))
     if op == "relu":
         if not fl:
-            return b.select(b.icmp_signed(">", x, const(dt, 0)), x, const(dt, 0))
+            return b.select(icmp(b, dt, ">", x, const(dt, 0)), x, const(dt, 0))
         keep = b.or_(b.fcmp_ordered(">", x, const(dt, 0)), _isnan(b, x))
         return b.select(keep, x, const(dt, 0))
     if op == "leaky_relu":

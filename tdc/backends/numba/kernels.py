@@ -47,11 +47,25 @@ def sigmoid(x):
 
 @njit(cache=True, inline="always")
 def idiv(a, b):
-    # C semantics: truncate toward zero (numpy's reference does the same for tdc)
+    # C semantics: truncate toward zero (numpy's reference does the same for tdc); x / 0 is 0 and
+    # MIN / -1 wraps to MIN, as in the reference, where Numba would raise or the CPU trap
+    if b == 0:
+        return a - a
+    if b == -1:
+        return -a
     q = a // b
     if q < 0 and q * b != a:
         q += 1
     return q
+
+
+@njit(cache=True, inline="always")
+def udiv(a, b):
+    # its own kernel: idiv's `q += 1` would type q as float64 for uint64 (Numba's int64 + uint64),
+    # rounding quotients above 2**53; floor and truncation agree on unsigned values
+    if b == 0:
+        return a - a    # not the literal 0: int64 and uint64 unify to float64
+    return a // b
 
 
 # ---- matrix products ----------------------------------------------------------------
@@ -80,6 +94,24 @@ def matmul_batched(a3, b3, out3, ia, ib):
     """out3[i] = a3[ia[i]] @ b3[ib[i]]: batch dims flattened, broadcasting via index maps."""
     for i in range(out3.shape[0]):
         np.dot(a3[ia[i]], b3[ib[i]], out3[i])
+
+
+@njit(cache=True)
+def int_matmul2d(a, b, out):
+    """matmul on integers (Numba's np.dot takes floats only): sums wrap in the output dtype, as
+    numpy's integer matmul does."""
+    out[...] = 0
+    for i in range(a.shape[0]):
+        for p in range(a.shape[1]):
+            x = a[i, p]
+            for j in range(b.shape[1]):
+                out[i, j] += x * b[p, j]
+
+
+@njit(cache=True)
+def int_matmul_batched(a3, b3, out3, ia, ib):
+    for i in range(out3.shape[0]):
+        int_matmul2d(a3[ia[i]], b3[ib[i]], out3[i])
 
 
 # ---- sparse products (pruned layers) ----------------------------------------------------

@@ -14,8 +14,9 @@ PARALLEL_MIN = 1 << 15
 
 # ---- scalar expressions ------------------------------------------------------------
 
-NUMBA_TYPES = {"f32": "np.float32", "f64": "np.float64", "i8": "np.int8", "i32": "np.int32",
-               "i64": "np.int64", "bool": "np.bool_"}
+NUMBA_TYPES = {"f32": "np.float32", "f64": "np.float64", "i8": "np.int8", "i16": "np.int16", "i32": "np.int32",
+               "i64": "np.int64", "u8": "np.uint8", "u16": "np.uint16", "u32": "np.uint32", "u64": "np.uint64",
+               "bool": "np.bool_"}
 
 
 def literal(value, dtype: str) -> str:
@@ -44,7 +45,7 @@ def scalar_expr(op: str, args: list[str], in_types: list[TensorType], out: Tenso
               "exp": "np.exp({0})", "log": "np.log({0})", "sqrt": "np.sqrt({0})", "relu": "K.relu({0})",
               "sigmoid": "K.sigmoid({0})", "tanh": "np.tanh({0})", "erf": "math.erf({0})", "broadcast_to": "{0}"}
     if op == "div":
-        expr = "K.idiv({0}, {1})" if dt.startswith("i") else "({0} / {1})"
+        expr = "K.idiv({0}, {1})" if dt.startswith("i") else ("K.udiv({0}, {1})" if dt.startswith("u") else "({0} / {1})")
     elif op == "rsqrt":
         expr = f"({literal(1, dt)} / np.sqrt({{0}}))"
     elif op == "leaky_relu":

@@ -128,6 +128,8 @@ typedef struct {
 static const dtype_desc DTYPES[] = {
     [TDC_F32] = {"f32", "<f4", 4}, [TDC_F64] = {"f64", "<f8", 8}, [TDC_I8] = {"i8", "|i1", 1},
     [TDC_I32] = {"i32", "<i4", 4}, [TDC_I64] = {"i64", "<i8", 8}, [TDC_BOOL] = {"bool", "|b1", 1},
+    [TDC_U8] = {"u8", "|u1", 1},   [TDC_I16] = {"i16", "<i2", 2}, [TDC_U16] = {"u16", "<u2", 2},
+    [TDC_U32] = {"u32", "<u4", 4}, [TDC_U64] = {"u64", "<u8", 8},
 };
 #define NUM_DTYPES ((int)(sizeof DTYPES / sizeof DTYPES[0]))
 
@@ -358,7 +360,9 @@ static int parse_shape(cursor *c, npy_file *a) {
 
 static int descr_dtype(const char *d) {
     static const char *const codes[] = {[TDC_F32] = "f4", [TDC_F64] = "f8", [TDC_I8] = "i1",
-                                        [TDC_I32] = "i4", [TDC_I64] = "i8", [TDC_BOOL] = "b1"};
+                                        [TDC_I32] = "i4", [TDC_I64] = "i8", [TDC_BOOL] = "b1",
+                                        [TDC_U8] = "u1",  [TDC_I16] = "i2", [TDC_U16] = "u2",
+                                        [TDC_U32] = "u4", [TDC_U64] = "u8"};
     char order = d[0];
     if (order != '<' && order != '|' && order != '=' && order != '>') return -1;
     for (int i = 0; i < NUM_DTYPES; i++) {
@@ -538,11 +542,27 @@ static int parse_literal(const char *s, int dtype, void *out) {
     }
     if (dtype == TDC_BOOL) return -1;
     errno = 0;
+    if (dtype == TDC_U8 || dtype == TDC_U16 || dtype == TDC_U32 || dtype == TDC_U64) {
+        /* strtoull takes "-1" as ULLONG_MAX: a sign is refused before it can wrap */
+        if (strchr(s, '-')) return -1;
+        unsigned long long u = strtoull(s, &end, 10);
+        if (*end || errno == ERANGE) return -1;
+        if ((dtype == TDC_U8 && u > UINT8_MAX) || (dtype == TDC_U16 && u > UINT16_MAX) ||
+            (dtype == TDC_U32 && u > UINT32_MAX))
+            return -1;
+        if (dtype == TDC_U8) *(uint8_t *)out = (uint8_t)u;
+        else if (dtype == TDC_U16) *(uint16_t *)out = (uint16_t)u;
+        else if (dtype == TDC_U32) *(uint32_t *)out = (uint32_t)u;
+        else *(uint64_t *)out = (uint64_t)u;
+        return 1;
+    }
     long long v = strtoll(s, &end, 10);
     if (*end || errno == ERANGE) return -1;
     if (dtype == TDC_I8 && (v < INT8_MIN || v > INT8_MAX)) return -1;
+    if (dtype == TDC_I16 && (v < INT16_MIN || v > INT16_MAX)) return -1;
     if (dtype == TDC_I32 && (v < INT32_MIN || v > INT32_MAX)) return -1;
     if (dtype == TDC_I8) *(int8_t *)out = (int8_t)v;
+    else if (dtype == TDC_I16) *(int16_t *)out = (int16_t)v;
     else if (dtype == TDC_I32) *(int32_t *)out = (int32_t)v;
     else *(int64_t *)out = (int64_t)v;
     return 1;
@@ -730,12 +750,18 @@ static double elem(const void *p, int dtype, int64_t i) {
     case TDC_I8: return ((const int8_t *)p)[i];
     case TDC_I32: return ((const int32_t *)p)[i];
     case TDC_I64: return (double)((const int64_t *)p)[i];
+    case TDC_U8: return ((const uint8_t *)p)[i];
+    case TDC_I16: return ((const int16_t *)p)[i];
+    case TDC_U16: return ((const uint16_t *)p)[i];
+    case TDC_U32: return ((const uint32_t *)p)[i];
+    case TDC_U64: return (double)((const uint64_t *)p)[i];
     default: return ((const unsigned char *)p)[i] != 0;
     }
 }
 
 static void print_elem(const void *p, int dtype, int64_t i) {
     if (dtype == TDC_I64) printf("%lld", (long long)((const int64_t *)p)[i]);
+    else if (dtype == TDC_U64) printf("%llu", (unsigned long long)((const uint64_t *)p)[i]);
     else if (dtype == TDC_BOOL) printf("%s", ((const unsigned char *)p)[i] ? "true" : "false");
     else if (dtype == TDC_F32 || dtype == TDC_F64) printf("%.6g", elem(p, dtype, i));
     else printf("%.0f", elem(p, dtype, i));

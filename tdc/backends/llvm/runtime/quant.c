@@ -516,60 +516,64 @@ void tdc_fake_quant_grad_f32(const float *g, const float *x, float *dx, int64_t 
     }
 }
 
-/* ---- maxpool2d on i8 codes (max commutes with the affine map) ---------------------------------- */
+/* ---- maxpool2d on i8 codes (max commutes with the affine map) and u8 images ------------------ */
 
 typedef struct {
-    const int8_t *x;
-    int8_t *out;
+    const void *x;
+    void *out;
     int64_t H, W, OH, OW, KH, KW, sh, sw, pt, pl, dh, dw;
-} maxpool_i8_job;
+} maxpool_int_job;
 
 /* Planes [p0, p1) (image-channel pairs). Windows that tile the input without padding (2x2 stride 2,
  * LeNet's and VGG's) take a branch-free loop gcc vectorises; the general loop clips each window
  * to the input, and was 7 ns per output at LeNet-5's sizes, a third of its whole int8 forward. */
-static void maxpool_i8_planes(void *ctx, int64_t p0, int64_t p1)
-{
-    const maxpool_i8_job *j = ctx;
-    const int64_t H = j->H, W = j->W, OH = j->OH, OW = j->OW;
-    const int tiled2 = j->KH == 2 && j->KW == 2 && j->sh == 2 && j->sw == 2 && j->pt == 0 && j->pl == 0
-                       && j->dh == 1 && j->dw == 1 && 2 * OH <= H && 2 * OW <= W;
-    for (int64_t nc = p0; nc < p1; nc++) {
-        const int8_t *src = j->x + nc * H * W;
-        int8_t *dst = j->out + nc * OH * OW;
-        if (tiled2) {
-            for (int64_t y = 0; y < OH; y++) {
-                const int8_t *r0 = src + 2 * y * W, *r1 = r0 + W;
-                int8_t *o = dst + y * OW;
-                for (int64_t xx = 0; xx < OW; xx++) {
-                    const int8_t a = r0[2 * xx] > r0[2 * xx + 1] ? r0[2 * xx] : r0[2 * xx + 1];
-                    const int8_t b = r1[2 * xx] > r1[2 * xx + 1] ? r1[2 * xx] : r1[2 * xx + 1];
-                    o[xx] = a > b ? a : b;
-                }
-            }
-            continue;
-        }
-        for (int64_t y = 0; y < OH; y++) {
-            int64_t i0, i1;
-            valid_range(y * j->sh - j->pt, j->dh, H, j->KH, &i0, &i1);
-            for (int64_t xx = 0; xx < OW; xx++) {
-                int64_t k0, k1;
-                valid_range(xx * j->sw - j->pl, j->dw, W, j->KW, &k0, &k1);
-                int m = -128;
-                for (int64_t i = i0; i < i1; i++) {
-                    const int8_t *row = src + (y * j->sh - j->pt + i * j->dh) * W + xx * j->sw - j->pl;
-                    for (int64_t k = k0; k < k1; k++)
-                        m = row[k * j->dw] > m ? row[k * j->dw] : m;
-                }
-                dst[y * OW + xx] = (int8_t)m;
-            }
-        }
-    }
+#define TDC_MAXPOOL2D_INT(SUFFIX, T, LOWEST)                                                             \
+static void maxpool_planes_##SUFFIX(void *ctx, int64_t p0, int64_t p1)                                    \
+{                                                                                                      \
+    const maxpool_int_job *j = ctx;                                                                    \
+    const int64_t H = j->H, W = j->W, OH = j->OH, OW = j->OW;                                          \
+    const int tiled2 = j->KH == 2 && j->KW == 2 && j->sh == 2 && j->sw == 2 && j->pt == 0 && j->pl == 0  \
+                       && j->dh == 1 && j->dw == 1 && 2 * OH <= H && 2 * OW <= W;                       \
+    for (int64_t nc = p0; nc < p1; nc++) {                                                             \
+        const T *src = (const T *)j->x + nc * H * W;                                                   \
+        T *dst = (T *)j->out + nc * OH * OW;                                                           \
+        if (tiled2) {                                                                                  \
+            for (int64_t y = 0; y < OH; y++) {                                                         \
+                const T *r0 = src + 2 * y * W, *r1 = r0 + W;                                           \
+                T *o = dst + y * OW;                                                                   \
+                for (int64_t xx = 0; xx < OW; xx++) {                                                  \
+                    const T a = r0[2 * xx] > r0[2 * xx + 1] ? r0[2 * xx] : r0[2 * xx + 1];             \
+                    const T b = r1[2 * xx] > r1[2 * xx + 1] ? r1[2 * xx] : r1[2 * xx + 1];             \
+                    o[xx] = a > b ? a : b;                                                             \
+                }                                                                                      \
+            }                                                                                          \
+            continue;                                                                                  \
+        }                                                                                              \
+        for (int64_t y = 0; y < OH; y++) {                                                             \
+            int64_t i0, i1;                                                                            \
+            valid_range(y * j->sh - j->pt, j->dh, H, j->KH, &i0, &i1);                                 \
+            for (int64_t xx = 0; xx < OW; xx++) {                                                      \
+                int64_t k0, k1;                                                                        \
+                valid_range(xx * j->sw - j->pl, j->dw, W, j->KW, &k0, &k1);                            \
+                int m = LOWEST;                                                                        \
+                for (int64_t i = i0; i < i1; i++) {                                                    \
+                    const T *row = src + (y * j->sh - j->pt + i * j->dh) * W + xx * j->sw - j->pl;     \
+                    for (int64_t k = k0; k < k1; k++)                                                  \
+                        m = row[k * j->dw] > m ? row[k * j->dw] : m;                                   \
+                }                                                                                      \
+                dst[y * OW + xx] = (T)m;                                                               \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+}                                                                                                      \
+                                                                                                       \
+void tdc_maxpool2d_##SUFFIX(const T *x, T *out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH,   \
+                            int64_t OW, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t pt,      \
+                            int64_t pl, int64_t dh, int64_t dw)                                         \
+{                                                                                                      \
+    maxpool_int_job j = {x, out, H, W, OH, OW, KH, KW, sh, sw, pt, pl, dh, dw};                        \
+    tdcrt_parallel_for(N * C, 4.0 * N * C * OH * OW * KH * KW, maxpool_planes_##SUFFIX, &j);             \
 }
 
-void tdc_maxpool2d_i8(const int8_t *x, int8_t *out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH,
-                      int64_t OW, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
-                      int64_t dh, int64_t dw)
-{
-    maxpool_i8_job j = {x, out, H, W, OH, OW, KH, KW, sh, sw, pt, pl, dh, dw};
-    tdcrt_parallel_for(N * C, 4.0 * N * C * OH * OW * KH * KW, maxpool_i8_planes, &j);
-}
+TDC_MAXPOOL2D_INT(i8, int8_t, INT8_MIN)
+TDC_MAXPOOL2D_INT(u8, uint8_t, 0)
