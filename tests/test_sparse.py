@@ -207,12 +207,10 @@ def test_gradient_kernels_match_dense_products(backend, case):
     v, c, r = to_csr(w)
     gy, x = rng.standard_normal((m, n)).astype(np.float32), rng.standard_normal((m, k)).astype(np.float32)
     eps = 8 * np.finfo(np.float32).eps
-    dx = tdc.compile(_grad_graph("sparse_linear_grad_input", m, k, n, len(v)), backend=backend,
-                     params={"v": v, "c": c, "r": r})(a=gy)["y"]
+    dx = _run_kernel(backend, _grad_graph("sparse_linear_grad_input", m, k, n, len(v)).nodes[0], [gy, v, c, r])
     want = gy.astype(np.float64) @ w.astype(np.float64)
     assert np.all(np.abs(dx - want) <= eps * (np.abs(gy) @ np.abs(w)) + 1e-30)
-    dv = tdc.compile(_grad_graph("sparse_linear_grad_values", m, k, n, len(v)), backend=backend,
-                     params={"c": c, "r": r})(a=x, g=gy)["y"]
+    dv = _run_kernel(backend, _grad_graph("sparse_linear_grad_values", m, k, n, len(v)).nodes[0], [x, gy, c, r])
     rows = np.repeat(np.arange(n), np.diff(r))
     full = gy.astype(np.float64).T @ x.astype(np.float64)
     bound = eps * (np.abs(gy).T @ np.abs(x))[rows, c] + 1e-30
@@ -236,8 +234,9 @@ def test_sparse_linear_gradients_match_finite_differences():
     assert set(errors) == {"x", "v", "b"} and max(errors.values()) < 1e-6, errors
 
 
-@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
-def test_sparse_training_matches_masked_dense_training(optimizer):
+@pytest.mark.parametrize("optimizer,backends", [("momentum", ("reference", "llvm")),
+                                                ("adam", ("reference", "numba", "llvm"))])   # one numba step: cold, 20 s
+def test_sparse_training_matches_masked_dense_training(optimizer, backends):
     """Ten steps of the MLP pruned to 90%, trained as CSR (values the param) on every backend,
     against the dense step with the prune pass's masks on the reference: the same weights within
     float32 rounding, and every pruned weight still exactly zero."""
@@ -260,7 +259,7 @@ def test_sparse_training_matches_masked_dense_training(optimizer):
 
     masks = {k + ".mask": (p[k] != 0).astype(np.float32) for k in ("fc1.weight", "fc2.weight", "fc3.weight")}
     want = run(masked, "reference", {**p, **masks})
-    for backend in ("reference", "numba", "llvm"):
+    for backend in backends:
         got = dense_params(step, run(step, backend, sp))
         for k in ("fc1.weight", "fc2.weight", "fc3.weight", "fc1.bias"):
             np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=f"{backend} {k}")
@@ -480,12 +479,28 @@ def _sparse_conv_graph(x_shape, co, kernel, nnz, geo, bias, dtype="f32"):
     return g
 
 
+def _run_kernel(backend, node, ins):
+    """The backend's kernel for library op `node` on `ins`, called directly (no graph compiled:
+    one kernel serves every shape, where a compiled graph is one module per shape)."""
+    if backend == "reference":
+        return node.opdef.ref(*ins, **node.attrs)
+    if backend == "llvm":
+        from tdc.backends.llvm.target import library_runner
+        _, (_, outs) = library_runner(node, ins)()
+        return outs[0]
+    from tdc.backends.numba.codegen import LIBRARY
+    outs = [np.full(v.type.shape, np.nan, v.type.np_dtype) for v in node.outputs]
+    fn, args = LIBRARY[node.op](node, ins, outs)
+    fn(*args)
+    return outs[0]
+
+
 @pytest.mark.parametrize("backend", ["reference", "numba", "llvm"])
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_sparse_conv2d_matches_dense_conv2d(backend, case, bias):
-    """The op (and its relu epilogue) on every backend against float64 dense conv2d, within a few
-    float32 ulps of the sum of |x||w| per output."""
+    """The op's kernel on every backend against float64 dense conv2d, within a few float32 ulps of
+    the sum of |x||w| per output (the fused relu epilogue: the graph tests below)."""
     from tdc.ir.opdef import get_op
     n, c, h, w, co, kh, kw, stride, pad, dil, groups, density = case
     rng = np.random.default_rng(abs(hash(case)) % 2**32)
@@ -495,17 +510,17 @@ def test_sparse_conv2d_matches_dense_conv2d(backend, case, bias):
     b = rng.standard_normal(co).astype(np.float32)
     geo = dict(stride=stride, pad=pad, dilation=dil, groups=groups)
     v, cc, r = to_csr(wm)
-    g = _sparse_conv_graph(x.shape, co, (kh, kw), len(v), geo, bias)
-    got = tdc.compile(g, backend=backend, params={"v": v, "c": cc, "r": r, **({"b": b} if bias else {})})(x=x)["y"]
+    node = _sparse_conv_graph(x.shape, co, (kh, kw), len(v), geo, bias).nodes[0]
+    got = _run_kernel(backend, node, [x, v, cc, r] + ([b] if bias else []))
     x64, w64 = x.astype(np.float64), wm.reshape(co, c // groups, kh, kw).astype(np.float64)
     conv = get_op("conv2d").ref
-    want = np.maximum(conv(x64, w64, *([b.astype(np.float64)] if bias else []), algo="auto", algo_note="", **geo), 0)
+    want = conv(x64, w64, *([b.astype(np.float64)] if bias else []), algo="auto", algo_note="", **geo)
     absum = conv(np.abs(x64), np.abs(w64), algo="auto", algo_note="", **geo) + (np.abs(b)[:, None, None] if bias else 0)
     assert got.dtype == np.float32 and got.shape == want.shape
     assert np.all(np.abs(got - want) <= 8 * np.finfo(np.float32).eps * absum + np.finfo(np.float32).tiny)
     if density == 0.0:
-        np.testing.assert_array_equal(got, np.broadcast_to(np.maximum(b if bias else np.zeros(co, np.float32), 0)[:, None, None],
-                                                         got.shape))
+        np.testing.assert_array_equal(got, np.broadcast_to((b if bias else np.zeros(co, np.float32))[:, None, None],
+                                                           got.shape))
 
 
 @pytest.mark.parametrize("backend", ["numba", "llvm"])
