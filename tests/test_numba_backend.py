@@ -71,8 +71,9 @@ def test_op_forward_and_backward_match_reference_f32(op, inputs, attrs):
     check_op_case(op, inputs, attrs, "f32", "numba")
 
 
-@pytest.mark.parametrize("model,batch,opt", [("mlp", 8, "adam"), ("lenet", 4, "momentum"), ("digits", 8, "sgd"),
-                                             ("vgg", 2, "sgd")])
+# VGG's step (batchnorm, 13 layers) trains on the LLVM backend's tests; on numba its cold compile
+# alone took a minute of the suite, and its ops are checked one by one above.
+@pytest.mark.parametrize("model,batch,opt", [("mlp", 8, "adam"), ("lenet", 4, "momentum"), ("digits", 8, "sgd")])
 def test_training_steps_match_reference(model, batch, opt):
     mod = __import__(model)
     # eps well above float32 noise in tiny gradients: Adam divides by |g| + eps
