@@ -2,6 +2,7 @@
 semantics, errors, and the CLI on .onnx files. onnx and onnxruntime are test dependencies (the
 onnx extra): these tests fail, not skip, without them."""
 import os
+import subprocess
 
 import numpy as np
 import onnx
@@ -20,6 +21,7 @@ from tdc.frontend.init import init_params
 from tdc.runtime.loader import load_model
 
 from helpers import lrn_loop
+from onnx_zoo import LIGHT, input_name, light_model, with_random_weights
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EX = os.path.join(ROOT, "examples")
@@ -414,7 +416,6 @@ def test_resize_before_opset_11_is_not_evaluated_at_import():
         tdc.onnx.load(model)
 
 
-LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 
 
 @pytest.mark.parametrize("name", ["densenet121", "inception_v2"])
@@ -425,32 +426,6 @@ def test_light_models_with_opset9_unsqueeze_import(name):
     m = tdc.onnx.load(proto)
     bns = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
     assert m.graph.op_counts()["batchnorm"] == bns > 10
-
-
-def with_random_weights(proto: onnx.ModelProto, seed=0) -> onnx.ModelProto:
-    """A light model with seeded random He-scale weights, and its logits as a second output. The light
-    models' weights are ConstantOfShape fills, all equal, which give every class the same score (and,
-    made at import, are constants of hundreds of MB for AlexNet, which the LLVM backend binds in its
-    weights buffer)."""
-    rng = np.random.default_rng(seed)
-    g = proto.graph
-    shapes = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    def is_fill(n):
-        return n.op_type == "ConstantOfShape" and n.input[0] in shapes
-    weights = []
-    for n in filter(is_fill, g.node):
-        shape = tuple(int(d) for d in shapes[n.input[0]])
-        fan_in = int(np.prod(shape[1:]))
-        w = rng.random(shape, np.float32) - np.float32(0.5)   # uniform: 5x faster to draw than normal
-        w *= np.float32(2 * np.sqrt(6.0 / fan_in) if len(shape) > 1 else 0.2)   # He's uniform bound; biases 0.1
-        weights.append(numpy_helper.from_array(w, n.output[0]))
-    nodes = [n for n in g.node if not is_fill(n)]
-    logits = next(n.input[0] for n in nodes if n.op_type == "Softmax")
-    used = {i for n in nodes for i in n.input}   # without the fills' shapes (old models list them as inputs too)
-    graph = helper.make_graph(nodes, g.name, [i for i in g.input if i.name in used],
-                              list(g.output) + [helper.make_tensor_value_info(logits, F, None)],
-                              [t for t in g.initializer if t.name in used] + weights)
-    return helper.make_model(graph, opset_imports=proto.opset_import, ir_version=proto.ir_version)
 
 
 @pytest.mark.parametrize("name", ["bvlc_alexnet", "inception_v1", "zfnet512"])
@@ -467,6 +442,35 @@ def test_light_models_with_lrn_match_onnxruntime(name):
         for k, y in want.items():   # probabilities and logits, within 1e-4 of their largest
             err = np.abs(got[k] - y).max() / np.abs(y).max()
             assert err < 1e-4, f"{name} on {backend}: {k} off by {err:.1e} (relative to its largest)"
+
+
+@pytest.mark.parametrize("name", ["densenet121", "inception_v2", "resnet50", "shufflenet", "squeezenet"])
+def test_light_models_match_onnxruntime_on_llvm(name):
+    """The zoo models without LRN (VGG-19 too, in benchmarks/onnx_zoo.py only: 548 MB of weights and
+    10 s) on the LLVM backend: every output within 1e-4 of its largest, and the logits spread out
+    (a NaN, or equal scores, would make the comparison say nothing)."""
+    proto = light_model(name)
+    x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    want = ort_run(proto, {input_name(proto): x})
+    got = tdc.onnx.load(proto).compile("llvm")(**{input_name(proto): x})
+    for k, y in want.items():
+        assert np.isfinite(y).all() and y.std() > 1e-3 * np.abs(y).max(), (k, y)
+        err = np.abs(got[k] - y).max() / np.abs(y).max()
+        assert err < 1e-4, f"{name}: {k} off by {err:.1e} (relative to its largest)"
+
+
+def test_a_zoo_model_compiles_to_a_native_executable_matching_onnxruntime(tmp_path):
+    proto = light_model("squeezenet")
+    onnx.save(proto, tmp_path / "m.onnx")
+    assert main(["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "b")]) == 0
+    x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = proto.graph.output[0].name
+    r = subprocess.run([str(tmp_path / "b" / "model"), "--input", f"{input_name(proto)}={tmp_path / 'x.npy'}",
+                        "--output", f"{out}={tmp_path / 'y.npy'}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    want = ort_run(proto, {input_name(proto): x})[out]
+    assert np.abs(np.load(tmp_path / "y.npy") - want).max() < 1e-4 * np.abs(want).max()
 
 
 # ---- import: which initializers are params, state and consts ------------------------------
