@@ -9,6 +9,7 @@ from functools import partial
 
 from ..ir.graph import Graph
 from ..passes.conv_algo import select_conv_algos
+from ..passes.hoist import WeightPrologue, split_weight_prologue
 from ..passes.manager import Pass, Pipeline, get_pass
 from ..passes.target import Target
 from ..passes.training import SIMPLIFY
@@ -34,3 +35,12 @@ def compile_pipeline(target: Target, conv_algo: str = "auto", autotune: bool = F
 def optimize_for_target(graph: Graph, target: Target, autotune: bool = False) -> Graph:
     """The graph a backend renders: `graph` after the compile pipeline."""
     return compile_pipeline(target, autotune=autotune).run(graph)
+
+
+def weight_prologue(graph: Graph) -> WeightPrologue | None:
+    """The weight prologue of an inference graph after bnfold and simplification, or None (a
+    training step, or nothing weight-only worth keeping)."""
+    if graph.updates:
+        return None
+    folded = Pipeline([get_pass(n) for n in ("bnfold",) + SIMPLIFY]).run(graph)
+    return split_weight_prologue(folded)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ...errors import TdcError
 from ...ir.graph import Graph
-from ...lower.pipeline import optimize_for_target
+from ...lower.pipeline import optimize_for_target, weight_prologue
 from ..executable import check_feed, check_sparse_weights, copy_inputs, initial_state
 
 ENTRY_ARGS = (ctypes.c_void_p,) * 4
@@ -99,6 +99,11 @@ class LLVMExecutable:
         from .runtime import build_runtime
         llvm = _llvm()
         self.source_graph = graph
+        values = initial_state(graph, params, seed)
+        self._prologue = weight_prologue(graph)
+        if self._prologue is not None:     # an inference graph's weight-only work, done once per weights
+            graph = self._prologue.main
+            values = {**values, **self._run_prologue(values)}
         self.graph, mb = compile_graph(graph, autotune=autotune)
         self.module_builder = mb
         self.llvm_ir = str(mb.module)
@@ -117,14 +122,23 @@ class LLVMExecutable:
         threads = max(int(os.environ.get("TDC_BLAS_THREADS", "1")), 1)
         ctypes.CDLL(str(rt.shared_lib_path)).tdc_runtime_set_threads(ctypes.c_int64(threads))
 
-        values = initial_state(self.graph, params, seed)
         self.weights = aligned_bytes(mb.weights.nbytes)
         mb.weights.fill(self.weights)
-        self.state: dict[str, np.ndarray] = {}
+        self._views: dict[str, np.ndarray] = {}    # every weights-buffer arg, writable
         for a, off in mb.weights.entries:
             view = self.weights[off:off + a.type.nbytes].view(a.type.np_dtype).reshape(a.type.shape)
             view[...] = values[a.name]
-            self.state[a.name] = view
+            self._views[a.name] = view
+        self.state: dict[str, np.ndarray] = dict(self._views)
+        if self._prologue is not None:
+            # The prologue's outputs are the executable's business; what it reads is shown read-only
+            # (a write in place would leave its results stale): set_state recomputes them.
+            for name in self._prologue.outputs:
+                del self.state[name]
+            for name in self._prologue.reads:
+                view = self._views[name].view() if name in self._views else np.array(values[name])
+                view.flags.writeable = False
+                self.state[name] = view
         self.scratch = aligned_bytes(mb.scratch_bytes)
         self.inputs = [(a, aligned_bytes(a.type.nbytes).view(a.type.np_dtype).reshape(a.type.shape))
                        for a in self.graph.inputs]
@@ -173,17 +187,31 @@ class LLVMExecutable:
         self._comm.tdc_comm_stats(ctypes.byref(nbytes), ctypes.byref(secs))
         return nbytes.value, secs.value
 
+    def _run_prologue(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ..reference import ReferenceExecutable
+        pro = self._prologue.graph
+        return ReferenceExecutable(pro, {a.name: values[a.name] for a in pro.args}, 0)()
+
     def set_state(self, values: dict[str, np.ndarray]) -> None:
-        """Copy new values into params or state (in place: the generated code reads these buffers)."""
-        args = {a.name: a for a, _ in self.module_builder.weights.entries}
+        """Copy new values into params or state (in place: the generated code reads these buffers);
+        values the weight prologue computes from them are recomputed."""
+        args = {a.name: a for a in self.source_graph.args if a.kind != "input"}
         new = {}
         for name, x in values.items():
             if name not in args:
                 raise TdcError(f"no param or state named {name!r}")
             new[name] = check_feed(args[name], x, args[name].kind)
-        check_sparse_weights(self.graph, {**self.state, **new})   # before the kernels' buffers change
+        check_sparse_weights(self.graph, {**self._views, **new})   # before the kernels' buffers change
         for name, x in new.items():
-            self.state[name][...] = x
+            if name in self._views:
+                self._views[name][...] = x
+            else:                          # read by the prologue only
+                self.state[name] = np.array(x)
+                self.state[name].flags.writeable = False
+        if self._prologue is not None and not new.keys().isdisjoint(self._prologue.reads):
+            current = {n: self.state[n] for n in self._prologue.reads}
+            for name, x in self._run_prologue(current).items():
+                self._views[name][...] = x
 
     def source(self) -> str:
         """The generated LLVM IR, before optimisation."""
