@@ -595,13 +595,13 @@ def test_unsupported_attributes_name_the_attribute():
         tdc.onnx.load(model)
 
 
-def test_non_2d_convolution_and_pooling_are_rejected():
-    x = np.ones((1, 2, 9), np.float32)
-    model = node_model("Conv", {"x": x}, 13, {"w": np.ones((3, 2, 3), np.float32)})
-    with pytest.raises(TdcError, match="only 2-D Conv .* 1-D Conv"):
+def test_3d_convolution_and_pooling_are_rejected():    # 1-D: tests/test_onnx_1d.py
+    x = np.ones((1, 2, 5, 5, 5), np.float32)
+    model = node_model("Conv", {"x": x}, 13, {"w": np.ones((3, 2, 3, 3, 3), np.float32)})
+    with pytest.raises(TdcError, match="only 1-D and 2-D Conv .* 3-D Conv"):
         tdc.onnx.load(model)
     model = node_model("MaxPool", {"x": np.ones((1, 1, 4, 4, 4), np.float32)}, 13, kernel_shape=[2, 2, 2])
-    with pytest.raises(TdcError, match="only 2-D MaxPool .* 3-D MaxPool"):
+    with pytest.raises(TdcError, match="only 1-D and 2-D MaxPool .* 3-D MaxPool"):
         tdc.onnx.load(model)
 
 

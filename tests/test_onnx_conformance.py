@@ -53,7 +53,6 @@ NOT_A_TDC_DTYPE = "not a tdc dtype: %s"
 
 # Cases tdc does not pass, with the reason. Checked: each must still fail (see test_reference).
 SKIPS: dict[str, str] = {
-    "test_averagepool_1d_default": "1-D pooling: tdc pools are 2-D",
     "test_averagepool_2d_dilations": "dilated AveragePool: tdc's avgpool2d has no dilation",
     "test_averagepool_3d_default": "3-D pooling: tdc pools are 2-D",
     "test_averagepool_3d_dilations_large_count_include_pad_is_0_ceil_mode_is_False": "3-D pooling: tdc pools are 2-D",
@@ -219,7 +218,6 @@ SKIPS: dict[str, str] = {
     "test_equal_string_broadcast": NOT_A_TDC_DTYPE % "string",
     "test_identity_opt": "optional type: tdc values are tensors",
     "test_identity_sequence": "sequence type: tdc values are tensors",
-    "test_maxpool_1d_default": "1-D pooling: tdc pools are 2-D",
     "test_maxpool_3d_default": "3-D pooling: tdc pools are 2-D",
     "test_maxpool_3d_dilations": "3-D pooling: tdc pools are 2-D",
     "test_maxpool_3d_dilations_use_ref_impl": "3-D pooling: tdc pools are 2-D",
@@ -230,7 +228,6 @@ SKIPS: dict[str, str] = {
     "test_reduce_min_empty_set": "min over an empty axis: ONNX gives inf, tdc rejects it",
     "test_slice_neg_steps": "negative Slice steps",
     "test_training_dropout": "training-mode Dropout is random",
-    "test_convtranspose_1d": "1-D ConvTranspose: tdc's transposed convolution is 2-D",
     "test_convtranspose_3d": "3-D ConvTranspose: tdc's transposed convolution is 2-D",
     "test_training_dropout_default": "training-mode Dropout is random",
     "test_training_dropout_default_mask": "training-mode Dropout is random",

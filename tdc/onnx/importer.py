@@ -13,6 +13,7 @@ A static array used as data becomes a `constant` node.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -596,7 +597,39 @@ def _gemm(n):
 def _need_2d(n, x: Value, what: str):
     if x.type.rank != 4:
         d = x.type.rank - 2
-        n.fail(f"only 2-D {what} (NCHW input) is supported; this is a {d}-D {what} (input {x.type})")
+        n.fail(f"only 1-D and 2-D {what} (NCL or NCHW input) is supported; this is a {d}-D {what} (input {x.type})")
+
+
+# A 1-D window attribute as its 2-D form over a height of 1.
+_LIFT_1D = {"kernel_shape": lambda v: [1] + v, "strides": lambda v: [1] + v, "dilations": lambda v: [1] + v,
+            "output_padding": lambda v: [0] + v, "pads": lambda v: [0, v[0], 0, v[1]] if len(v) == 2 else v,
+            "output_shape": lambda v: v[:-1] + [1] + v[-1:]}
+
+
+def _one_d_as_2d(fn):
+    """1-D convolution and pooling run as 2-D with a height of 1: the input [N, C, L] (and a
+    convolution's weight [., ., k]) gets a unit dim before its last, each window attribute a
+    leading 1 (pads 0), and the result loses the unit dim again. Gradients and every backend
+    come with the 2-D ops."""
+    @functools.wraps(fn)
+    def run(n):
+        if not n.has(0) or n.x(0).type.rank != 3:
+            return fn(n)
+        lifted = {}
+        for i in (0, 1) if n.op in ("Conv", "ConvTranspose") else (0,):
+            v = n.x(i)
+            if v is not None and v.type.rank == 3:
+                lifted[i] = n.emit("reshape", [v], shape=v.type.shape[:2] + (1,) + v.type.shape[2:])
+        plain_x, plain_attrs = n.x, n.attrs
+        n.x = lambda i=0: lifted[i] if i in lifted else plain_x(i)
+        n.attrs = {k: _LIFT_1D[k](list(v)) if k in _LIFT_1D else v for k, v in plain_attrs.items()}
+        try:
+            outs = fn(n)
+        finally:
+            n.x, n.attrs = plain_x, plain_attrs
+        return [n.emit("reshape", [y], shape=y.type.shape[:2] + y.type.shape[3:]) if y is not None else None
+                for y in outs]
+    return run
 
 
 def _ints(n, name, default) -> tuple[int, ...]:
@@ -623,6 +656,7 @@ def _window_pads(n, hw, kernel, strides, dilations) -> tuple[int, ...]:
 
 
 @converter("Conv", attrs=("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"))
+@_one_d_as_2d
 def _conv(n):
     x, w, b = n.x(0), n.x(1), n.x(2)
     _need_2d(n, x, "Conv")
@@ -637,6 +671,7 @@ def _conv(n):
 
 @converter("ConvTranspose", attrs=("auto_pad", "dilations", "group", "kernel_shape", "output_padding",
                                   "output_shape", "pads", "strides"))
+@_one_d_as_2d
 def _conv_transpose(n):
     x, w, b = n.x(0), n.x(1), n.x(2)
     _need_2d(n, x, "ConvTranspose")
@@ -689,6 +724,7 @@ def _pool_geometry(n, x):
 
 
 @converter("MaxPool", attrs=_POOL_ATTRS + ("storage_order",))
+@_one_d_as_2d
 def _maxpool(n):
     x = n.x(0)
     _need_2d(n, x, "MaxPool")
@@ -701,6 +737,7 @@ def _maxpool(n):
 
 
 @converter("AveragePool", attrs=_POOL_ATTRS + ("count_include_pad",))
+@_one_d_as_2d
 def _avgpool(n):
     x = n.x(0)
     _need_2d(n, x, "AveragePool")
