@@ -284,6 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     from .runtime.launch import add_parallel_arguments
     add_parallel_arguments(c)
 
+    e = sub.add_parser("export", help="write a model as an ONNX file (opset 17)",
+                       description="Write a model's inference graph as an ONNX file that onnxruntime and other "
+                                   "frameworks load: params, consts and state become initializers.",
+                       epilog="Examples:\n  tdc export examples/lenet.py --weights trained.npz -o lenet.onnx\n"
+                              "  tdc export examples/mlp.py --dynamic-batch -o mlp.onnx   # any batch size",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model(e)
+    e.add_argument("-o", "--output", required=True, metavar="FILE.onnx", help="the file to write (atomically)")
+    e.add_argument("--weights", metavar="FILE", help="params (and state) saved by tdc; default: initialised from --seed "
+                   "(or an ONNX model's own)")
+    e.add_argument("--seed", type=int, default=0, help="seed for param initialisation")
+    e.add_argument("--dynamic-batch", action="store_true",
+                   help="make the inputs' leading dim (and the outputs' that have it) the symbolic 'batch', so the "
+                        "file runs at any batch size; a graph that fixes the batch in a shape is an error")
+
     from .runtime.trainer import add_train_arguments
     t = sub.add_parser("train", help="train a model on a data set",
                        description="Train a model: the training step (forward, loss, backward and "
@@ -592,6 +607,20 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .files import check_output_file
+    from .onnx import save
+    from .runtime.loader import Source
+    check_output_file(args.output, "-o")
+    src = Source(args.model)
+    graph = src.graph(args.batch)
+    params = load_inference_weights(args, graph, src)
+    save(graph, args.output, params=params, seed=args.seed, dynamic_batch=args.dynamic_batch)
+    batch = "any batch ('batch')" if args.dynamic_batch else ", ".join(f"{a.name}: {a.type}" for a in graph.inputs)
+    print(f"wrote {args.output}: {src.name} as ONNX (opset 17), inputs {batch}")
+    return 0
+
+
 def cmd_ops(args) -> int:
     from .ir.opdef import REQUIRED, all_ops
     for name, op in sorted(all_ops().items(), key=lambda kv: (kv[1].family, kv[0])):
@@ -657,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             from .runtime.deep_compression import cmd_compress
             return cmd_compress(args)
         return {"dump": cmd_dump, "run": cmd_run, "ops": cmd_ops, "compile": cmd_compile,
-                "cache": cmd_cache}[args.command](args)
+                "cache": cmd_cache, "export": cmd_export}[args.command](args)
     except TdcError as e:
         if debug:
             raise

@@ -31,18 +31,24 @@ _SAME = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "
          "matmul": "MatMul", "global_avgpool": "GlobalAveragePool"}
 
 
-def save(graph: Graph, path, params: dict | None = None, seed: int = 0) -> onnx.ModelProto:
+BATCH = "batch"   # the dim_param of a dynamic batch dimension
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def save(graph: Graph, path, params: dict | None = None, seed: int = 0, dynamic_batch: bool = False) -> onnx.ModelProto:
     """Write `graph` as an ONNX model to `path` (returns the ModelProto). Param, const and state
-    values come from `params`, or from the graph's initializers seeded with `seed`."""
+    values come from `params`, or from the graph's initializers seeded with `seed`. With
+    `dynamic_batch` the leading dim of the inputs (and of the outputs that have it) is the
+    symbolic "batch", and the shapes the graph fixes are written so that any batch runs."""
     values = {**init_params(graph, seed, only_missing=params or {}), **(params or {})}
-    model = to_model(graph, values)
+    model = to_model(graph, values, dynamic_batch)
     atomic_write(os.fspath(path), lambda f: f.write(model.SerializeToString()))
     return model
 
 
-def to_model(graph: Graph, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+def to_model(graph: Graph, values: dict[str, np.ndarray], dynamic_batch: bool = False) -> onnx.ModelProto:
     """The checked ModelProto of `graph`, with `values` (name -> array) as its initializers."""
-    model = _Exporter(graph, values).run()
+    model = _Exporter(graph, values, dynamic_batch).run()
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:   # an exporter bug
@@ -50,13 +56,20 @@ def to_model(graph: Graph, values: dict[str, np.ndarray]) -> onnx.ModelProto:
     return model
 
 
-def _info(name: str, v: Value):
-    return helper.make_tensor_value_info(name, TO_ONNX[v.type.dtype], list(v.type.shape))
+def _batch_of(graph: Graph) -> int:
+    """The batch size of a graph: the leading dim its inputs share."""
+    lead = {a.type.shape[0] for a in graph.inputs if a.type.rank >= 1}
+    if len(lead) != 1 or any(a.type.rank == 0 for a in graph.inputs):
+        shapes = ", ".join(f"{a.name}: {a.type}" for a in graph.inputs) or "none"
+        raise TdcError(f"a dynamic batch needs inputs that share their leading dim (the batch); {graph.name}'s "
+                       f"inputs are {shapes}")
+    return lead.pop()
 
 
 class _Exporter:
-    def __init__(self, graph: Graph, values: dict[str, np.ndarray]):
+    def __init__(self, graph: Graph, values: dict[str, np.ndarray], dynamic_batch: bool = False):
         self.g, self.values = graph, values
+        self.batch = _batch_of(graph) if dynamic_batch else None
         self.nodes, self.inits = [], []
         self.names: dict[Value, str] = {}
         self.taken = {a.name for a in graph.args} | {name for name, _ in graph.outputs}
@@ -78,7 +91,7 @@ class _Exporter:
         for a in g.args:
             self.names[a] = a.name
             if a.kind == "input":
-                inputs.append(_info(a.name, a))
+                inputs.append(self.info(a.name, a))
                 continue
             if a.name not in self.values:
                 raise TdcError(f"no value for {a.kind} {a.name} ({a.type})")
@@ -103,12 +116,33 @@ class _Exporter:
         for name, v in g.outputs:
             if self.names[v] != name:   # an argument, or a value already output under another name
                 self.add("Identity", [self.names[v]], [name])
-            outputs.append(_info(name, v))
+            outputs.append(self.info(name, v))
         og = helper.make_graph(self.nodes, g.name, inputs, outputs, self.inits)
         return helper.make_model(og, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
                                  producer_name="tdc")
 
     # ---- helpers ---------------------------------------------------------------------
+    def info(self, name: str, v: Value):
+        dims = list(v.type.shape)
+        if self.batch is not None and dims and dims[0] == self.batch:
+            dims[0] = BATCH
+        return helper.make_tensor_value_info(name, TO_ONNX[v.type.dtype], dims)
+
+    def shape_of(self, node, shape) -> list[int]:
+        """A shape the graph fixes (reshape's, broadcast_to's, full's), written for any batch: a
+        leading dim equal to the input's is 0 (Reshape copies it) or 1 (Expand keeps it)."""
+        shape = list(shape)
+        if self.batch is None or not shape:
+            return shape
+        x = node.inputs[0] if node.inputs else None
+        if x is not None and x.type.rank >= 1 and shape[0] == x.type.shape[0]:
+            shape[0] = 0 if node.op == "reshape" else 1
+        elif self.batch in shape or (x is not None and x.type.rank >= 1 and x.type.shape[0] == self.batch):
+            where = f" ({node.loc})" if node.loc else ""
+            raise TdcError(f"{node.op}{where} to {list(node.outputs[0].type.shape)} mixes the batch dim "
+                           f"({self.batch}) into a fixed shape: export without --dynamic-batch")
+        return shape
+
     def add(self, op: str, inputs: list[str], outputs: list[str], **attrs) -> str:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}", **attrs))
         return outputs[0]
@@ -145,7 +179,7 @@ class _Exporter:
             self.add("Constant", [], outs, value=numpy_helper.from_array(np.asarray(a["value"]), out))
         elif op == "full":
             fill = numpy_helper.from_array(np.full((1,), a["value"], node.outputs[0].type.np_dtype), "value")
-            self.add("ConstantOfShape", [self.ints(a["shape"], "shape")], outs, value=fill)
+            self.add("ConstantOfShape", [self.ints(self.shape_of(node, a["shape"]), "shape")], outs, value=fill)
         elif op == "linear":
             if x.type.rank == 2:
                 self.add("Gemm", ins, outs, transB=1)
@@ -180,7 +214,7 @@ class _Exporter:
                 raise TdcError(f"{op} with training=true has no ONNX export (export the inference graph)")
             self.add("BatchNormalization", ins, outs, epsilon=a["eps"], momentum=a["momentum"])
         elif op == "reshape":
-            self.add("Reshape", [ins[0], self.ints(a["shape"], "shape")], outs)
+            self.add("Reshape", [ins[0], self.ints(self.shape_of(node, a["shape"]), "shape")], outs)
         elif op == "flatten":
             self.add("Flatten", ins, outs, axis=a["axis"])
         elif op == "transpose":
@@ -190,10 +224,13 @@ class _Exporter:
         elif op == "gather":
             self.add("Gather", ins, outs, axis=a["axis"])
         elif op == "broadcast_to":
-            self.add("Expand", [ins[0], self.ints(a["shape"], "shape")], outs)
+            self.add("Expand", [ins[0], self.ints(self.shape_of(node, a["shape"]), "shape")], outs)
         elif op == "slice":
             r = len(a["starts"])
-            self.add("Slice", [ins[0], self.ints(a["starts"], "starts"), self.ints(a["ends"], "ends"),
+            ends = list(a["ends"])
+            if self.batch is not None and ends and ends[0] == x.type.shape[0] and a["steps"][0] > 0:
+                ends[0] = INT64_MAX    # to the end, whatever the batch
+            self.add("Slice", [ins[0], self.ints(a["starts"], "starts"), self.ints(ends, "ends"),
                                self.ints(range(r), "axes"), self.ints(a["steps"], "steps")], outs)
         elif op == "pad":
             value = self.const(np.array(a["value"], x.type.np_dtype), "pad_value")
