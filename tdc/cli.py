@@ -21,6 +21,9 @@ def _add_model(p: argparse.ArgumentParser):
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--batch", type=int, default=None, metavar="B",
                    help="batch size to trace the model at (default: the model's own)")
+    p.add_argument("--bind", action="append", default=[], metavar="NAME=FILE.npy|V,V,...",
+                   help="ONNX models: the value of a graph input that sets a shape (a Reshape's shape, "
+                        "reduction axes), fixed at import; repeatable")
 
 
 def _add_training(p: argparse.ArgumentParser):
@@ -348,7 +351,7 @@ def cmd_dump(args) -> int:
     from .backends import get_target
     from .passes.partition import Partition
     from .runtime.launch import parallel_config
-    src = Source(args.model)
+    src = Source(args.model, bind=args.bind)
     parallel = parallel_config(args)
     partitioned = isinstance(parallel, Partition)
     if partitioned:
@@ -496,7 +499,7 @@ def cmd_run(args) -> int:
     from .runtime.inputs import random_inputs, read_input, run_in_batches
     from .runtime.loader import Source
 
-    src = Source(args.model)
+    src = Source(args.model, bind=args.bind)
     graph = src.graph(args.batch)
     out_names = [n for n, _ in graph.outputs]
     outputs = {}
@@ -578,7 +581,7 @@ def cmd_compile(args) -> int:
     if partitioned:
         from .backends import get_target
         parallel.target = get_target("llvm")
-    src = Source(args.model)
+    src = Source(args.model, bind=args.bind)
     if args.train:
         graph = training_pipeline(args.loss, optimizer_from(args), parallel=parallel).run(
             src.training_graph(args.batch, parallel))
@@ -612,7 +615,7 @@ def cmd_export(args) -> int:
     from .onnx import save
     from .runtime.loader import Source
     check_output_file(args.output, "-o")
-    src = Source(args.model)
+    src = Source(args.model, bind=args.bind)
     graph = src.graph(args.batch)
     params = load_inference_weights(args, graph, src)
     save(graph, args.output, params=params, seed=args.seed, dynamic_batch=args.dynamic_batch)

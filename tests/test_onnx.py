@@ -606,23 +606,67 @@ def test_3d_convolution_and_pooling_are_rejected():    # 1-D: tests/test_onnx_1d
 
 
 def test_dynamic_shape_inputs():
-    # a Reshape whose shape is a graph input: tdc needs it at import
+    # a Reshape whose shape is a graph input: bound at call time, one static graph per value
     model = node_model("Reshape", {"x": X3, "shape": I64(6, 4)}, 13)
-    with pytest.raises(TdcError, match=r"input 1 \(shape, 'shape'\) must be a constant or initializer"):
-        tdc.onnx.load(model)
-    got = tdc.onnx.load(model, constants={"shape": I64(4, -1)})(x=X3)["y0"]
+    m = tdc.onnx.load(model)
+    assert isinstance(m, tdc.onnx.SpecializingOnnxModel) and m.bind == ["shape"]
+    with pytest.raises(TdcError, match=r"the graph depends on the values of 'shape' .*constants=.*--bind"):
+        m.graph
+    np.testing.assert_array_equal(m(x=X3, shape=I64(4, -1))["y0"], X3.reshape(4, 6))
+    np.testing.assert_array_equal(m(x=X3, shape=I64(4, -1))["y0"], X3.reshape(4, 6))
+    np.testing.assert_array_equal(m(x=X3, shape=I64(2, 12))["y0"], X3.reshape(2, 12))
+    assert len(m.specializations) == 2
+    with pytest.raises(TdcError, match="missing input shape: tdc needs its value"):
+        m(x=X3)
+    got = tdc.onnx.load(model, constants={"shape": I64(4, -1)})(x=X3)["y0"]   # fixed at import
     np.testing.assert_array_equal(got, X3.reshape(4, 6))
-    # symbolic and unknown input dims must be fixed
+    # symbolic and unknown input dims: fixed at import, or by the arrays given
     model = node_model("Relu", {"x": X3}, 13)
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[0].dim_param = "N"
-    with pytest.raises(TdcError, match=r"input 'x': dim 0 is dynamic \(N\).*dims=\{'N': N\}.*batch=N"):
-        tdc.onnx.load(model)
+    m = tdc.onnx.load(model)
+    with pytest.raises(TdcError, match=r"the graph depends on the symbolic dims x:0 .*batch=N.*--batch N"):
+        m.graph
+    for n in (1, 7):
+        x = np.random.default_rng(n).standard_normal((n, 3, 4)).astype(np.float32)
+        np.testing.assert_array_equal(m(x=x)["y0"], np.maximum(x, 0))
+    assert m.specialize(x=(5, 3, 4)).graph.inputs[0].type.shape == (5, 3, 4)
     assert tdc.onnx.load(model, batch=5).graph.inputs[0].type.shape == (5, 3, 4)
     dims[2].Clear()
-    with pytest.raises(TdcError, match=r"input 'x': dim 2 is dynamic \(unnamed\).*dims=\{'x:2': N\}"):
-        tdc.onnx.load(model, dims={"N": 2})
+    assert tdc.onnx.load(model, dims={"N": 2}).free == [("x", 2)]
     assert tdc.onnx.load(model, dims={"N": 2, "x:2": 4}).graph.inputs[0].type.shape == (2, 3, 4)
+
+
+def test_pytorch_flatten_with_a_dynamic_batch_runs_at_any_batch():
+    """The acceptance case: torch.flatten's Shape -> Gather -> Unsqueeze -> Concat -> Reshape with a
+    symbolic batch, called at batch 1 and 7 in one process (the native executable with --batch is
+    test_native_bundle's test_onnx_model_compiles_to_an_executable_matching_onnxruntime)."""
+    proto = torch_like_model()
+    m = tdc.onnx.load(proto, backend="llvm")
+    assert m.free == [("input.1", 0)] and m.bind == []
+    for n in (1, 7):
+        x = np.random.default_rng(n).standard_normal((n, 3, 8, 8)).astype(np.float32)
+        got = m(**{"input.1": x})["output"]
+        np.testing.assert_allclose(got, ort_run(proto, {"input.1": x})["output"], rtol=1e-4, atol=1e-5)
+    assert len(m.specializations) == 2
+
+
+def test_cli_binds_shape_inputs(capsys, tmp_path):
+    path = tmp_path / "reshape.onnx"
+    onnx.save(node_model("Reshape", {"x": X3, "shape": I64(6, 4)}, 13), path)
+    code, out, err = run_cli(capsys, "run", path, "--random-inputs", "--backend", "reference")
+    assert code == 1 and "the values of 'shape'" in err and "--bind NAME=FILE.npy" in err, err
+    code, out, err = run_cli(capsys, "run", path, "--random-inputs", "--backend", "reference", "--bind", "shape=4,-1")
+    assert code == 0 and out.startswith("y0: f32[4,6]"), err
+    np.save(tmp_path / "s.npy", I64(2, 12))
+    code, out, err = run_cli(capsys, "dump", path, "--bind", f"shape={tmp_path / 's.npy'}")
+    assert code == 0 and "f32[2,12]" in out, err
+    for bad, msg in (("shape", "expected NAME=FILE.npy"), ("shape=a,b", "neither a .npy file nor numbers"),
+                     ("nothere=1", "the model has no input 'nothere'")):
+        code, out, err = run_cli(capsys, "run", path, "--random-inputs", "--bind", bad)
+        assert code == 1 and msg in err, (bad, err)
+    code, out, err = run_cli(capsys, "run", os.path.join(EX, "mlp.py"), "--random-inputs", "--bind", "x=1")
+    assert code == 1 and "--bind fixes inputs of ONNX models" in err
 
 
 def test_other_import_errors(tmp_path):
@@ -678,7 +722,7 @@ def test_cli_onnx_with_dynamic_batch(capsys, tmp_path):
     path = tmp_path / "torch.onnx"
     onnx.save(torch_like_model(), path)
     code, out, err = run_cli(capsys, "run", path, "--random-inputs", "--backend", "reference")
-    assert code == 1 and "torch.onnx: input 'input.1': dim 0 is dynamic (batch_size)" in err
+    assert code == 1 and "torch.onnx: the graph depends on the symbolic dims input.1:0" in err and "--batch N" in err
     code, out, err = run_cli(capsys, "run", path, "--random-inputs", "--backend", "reference", "--batch", "4")
     assert code == 0 and out.startswith("output: f32[4,5]"), err
     code, out, err = run_cli(capsys, "dump", path, "--batch", "1")

@@ -11,4 +11,4 @@ import (`dims=` or `batch=`), and inputs that ONNX ops read as shapes or attribu
 See docs/onnx.md.
 """
 from .exporter import OPSET, save  # noqa: F401
-from .importer import STATIC_INPUTS, OnnxModel, load  # noqa: F401
+from .importer import STATIC_INPUTS, OnnxModel, SpecializingOnnxModel, load  # noqa: F401

@@ -131,12 +131,17 @@ class OnnxModel:
 
 
 def load(source, *, dims: dict | None = None, batch: int | None = None, constants: dict | None = None,
-         backend: str = "reference") -> OnnxModel:
+         backend: str = "reference"):
     """Import an ONNX model (a path, bytes or a ModelProto).
 
     dims: values for symbolic input dims, by dim_param name or as "input:axis".
     batch: the value of every still-unknown leading (axis 0) dim.
     constants: graph inputs to fix to a value (for inputs tdc needs at import, e.g. a Reshape shape).
+
+    A model whose shapes are all known is imported at once (an OnnxModel). One that still has
+    symbolic dims, or graph inputs that set shapes (a Reshape's shape, reduction axes: see
+    STATIC_INPUTS), is a SpecializingOnnxModel: calling it with its inputs imports and compiles the
+    static graph for those values and input shapes, and keeps it for the next call like them.
     """
     if isinstance(source, onnx.ModelProto):
         proto = source
@@ -150,13 +155,119 @@ def load(source, *, dims: dict | None = None, batch: int | None = None, constant
             proto = onnx.load(path)
         except Exception as e:   # protobuf's DecodeError and friends
             raise TdcError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    where = None if isinstance(source, (onnx.ModelProto, bytes)) else os.fspath(source)
+    dims, constants = dict(dims or {}), dict(constants or {})
+    unknown = sorted(set(constants) - {vi.name for vi in proto.graph.input})
+    if unknown:
+        raise TdcError(f"{where + ': ' if where else ''}constants: the model has no input {unknown[0]!r}")
+    bind, free = value_inputs(proto, constants), free_dims(proto, dims, batch, constants)
+    if bind or free:
+        return SpecializingOnnxModel(proto, dims, batch, constants, backend, bind, free, where)
+    return _import(proto, dims, batch, constants, backend, where)
+
+
+def _import(proto, dims, batch, constants, backend, where) -> OnnxModel:
     try:
-        graph, params = _Importer(proto, dims or {}, batch, constants or {}).run()
+        graph, params = _Importer(proto, dims, batch, constants).run()
     except TdcError as e:
-        if isinstance(source, (onnx.ModelProto, bytes)):
+        if where is None:
             raise
-        raise TdcError(f"{os.fspath(source)}: {e}") from None
+        raise TdcError(f"{where}: {e}") from None
     return OnnxModel(graph, params, backend)
+
+
+def _graph_inputs(proto, constants) -> list:
+    inits = {t.name for t in proto.graph.initializer}
+    return [vi for vi in proto.graph.input if vi.name not in inits and vi.name not in constants]
+
+
+def value_inputs(proto, constants: dict) -> list[str]:
+    """The graph inputs whose values tdc needs at import: those a shape-like operand (STATIC_INPUTS)
+    is computed from. A Shape reads only its input's shape, which is known once the dims are."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    inputs = {vi.name for vi in _graph_inputs(proto, constants)}
+    stack = [n.input[i] for n in proto.graph.node for i in STATIC_INPUTS.get(n.op_type, ())
+             if i < len(n.input) and n.input[i]]
+    seen, need = set(), set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in inputs:
+            need.add(name)
+        elif name in producer and producer[name].op_type not in ("Shape", "Size"):
+            stack.extend(x for x in producer[name].input if x)
+    return sorted(need)
+
+
+def free_dims(proto, dims: dict, batch: int | None, constants: dict) -> list[tuple[str, int]]:
+    """(input, axis) of every input dim that is symbolic and not fixed by `dims` or `batch`."""
+    free = []
+    for vi in _graph_inputs(proto, constants):
+        tt = vi.type.tensor_type
+        for axis, d in enumerate(tt.shape.dim if tt.HasField("shape") else ()):
+            keys = ([d.dim_param] if d.dim_param else []) + [f"{vi.name}:{axis}"]
+            if not d.HasField("dim_value") and not any(k in dims for k in keys) and not (axis == 0 and batch):
+                free.append((vi.name, axis))
+    return free
+
+
+class SpecializingOnnxModel:
+    """An ONNX model with symbolic dims or shape-setting inputs: `model(**inputs)` imports the static
+    graph for the inputs' shapes and the values of `bind`, compiles it, keeps it keyed by them, and
+    runs it. `model.specialize(**inputs)` returns that static OnnxModel (values for `bind`, arrays
+    or shapes for the inputs with symbolic dims)."""
+
+    def __init__(self, proto, dims, batch, constants, backend, bind: list[str], free: list[tuple[str, int]],
+                 where: str | None):
+        self.proto, self.dims, self.batch, self.constants = proto, dims, batch, constants
+        self.backend, self.bind, self.free, self.where = backend, bind, free, where
+        self.specializations: dict[tuple, OnnxModel] = {}
+
+    def needs(self) -> str:
+        parts = []
+        if self.bind:
+            parts.append("the values of " + ", ".join(repr(n) for n in self.bind) + " (they set shapes tdc fixes at "
+                         "import: constants={...} in load, or --bind NAME=FILE.npy|V,V,... on the command line)")
+        if self.free:
+            parts.append("the symbolic dims " + ", ".join(f"{n}:{a}" for n, a in self.free) + " (dims={...} or "
+                         "batch=N in load, or --batch N on the command line)")
+        return " and ".join(parts)
+
+    @property
+    def graph(self) -> Graph:
+        raise TdcError(f"{self.where or self.proto.graph.name}: the graph depends on {self.needs()}; call the model "
+                       "with its inputs, or model.specialize(**inputs) for the static model")
+
+    params = graph
+
+    def specialize(self, **inputs) -> OnnxModel:
+        missing = [n for n in self.bind if n not in inputs]
+        if missing:
+            raise TdcError(f"missing input {', '.join(missing)}: tdc needs its value to fix the model's shapes")
+        dims = dict(self.dims)
+        for name, axis in self.free:
+            if name not in inputs:
+                raise TdcError(f"missing input {name}: its dim {axis} is symbolic, fixed by the array given")
+            shape = np.shape(inputs[name]) if not isinstance(inputs[name], tuple) else inputs[name]
+            if axis >= len(shape):
+                raise TdcError(f"input {name}: a rank-{len(shape)} array, the model's has more than {axis} dims")
+            dims[f"{name}:{axis}"] = int(shape[axis])
+        values = {n: np.asarray(inputs[n]) for n in self.bind}
+        key = (tuple((n, a, dims[f"{n}:{a}"]) for n, a in self.free)
+               + tuple((n, v.dtype.str, v.shape, v.tobytes()) for n, v in values.items()))
+        if key not in self.specializations:
+            self.specializations[key] = _import(self.proto, dims, self.batch, {**self.constants, **values},
+                                                self.backend, self.where)
+        return self.specializations[key]
+
+    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+        model = self.specialize(**inputs)
+        return model(**{k: v for k, v in inputs.items() if k not in self.bind})
+
+    def __repr__(self):
+        return f"<SpecializingOnnxModel {self.proto.graph.name}: needs {self.needs()}>"
 
 
 class _Node:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..ir.graph import Graph, Node, Value
 
 # A reshape of an argument is a view: main keeps it (the prologue copies it where it needs it),
@@ -34,6 +36,16 @@ class WeightPrologue:
     def reads(self) -> list[str]:
         """The params, consts and state the prologue reads."""
         return [a.name for a in self.graph.args]
+
+    def evaluate(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The prologue's outputs for `values` (name -> array for every arg it reads), by the ops'
+        reference semantics: it runs once per set of weights, so numpy is fast enough."""
+        env = {a: np.asarray(values[a.name]) for a in self.graph.args}
+        for n in self.graph.nodes:
+            out = n.opdef.ref(*[env[v] for v in n.inputs], **n.attrs)
+            for v, x in zip(n.outputs, out if isinstance(out, tuple) else (out,)):
+                env[v] = np.asarray(x, v.type.np_dtype).reshape(v.type.shape)
+        return {name: env[v] for name, v in self.graph.outputs}
 
 
 def _pure(n: Node) -> bool:

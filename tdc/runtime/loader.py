@@ -7,6 +7,8 @@ import importlib.util
 import os
 import sys
 
+import numpy as np
+
 from ..errors import TdcError
 from ..frontend.model import Model, user_error
 from ..ir.graph import Graph
@@ -50,13 +52,35 @@ def load_model(spec: str) -> Model:
     return next(iter(models.values()))
 
 
+def parse_binds(items: list[str]) -> dict[str, np.ndarray]:
+    """--bind NAME=FILE.npy or NAME=V,V,... (numbers) -> {NAME: array}."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise TdcError(f"--bind {item}: expected NAME=FILE.npy or NAME=V,V,...")
+        if name in out:
+            raise TdcError(f"--bind {name} is given twice")
+        if value.endswith(".npy"):
+            from .inputs import read_npy
+            out[name] = read_npy(value)
+            continue
+        try:
+            nums = [float(v) for v in value.split(",")]
+        except ValueError:
+            raise TdcError(f"--bind {item}: {value!r} is neither a .npy file nor numbers separated by commas") from None
+        out[name] = np.array([int(v) for v in nums] if all(v.is_integer() for v in nums) else nums)
+    return out
+
+
 class Source:
     """Where a graph comes from: a traceable model, or a fixed graph read from a file.
     `params` holds the weights the file brings (an ONNX model's initializers, once `graph()`
     has imported it), else None."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, bind: list[str] | None = None):
         self.spec = spec
+        self.bind = parse_binds(bind or [])
         self.model: Model | None = None
         self.fixed: Graph | None = None
         self.onnx_path: str | None = None
@@ -66,6 +90,8 @@ class Source:
             if not os.path.exists(path):
                 raise TdcError(f"{path}: no such file")
             self.onnx_path = path   # imported by graph(): --batch may be needed to fix its batch dim
+        elif self.bind:
+            raise TdcError(f"--bind fixes inputs of ONNX models; {spec} is not one")
         elif path.endswith(".tdc"):
             from ..ir.parser import parse_graph
             from ..ir.verify import verify
@@ -91,7 +117,7 @@ class Source:
             return self.model.trace(batch, training)
         if self.onnx_path:
             from ..onnx import load
-            m = load(self.onnx_path, batch=batch)   # an inference graph: training does not apply
+            m = load(self.onnx_path, batch=batch, constants=self.bind)   # inference: training does not apply
             self.fixed, self.params = m.graph, m.params
             return self.fixed
         if batch is not None:

@@ -103,7 +103,7 @@ class LLVMExecutable:
         self._prologue = weight_prologue(graph)
         if self._prologue is not None:     # an inference graph's weight-only work, done once per weights
             graph = self._prologue.main
-            values = {**values, **self._run_prologue(values)}
+            values = {**values, **self._prologue.evaluate(values)}
         self.graph, mb = compile_graph(graph, autotune=autotune)
         self.module_builder = mb
         self.llvm_ir = str(mb.module)
@@ -187,11 +187,6 @@ class LLVMExecutable:
         self._comm.tdc_comm_stats(ctypes.byref(nbytes), ctypes.byref(secs))
         return nbytes.value, secs.value
 
-    def _run_prologue(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..reference import ReferenceExecutable
-        pro = self._prologue.graph
-        return ReferenceExecutable(pro, {a.name: values[a.name] for a in pro.args}, 0)()
-
     def set_state(self, values: dict[str, np.ndarray]) -> None:
         """Copy new values into params or state (in place: the generated code reads these buffers);
         values the weight prologue computes from them are recomputed."""
@@ -210,7 +205,7 @@ class LLVMExecutable:
                 self.state[name].flags.writeable = False
         if self._prologue is not None and not new.keys().isdisjoint(self._prologue.reads):
             current = {n: self.state[n] for n in self._prologue.reads}
-            for name, x in self._run_prologue(current).items():
+            for name, x in self._prologue.evaluate(current).items():
                 self._views[name][...] = x
 
     def source(self) -> str:
