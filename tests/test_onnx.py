@@ -569,10 +569,18 @@ def test_every_unsupported_op_is_listed_in_one_error(capsys, tmp_path):
         tdc.onnx.load(model)
     assert str(e.value) == listing
     # an error in a supported op is added to the list (the nodes that do not depend on it still count)
-    model.graph.node.insert(0, helper.make_node("Reshape", ["x", "x"], ["bad"], name="reshape"))
+    model.graph.node.insert(0, helper.make_node("Reshape", ["x", "five_by_five"], ["bad"], name="reshape"))
+    model.graph.initializer.append(numpy_helper.from_array(I64(5, 5), "five_by_five"))   # 18 elements do not fit
     model.graph.output.append(helper.make_tensor_value_info("bad", F, None))
-    with pytest.raises(TdcError, match=r"Softplus \(1 node: #7\); also node 'reshape' \(Reshape\): input 1 "):
+    with pytest.raises(TdcError, match=r"Softplus \(1 node: #7\); also node 'reshape' \(Reshape\): reshape: cannot reshape 18"):
         tdc.onnx.load(model)
+    # a model imported at its first call (a shape-setting graph input) lists them at load too
+    spec = helper.make_model(helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape_in"], ["r"]), helper.make_node("Softplus", ["r"], ["out"])], "g",
+        [helper.make_tensor_value_info("x", F, [1, 2, 3, 3]), helper.make_tensor_value_info("shape_in", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("out", F, None)]), opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    with pytest.raises(TdcError, match=r"^ONNX ops not supported by tdc: Softplus \(1 node: #1\)$"):
+        tdc.onnx.load(spec)
     # the command line prints it as one line
     onnx.save(model, tmp_path / "m.onnx")
     code, out, err = run_cli(capsys, "dump", tmp_path / "m.onnx")

@@ -162,6 +162,9 @@ def load(source, *, dims: dict | None = None, batch: int | None = None, constant
         raise TdcError(f"{where + ': ' if where else ''}constants: the model has no input {unknown[0]!r}")
     bind, free = value_inputs(proto, constants), free_dims(proto, dims, batch, constants)
     if bind or free:
+        unsupported = _unsupported_ops(proto, {*bind, *constants})
+        if unsupported:     # now, not at the first call
+            raise TdcError((f"{where}: " if where else "") + _unsupported_message(unsupported))
         return SpecializingOnnxModel(proto, dims, batch, constants, backend, bind, free, where)
     return _import(proto, dims, batch, constants, backend, where)
 
@@ -211,6 +214,23 @@ def free_dims(proto, dims: dict, batch: int | None, constants: dict) -> list[tup
             if not d.HasField("dim_value") and not any(k in dims for k in keys) and not (axis == 0 and batch):
                 free.append((vi.name, axis))
     return free
+
+
+def _unsupported_ops(proto, bound: set[str]) -> dict[str, list[str]]:
+    """The unsupported ops of a model imported later (as _Importer.is_unsupported would find them):
+    an op without a converter counts unless its inputs are all known at import."""
+    static = {t.name for t in proto.graph.initializer if numpy_helper.to_array(t).dtype.kind != "f"} | bound
+    found: dict[str, list[str]] = {}
+    for i, p in enumerate(proto.graph.node):
+        ins = [x for x in p.input if x]
+        known = p.op_type in ("Shape", "Size", "Constant") or (bool(ins) and p.op_type not in _RANDOM_OPS
+                                                               and all(x in static for x in ins))
+        if known and _default_domain(p):
+            static.update(p.output)
+        elif not _default_domain(p) or p.op_type not in CONVERTERS:
+            op = p.op_type if _default_domain(p) else f"{p.domain}.{p.op_type}"
+            found.setdefault(op, []).append(p.name or f"#{i}")
+    return found
 
 
 class SpecializingOnnxModel:
