@@ -257,7 +257,9 @@ def sparsify(graph: Graph, params: dict, target: Target | None = None,
             sparse, why = nnz < n * k, f"{density}, --sparse on"
         else:
             t_dense, t_sparse, at, even = _priced(node, target, nnz)
-            sparse = t_sparse < t_dense
+            # a weight with no zeros does the dense product's work and loads an index per weight too:
+            # a fitted model that says otherwise (noisy probes on a busy machine) is not believed
+            sparse = t_sparse < t_dense and nnz < n * k
             why = (f"{density}; {target.name} cost model at {at}: sparse {t_sparse * 1e6:.3g} us, "
                    f"dense {t_dense * 1e6:.3g} us (break-even density {even:.3f})")
         decisions.append(Decision(w.name, (n, k), nnz, sparse, why))
