@@ -226,12 +226,11 @@ SKIPS: dict[str, str] = {
     "test_maxpool_with_argmax_2d_precomputed_strides": "the Indices output of MaxPool",
     "test_reduce_max_empty_set": "max over an empty axis: ONNX gives -inf, tdc rejects it",
     "test_reduce_min_empty_set": "min over an empty axis: ONNX gives inf, tdc rejects it",
-    "test_slice_neg_steps": "negative Slice steps",
-    "test_training_dropout": "training-mode Dropout is random",
+    "test_training_dropout": "training-mode Dropout: tdc's mask hashes (seed, step, index), not numpy's generator as the case does",
     "test_convtranspose_3d": "3-D ConvTranspose: tdc's transposed convolution is 2-D",
-    "test_training_dropout_default": "training-mode Dropout is random",
-    "test_training_dropout_default_mask": "training-mode Dropout is random",
-    "test_training_dropout_mask": "training-mode Dropout is random",
+    "test_training_dropout_default": "training-mode Dropout: tdc's mask hashes (seed, step, index), not numpy's generator as the case does",
+    "test_training_dropout_default_mask": "training-mode Dropout: tdc's mask hashes (seed, step, index), not numpy's generator as the case does",
+    "test_training_dropout_mask": "training-mode Dropout: tdc's mask hashes (seed, step, index), not numpy's generator as the case does",
 }
 
 # Cases that fail on the numba backend only.

@@ -209,6 +209,11 @@ class _Exporter:
             self.add("AveragePool", ins, outs, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
                      pads=list(a["pad"]), ceil_mode=int(a["ceil_mode"]),
                      count_include_pad=int(a["count_include_pad"]))
+        elif op == "dropout":
+            # ONNX's Dropout has no step input and leaves its generator to the runtime: the seed is
+            # kept, the masks are the runtime's own (tdc's importer reads it back as tdc's dropout)
+            ratio = self.const(np.array(a["rate"], np.float32), "ratio")
+            self.add("Dropout", [ins[0], ratio, self.const(np.array(True), "training_mode")], outs, seed=a["seed"])
         elif op == "batchnorm":
             if a["training"]:
                 raise TdcError(f"{op} with training=true has no ONNX export (export the inference graph)")
@@ -252,6 +257,4 @@ class _Exporter:
         elif op in ("softmax", "log_softmax"):
             self.add("Softmax" if op == "softmax" else "LogSoftmax", ins, outs, axis=a["axis"])
         else:
-            why = {"dropout": "training-mode dropout (tdc's hash-based mask) has no ONNX equivalent; "
-                              "export the inference graph"}.get(op, "it has no ONNX equivalent in tdc's exporter")
-            raise TdcError(f"cannot export op {op} to ONNX: {why}")
+            raise TdcError(f"cannot export op {op} to ONNX: it has no ONNX equivalent in tdc's exporter")

@@ -676,10 +676,25 @@ def _dropout(n):
     training = bool(n.const(2, "training_mode")) if n.has(2) else False
     if n.imp.opset < 7 and not n.attr("is_test", 0):
         training = True
-    if training and ratio != 0.0:
-        n.fail("training-mode Dropout is random: tdc imports models for inference")
-    mask = n.emit("full", [], shape=x.type.shape, value=1.0, dtype="bool") if n.wants(1) else None
-    return [x, mask]
+    if not training or ratio == 0.0:
+        mask = n.emit("full", [], shape=x.type.shape, value=1.0, dtype="bool") if n.wants(1) else None
+        return [x, mask]
+    # tdc's dropout hashes (seed, step, index): ONNX leaves the generator to the runtime, so the
+    # masks differ from other runtimes' but are the same on every tdc backend. The step counter
+    # is the graph's `step` state, which training advances; plain calls reuse step 0's mask.
+    seed = n.attr("seed", None)
+    b = Builder(n.imp.graph)
+    key = b.step().value
+    if key.name not in n.imp.params:
+        n.imp.params[key.name] = np.zeros((), np.int64)
+    attrs = {"rate": float(ratio), "seed": int(seed) if seed is not None else b.seed_for(n.label)}
+    y = n.emit("dropout", [x, key], **attrs)
+    mask = None
+    if n.wants(1):   # the kept elements: where dropout of ones is not zero
+        ones = n.emit("full", [], shape=x.type.shape, value=1.0, dtype=x.type.dtype)
+        kept = n.emit("dropout", [ones, key], **attrs)
+        mask = n.emit("not_equal", [kept, n.scalar(0, kept)])
+    return [y, mask]
 
 
 # ---- linear algebra ---------------------------------------------------------------------
@@ -1093,15 +1108,26 @@ def _slice(n):
     axes = range(len(starts)) if axes is None else axes
     steps = [1] * len(starts) if steps is None else steps
     lo, hi, st = [0] * len(shape), list(shape), [1] * len(shape)
+    backwards = {}   # axis -> the indices a negative step picks, in order
     for a, s, e, step in zip(axes, starts, ends, steps):
         a, s, e, step = int(a) % len(shape), int(s), int(e), int(step)
-        if step < 1:
-            n.fail(f"step {step} on axis {a}: only positive steps are supported")
         d = shape[a]
+        if step == 0:
+            n.fail(f"step 0 on axis {a}")
+        if step < 0:   # the spec clamps start to [0, d-1] and end to [-1, d-1] going backwards
+            picked = range(min(max(s + d if s < 0 else s, 0), d - 1), min(max(e + d if e < 0 else e, -1), d - 1), step)
+            if not picked:
+                n.fail(f"the slice of axis {a} (of {d}) from {s} to {e} by {step} is empty: tdc has no empty tensors")
+            backwards[a] = np.array(picked, np.int64)
+            continue
         s = min(max(s + d if s < 0 else s, 0), d)
         e = min(max(e + d if e < 0 else e, 0), d)
         lo[a], hi[a], st[a] = s, max(s, e), step
-    return [n.emit("slice", [x], starts=lo, ends=hi, steps=st)]
+    y = x if (lo, hi, st) == ([0] * len(shape), list(shape), [1] * len(shape)) else \
+        n.emit("slice", [x], starts=lo, ends=hi, steps=st)
+    for a, picked in backwards.items():   # reversed order is a gather (its gradient a scatter-add)
+        y = n.emit("gather", [y, n.emit("constant", [], value=picked)], axis=a)
+    return [y]
 
 
 @converter("Pad", attrs=("mode", "pads", "value", "paddings"))
