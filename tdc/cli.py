@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "source; its first compile takes up to a minute) or reference (the numpy interpreter)")
     r.add_argument("--output", action="append", default=[], metavar="[NAME=]FILE.npy",
                    help="save an output (the first one when NAME is not given)")
+    r.add_argument("--profile", action="store_true",
+                   help="llvm backend: run the model again for about half a second and print each kernel's ops, "
+                        "time per call, share, GFLOP/s, GB/s and fraction of the host's FMA peak")
     add_sparse_argument(r)
     add_quantize_arguments(r)
     add_conv_algo_arguments(r)
@@ -540,8 +543,10 @@ def cmd_run(args) -> int:
     else:
         graph, params, _ = apply_sparse(args, graph, params, args.backend)
     from .runtime.trainer import compile_progress
+    if args.profile and args.backend != "llvm":
+        raise TdcError(f"--profile times the llvm backend's kernels, not the {args.backend} backend's")
     exe = compile(graph, backend=args.backend, params=params, seed=args.seed, conv_algo=args.conv_algo,
-                  autotune=args.autotune, progress=compile_progress(src.name))
+                  autotune=args.autotune, progress=compile_progress(src.name), profile=args.profile)
     results, batches = run_in_batches(exe, graph, given)
     if batches > 1:
         print(f"ran {batches} batches of {graph.inputs[0].type.shape[0]} (the last one padded)")
@@ -554,6 +559,11 @@ def cmd_run(args) -> int:
         print(_summary(name, x))
     for name, path in outputs.items():
         atomic_write(path, lambda f, x=results[name]: np.save(f, x))
+    if args.profile:
+        from .runtime.profile import host_peak, profile_table, run_profiled
+        one_batch = given if batches == 1 else random_inputs(graph, args.seed)
+        run_profiled(exe, one_batch)
+        print(profile_table(exe.kernel_times(), host_peak()))
     return 0
 
 

@@ -2,12 +2,26 @@
 initial values of params, consts and state."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import TdcError
 from ..frontend.init import init_params
 from ..ir.graph import Graph, Value, placed_ranks
 from ..ops.sparse import check_csr, csr_columns
+
+
+@dataclass
+class KernelTime:
+    """One kernel of a profiled executable: its ops, how often it ran, the seconds it took in all,
+    and the work of one run (FLOPs by the op registry, bytes of the arrays it reads and writes)."""
+    name: str
+    ops: list[str]
+    calls: int
+    seconds: float
+    flops: float
+    bytes: int
 
 
 def check_feed(arg: Value, array, what: str) -> np.ndarray:

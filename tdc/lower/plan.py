@@ -22,6 +22,7 @@ from ..errors import TdcError
 from ..ir.graph import Graph, Node, Value
 from ..ops.common import norm_axes, norm_axis
 from ..passes.fuse import REDUCE_OPS, is_literal, kernels
+from ..passes.partition import node_flops
 from .loops import Const, LoopKernel, Operand, Reduce, ScalarOp, broadcast_strides, c_strides, collapse
 
 VIEW_OPS = ("reshape", "flatten")
@@ -72,6 +73,18 @@ class Fallback:
     name: str
     node: Node
     why: str = ""                # "dtype" when the target's loops lack one of its dtypes
+
+
+def step_work(step, nodes: list[Node]) -> tuple[float, int]:
+    """(FLOPs, bytes) of one step of a plan running `nodes` (its kernel's group): the ops'
+    registry FLOPs; the bytes of the arrays the step reads and writes, each counted once (values
+    a fused loop keeps in registers are not memory traffic)."""
+    flops = float(sum(node_flops(n) for n in nodes if n.opdef.family != "comm"))
+    if isinstance(step, (Loop, Copy)):
+        arrays = list(step.values) + (list(step.anchor.inputs) if getattr(step, "anchor", None) else [])
+    else:
+        arrays = [v for n in nodes for v in list(n.inputs) + n.outputs]
+    return flops, sum(v.type.nbytes for v in dict.fromkeys(arrays))
 
 
 @dataclass

@@ -104,16 +104,20 @@ def _rates(target) -> tuple[float, float]:
     return r.gemm_flops, r.copy_bytes
 
 
+def node_flops(node: Node) -> float:
+    """The registry's FLOP count of one node (one per output element where an op gives none)."""
+    ins, outs = [v.type for v in node.inputs], [v.type for v in node.outputs]
+    return node.opdef.cost(ins, outs, **node.attrs) if node.opdef.cost else sum(t.size for t in outs)
+
+
 def op_seconds(node: Node, rates: tuple[float, float]) -> float:
     """A roofline estimate of one node: its FLOPs (the registry's cost) at the target's measured
     GEMM rate or its bytes read and written at the measured copy rate, whichever takes longer.
     Views (reshape, flatten), literals and communication cost nothing here."""
     if node.op in LITERALS or node.op in ("reshape", "flatten") or node.opdef.family == "comm":
         return 0.0
-    ins, outs = [v.type for v in node.inputs], [v.type for v in node.outputs]
-    flops = node.opdef.cost(ins, outs, **node.attrs) if node.opdef.cost else sum(t.size for t in outs)
-    nbytes = sum(t.nbytes for t in ins + outs)
-    return max(flops / rates[0], nbytes / rates[1])
+    nbytes = sum(v.type.nbytes for v in node.inputs + node.outputs)
+    return max(node_flops(node) / rates[0], nbytes / rates[1])
 
 
 def forward_costs(graph: Graph, target=None, training: bool = True) -> dict[Node, float]:

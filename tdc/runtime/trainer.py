@@ -42,6 +42,7 @@ from ..passes.parameter_server import ParameterServer
 from ..passes.partition import Partition
 from ..frontend.init import whole_params
 from .schedule import SCHEDULES, Schedule, make_schedule
+from .profile import host_peak, profile_table
 from .prune import SCOPES, Prune, mask_names, prune_state, sparsity_report
 from ..files import atomic_write, check_output_dir, check_output_file
 from ..ir.weights import save_npz
@@ -243,7 +244,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
           parallel: DataParallel | ParameterServer | None = None, comm_timeout: float = 30.0,
           nonfinite_steps: int = 1, staleness_lr: bool = False, momentum_correction: bool = False,
           hogwild: bool = False, threads: int | None = None, prune: Prune | None = None,
-          qat: bool = False, sparse: bool = False) -> TrainResult:
+          qat: bool = False, sparse: bool = False, profile: bool = False) -> TrainResult:
     """Train `model` (a Model or "FILE.py[:NAME]") on `data` (a Dataset, "digits" or "mnist:DIR").
 
     schedule: a Schedule, or a name (constant|step|cosine) built with warmup/step_size/gamma and,
@@ -253,6 +254,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
       with a note, when there is none yet).
     max_steps: stop once this many steps (counted over the whole run, including before a resume) are done.
     conv_algo, autotune: convolution algorithm choice, as for `tdc.compile`.
+    profile: time every kernel of the training step (llvm backend) and print where the steps'
+      time went when training ends (tdc.runtime.profile).
     parallel: data parallelism (a DataParallel): `batch` is the global batch, each rank trains on
       its part (batch / ranks) and the gradients are averaged over the ranks every step. On the
       reference backend the ranks are simulated in this process; on numba and llvm this process is
@@ -293,6 +296,10 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         raise TdcError(f"epochs must be >= 0, got {epochs}")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise TdcError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if profile and (parallel is not None or hogwild or backend != "llvm"):
+        raise TdcError("--profile times the kernels of one process's step on the llvm backend: "
+                       "it does not combine with " + ("--ranks" if parallel is not None else
+                                                      "--hogwild" if hogwild else f"--backend {backend}"))
     if hogwild:
         if parallel is not None:
             raise TdcError("--hogwild runs threads in one process; it does not combine with --ranks")
@@ -430,7 +437,7 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
                                time.perf_counter() - t_start, rank=rank, role="server")
     else:
         exe = compile_graph(train_graph, backend=backend, params=params, seed=seed, conv_algo=conv_algo,
-                            autotune=autotune, progress=progress_fn)
+                            autotune=autotune, progress=progress_fn, profile=profile)
     def step_state() -> dict[str, np.ndarray]:
         """The step's params and state; a partitioned step's are gathered at rank 0 (every rank
         must call this)."""
@@ -606,6 +613,8 @@ def train(model, data: Dataset | str = "digits", *, epochs: int = DEFAULT_EPOCHS
         _, correct, test_loss = last_eval
     else:
         correct, test_loss = run_eval()
+    if profile and verbose:
+        out(profile_table(exe.kernel_times(), host_peak()))
     final = model_state() if partitioned or sparse else exe.state
     if save_weights:
         save_npz(save_weights, {k: final[k] for k in saved_args})
@@ -790,6 +799,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "have zeros run as CSR products forward and backward and only their nonzeros are trained "
                         "(exactly zero stays zero); --save-weights writes them dense (default off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--profile", action="store_true",
+                   help="llvm backend: time every kernel of the training step and print, when training ends, each "
+                        "one's ops, time per step, share, GFLOP/s, GB/s and fraction of the host's FMA peak")
     p.add_argument("--nonfinite-steps", type=int, default=1, metavar="N",
                    help="stop once N steps in a row had a NaN or infinite loss (default 1)")
     p.add_argument("--threads", type=int, metavar="N",
@@ -835,7 +847,7 @@ def cmd_train(args, argv: list[str] | None = None) -> int:
                        parallel=parallel, comm_timeout=args.comm_timeout, nonfinite_steps=args.nonfinite_steps,
                        staleness_lr=args.staleness_lr, momentum_correction=args.momentum_correction,
                        hogwild=args.hogwild, threads=args.threads, prune=prune, qat=args.qat,
-                       params=_initial_weights(args), sparse=args.sparse == "on")
+                       params=_initial_weights(args), sparse=args.sparse == "on", profile=args.profile)
     except Exception as e:
         if launched_ranks() > 1 and not getattr(args, "debug", False):   # one rank alone would leave the others waiting
             fail_job(str(e) if isinstance(e, TdcError) else f"internal error: {type(e).__name__}: {e}")

@@ -9,13 +9,16 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import time
 
 import numpy as np
 
 from ...errors import TdcError
 from ...ir.graph import Graph
 from ...lower.pipeline import optimize_for_target, weight_prologue
-from ..executable import check_feed, check_sparse_weights, copy_inputs, initial_state
+from ...lower.plan import step_work
+from ...passes.fuse import kernels
+from ..executable import KernelTime, check_feed, check_sparse_weights, copy_inputs, initial_state
 
 ENTRY_ARGS = (ctypes.c_void_p,) * 4
 
@@ -56,14 +59,31 @@ def optimize(ir_text: str, tm):
     return mod
 
 
-def compile_graph(graph: Graph, name: str = "tdc_graph", autotune: bool = False):
+def compile_graph(graph: Graph, name: str = "tdc_graph", autotune: bool = False, profile: bool = False):
     """Optimise the graph for codegen (the compile pipeline, whose conv_algo pass picks by the C
-    runtime's costs, or with --autotune by timing the C kernels) and build its LLVM module.
-    Returns (graph, ModuleBuilder)."""
+    runtime's costs, or with --autotune by timing the C kernels) and build its LLVM module
+    (with `profile`, one that times each of its kernels). Returns (graph, ModuleBuilder)."""
     from .codegen import build_module
     from .target import TARGET
     g = optimize_for_target(graph, TARGET, autotune)
-    return g, build_module(g, name)
+    return g, build_module(g, name, profile=profile)
+
+
+def fma_peak_gflops(threads: int, seconds: float = 0.2) -> float:
+    """The FMA throughput of `threads` cores running at once, in GFLOP/s, measured by the C
+    runtime's register-only loop (runtime/timing.c) for about `seconds`."""
+    from .runtime import build_runtime
+    lib = ctypes.CDLL(str(build_runtime().shared_lib_path))
+    lib.tdc_fma_peak_gflops.restype = ctypes.c_double
+    lib.tdc_fma_peak_gflops.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    iters = 1 << 16
+    t0 = time.perf_counter()
+    lib.tdc_fma_peak_gflops(threads, iters)   # a first guess, scaled to about `seconds` per run
+    iters = max(iters, int(iters * seconds / max(time.perf_counter() - t0, 1e-6)))
+    best = max(lib.tdc_fma_peak_gflops(threads, iters) for _ in range(3))
+    if best <= 0:
+        raise TdcError("the FMA peak measurement could not start its threads")
+    return best
 
 
 def _load_libgcc(llvm):
@@ -95,7 +115,8 @@ def label_error(code: int, graph: Graph | None = None) -> TdcError:
 class LLVMExecutable:
     backend = "llvm"
 
-    def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0, autotune: bool = False):
+    def __init__(self, graph: Graph, params: dict | None = None, seed: int = 0, autotune: bool = False,
+                 profile: bool = False):
         from .runtime import build_runtime
         llvm = _llvm()
         self.source_graph = graph
@@ -104,7 +125,7 @@ class LLVMExecutable:
         if self._prologue is not None:     # an inference graph's weight-only work, done once per weights
             graph = self._prologue.main
             values = {**values, **self._prologue.evaluate(values)}
-        self.graph, mb = compile_graph(graph, autotune=autotune)
+        self.graph, mb = compile_graph(graph, autotune=autotune, profile=profile)
         self.module_builder = mb
         self.llvm_ir = str(mb.module)
         rt = build_runtime()
@@ -117,6 +138,12 @@ class LLVMExecutable:
         self._engine = llvm.create_mcjit_compiler(mod, tm)
         self._engine.finalize_object()
         addr = self._engine.get_function_address(f"{mb.name}_run")
+        self._profile = None   # with profile: the seconds each kernel took, summed over self.calls calls
+        if profile:
+            slots = len(mb.profiled)
+            where = self._engine.get_global_value_address(f"{mb.name}_profile")
+            self._profile = np.ctypeslib.as_array((ctypes.c_double * max(slots, 1)).from_address(where))[:slots]
+        self.calls = 0
         self._run = ctypes.CFUNCTYPE(ctypes.c_int64, *ENTRY_ARGS)(addr)
         # one BLAS thread unless asked otherwise: two spin against each other on 2 vCPUs (see main.c)
         threads = max(int(os.environ.get("TDC_BLAS_THREADS", "1")), 1)
@@ -208,6 +235,21 @@ class LLVMExecutable:
             for name, x in self._prologue.evaluate(current).items():
                 self._views[name][...] = x
 
+    def kernel_times(self) -> list[KernelTime]:
+        """Of an executable compiled with profile=True: each kernel's ops, work and the seconds
+        it took over the calls so far (`reset_times` starts again)."""
+        if self._profile is None:
+            raise TdcError("this executable was compiled without profiling (compile(..., profile=True))")
+        groups = dict(kernels(self.graph))
+        return [KernelTime(step.name, [n.op for n in groups.get(step.name, [])], self.calls, float(secs),
+                           *step_work(step, groups.get(step.name, [])))
+                for step, secs in zip(self.module_builder.profiled, self._profile)]
+
+    def reset_times(self) -> None:
+        if self._profile is not None:
+            self._profile[:] = 0.0
+        self.calls = 0
+
     def source(self) -> str:
         """The generated LLVM IR, before optimisation."""
         return self.llvm_ir
@@ -215,6 +257,7 @@ class LLVMExecutable:
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         copy_inputs(self.inputs, inputs)
         code = self._run(self._in_ptrs, self._out_ptrs, self.weights.ctypes.data, self.scratch.ctypes.data)
+        self.calls += 1
         if code:
             raise label_error(code, self.graph)
         return {n: x.copy() for n, x in self.outputs}

@@ -92,8 +92,10 @@ class ModuleBuilder:
     outputs of the whole step, shared by every rank's program (bundle.py)."""
 
     def __init__(self, graph: Graph, name: str, layout: WeightsLayout | None = None,
-                 inputs: list[str] | None = None, outputs: list[str] | None = None):
+                 inputs: list[str] | None = None, outputs: list[str] | None = None, profile: bool = False):
         self.graph = graph
+        self.profile = profile
+        self.profiled: list = []    # with profile: the steps timed, in order; their seconds sum in {name}_profile
         self.name = name
         self.program: KernelPlan = build_plan(graph, tuple(MEM))
         self.plan: MemoryPlan = plan_memory(graph)
@@ -193,7 +195,16 @@ class ModuleBuilder:
         for a, n in zip(fn.args, ("inputs", "outputs", "weights", "scratch")):
             a.name = n
         b = ir.IRBuilder(fn.append_basic_block("entry"))
+        timed = [st for st in self.program.steps if not isinstance(st, View) or st.node in self.copies]
+        if self.profile:
+            clock = ir.Function(self.module, ir.FunctionType(F64, []), name="tdc_prof_now")
+            add = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [PTR, F64]), name="tdc_prof_add")
+            acc = ir.GlobalVariable(self.module, ir.ArrayType(F64, len(timed)), name=f"{self.name}_profile")
+            acc.initializer = ir.Constant(ir.ArrayType(F64, len(timed)), None)
+            self.profiled = timed
         for step in self.program.steps:
+            if self.profile and step in timed:
+                t0 = b.call(clock, [])
             if isinstance(step, View):
                 if step.node in self.copies:
                     src, out = self.copies[step.node]
@@ -204,6 +215,10 @@ class ModuleBuilder:
                 self._comm_step(b, step.node)
             else:
                 b = self._library_step(b, fn, step.name, step.node)
+            if self.profile and step in timed:
+                slot = b.gep(acc, [ir.Constant(I64, 0), ir.Constant(I64, timed.index(step))],
+                             source_etype=acc.value_type)
+                b.call(add, [slot, t0])
         # outputs are copied before updates: an output that is an updated param returns its old value
         for i, (_, v) in zip(self.output_slots, self.graph.outputs):
             dst = b.load(b.gep(self.outputs_arg, [ir.Constant(I64, i)], source_etype=PTR), typ=PTR)

@@ -57,6 +57,9 @@ double tdc_time_linear_f32(const float *x, const float *w, const float *b, int64
 double tdc_time_sparse_linear_f32(const float *x, const float *values, const int32_t *cols, const int32_t *rowptr,
                                   const float *b, int64_t has_bias, float *out, int64_t M, int64_t K, int64_t N,
                                   int64_t reps);
+double tdc_prof_now(void);
+void tdc_prof_add(double *slot, double t0);
+double tdc_fma_peak_gflops(int64_t threads, int64_t iters);
 /* out[M,N] = a[M,K] @ b[K,N]. */
 void tdc_matmul_f32(const float *a, const float *b, float *out, int64_t M, int64_t K, int64_t N);
 /* out[i] = a[ia[i]] @ b[ib[i]] for i < B; a is [*,M,K], b [*,K,N], out [B,M,N]. */

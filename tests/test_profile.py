@@ -1,0 +1,96 @@
+"""The profiler: a profiled llvm executable times each kernel; the table and the host's peak."""
+import os
+import time
+
+import numpy as np
+import pytest
+
+import tdc
+import tdc.backends.llvm as llvm_backend
+from tdc.cli import main
+from tdc.errors import TdcError
+from tdc.runtime.inputs import random_inputs
+from tdc.runtime.loader import load_model
+from tdc.runtime.profile import host_peak, profile_table, run_profiled
+
+EX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    g = load_model(os.path.join(EX, "lenet.py")).trace(batch=8)
+    return g, tdc.compile(g, backend="llvm", seed=3, profile=True), random_inputs(g, 1)
+
+
+def test_profiled_step_computes_what_the_plain_one_does(lenet):
+    g, exe, ins = lenet
+    plain = tdc.compile(g, backend="llvm", seed=3)
+    for k, y in plain(**ins).items():
+        np.testing.assert_array_equal(exe(**ins)[k], y)
+
+
+def test_kernel_times_account_for_the_calls(lenet):
+    g, exe, ins = lenet
+    exe.reset_times()
+    start = time.perf_counter()
+    for _ in range(20):
+        exe(**ins)
+    wall = time.perf_counter() - start
+    times = exe.kernel_times()
+    assert all(t.calls == 20 for t in times)
+    timed = sum(t.seconds for t in times)
+    assert 0 < timed <= wall          # the kernels run inside the calls
+    assert timed > 0.3 * wall         # and are most of them (the rest: copying inputs and outputs in Python)
+    ops = [op for t in times for op in t.ops]
+    assert ops.count("conv2d") == 2 and ops.count("linear") == 3 and ops.count("maxpool2d") == 2
+
+
+def test_kernel_work_is_the_ops_flops_and_arrays(lenet):
+    g, exe, _ = lenet
+    conv = next(n for n in exe.graph.nodes if n.op == "conv2d")
+    (n, c, _, _), (m, _, kh, kw) = conv.inputs[0].type.shape, conv.inputs[1].type.shape
+    _, _, ho, wo = conv.outputs[0].type.shape
+    t = next(t for t in exe.kernel_times() if t.ops[0] == "conv2d" and t.ops[1:] == ["relu"]
+             and conv in dict(tdc.passes.fuse.kernels(exe.graph))[t.name])
+    out = n * m * ho * wo
+    assert t.flops == 2 * out * c * kh * kw + 2 * out   # multiply-adds, then the bias and the relu
+    assert t.bytes >= 4 * (conv.inputs[0].type.size + conv.inputs[1].type.size + out)
+
+
+def test_table_and_peak(lenet, tmp_path, monkeypatch):
+    g, exe, ins = lenet
+    monkeypatch.setenv("TDC_CACHE_DIR", str(tmp_path))
+    calls = run_profiled(exe, ins, min_seconds=0.05, min_calls=7)
+    assert calls >= 7 and exe.calls == calls
+    peak, threads = host_peak(1)
+    assert threads == 1 and 1 < peak < 1e4
+    times = exe.kernel_times()
+    for t in times:   # no kernel runs faster than the machine can: a peak measured too low shows here
+        assert t.flops / (t.seconds / t.calls) * 1e-9 < 1.5 * host_peak(len(os.sched_getaffinity(0)))[0]
+    monkeypatch.setattr(llvm_backend, "fma_peak_gflops", lambda threads: pytest.fail("measured twice"))
+    assert host_peak(1) == (peak, 1)   # cached per CPU model and thread count
+    table = profile_table(times, (peak, 1))
+    lines = table.splitlines()
+    assert lines[0].startswith(f"profile: {calls} calls") and len(lines) == 2 + len(times) + 1
+    assert "conv2d,relu" in table and lines[-1].split()[:1] == ["step"] and "100.0%" in lines[-1]
+    short = profile_table(times, None, top=2).splitlines()
+    assert short[-2].startswith(f"({len(times) - 2} more)") and "%peak" not in short[1]
+
+
+def test_profile_refusals(lenet, capsys):
+    g, exe, _ = lenet
+    with pytest.raises(TdcError, match="not the numba backend"):
+        tdc.compile(g, backend="numba", profile=True)
+    with pytest.raises(TdcError, match="compiled without profiling"):
+        tdc.compile(g, backend="llvm").kernel_times()
+    assert main(["train", os.path.join(EX, "digits.py"), "--profile", "--backend", "reference",
+                 "--no-progress"]) == 1
+    assert "does not combine with --backend reference" in capsys.readouterr().err
+
+
+def test_cli_run_profile(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TDC_CACHE_DIR", str(tmp_path))
+    assert main(["run", os.path.join(EX, "mlp.py"), "--random-inputs", "--batch", "4", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "profile: " in out and "linear,relu" in out and "%peak" in out
+    assert out.strip().splitlines()[-1].startswith("step")
