@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="link the installed OpenBLAS instead of copying it into the bundle (saves 25 MB per bundle; "
                         "the bundle can then not move to another machine)")
     c.add_argument("--name", help="C name of the entry point, NAME_run (default: the model's name)")
+    c.add_argument("--profile", action="store_true",
+                   help="time every kernel: the executable's --profile then prints each one's ops, time per call, "
+                        "share, GFLOP/s, GB/s and fraction of the host's FMA peak (two clock reads per kernel)")
     c.add_argument("--train", action="store_true",
                    help="compile the training step: the executable runs --steps steps over data files "
                         "and writes the updated weights")
@@ -608,7 +611,7 @@ def cmd_compile(args) -> int:
         graph, params, _ = apply_sparse(args, graph, params, "llvm", training=args.train)
     b = write_bundle(request_conv_algo(graph, args.conv_algo), args.output, params=params, seed=args.seed,
                      name=args.name or src.name, embed_weights=args.embed_weights, training=args.train,
-                     autotune=args.autotune, copy_blas=not args.shared_blas,
+                     autotune=args.autotune, copy_blas=not args.shared_blas, profile=args.profile,
                      schedule=LrSchedule(args.schedule, args.warmup, args.step_size, args.gamma) if args.train else None)
     kind = "training step" if args.train else "int8 inference" if quantized else "inference"
     if partitioned:

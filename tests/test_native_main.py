@@ -452,6 +452,7 @@ def test_usage_and_run_errors(toy, tmp_path):
         ([*args, *wo, "--repeat"], 2, ["--repeat needs a value"]),
         ([*args, *wo, "--steps", "3"], 2, ["--steps is for training models"]),
         ([*args, *wo, "--save", "a"], 2, ["--save is for training models"]),
+        ([*args, *wo, "--profile"], 2, ["was compiled without timers", "tdc compile --profile"]),
         ([*args[:5], f"labels={bad_labels}", *args[6:], *wo], 1, ["a label is out of range (element 1)"]),
         ([*args[:7], "scale=abc", *wo], 1, ["input 'scale'", "cannot open 'abc'"]),
         ([*args, *wo, "--weights", tmp_path / "none.weights"], 1, ["cannot open weights file"]),

@@ -94,3 +94,28 @@ def test_cli_run_profile(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert "profile: " in out and "linear,relu" in out and "%peak" in out
     assert out.strip().splitlines()[-1].startswith("step")
+
+
+def test_native_executable_profile(tmp_path, capsys):
+    """tdc compile --profile: the executable's --profile prints every kernel over every step."""
+    out = tmp_path / "mlp"
+    assert main(["compile", os.path.join(EX, "mlp.py"), "-o", str(out), "--train", "--profile", "--batch", "16"]) == 0
+    header = (out / "model.h").read_text()
+    kernels = int(header.split("#define TDC_NUM_KERNELS ")[1].split()[0])
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((16, 784)).astype(np.float32))
+    np.save(tmp_path / "y.npy", rng.integers(0, 10, 16).astype(np.int64))
+    import subprocess
+    run = subprocess.run([str(out / "model"), f"--input=x={tmp_path / 'x.npy'}", f"--input=y={tmp_path / 'y.npy'}",
+                          "--input", "lr=0.01", "--steps", "30", "--save", str(tmp_path / "w.weights"), "--profile"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    text = run.stdout[run.stdout.index("profile: "):].splitlines()
+    assert text[0].startswith("profile: 30 calls") and f"in {kernels} kernels" in text[0]
+    rows = text[2:-1]
+    assert len(rows) == min(kernels, 15) + (kernels > 15) and text[-1].startswith("step")
+    shares = [float(r.split("%")[0].split()[-1]) for r in rows]
+    assert abs(sum(shares) - 100) < 1 and shares[:-1] == sorted(shares[:-1], reverse=True)
+    assert any("linear" in r for r in rows[:3])   # the products are the costliest kernels
+    bad = subprocess.run([str(out / "model"), "--profile", "--hogwild"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "does not combine with --hogwild" in bad.stderr

@@ -24,7 +24,9 @@ from llvmlite import ir
 
 from ...errors import TdcError
 from ...ir.graph import Graph
+from ...lower.plan import step_work
 from ...lower.ranks import is_partitioned, rank_program
+from ...passes.fuse import kernels
 from ..executable import graph_ranks
 from . import compile_graph, optimize, target_machine
 from .codegen import ModuleBuilder
@@ -165,6 +167,30 @@ extern const unsigned char {n}_weights_data[TDC_WEIGHTS_BYTES];
 """
 
 
+def profile_header(graph: Graph, mb: ModuleBuilder) -> str:
+    """What main.c's --profile prints: each timed kernel's name, ops and work, and the seconds
+    the program sums per kernel ({name}_profile, codegen's profile=True)."""
+    groups = dict(kernels(graph))
+    rows = []
+    for step in mb.profiled:
+        nodes = groups.get(step.name, [])
+        flops, nbytes = step_work(step, nodes)
+        ops = ",".join(dict.fromkeys(n.op for n in nodes)) or "copy"
+        rows.append(f'{{"{step.name}", "{ops}", {flops!r}, {nbytes}}}')
+    n = mb.name
+    table = ",\n    ".join(rows) if rows else '{"", "", 0, 0}'
+    return f"""#define TDC_PROFILE 1
+#define TDC_NUM_KERNELS {len(rows)}
+typedef struct {{ const char *name, *ops; double flops; int64_t bytes; }} tdc_kernel_info;
+static const tdc_kernel_info {n}_kernels[{max(len(rows), 1)}] = {{
+    {table}
+}};
+extern double {n}_profile[{max(len(rows), 1)}];   /* seconds per kernel, summed over the calls */
+#define TDC_KERNELS {n}_kernels
+#define TDC_KERNEL_SECONDS {n}_profile
+"""
+
+
 def fingerprint(mbs: list[ModuleBuilder]) -> str:
     """16 hex digits of a hash of the modules' IR (before the weights are embedded)."""
     return hashlib.sha256("".join(str(mb.module) for mb in mbs).encode()).hexdigest()[:16]
@@ -193,24 +219,29 @@ def _gcc(args: list[str], what: str):
 
 def write_bundle(graph: Graph, out_dir: str, params: dict | None = None, seed: int = 0,
                  name: str | None = None, embed_weights: bool = False, training: bool = False,
-                 autotune: bool = False, schedule: LrSchedule | None = None, copy_blas: bool = True) -> Bundle:
+                 autotune: bool = False, schedule: LrSchedule | None = None, copy_blas: bool = True,
+                 profile: bool = False) -> Bundle:
     """Compile `graph` into the bundle directory `out_dir` (created or refreshed). A graph placed
     on ranks (lower/ranks.py) becomes one program per rank behind one entry point, which runs
-    the calling rank's."""
+    the calling rank's. With `profile` the program times its kernels (the executable's --profile)."""
     from ..executable import initial_state
     from .runtime import build_comm, build_runtime
 
     cname = c_name(name or graph.name)
     if is_partitioned(graph):
+        if profile:
+            raise TdcError("--profile times one program's kernels; a partitioned step has one program per rank")
         mbs, face = _partitioned_modules(graph, cname, autotune)
         values = initial_state(graph, params, seed)
     else:
-        g, mb = compile_graph(graph, cname, autotune)
+        g, mb = compile_graph(graph, cname, autotune, profile=profile)
         mbs, face = [mb], Interface.of(mb)
         values = initial_state(g, params, seed)
     if schedule is not None and schedule.name != "constant" and not any(n == "lr" for n, _ in face.inputs):
         raise TdcError(f"--schedule {schedule.name}: the graph has no `lr` input to schedule")
     header = header_text(face, training, embed_weights, schedule)   # before the weights go into the module
+    if profile:
+        header = header[:header.rindex("#endif")] + profile_header(g, mbs[0]) + "#endif\n"   # inside the guard
     if embed_weights:
         _embed(mbs[0], _pack(face, values))
     rt = build_runtime()

@@ -57,6 +57,9 @@
 #define TDC_RANKS 1
 #define TDC_FINGERPRINT 0ULL
 #endif
+#ifndef TDC_PROFILE       /* 1: compiled with tdc compile --profile, the program times its kernels */
+#define TDC_PROFILE 0
+#endif
 #ifndef TDC_PARTITIONED   /* 1: every rank runs its own part of the step on the whole batch */
 #define TDC_PARTITIONED 0
 #endif
@@ -837,12 +840,12 @@ static void run_failed(int64_t rc, long long step, long long batch) {
 static void usage_line(FILE *out) {
 #if TDC_TRAINING
     fprintf(out, "usage: %s%s --input NAME=FILE.npy|NUMBER ... [--steps N] [--print-every K] [--weights FILE]\n"
-                 "       [--save FILE] [--output NAME=FILE.npy ...] [--threads N [--hogwild]]%s\n",
+                 "       [--save FILE] [--output NAME=FILE.npy ...] [--threads N [--hogwild]]%s%s\n",
             TDC_RANKS > 1 ? "mpiexec -n N " : "", prog,
-            TDC_COMM ? " [--comm-timeout S]" : "");
+            TDC_COMM ? " [--comm-timeout S]" : "", TDC_PROFILE ? " [--profile]" : "");
 #else
     fprintf(out, "usage: %s --input NAME=FILE.npy|NUMBER ... [--output NAME=FILE.npy ...] [--weights FILE]\n"
-                 "       [--repeat N]\n", prog);
+                 "       [--repeat N]%s\n", prog, TDC_PROFILE ? " [--profile]" : "");
 #endif
 }
 
@@ -854,6 +857,13 @@ static void print_tensors(const char *title, const tdc_tensor_info *ts, int n) {
                DTYPES[ts[i].dtype].descr);
     if (n == 0) printf("  (none)\n");
 }
+
+#if TDC_PROFILE
+#define PROFILE_HELP "  --profile           print each kernel's ops, time per call, share, GFLOP/s, GB/s and fraction\n" \
+                     "                      of this host's FMA peak (measured for about a second) after the runs\n"
+#else
+#define PROFILE_HELP ""
+#endif
 
 static void help(const char *argv0) {
     usage_line(stdout);
@@ -890,19 +900,21 @@ static void help(const char *argv0) {
            "                      each run whole steps at once\n"
            "  --hogwild           N threads train on their own batches and update the shared weights without\n"
            "                      locks (Hogwild); steps are dealt out round robin\n"
+           "%s"
            "  -h, --help          this help\n"
            "\nThe learning rate (input lr) follows the schedule compiled in: %s, %d warm-up steps.\n"
            "\nAn input file for an input of shape [B, ...] may hold [k*B, ...]: it is split into k batches\n"
            "along dim 0 and step s uses batch s mod k. Rank-0 inputs are the same every step. The scalar\n"
            "outputs (e.g. the loss) are printed every K steps and at the last step.\n",
-           DEFAULT_SAVE, TDC_SCHEDULE == 2 ? "cosine decay to 0 over the steps" : TDC_SCHEDULE == 1 ? "step decay" : "constant",
+           PROFILE_HELP, DEFAULT_SAVE, TDC_SCHEDULE == 2 ? "cosine decay to 0 over the steps" : TDC_SCHEDULE == 1 ? "step decay" : "constant",
            TDC_WARMUP);
 #else
     printf("  --repeat N          run N times; print the median, min and max time per run\n"
            "  --threads N         threads for the kernels (default: the CPUs)\n"
+           "%s"
            "  -h, --help          this help\n"
            "\nAn input file for an input of shape [B, ...] may hold any number of samples [n, ...]: they run\n"
-           "batch by batch (the last batch padded with zeros), and each output holds n rows.\n");
+           "batch by batch (the last batch padded with zeros), and each output holds n rows.\n", PROFILE_HELP);
 #endif
 #if TDC_COMM
     if (TDC_RANKS > 1 && TDC_PARTITIONED)
@@ -973,7 +985,7 @@ typedef struct {
     const char *outputs[TDC_NUM_OUTPUTS + 1];
     const char *weights, *save;
     long long repeat, steps, print_every, threads;
-    int hogwild;
+    int hogwild, profile;
     double comm_timeout;
 } options;
 
@@ -996,6 +1008,11 @@ static void parse_args(int argc, char **argv, options *o) {
         if (!strcmp(a, "--hogwild")) {
             if (!TDC_TRAINING) wrong_mode(a);
             o->hogwild = 1;
+            continue;
+        }
+        if (!strcmp(a, "--profile")) {
+            if (!TDC_PROFILE) usage_error("`%s` was compiled without timers: build it with tdc compile --profile", TDC_MODEL);
+            o->profile = 1;
             continue;
         }
         static const char *const flags[] = {"--input", "--output", "--weights", "--repeat", "--steps",
@@ -1049,6 +1066,8 @@ static void parse_args(int argc, char **argv, options *o) {
             o->save = val;
         }
     }
+    if (o->hogwild && o->profile)
+        usage_error("--profile times one thread's steps; it does not combine with --hogwild");
     if (o->hogwild && TDC_COMM)
         usage_error("--hogwild runs threads in one process; this executable was compiled for %d ranks", TDC_RANKS);
     char buf[160];
@@ -1251,6 +1270,62 @@ static void gather_weights(unsigned char *w) {
 }
 #endif
 
+#if TDC_PROFILE
+extern double tdc_fma_peak_gflops(int64_t threads, int64_t iters);
+
+/* The kernels by the time they took over `calls` calls (the 15 costliest, then the rest), as
+ * tdc run --profile prints them, against the FMA peak of `threads` cores measured here. */
+static void print_profile(long long calls, long long threads) {
+    int order[TDC_NUM_KERNELS + 1];
+    double total = 0, flops = 0;
+    for (int k = 0; k < TDC_NUM_KERNELS; k++) {
+        order[k] = k;
+        total += TDC_KERNEL_SECONDS[k];
+        flops += TDC_KERNELS[k].flops;
+    }
+    for (int i = 1; i < TDC_NUM_KERNELS; i++)    /* insertion sort, slowest first */
+        for (int j = i; j > 0 && TDC_KERNEL_SECONDS[order[j]] > TDC_KERNEL_SECONDS[order[j - 1]]; j--) {
+            int t = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = t;
+        }
+    int64_t iters = 1 << 16;
+    double t0 = now_ms();
+    tdc_fma_peak_gflops(threads, iters);
+    iters = (int64_t)((double)iters * 300.0 / fmax(now_ms() - t0, 1e-3));
+    double peak = 0;
+    for (int r = 0; r < 3; r++) peak = fmax(peak, tdc_fma_peak_gflops(threads, iters > 1 << 16 ? iters : 1 << 16));
+    if (calls < 1 || total <= 0) {
+        printf("profile: no calls were timed\n");
+        return;
+    }
+    printf("profile: %lld calls, %.3f ms per call in %d kernels; host FMA peak %.0f GFLOP/s on %lld core%s\n",
+           calls, total / (double)calls * 1e3, (int)TDC_NUM_KERNELS, peak, threads, threads > 1 ? "s" : "");
+    printf("%-14s %-34s %9s %6s %8s %7s %6s\n", "kernel", "ops", "us/call", "share", "GFLOP/s", "GB/s", "%peak");
+    double rest = 0;
+    for (int i = 0; i < TDC_NUM_KERNELS; i++) {
+        const tdc_kernel_info *k = &TDC_KERNELS[order[i]];
+        double secs = TDC_KERNEL_SECONDS[order[i]] / (double)calls;
+        if (i >= 15) {
+            rest += TDC_KERNEL_SECONDS[order[i]];
+            continue;
+        }
+        double rate = secs > 0 ? k->flops / secs * 1e-9 : 0;
+        printf("%-14s %-34.34s %9.1f %5.1f%% %8.2f %7.2f %5.1f%%\n", k->name, k->ops, secs * 1e6,
+               100.0 * TDC_KERNEL_SECONDS[order[i]] / total, rate, secs > 0 ? (double)k->bytes / secs * 1e-9 : 0,
+               peak > 0 ? 100.0 * rate / peak : 0);
+    }
+    if (TDC_NUM_KERNELS > 15) {
+        char more[32];
+        snprintf(more, sizeof more, "(%d more)", (int)TDC_NUM_KERNELS - 15);
+        printf("%-49s %9.1f %5.1f%%\n", more, rest / (double)calls * 1e6, 100.0 * rest / total);
+    }
+    double rate = flops / (total / (double)calls) * 1e-9;
+    printf("%-49s %9.1f %5.1f%% %8.2f %7s %5.1f%%\n", "step", total / (double)calls * 1e6, 100.0, rate, "",
+           peak > 0 ? 100.0 * rate / peak : 0);
+}
+#endif
+
 int main(int argc, char **argv) {
     set_blas_threads();
     if (argc > 0 && argv[0] && *argv[0]) {
@@ -1407,6 +1482,9 @@ int main(int argc, char **argv) {
 #endif
         save_weights(save, weights);
         printf("saved the trained weights to %s\n", save);
+#if TDC_PROFILE
+        if (o.profile) print_profile(steps, o.threads ? o.threads : sysconf(_SC_NPROCESSORS_ONLN));
+#endif
     }
 #else
     /* A whole file of samples runs batch by batch; each output then holds a row per sample. */
@@ -1448,6 +1526,9 @@ int main(int argc, char **argv) {
                                         (long long)per_batch, (long long)rows);
         for (int k = 0; k < TDC_NUM_OUTPUTS; k++) print_summary(&full[k], results[k]);
         if (o.repeat) print_times(times, runs, "runs");
+#if TDC_PROFILE
+        if (o.profile) print_profile(runs * batches, o.threads ? o.threads : sysconf(_SC_NPROCESSORS_ONLN));
+#endif
     }
 #endif
     for (int k = 0; k < TDC_NUM_OUTPUTS; k++) {
