@@ -25,6 +25,8 @@ demo: $(STAMP)
 	$(TDC) run examples/lenet.py --random-inputs --seed 0 --backend reference
 	@echo "   ...and compiled by the numba backend (fused kernels, planned memory), same outputs:"
 	$(TDC) run examples/lenet.py --random-inputs --seed 0 --backend numba
+	@echo "   ...and on the LLVM backend with --profile: where each call's time goes, kernel by kernel:"
+	$(TDC) run examples/lenet.py --random-inputs --seed 0 --profile
 	@echo
 	@echo "== 3. The digits CNN's training step after fusion (forward, backward and Adam in one graph)"
 	$(TDC) dump examples/digits.py --batch 16 --train --after fuse -o out/digits_step.tdc
