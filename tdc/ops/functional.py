@@ -226,6 +226,99 @@ def avgpool2d(x, kernel, stride=None, pad=0, ceil_mode: bool = False, count_incl
 def global_avgpool(x): return apply("global_avgpool", x)
 
 
+# ---- resizing ----------------------------------------------------------------------------
+def _resize_problem(x_type, sizes, scales, axes, mode, coordinate_transformation_mode, nearest_mode,
+                    keep_aspect_ratio_policy, antialias, roi) -> str | None:
+    """What makes resize's arguments invalid, or None (shared with the ONNX importer)."""
+    if (sizes is None) == (scales is None):
+        return "give exactly one of sizes and scales"
+    if len(set(axes)) != len(axes) or not builtins.all(0 <= a < x_type.rank for a in axes):
+        return f"axes {list(axes)} must be distinct dims of the rank-{x_type.rank} input"
+    given, what = (sizes, "sizes") if sizes is not None else (scales, "scales")
+    if len(given) != len(axes):
+        return f"{len(given)} {what} {list(given)} for the {len(axes)} resized axes {list(axes)}"
+    if not builtins.all(np.isfinite(v) and v > 0 for v in given):
+        return f"{what} {list(given)} must be > 0"
+    from .resize import COORDINATE_MODES, MODES, NEAREST_MODES
+    for name, v, allowed in (("mode", mode, MODES), ("nearest_mode", nearest_mode, NEAREST_MODES),
+                             ("coordinate_transformation_mode", coordinate_transformation_mode, COORDINATE_MODES),
+                             ("keep_aspect_ratio_policy", keep_aspect_ratio_policy, ("stretch", "not_larger",
+                                                                                     "not_smaller"))):
+        if v not in allowed:
+            return f"{name} must be one of {', '.join(allowed)}, not {v!r}"
+    if antialias and mode == "nearest":
+        return "antialias applies to linear and cubic modes, not nearest"
+    if mode != "nearest" and x_type.dtype not in ("f16", "f32", "f64"):
+        return f"{mode} mode interpolates, so the input must be a float tensor"
+    if roi is not None and len(roi) != 2 * len(axes):
+        return f"roi {list(roi)} must have 2 values per resized axis ({2 * len(axes)})"
+    return None
+
+
+def resize(x, sizes=None, scales=None, mode: str = "nearest", axes=None,
+           coordinate_transformation_mode: str = "half_pixel", nearest_mode: str = "round_prefer_floor",
+           cubic_coeff_a: float = -0.75, exclude_outside: bool = False, antialias: bool = False,
+           keep_aspect_ratio_policy: str = "stretch", roi=None, extrapolation_value: float = 0.0):
+    """Resize `axes` (default: all) of x to `sizes`, or by `scales` (each output dim is
+    floor(dim * scale)), as ONNX Resize: nearest, linear (bilinear, trilinear: one axis after
+    another) or cubic interpolation, with its coordinate_transformation_mode, nearest_mode,
+    cubic_coeff_a, exclude_outside, antialias, keep_aspect_ratio_policy (with sizes) and, for
+    tf_crop_and_resize, roi (starts then ends, fractions of each axis) and extrapolation_value.
+
+    A composite: per resized axis, one gather per filter tap with constant indices computed here,
+    each times a constant weight, summed (nearest is a single gather). So every backend runs it and
+    its gradient is the gathers' scatter-adds."""
+    from .resize import axis_taps
+    axes = tuple(range(x.ndim)) if axes is None else tuple(a + x.ndim if a < 0 else a for a in axes)
+    sizes = None if sizes is None else [int(v) for v in sizes]
+    scales = None if scales is None else [float(v) for v in scales]
+    problem = _resize_problem(x.type, sizes, scales, axes, mode, coordinate_transformation_mode, nearest_mode,
+                              keep_aspect_ratio_policy, antialias, roi)
+    if problem:
+        loc = user_location()
+        raise ShapeError(f"{loc + ': ' if loc else ''}resize: {problem} (input {x.type})")
+    dims = [x.shape[a] for a in axes]
+    if sizes is not None:
+        scales = [s / d for s, d in zip(sizes, dims)]
+        if keep_aspect_ratio_policy != "stretch":   # one scale for all axes, the output rounded half up
+            s = (builtins.min if keep_aspect_ratio_policy == "not_larger" else builtins.max)(scales)
+            scales, sizes = [s] * len(dims), [int(s * d + 0.5) for d in dims]
+    else:
+        sizes = [int(np.floor(s * d)) for s, d in zip(scales, dims)]
+    if builtins.min(sizes, default=1) < 1:
+        raise ShapeError(f"resize: the output would have an empty dim: sizes {sizes} of axes {list(axes)} "
+                         f"(input {x.type}, scales {scales})")
+    for j, (a, n_out, scale) in enumerate(zip(axes, sizes, scales)):
+        n_in = x.shape[a]
+        if n_out == n_in and scale == 1.0 and coordinate_transformation_mode != "tf_crop_and_resize":
+            continue   # every mode maps each row to itself
+        span = (0.0, 1.0) if roi is None else (float(roi[j]), float(roi[j + len(axes)]))
+        idx, weight, outside = axis_taps(n_in, n_out, scale, mode, coordinate_transformation_mode, nearest_mode,
+                                         float(cubic_coeff_a), bool(exclude_outside), bool(antialias), span)
+        along = [n_out if i == a else 1 for i in range(x.ndim)]
+        y = None
+        for k in range(idx.shape[1]):
+            tap = gather(x, constant(idx[:, k], "i64"), axis=a)
+            if not np.all(weight[:, k] == 1):
+                tap = tap * constant(weight[:, k].reshape(along), x.dtype)
+            y = tap if y is None else y + tap
+        if outside.any() and extrapolation_value != 0:
+            y = y + constant((outside * float(extrapolation_value)).reshape(along), x.dtype)
+        x = y
+    return x
+
+
+def upsample(x, scale_factor, mode: str = "nearest"):
+    """Scale the spatial dims (2 on) of an [N, C, ...] tensor by scale_factor (a number, or one
+    per spatial dim), as PyTorch's Upsample without align_corners: nearest picks floor(x / s),
+    linear interpolates with half-pixel centres."""
+    spatial = x.ndim - 2
+    factors = [scale_factor] * spatial if isinstance(scale_factor, (int, float)) else list(scale_factor)
+    return resize(x, scales=factors, mode=mode, axes=range(2, x.ndim),
+                  coordinate_transformation_mode="asymmetric" if mode == "nearest" else "pytorch_half_pixel",
+                  nearest_mode="floor")
+
+
 # ---- normalization, dropout -----------------------------------------------------------
 def _lrn_problem(x_type, size, alpha, beta, bias) -> str | None:
     """What makes lrn's arguments invalid, or None (shared with the ONNX importer)."""
