@@ -42,10 +42,10 @@ PREFIXES = {
     "identity": "Identity", "leakyrelu": "LeakyRelu", "less": "Less", "less_equal": "LessOrEqual", "log": "Log",
     "logsoftmax": "LogSoftmax", "lrn": "LRN", "matmul": "MatMul", "max": "Max", "maxpool": "MaxPool", "mean": "Mean",
     "min": "Min", "mul": "Mul", "neg": "Neg", "pow": "Pow", "reduce_max": "ReduceMax", "reduce_mean": "ReduceMean",
-    "reduce_sum": "ReduceSum", "reduce_sum_square": None, "reflect_pad": "Pad", "relu": "Relu", "reshape": "Reshape",
+    "reduce_sum": "ReduceSum", "reduce_sum_square": None, "reflect_pad": "Pad", "relu": "Relu", "reshape": "Reshape", "resize": "Resize",
     "shape": "Shape", "sigmoid": "Sigmoid", "slice": "Slice", "softmax": "Softmax", "sqrt": "Sqrt",
     "squeeze": "Squeeze", "sub": "Sub", "sum": "Sum", "tanh": "Tanh", "training_dropout": "Dropout",
-    "transpose": "Transpose", "unsqueeze": "Unsqueeze", "where": "Where", "wrap_pad": "Pad",
+    "transpose": "Transpose", "unsqueeze": "Unsqueeze", "upsample": "Upsample", "where": "Where", "wrap_pad": "Pad",
 }
 
 # tdc has float16/32/64, int8/16/32/64, uint8/16/32/64 and bool
