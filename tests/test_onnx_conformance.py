@@ -222,8 +222,6 @@ SKIPS: dict[str, str] = {
     "test_maxpool_3d_dilations": "3-D pooling: tdc pools are 2-D",
     "test_maxpool_3d_dilations_use_ref_impl": "3-D pooling: tdc pools are 2-D",
     "test_maxpool_3d_dilations_use_ref_impl_large": "3-D pooling: tdc pools are 2-D",
-    "test_maxpool_with_argmax_2d_precomputed_pads": "the Indices output of MaxPool",
-    "test_maxpool_with_argmax_2d_precomputed_strides": "the Indices output of MaxPool",
     "test_reduce_max_empty_set": "max over an empty axis: ONNX gives -inf, tdc rejects it",
     "test_reduce_min_empty_set": "min over an empty axis: ONNX gives inf, tdc rejects it",
     "test_slice_neg_steps": "negative Slice steps",

@@ -859,11 +859,12 @@ def _pool_geometry(n, x):
 def _maxpool(n):
     x = n.x(0)
     _need_2d(n, x, "MaxPool")
-    if n.attr("storage_order", 0) != 0:
-        n.fail("storage_order=1 is not supported")
-    if n.wants(1):
-        n.fail("the Indices output of MaxPool is not supported")
+    order = n.attr("storage_order", 0)
+    if order not in (0, 1):
+        n.fail(f"storage_order must be 0 or 1, not {order!r}")
     geo, dil = _pool_geometry(n, x)
+    if n.wants(1):
+        return _composite(n, F.maxpool2d, x, dilation=dil, return_indices=True, storage_order=order, **geo)
     return [n.emit("maxpool2d", [x], dilation=dil, **geo)]
 
 

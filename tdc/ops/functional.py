@@ -211,10 +211,41 @@ def conv_transpose2d(x, w, b=None, stride=1, pad=0, output_padding=0, dilation=1
     return y
 
 
-def maxpool2d(x, kernel, stride=None, pad=0, dilation=1, ceil_mode: bool = False):
+def maxpool2d(x, kernel, stride=None, pad=0, dilation=1, ceil_mode: bool = False, return_indices: bool = False,
+              storage_order: int = 0):
+    """Max over each window (padding never wins). With return_indices, also the i64 index of each
+    window's first maximum in x flattened, as ONNX MaxPool's Indices: (n * C + c) * H * W plus
+    h * W + w (storage_order 0) or w * H + h (storage_order 1)."""
     kernel = _pair(kernel, "kernel")
-    return apply("maxpool2d", x, kernel=kernel, stride=kernel if stride is None else _pair(stride, "stride"),
-                 pad=_pads(pad), dilation=_pair(dilation, "dilation"), ceil_mode=ceil_mode)
+    attrs = dict(kernel=kernel, stride=kernel if stride is None else _pair(stride, "stride"), pad=_pads(pad),
+                 dilation=_pair(dilation, "dilation"), ceil_mode=ceil_mode)
+    y = apply("maxpool2d", x, **attrs)
+    if not return_indices:
+        return y
+    if storage_order not in (0, 1):
+        loc = user_location()
+        raise ShapeError(f"{loc + ': ' if loc else ''}maxpool2d: storage_order must be 0 or 1, not {storage_order!r}")
+    return y, _maxpool_indices(x, y, storage_order=storage_order, **attrs)
+
+
+def _maxpool_indices(x, y, kernel, stride, pad, dilation, ceil_mode, storage_order):
+    """The Indices of maxpool2d as a composite: gather each window's taps from the padded image
+    (an im2col as one gather), take the first-index argmax over them, and look up that tap's
+    flat input index in a constant table. Integers, so no gradient flows through it."""
+    from .resize import maxpool_tables
+    (n, c, h, w), (oh, ow) = x.shape, y.shape[2:]
+    fill = -np.inf if x.dtype.startswith("f") else float(np.iinfo(DTYPES[x.dtype]).min)
+    taps, flat, (height_p, width_p) = maxpool_tables((h, w), kernel, stride, pad, dilation, (oh, ow), storage_order)
+    xp = apply("pad", x, pads=(0, 0, pad[0], pad[1], 0, 0, height_p - h - pad[0], width_p - w - pad[1]),
+               value=fill)
+    k = kernel[0] * kernel[1]
+    win = reshape(gather(reshape(xp, (n, c, height_p * width_p)), constant(taps, "i64"), axis=2),
+                  (n, c, oh, ow, k))
+    pos = argmax(win, axis=4, keepdims=False)   # first maximum: ONNX's and onnxruntime's tie rule
+    window = constant((np.arange(oh * ow, dtype=np.int64) * k).reshape(oh, ow), "i64")
+    image = constant((np.arange(n * c, dtype=np.int64) * (h * w)).reshape(n, c, 1, 1), "i64")
+    return reshape(gather(constant(flat, "i64"), reshape(pos + window, (n * c * oh * ow,)), axis=0),
+                   (n, c, oh, ow)) + image
 
 
 def avgpool2d(x, kernel, stride=None, pad=0, ceil_mode: bool = False, count_include_pad: bool = False):
