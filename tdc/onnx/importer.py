@@ -459,7 +459,9 @@ class _Importer:
     def foldable(self, p) -> bool:
         """Whether node p is evaluated at import: all its inputs are known then (and it is not random)."""
         ins = [name for name in p.input if name]
-        return bool(ins) and p.op_type not in _RANDOM_OPS and _default_domain(p) and all(
+        # onnx's reference evaluator has no Resize before opset 11: its converter computes it then
+        evaluable = not (p.op_type == "Resize" and self.opset < 11)
+        return bool(ins) and evaluable and p.op_type not in _RANDOM_OPS and _default_domain(p) and all(
             name in self.static for name in ins)
 
     def is_unsupported(self, n: _Node) -> bool:
@@ -498,8 +500,6 @@ class _Importer:
             scales = node.input[0] + "_scales"
             feeds[scales] = np.array(n.attrs["scales"], np.float32)
             node = helper.make_node("Upsample", [node.input[0], scales], node.output, mode=n.attr("mode", "nearest"))
-        if n.op == "Resize" and self.opset < 11:
-            n.fail("onnx's reference evaluator has no Resize before opset 11, so tdc cannot evaluate it at import")
         outs = [name for name in node.output if name]
         # a one-node graph, not the bare node: the evaluator ignores `opsets` for a NodeProto and runs
         # the newest version of the op, which reads as inputs what older opsets give as attributes
@@ -990,6 +990,16 @@ def _resize(n):
                               a["keep_aspect_ratio_policy"], a["antialias"], roi)
     if problem:
         n.fail(f"{problem} (input {x.type})")
+    if old and mode == "nearest":
+        # no nearest_mode before opset 11: onnxruntime rounds down where it upsamples and up where it
+        # downsamples; the axes are independent, so that is two resizes
+        for up in (True, False):
+            picked = [j for j, s in enumerate(scales) if (s >= 1) == up]
+            if picked:
+                x = _composite(n, F.resize, x, **dict(a, scales=[scales[j] for j in picked],
+                                                      axes=[axes[j] for j in picked],
+                                                      nearest_mode="floor" if up else "ceil"))
+        return [x]
     return [_composite(n, F.resize, x, **a)]
 
 
