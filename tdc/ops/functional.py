@@ -232,12 +232,12 @@ def _maxpool_indices(x, y, kernel, stride, pad, dilation, ceil_mode, storage_ord
     """The Indices of maxpool2d as a composite: gather each window's taps from the padded image
     (an im2col as one gather), take the first-index argmax over them, and look up that tap's
     flat input index in a constant table. Integers, so no gradient flows through it."""
-    from .resize import maxpool_tables
+    from .pool import maxpool_tables
     (n, c, h, w), (oh, ow) = x.shape, y.shape[2:]
     fill = -np.inf if x.dtype.startswith("f") else float(np.iinfo(DTYPES[x.dtype]).min)
     taps, flat, (height_p, width_p) = maxpool_tables((h, w), kernel, stride, pad, dilation, (oh, ow), storage_order)
-    xp = apply("pad", x, pads=(0, 0, pad[0], pad[1], 0, 0, height_p - h - pad[0], width_p - w - pad[1]),
-               value=fill)
+    pads = (0, 0, pad[0], pad[1], 0, 0, height_p - h - pad[0], width_p - w - pad[1])
+    xp = apply("pad", x, pads=pads, value=fill) if any(pads) else x
     k = kernel[0] * kernel[1]
     win = reshape(gather(reshape(xp, (n, c, height_p * width_p)), constant(taps, "i64"), axis=2),
                   (n, c, oh, ow, k))

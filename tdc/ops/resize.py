@@ -1,8 +1,8 @@
-"""Build-time tables for F.resize and F.maxpool2d(return_indices=True), computed with numpy.
+"""The build-time tables of F.resize (ONNX Resize), computed with numpy from the spec's formulas.
 
-Both are compositions of gathers with constant index tables, so they need no kernels of their
-own: every backend runs them and autodiff differentiates them (a gather's gradient is a
-scatter-add). This module only computes the tables, following the ONNX specs' formulas.
+F.resize is a composition of gathers with these constant indices and of multiplications by these
+constant weights, so it needs no kernels of its own: every backend runs it and autodiff
+differentiates it (a gather's gradient is a scatter-add).
 """
 from __future__ import annotations
 
@@ -78,24 +78,3 @@ def axis_taps(n_in: int, n_out: int, scale: float, mode: str, coordinate_mode: s
     if not used.any():
         used[0] = True
     return idx[:, used], weight[:, used], outside
-
-
-def maxpool_tables(hw, kernel, stride, pad, dilation, out_hw, storage_order: int):
-    """For a 2-D max pool over an image of `hw` padded by pad = (top, left, bottom, right) and by
-    the ceil_mode rows past it: `gather` [oh*ow*K] picks each window's K taps out of the flattened
-    padded image (row-major, window-major), and `flat` [oh*ow*K] gives the ONNX index of each tap
-    in the unpadded image: h * W + w (storage_order 0) or w * H + h (1); padding taps get -1.
-    Also the padded shape (height, width)."""
-    (h, w), (kh, kw), (oh, ow) = hw, kernel, out_hw
-    rows = (np.arange(oh)[:, None] * stride[0] + np.arange(kh)[None, :] * dilation[0])   # [oh, kh] padded
-    cols = (np.arange(ow)[:, None] * stride[1] + np.arange(kw)[None, :] * dilation[1])   # [ow, kw]
-    r = rows[:, None, :, None]
-    c = cols[None, :, None, :]
-    # the padded image, with the rows and columns past it that ceil_mode windows reach
-    height_p = max(h + pad[0] + pad[2], int(rows.max()) + 1)
-    width_p = max(w + pad[1] + pad[3], int(cols.max()) + 1)
-    gather = (r * width_p + c).reshape(-1)
-    rr, cc = r - pad[0], c - pad[1]
-    real = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-    flat = np.where(real, rr * w + cc if storage_order == 0 else cc * h + rr, -1).reshape(-1)
-    return gather.astype(np.int64), flat.astype(np.int64), (height_p, width_p)
