@@ -381,3 +381,13 @@ def test_maxpool_indices_of_int8_on_llvm_and_the_gradient_of_y():
 def test_maxpool_storage_order_is_checked():
     with pytest.raises(ShapeError, match="maxpool2d: storage_order must be 0 or 1, not 2"):
         graph_of(lambda t: F.maxpool2d(t, 2, return_indices=True, storage_order=2), (1, 1, 4, 4))
+
+
+def test_maxpool_indices_on_llvm_match_onnxruntime():
+    # dilation, asymmetric pads and a ceil_mode window past the input, column-major indices
+    x = np.random.default_rng(10).standard_normal((2, 3, 7, 6)).astype(np.float32)
+    model = maxpool_model(x.shape, [3, 2], [2, 1], [1, 0, 2, 1], [2, 1], 1, 1)
+    got = tdc.onnx.load(model, backend="llvm")(x=x)
+    want_y, want_i = ort_run(model, {"x": x})
+    np.testing.assert_array_equal(got["y"], want_y)
+    np.testing.assert_array_equal(got["i"], want_i)
