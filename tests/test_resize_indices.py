@@ -273,6 +273,9 @@ def test_import_names_the_node_and_the_attribute():
     bad = resize_model((1, 1, 2, 2), mode="nearest", scales=[1, 1, 2, 2], nearest_mode="nearest")
     with pytest.raises(TdcError, match=r"\(Resize\): nearest_mode must be one of .*not 'nearest'"):
         tdc.onnx.load(bad)
+    bad = resize_model((1, 1, 2, 2), mode="nearest", scales=[2, 2], axes=[2, 4])
+    with pytest.raises(TdcError, match=r"\(Resize\): axes \[2, 4\] must be distinct dims of the rank-4 input"):
+        tdc.onnx.load(bad)
 
 
 def test_resize_and_indices_export_and_run_in_onnxruntime(tmp_path):

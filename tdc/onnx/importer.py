@@ -972,7 +972,7 @@ def _resize(n):
     if n.op == "Upsample" and mode == "bilinear":   # opset 7's name for it
         mode = "linear"
     axes = n.attr("axes", None)
-    axes = list(range(x.type.rank)) if axes is None else [int(a) % max(x.type.rank, 1) for a in axes]
+    axes = list(range(x.type.rank)) if axes is None else [int(a) + x.type.rank * (a < 0) for a in axes]
     ctm = "asymmetric" if old else n.attr("coordinate_transformation_mode", "half_pixel")
     if ctm != "tf_crop_and_resize":
         roi = None   # the spec: roi only matters there
