@@ -594,8 +594,8 @@ def test_unsupported_attributes_name_the_attribute():
                        broadcast=1)
     with pytest.raises(TdcError, match=r"node 'n0' \(Gemm\): attribute 'broadcast' of Gemm is not supported"):
         tdc.onnx.load(model)
-    model = node_model("MaxPool", {"x": X4}, 13, kernel_shape=[2, 2], storage_order=1)
-    with pytest.raises(TdcError, match="storage_order=1"):
+    model = node_model("MaxPool", {"x": X4}, 13, kernel_shape=[2, 2], storage_order=2)
+    with pytest.raises(TdcError, match=r"node 'n0' \(MaxPool\): storage_order must be 0 or 1, not 2"):
         tdc.onnx.load(model)
     model = node_model("AveragePool", {"x": X4}, 19, kernel_shape=[2, 2], dilations=[2, 2])
     with pytest.raises(TdcError, match="attribute 'dilations'.*AveragePool"):
