@@ -56,7 +56,7 @@ def resize_1d(v, n_out, scale, mode, ctm, nearest_mode, a=-0.75, exclude_outside
         if ctm == "half_pixel":
             s = (i + 0.5) / scale - 0.5
         elif ctm == "pytorch_half_pixel":
-            s = (i + 0.5) / scale - 0.5 if length > 1 else -0.5
+            s = (i + 0.5) / scale - 0.5 if length > 1 else 0.0
         elif ctm == "align_corners":
             s = 0.0 if length == 1 else i * (n - 1) / (length - 1)
         else:
@@ -136,10 +136,12 @@ def test_resize_matches_onnxruntime_and_a_loop(case, seed):
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     model = resize_model(shape, scales=scales, sizes=sizes, **attrs)
     got = tdc.onnx.load(model)(x=x)["y"]
-    # onnxruntime's cubic takes 4-D inputs only; and its align_corners and pytorch_half_pixel use the
-    # integer output length where ONNX's formulas (and its reference, and tdc) use dim * scale
+    # onnxruntime's cubic takes 4-D inputs only; its align_corners and pytorch_half_pixel use the
+    # integer output length where ONNX's formulas (and its reference, and tdc) use dim * scale; and it
+    # copies an input whose shape the scales keep (2 * 1.25 -> 2) where the formulas still resample
     fractional = scales is not None and any(n * s != math.floor(n * s) for n, s in zip(shape, scales))
-    if (attrs["mode"] != "cubic" or len(shape) == 4) and not (
+    kept = scales is not None and all(math.floor(n * s) == n for n, s in zip(shape, scales))
+    if (attrs["mode"] != "cubic" or len(shape) == 4) and not kept and not (
             fractional and attrs["coordinate_transformation_mode"] in ("align_corners", "pytorch_half_pixel")):
         (want,) = ort_run(model, {"x": x})
         assert got.shape == want.shape

@@ -305,8 +305,8 @@ def resize(x, sizes=None, scales=None, mode: str = "nearest", axes=None,
     scales = None if scales is None else [float(v) for v in scales]
     problem = _resize_problem(x.type, sizes, scales, axes, mode, coordinate_transformation_mode, nearest_mode,
                               keep_aspect_ratio_policy, antialias, roi)
+    loc = user_location()
     if problem:
-        loc = user_location()
         raise ShapeError(f"{loc + ': ' if loc else ''}resize: {problem} (input {x.type})")
     dims = [x.shape[a] for a in axes]
     if sizes is not None:
@@ -317,7 +317,8 @@ def resize(x, sizes=None, scales=None, mode: str = "nearest", axes=None,
     else:
         sizes = [int(np.floor(s * d)) for s, d in zip(scales, dims)]
     if builtins.min(sizes, default=1) < 1:
-        raise ShapeError(f"resize: the output would have an empty dim: sizes {sizes} of axes {list(axes)} "
+        raise ShapeError(f"{loc + ': ' if loc else ''}resize: the output would have an empty dim: sizes {sizes} "
+                         f"of axes {list(axes)} "
                          f"(input {x.type}, scales {scales})")
     for j, (a, n_out, scale) in enumerate(zip(axes, sizes, scales)):
         n_in = x.shape[a]

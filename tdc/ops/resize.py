@@ -26,7 +26,8 @@ def source_coords(n_in: int, n_out: int, scale: float, mode: str, roi=(0.0, 1.0)
     elif mode == "half_pixel_symmetric":
         src = n_in / 2 * (1 - n_out / length) + (x + 0.5) / scale - 0.5
     elif mode == "pytorch_half_pixel":
-        src = (x + 0.5) / scale - 0.5 if length > 1 else np.full(n_out, -0.5)
+        # a single output pixel reads pixel 0, as the spec says (onnx's reference puts it at -0.5)
+        src = (x + 0.5) / scale - 0.5 if length > 1 else np.zeros(n_out)
     elif mode == "align_corners":
         src = x * (n_in - 1) / (length - 1) if length != 1 else np.zeros(n_out)
     elif mode == "asymmetric":
