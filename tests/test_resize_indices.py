@@ -312,8 +312,9 @@ def test_resize_and_indices_export_and_run_in_onnxruntime(tmp_path):
     x = np.random.default_rng(7).standard_normal((1, 2, 5, 6)).astype(np.float32)
 
     def net(t):
-        y, idx = F.maxpool2d(F.resize(t, scales=[1.5, 0.75], axes=[2, 3], mode="linear"), 2, stride=1,
-                             return_indices=True)
+        # the padding (-inf) and a ceil_mode window past the input export as a Pad
+        y, idx = F.maxpool2d(F.resize(t, scales=[1.5, 0.75], axes=[2, 3], mode="linear"), 3, stride=2, pad=1,
+                             ceil_mode=True, return_indices=True)
         return y, idx
 
     g = graph_of(net, x.shape)
