@@ -42,10 +42,10 @@ PREFIXES = {
     "identity": "Identity", "leakyrelu": "LeakyRelu", "less": "Less", "less_equal": "LessOrEqual", "log": "Log",
     "logsoftmax": "LogSoftmax", "lrn": "LRN", "matmul": "MatMul", "max": "Max", "maxpool": "MaxPool", "mean": "Mean",
     "min": "Min", "mul": "Mul", "neg": "Neg", "pow": "Pow", "reduce_max": "ReduceMax", "reduce_mean": "ReduceMean",
-    "reduce_sum": "ReduceSum", "reduce_sum_square": None, "reflect_pad": "Pad", "relu": "Relu", "reshape": "Reshape",
+    "reduce_sum": "ReduceSum", "reduce_sum_square": None, "reflect_pad": "Pad", "relu": "Relu", "reshape": "Reshape", "resize": "Resize",
     "shape": "Shape", "sigmoid": "Sigmoid", "slice": "Slice", "softmax": "Softmax", "sqrt": "Sqrt",
     "squeeze": "Squeeze", "sub": "Sub", "sum": "Sum", "tanh": "Tanh", "training_dropout": "Dropout",
-    "transpose": "Transpose", "unsqueeze": "Unsqueeze", "where": "Where", "wrap_pad": "Pad",
+    "transpose": "Transpose", "unsqueeze": "Unsqueeze", "upsample": "Upsample", "where": "Where", "wrap_pad": "Pad",
 }
 
 # tdc has float16/32/64, int8/16/32/64, uint8/16/32/64 and bool
@@ -222,8 +222,6 @@ SKIPS: dict[str, str] = {
     "test_maxpool_3d_dilations": "3-D pooling: tdc pools are 2-D",
     "test_maxpool_3d_dilations_use_ref_impl": "3-D pooling: tdc pools are 2-D",
     "test_maxpool_3d_dilations_use_ref_impl_large": "3-D pooling: tdc pools are 2-D",
-    "test_maxpool_with_argmax_2d_precomputed_pads": "the Indices output of MaxPool",
-    "test_maxpool_with_argmax_2d_precomputed_strides": "the Indices output of MaxPool",
     "test_reduce_max_empty_set": "max over an empty axis: ONNX gives -inf, tdc rejects it",
     "test_reduce_min_empty_set": "min over an empty axis: ONNX gives inf, tdc rejects it",
     "test_training_dropout": "training-mode Dropout: tdc's mask hashes (seed, step, index), not numpy's generator as the case does",

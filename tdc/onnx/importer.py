@@ -23,7 +23,7 @@ from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
 from ..ops import functional as F
 from ..ops.common import broadcast_shapes
-from ..ops.functional import _conv_transpose_problem, _lrn_problem
+from ..ops.functional import _conv_transpose_problem, _lrn_problem, _resize_problem
 from ..ops.tensor import Builder, Tensor
 
 try:
@@ -41,7 +41,7 @@ DTYPES = {TensorProto.FLOAT: "f32", TensorProto.DOUBLE: "f64", TensorProto.FLOAT
 # them can be fixed with load(..., constants={name: array}).
 STATIC_INPUTS = {"Reshape": (1,), "Pad": (1, 2, 3), "Squeeze": (1,), "Unsqueeze": (1,), "ReduceSum": (1,),
                  "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "Slice": (1, 2, 3, 4), "Expand": (1,),
-                 "Dropout": (1, 2), "Split": (1,)}
+                 "Dropout": (1, 2), "Split": (1,), "Resize": (1, 2, 3), "Upsample": (1,)}
 
 # never evaluated at import even when their inputs are known
 _RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
@@ -459,7 +459,9 @@ class _Importer:
     def foldable(self, p) -> bool:
         """Whether node p is evaluated at import: all its inputs are known then (and it is not random)."""
         ins = [name for name in p.input if name]
-        return bool(ins) and p.op_type not in _RANDOM_OPS and _default_domain(p) and all(
+        # onnx's reference evaluator has no Resize before opset 11: its converter computes it then
+        evaluable = not (p.op_type == "Resize" and self.opset < 11)
+        return bool(ins) and evaluable and p.op_type not in _RANDOM_OPS and _default_domain(p) and all(
             name in self.static for name in ins)
 
     def is_unsupported(self, n: _Node) -> bool:
@@ -498,8 +500,6 @@ class _Importer:
             scales = node.input[0] + "_scales"
             feeds[scales] = np.array(n.attrs["scales"], np.float32)
             node = helper.make_node("Upsample", [node.input[0], scales], node.output, mode=n.attr("mode", "nearest"))
-        if n.op == "Resize" and self.opset < 11:
-            n.fail("onnx's reference evaluator has no Resize before opset 11, so tdc cannot evaluate it at import")
         outs = [name for name in node.output if name]
         # a one-node graph, not the bare node: the evaluator ignores `opsets` for a NodeProto and runs
         # the newest version of the op, which reads as inputs what older opsets give as attributes
@@ -874,11 +874,12 @@ def _pool_geometry(n, x):
 def _maxpool(n):
     x = n.x(0)
     _need_2d(n, x, "MaxPool")
-    if n.attr("storage_order", 0) != 0:
-        n.fail("storage_order=1 is not supported")
-    if n.wants(1):
-        n.fail("the Indices output of MaxPool is not supported")
+    order = n.attr("storage_order", 0)
+    if order not in (0, 1):
+        n.fail(f"storage_order must be 0 or 1, not {order!r}")
     geo, dil = _pool_geometry(n, x)
+    if n.wants(1):
+        return _composite(n, F.maxpool2d, x, dilation=dil, return_indices=True, storage_order=order, **geo)
     return [n.emit("maxpool2d", [x], dilation=dil, **geo)]
 
 
@@ -957,6 +958,64 @@ def _layer_norm(n):
     y, mean, inv = _composite(n, F.layer_norm, n.x(0), n.x(1), n.x(2), axis=n.attr("axis", -1),
                               eps=n.attr("epsilon", 1e-5), stats=True)
     return [y, mean, inv]
+
+
+# ---- resizing ---------------------------------------------------------------------------------
+
+_RESIZE_ATTRS = ("antialias", "axes", "coordinate_transformation_mode", "cubic_coeff_a", "exclude_outside",
+                 "extrapolation_value", "keep_aspect_ratio_policy", "mode", "nearest_mode")
+
+
+def _floats(a) -> list[float] | None:
+    """An optional float input's values; an empty tensor (how exporters skip roi or scales) is absent."""
+    return None if a is None or a.size == 0 else [float(v) for v in a.reshape(-1)]
+
+
+@converter("Resize", "Upsample", attrs=_RESIZE_ATTRS + ("scales",))
+def _resize(n):
+    x = n.x(0)
+    old = n.op == "Upsample" or n.imp.opset < 11   # Resize-10 is Upsample: asymmetric, scales only
+    if n.op == "Upsample" and "scales" in n.attrs:
+        scales, sizes, roi = [float(v) for v in n.attrs["scales"]], None, None
+    elif old:
+        scales, sizes, roi = _floats(n.const(1, "scales")), None, None
+    else:
+        roi, scales = _floats(n.const(1, "roi")), _floats(n.const(2, "scales"))
+        sizes = n.const(3, "sizes")
+        sizes = None if sizes is None or sizes.size == 0 else [int(v) for v in sizes.reshape(-1)]
+    mode = n.attr("mode", "nearest")
+    if n.op == "Upsample" and mode == "bilinear":   # opset 7's name for it
+        mode = "linear"
+    axes = n.attr("axes", None)
+    axes = list(range(x.type.rank)) if axes is None else [int(a) + x.type.rank * (a < 0) for a in axes]
+    ctm = "asymmetric" if old else n.attr("coordinate_transformation_mode", "half_pixel")
+    if ctm != "tf_crop_and_resize":
+        roi = None   # the spec: roi only matters there
+    elif roi is not None and len(roi) == 2 * x.type.rank and len(axes) < x.type.rank:
+        roi = [roi[a] for a in axes] + [roi[x.type.rank + a] for a in axes]
+    elif roi is None:
+        n.fail("tf_crop_and_resize needs the roi input")
+    a = dict(sizes=sizes, scales=scales, mode=mode, axes=axes, coordinate_transformation_mode=ctm,
+             nearest_mode="floor" if old else n.attr("nearest_mode", "round_prefer_floor"),
+             cubic_coeff_a=n.attr("cubic_coeff_a", -0.75), exclude_outside=bool(n.attr("exclude_outside", 0)),
+             antialias=bool(n.attr("antialias", 0)),
+             keep_aspect_ratio_policy=n.attr("keep_aspect_ratio_policy", "stretch"), roi=roi,
+             extrapolation_value=n.attr("extrapolation_value", 0.0))
+    problem = _resize_problem(x.type, sizes, scales, axes, mode, ctm, a["nearest_mode"],
+                              a["keep_aspect_ratio_policy"], a["antialias"], roi)
+    if problem:
+        n.fail(f"{problem} (input {x.type})")
+    if old and mode == "nearest":
+        # no nearest_mode before opset 11: onnxruntime rounds down where it upsamples and up where it
+        # downsamples; the axes are independent, so that is two resizes
+        for up in (True, False):
+            picked = [j for j, s in enumerate(scales) if (s >= 1) == up]
+            if picked:
+                x = _composite(n, F.resize, x, **dict(a, scales=[scales[j] for j in picked],
+                                                      axes=[axes[j] for j in picked],
+                                                      nearest_mode="floor" if up else "ceil"))
+        return [x]
+    return [_composite(n, F.resize, x, **a)]
 
 
 # ---- reductions and softmax ---------------------------------------------------------------

@@ -211,10 +211,41 @@ def conv_transpose2d(x, w, b=None, stride=1, pad=0, output_padding=0, dilation=1
     return y
 
 
-def maxpool2d(x, kernel, stride=None, pad=0, dilation=1, ceil_mode: bool = False):
+def maxpool2d(x, kernel, stride=None, pad=0, dilation=1, ceil_mode: bool = False, return_indices: bool = False,
+              storage_order: int = 0):
+    """Max over each window (padding never wins). With return_indices, also the i64 index of each
+    window's first maximum in x flattened, as ONNX MaxPool's Indices: (n * C + c) * H * W plus
+    h * W + w (storage_order 0) or w * H + h (storage_order 1)."""
     kernel = _pair(kernel, "kernel")
-    return apply("maxpool2d", x, kernel=kernel, stride=kernel if stride is None else _pair(stride, "stride"),
-                 pad=_pads(pad), dilation=_pair(dilation, "dilation"), ceil_mode=ceil_mode)
+    attrs = dict(kernel=kernel, stride=kernel if stride is None else _pair(stride, "stride"), pad=_pads(pad),
+                 dilation=_pair(dilation, "dilation"), ceil_mode=ceil_mode)
+    y = apply("maxpool2d", x, **attrs)
+    if not return_indices:
+        return y
+    if storage_order not in (0, 1):
+        loc = user_location()
+        raise ShapeError(f"{loc + ': ' if loc else ''}maxpool2d: storage_order must be 0 or 1, not {storage_order!r}")
+    return y, _maxpool_indices(x, y, storage_order=storage_order, **attrs)
+
+
+def _maxpool_indices(x, y, kernel, stride, pad, dilation, ceil_mode, storage_order):
+    """The Indices of maxpool2d as a composite: gather each window's taps from the padded image
+    (an im2col as one gather), take the first-index argmax over them, and look up that tap's
+    flat input index in a constant table. Integers, so no gradient flows through it."""
+    from .pool import maxpool_tables
+    (n, c, h, w), (oh, ow) = x.shape, y.shape[2:]
+    fill = -np.inf if x.dtype.startswith("f") else float(np.iinfo(DTYPES[x.dtype]).min)
+    taps, flat, (height_p, width_p) = maxpool_tables((h, w), kernel, stride, pad, dilation, (oh, ow), storage_order)
+    pads = (0, 0, pad[0], pad[1], 0, 0, height_p - h - pad[0], width_p - w - pad[1])
+    xp = apply("pad", x, pads=pads, value=fill) if any(pads) else x
+    k = kernel[0] * kernel[1]
+    win = reshape(gather(reshape(xp, (n, c, height_p * width_p)), constant(taps, "i64"), axis=2),
+                  (n, c, oh, ow, k))
+    pos = argmax(win, axis=4, keepdims=False)   # first maximum: ONNX's and onnxruntime's tie rule
+    window = constant((np.arange(oh * ow, dtype=np.int64) * k).reshape(oh, ow), "i64")
+    image = constant((np.arange(n * c, dtype=np.int64) * (h * w)).reshape(n, c, 1, 1), "i64")
+    return reshape(gather(constant(flat, "i64"), reshape(pos + window, (n * c * oh * ow,)), axis=0),
+                   (n, c, oh, ow)) + image
 
 
 def avgpool2d(x, kernel, stride=None, pad=0, ceil_mode: bool = False, count_include_pad: bool = False):
@@ -224,6 +255,100 @@ def avgpool2d(x, kernel, stride=None, pad=0, ceil_mode: bool = False, count_incl
 
 
 def global_avgpool(x): return apply("global_avgpool", x)
+
+
+# ---- resizing ----------------------------------------------------------------------------
+def _resize_problem(x_type, sizes, scales, axes, mode, coordinate_transformation_mode, nearest_mode,
+                    keep_aspect_ratio_policy, antialias, roi) -> str | None:
+    """What makes resize's arguments invalid, or None (shared with the ONNX importer)."""
+    if (sizes is None) == (scales is None):
+        return "give exactly one of sizes and scales"
+    if len(set(axes)) != len(axes) or not builtins.all(0 <= a < x_type.rank for a in axes):
+        return f"axes {list(axes)} must be distinct dims of the rank-{x_type.rank} input"
+    given, what = (sizes, "sizes") if sizes is not None else (scales, "scales")
+    if len(given) != len(axes):
+        return f"{len(given)} {what} {list(given)} for the {len(axes)} resized axes {list(axes)}"
+    if not builtins.all(np.isfinite(v) and v > 0 for v in given):
+        return f"{what} {list(given)} must be > 0"
+    from .resize import COORDINATE_MODES, MODES, NEAREST_MODES
+    for name, v, allowed in (("mode", mode, MODES), ("nearest_mode", nearest_mode, NEAREST_MODES),
+                             ("coordinate_transformation_mode", coordinate_transformation_mode, COORDINATE_MODES),
+                             ("keep_aspect_ratio_policy", keep_aspect_ratio_policy, ("stretch", "not_larger",
+                                                                                     "not_smaller"))):
+        if v not in allowed:
+            return f"{name} must be one of {', '.join(allowed)}, not {v!r}"
+    if antialias and mode == "nearest":
+        return "antialias applies to linear and cubic modes, not nearest"
+    if mode != "nearest" and x_type.dtype not in ("f16", "f32", "f64"):
+        return f"{mode} mode interpolates, so the input must be a float tensor"
+    if roi is not None and len(roi) != 2 * len(axes):
+        return f"roi {list(roi)} must have 2 values per resized axis ({2 * len(axes)})"
+    return None
+
+
+def resize(x, sizes=None, scales=None, mode: str = "nearest", axes=None,
+           coordinate_transformation_mode: str = "half_pixel", nearest_mode: str = "round_prefer_floor",
+           cubic_coeff_a: float = -0.75, exclude_outside: bool = False, antialias: bool = False,
+           keep_aspect_ratio_policy: str = "stretch", roi=None, extrapolation_value: float = 0.0):
+    """Resize `axes` (default: all) of x to `sizes`, or by `scales` (each output dim is
+    floor(dim * scale)), as ONNX Resize: nearest, linear (bilinear, trilinear: one axis after
+    another) or cubic interpolation, with its coordinate_transformation_mode, nearest_mode,
+    cubic_coeff_a, exclude_outside, antialias, keep_aspect_ratio_policy (with sizes) and, for
+    tf_crop_and_resize, roi (starts then ends, fractions of each axis) and extrapolation_value.
+
+    A composite: per resized axis, one gather per filter tap with constant indices computed here,
+    each times a constant weight, summed (nearest is a single gather). So every backend runs it and
+    its gradient is the gathers' scatter-adds."""
+    from .resize import axis_taps
+    axes = tuple(range(x.ndim)) if axes is None else tuple(a + x.ndim if a < 0 else a for a in axes)
+    sizes = None if sizes is None else [int(v) for v in sizes]
+    scales = None if scales is None else [float(v) for v in scales]
+    problem = _resize_problem(x.type, sizes, scales, axes, mode, coordinate_transformation_mode, nearest_mode,
+                              keep_aspect_ratio_policy, antialias, roi)
+    loc = user_location()
+    if problem:
+        raise ShapeError(f"{loc + ': ' if loc else ''}resize: {problem} (input {x.type})")
+    dims = [x.shape[a] for a in axes]
+    if sizes is not None:
+        scales = [s / d for s, d in zip(sizes, dims)]
+        if keep_aspect_ratio_policy != "stretch":   # one scale for all axes, the output rounded half up
+            s = (builtins.min if keep_aspect_ratio_policy == "not_larger" else builtins.max)(scales)
+            scales, sizes = [s] * len(dims), [int(s * d + 0.5) for d in dims]
+    else:
+        sizes = [int(np.floor(s * d)) for s, d in zip(scales, dims)]
+    if builtins.min(sizes, default=1) < 1:
+        raise ShapeError(f"{loc + ': ' if loc else ''}resize: the output would have an empty dim: sizes {sizes} "
+                         f"of axes {list(axes)} "
+                         f"(input {x.type}, scales {scales})")
+    for j, (a, n_out, scale) in enumerate(zip(axes, sizes, scales)):
+        n_in = x.shape[a]
+        if n_out == n_in and scale == 1.0 and coordinate_transformation_mode != "tf_crop_and_resize":
+            continue   # every mode maps each row to itself
+        span = (0.0, 1.0) if roi is None else (float(roi[j]), float(roi[j + len(axes)]))
+        idx, weight, outside = axis_taps(n_in, n_out, scale, mode, coordinate_transformation_mode, nearest_mode,
+                                         float(cubic_coeff_a), bool(exclude_outside), bool(antialias), span)
+        along = [n_out if i == a else 1 for i in range(x.ndim)]
+        y = None
+        for k in range(idx.shape[1]):
+            tap = gather(x, constant(idx[:, k], "i64"), axis=a)
+            if not np.all(weight[:, k] == 1):
+                tap = tap * constant(weight[:, k].reshape(along), x.dtype)
+            y = tap if y is None else y + tap
+        if outside.any() and extrapolation_value != 0:
+            y = y + constant((outside * float(extrapolation_value)).reshape(along), x.dtype)
+        x = y
+    return x
+
+
+def upsample(x, scale_factor, mode: str = "nearest"):
+    """Scale the spatial dims (2 on) of an [N, C, ...] tensor by scale_factor (a number, or one
+    per spatial dim), as PyTorch's Upsample without align_corners: nearest picks floor(x / s),
+    linear interpolates with half-pixel centres."""
+    spatial = x.ndim - 2
+    factors = [scale_factor] * spatial if isinstance(scale_factor, (int, float)) else list(scale_factor)
+    return resize(x, scales=factors, mode=mode, axes=range(2, x.ndim),
+                  coordinate_transformation_mode="asymmetric" if mode == "nearest" else "pytorch_half_pixel",
+                  nearest_mode="floor")
 
 
 # ---- normalization, dropout -----------------------------------------------------------

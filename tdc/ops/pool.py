@@ -147,6 +147,27 @@ defop("maxpool2d_gather", "pool", arity=(2, 2), attrs=MAX_ATTRS, infer=_maxpool_
       doc="maxpool2d_gather(h, x): h at the argmax of each of x's pooling windows (the adjoint of maxpool2d_grad)")
 
 
+def maxpool_tables(hw, kernel, stride, pad, dilation, out_hw, storage_order: int):
+    """For a 2-D max pool over an image of `hw` padded by pad = (top, left, bottom, right) and by
+    the ceil_mode rows past it: `gather` [oh*ow*K] picks each window's K taps out of the flattened
+    padded image (row-major, window-major), and `flat` [oh*ow*K] gives the ONNX index of each tap
+    in the unpadded image: h * W + w (storage_order 0) or w * H + h (1); padding taps get -1.
+    Also the padded shape (height, width)."""
+    (h, w), (kh, kw), (oh, ow) = hw, kernel, out_hw
+    rows = (np.arange(oh)[:, None] * stride[0] + np.arange(kh)[None, :] * dilation[0])   # [oh, kh] padded
+    cols = (np.arange(ow)[:, None] * stride[1] + np.arange(kw)[None, :] * dilation[1])   # [ow, kw]
+    r = rows[:, None, :, None]
+    c = cols[None, :, None, :]
+    # the padded image, with the rows and columns past it that ceil_mode windows reach
+    height_p = max(h + pad[0] + pad[2], int(rows.max()) + 1)
+    width_p = max(w + pad[1] + pad[3], int(cols.max()) + 1)
+    gather = (r * width_p + c).reshape(-1)
+    rr, cc = r - pad[0], c - pad[1]
+    real = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    flat = np.where(real, rr * w + cc if storage_order == 0 else cc * h + rr, -1).reshape(-1)
+    return gather.astype(np.int64), flat.astype(np.int64), (height_p, width_p)
+
+
 # ---- avgpool2d -------------------------------------------------------------------------
 # The divisor of each window depends only on the attributes, so avgpool2d is a fixed linear
 # map; its adjoint avgpool2d_grad spreads g / count over each window, and the adjoint of
