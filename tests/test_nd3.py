@@ -206,3 +206,160 @@ def test_conv_transpose3d_matches_the_definition(data, groups, bias, seed):
     g = build(F.conv_transpose3d, {"x": x, "w": w, "b": b}, stride=stride, pad=pad, output_padding=extra,
               dilation=dil, groups=groups)
     close(run_ref(g, {"x": x, "w": w, "b": b}), conv_transpose_ref(x, w, b, stride, pad, extra, dil, groups))
+
+
+def test_bad_shapes_and_attributes_name_the_op_and_the_shapes():
+    g = Graph("bad")
+    x = g.add_arg("x", TensorType("f32", (1, 4, 5, 5, 5)), "input")
+    w = g.add_arg("w", TensorType("f32", (2, 3, 3, 3, 3)), "input")
+    x4 = g.add_arg("x4", TensorType("f32", (1, 4, 5, 5)), "input")
+    wt = g.add_arg("wt", TensorType("f32", (4, 2, 3, 3, 3)), "input")
+    with Builder(g) as b:
+        x, w, x4, wt = Tensor(x, b), Tensor(w, b), Tensor(x4, b), Tensor(wt, b)
+        with pytest.raises(ShapeError, match=r"test_nd3.py:\d+: conv3d: channel mismatch: the input f32\[1,4,5,5,5\]"):
+            F.conv3d(x, w)
+        with pytest.raises(ShapeError, match=r"conv3d: the input must be NCDHW \(rank 5\), got f32\[1,4,5,5\]"):
+            F.conv3d(x4, w)
+        with pytest.raises(ShapeError, match=r"maxpool3d: the output would be 0x2x2: kernel \[6, 2, 2\]"):
+            F.maxpool3d(x, (6, 2, 2))
+        with pytest.raises(ShapeError, match=r"avgpool3d: a window along spatial dim 0 lies entirely in the padding"):
+            F.avgpool3d(x, 2, stride=1, pad=(2, 0, 0, 0, 0, 0))
+        with pytest.raises(ShapeError, match=r"avgpool2d: stride must be 2 integers, got \[1, 1, 1\]"):
+            F.avgpool2d(x4, 2, stride=(1, 1, 1), dilation=2)
+        with pytest.raises(ShapeError, match=r"conv_transpose3d: output_padding \[2, 0, 0\] must be >= 0 and less"):
+            F.conv_transpose3d(x, wt, stride=2, output_padding=(2, 0, 0))
+
+
+# ---- gradients, the LLVM backend, onnxruntime --------------------------------------------------
+
+RNG = np.random.default_rng(11)
+X = rand(RNG, 2, 4, 5, 6, 5)
+W = rand(RNG, 4, 2, 3, 2, 3)            # conv3d, groups 2: [Cout, Cin/2, kd, kh, kw]
+B = rand(RNG, 4)
+WT = rand(RNG, 4, 3, 2, 3, 2)           # conv_transpose3d, groups 2: [Cin, Cout/2, kd, kh, kw]
+
+
+def net(x, w, b, wt):
+    """Every 3-D function and a dilated 2-D average, with strides, pads, dilations, groups and ceil_mode."""
+    h = F.conv3d(x, w, b, stride=(2, 1, 1), pad=(1, 0, 1, 2, 1, 0), dilation=(1, 2, 1), groups=2).relu()
+    m = F.maxpool3d(h, (2, 2, 3), stride=(1, 2, 1), pad=(1, 0, 1, 0, 1, 1), dilation=(2, 1, 1), ceil_mode=True)
+    a = F.avgpool3d(m, (2, 2, 2), stride=(1, 2, 2), pad=(1, 1, 0, 0, 0, 1), dilation=(1, 1, 2), ceil_mode=True)
+    a = a + F.avgpool3d(m, (2, 3, 2), stride=1, pad=(0, 1, 1, 1, 1, 0), count_include_pad=True)[:, :, :a.shape[2],
+                                                                                                 :a.shape[3], :a.shape[4]]
+    y = F.conv_transpose3d(a, wt, None, stride=(2, 1, 2), pad=(1, 0, -1, 0, 1, 1), output_padding=(1, 0, 1),
+                           dilation=(1, 2, 1), groups=2)
+    n, c, d, hh, ww = y.shape
+    flat = F.reshape(y, (n, c * d, hh, ww))
+    return F.avgpool2d(flat, 2, stride=1, pad=(1, 0, 1, 1), dilation=(2, 1), count_include_pad=True)
+
+
+def net_ref(x, w, b, wt):
+    h = np.maximum(conv_ref(x, w, b, (2, 1, 1), (1, 0, 1, 2, 1, 0), (1, 2, 1), 2), 0)
+    m = pool_ref(h, "max", (2, 2, 3), (1, 2, 1), (1, 0, 1, 0, 1, 1), (2, 1, 1), True)
+    a = pool_ref(m, "avg", (2, 2, 2), (1, 2, 2), (1, 1, 0, 0, 0, 1), (1, 1, 2), True)
+    a2 = pool_ref(m, "avg", (2, 3, 2), (1, 1, 1), (0, 1, 1, 1, 1, 0), (1, 1, 1), False, True)
+    a = a + a2[:, :, :a.shape[2], :a.shape[3], :a.shape[4]]
+    y = conv_transpose_ref(a, wt, None, (2, 1, 2), (1, 0, -1, 0, 1, 1), (1, 0, 1), (1, 2, 1), 2)
+    n, c, d, hh, ww = y.shape
+    return pool_ref(y.reshape(n, c * d, hh, ww), "avg", (2, 2), (1, 1), (1, 0, 1, 1), (2, 1), False, True)
+
+
+ARRAYS = {"x": X, "w": W, "b": B, "wt": WT}
+
+
+def test_a_net_of_them_matches_the_definitions():
+    close(run_ref(build(net, ARRAYS), ARRAYS), net_ref(*ARRAYS.values()))
+
+
+def test_gradients_match_finite_differences():
+    g = with_loss(build(net, ARRAYS))
+    errors = gradcheck(g, ARRAYS, loss="loss", wrt=list(ARRAYS), max_entries=10)
+    assert set(errors) == set(ARRAYS) and max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.parametrize("case", ["conv3d", "maxpool3d", "avgpool3d", "conv_transpose3d"])
+def test_each_gradient_matches_finite_differences(case):
+    x = rand(np.random.default_rng(5), 1, 2, 4, 4, 3)
+    fns = {"conv3d": lambda x, w: F.conv3d(x, w, stride=(2, 1, 1), pad=(1, 1, 0, 1, 0, 1), dilation=(1, 1, 2)),
+           "maxpool3d": lambda x, w: F.maxpool3d(x, 2, stride=(2, 1, 1), pad=(1, 0, 0, 0, 1, 0), ceil_mode=True),
+           "avgpool3d": lambda x, w: F.avgpool3d(x, (3, 2, 2), stride=(2, 1, 2), pad=(1, 0, 0, 1, 1, 1), ceil_mode=True,
+                                                 dilation=(1, 2, 1)),
+           "conv_transpose3d": lambda x, w: F.conv_transpose3d(x, w, stride=(2, 1, 1), pad=(0, 1, 0, 1, 0, 1),
+                                                               output_padding=(1, 0, 0))}
+    arrays = {"x": x, "w": rand(np.random.default_rng(6), 2, 2, 2, 3, 2)}
+    g = with_loss(build(fns[case], arrays))
+    wrt = ["x", "w"] if "conv" in case else ["x"]
+    errors = gradcheck(g, arrays, loss="loss", wrt=wrt, max_entries=15)
+    assert set(errors) == set(wrt) and max(errors.values()) < 1e-6, errors
+
+
+def _training_outputs(backend):
+    from tdc.passes.autodiff import autodiff
+    dg = autodiff(with_loss(build(net, ARRAYS)), "loss", list(ARRAYS))
+    if backend == "reference":
+        env = run(dg, {a: ARRAYS[a.name] for a in dg.args})
+        return {name: env[v] for name, v in dg.outputs}
+    return compile(dg, backend=backend)(**ARRAYS)
+
+
+def test_llvm_matches_the_reference_forward_and_backward():
+    want, got = _training_outputs("reference"), _training_outputs("llvm")
+    assert set(got) == set(want) and len(want) == 1 + 1 + len(ARRAYS)
+    for name in want:
+        close(np.asarray(got[name]), want[name], 1e-4)
+
+
+def test_numba_runs_them():   # one small graph: numba compiles slowly
+    x = X[:1]
+    arrays = {"x": x, "w": W[:2]}
+    g = build(lambda x, w: F.avgpool3d(F.maxpool3d(F.conv3d(x, w, pad=1, groups=2), 2, ceil_mode=True), 2,
+                                        stride=1, dilation=(1, 2, 1)), arrays)
+    close(compile(g, backend="numba")(**arrays)["y"], run_ref(g, arrays), 1e-5)
+
+
+def onnx_model(nodes, inputs: dict, inits: dict, opset=19):
+    graph = helper.make_graph(nodes, "nd3", [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape)
+                                             for k, v in inputs.items()],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
+
+
+X5 = rand(RNG, 2, 4, 6, 7, 5)
+ONNX_CASES = {
+    "conv": ([helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=[2, 1, 2], pads=[1, 0, 2, 1, 1, 0],
+                                dilations=[1, 2, 1], group=2)], {"w": W, "b": B}),
+    "conv_same": ([helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2, 1], auto_pad="SAME_LOWER")],
+                  {"w": rand(RNG, 3, 4, 3, 2, 2)}),
+    "maxpool": ([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 2, 2], strides=[2, 2, 1],
+                                  pads=[1, 0, 1, 1, 1, 0], dilations=[1, 2, 1], ceil_mode=1)], {}),
+    "avgpool": ([helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 3, 2], strides=[2, 2, 2],
+                                  pads=[1, 1, 0, 0, 1, 1], ceil_mode=1, count_include_pad=1)], {}),
+    "avgpool_same": ([helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 2, 3], strides=[2, 1, 2],
+                                       auto_pad="SAME_UPPER")], {}),
+    "avgpool_dilated": ([helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2, 2], strides=[1, 2, 1],
+                                          pads=[1, 0, 1, 0, 1, 1], dilations=[2, 1, 2])], {}),
+    "convtranspose": ([helper.make_node("ConvTranspose", ["x", "wt", "b"], ["y"], strides=[2, 1, 2],
+                                        pads=[1, 0, 0, 0, 1, 1], output_padding=[1, 0, 1], dilations=[1, 2, 1],
+                                        group=2)], {"wt": rand(RNG, 4, 2, 2, 3, 2), "b": B}),
+    "convtranspose_shape": ([helper.make_node("ConvTranspose", ["x", "wt"], ["y"], strides=[2, 2, 1],
+                                              output_shape=[12, 14, 6])], {"wt": rand(RNG, 4, 3, 2, 2, 2)}),
+}
+
+
+@pytest.mark.parametrize("case", list(ONNX_CASES))
+def test_onnx_import_matches_onnxruntime(case):
+    nodes, inits = ONNX_CASES[case]
+    proto = onnx_model(nodes, {"x": X5}, inits)
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": X5})[0]
+    got = tdc.onnx.load(proto)(x=X5)["y"]
+    close(got, want, 1e-5)
+
+
+def test_dilated_1d_and_2d_averagepool_match_onnxruntime():
+    for x, attrs in ((X5[:, :, 0, 0], dict(kernel_shape=[3], dilations=[2], pads=[2, 1], ceil_mode=1)),
+                     (X5[:, :, 0], dict(kernel_shape=[2, 3], dilations=[3, 2], strides=[1, 2], pads=[1, 2, 1, 0],
+                                        count_include_pad=1))):
+        proto = onnx_model([helper.make_node("AveragePool", ["x"], ["y"], **attrs)], {"x": x}, {})
+        want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        close(tdc.onnx.load(proto, backend="llvm")(x=np.ascontiguousarray(x))["y"], want, 1e-5)
