@@ -363,3 +363,10 @@ def test_dilated_1d_and_2d_averagepool_match_onnxruntime():
         proto = onnx_model([helper.make_node("AveragePool", ["x"], ["y"], **attrs)], {"x": x}, {})
         want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         close(tdc.onnx.load(proto, backend="llvm")(x=np.ascontiguousarray(x))["y"], want, 1e-5)
+
+
+def test_export_runs_in_onnxruntime(tmp_path):
+    """The compositions export as their parts (Conv, ConvTranspose, MaxPool, AveragePool, Slice, Pad, ...)."""
+    tdc.onnx.save(build(net, ARRAYS), tmp_path / "net.onnx", {})
+    sess = ort.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    close(sess.run(None, ARRAYS)[0], net_ref(*ARRAYS.values()))
