@@ -240,8 +240,8 @@ def global_avgpool(x): return apply("global_avgpool", x)
 
 # ---- 3-D convolution and pooling, dilated average pooling -----------------------------------
 # tdc's conv and pool ops are 2-D. The 3-D (NCDHW) forms are compositions of them with slices,
-# pads, reshapes and adds over the depth (and dilated average pooling of slices and adds), so every
-# backend, export and autodiff serve them with no kernels of their own. 3-D pads are in ONNX's
+# pads, reshapes and adds over the depth, and dilated average pooling is sums of strided slices, so
+# every backend, export and autodiff serve them with no kernels of their own. 3-D pads are in ONNX's
 # order: the begins (d, h, w), then the ends.
 
 def _triple(v):
@@ -297,8 +297,8 @@ def _window_problem(x, kernel, stride, pad, dilation, ceil_mode=False, real=Fals
 
 
 def _taps(x, axis, k, s, d, lo, n, fill=0.0) -> list:
-    """Tap j of the n windows (stride s, dilation d) along `axis`, for j < k: x[..., lo-padded i*s + j*d, ...]
-    over x padded with `fill`, lo rows before and as far as the last window reaches after."""
+    """The k taps of the n windows (stride s, dilation d) along `axis`: tap j holds rows j*d, j*d + s, ...
+    of x padded with `fill`, by lo rows before and by as many after as the last window reaches."""
     reach = (n - 1) * s + (k - 1) * d + 1
     pads = [0] * (2 * x.ndim)
     pads[axis], pads[x.ndim + axis] = lo, builtins.max(0, reach - lo - x.shape[axis])
@@ -323,7 +323,7 @@ def _conv3d_problem(x, w, b, stride, pad, dilation, groups) -> str | None:
     c, cout = x.shape[1], w.shape[0]
     if c % groups or cout % groups or w.shape[1] * groups != c:
         return (f"channel mismatch: the input {x} has {c} channels and groups={groups}, so the weight must be "
-                f"[Cout (a multiple of {groups}), {c // groups if c % groups == 0 else c / groups}, kd, kh, kw], got {w}")
+                f"[Cout, {c}/{groups}, kd, kh, kw] with Cout a multiple of {groups}, got {w}")
     if b is not None and b.shape != (cout,):
         return f"the bias must be [{cout}] (one per output channel), got {b}"
     return _window_problem(x, w.shape[2:], stride, pad, dilation)
