@@ -269,10 +269,10 @@ def test_import_matches_onnxruntime(case):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_import_refuses_3d():    # 1-D runs as 2-D with a height of 1 (tests/test_onnx_1d.py)
-    model = _ct_model((1, 2, 3, 3, 3), np.ones((2, 2, 2, 2, 2), np.float32), None)
-    with pytest.raises(TdcError, match=r"node 'ct' \(ConvTranspose\): only 1-D and 2-D ConvTranspose \(NCL or "
-                                       r"NCHW input\) is supported; this is a 3-D ConvTranspose"):
+def test_import_refuses_4d():    # 1-D runs as 2-D with a height of 1 (tests/test_onnx_1d.py), 3-D: tests/test_nd3.py
+    model = _ct_model((1, 2, 3, 3, 3, 3), np.ones((2, 2, 2, 2, 2, 2), np.float32), None)
+    with pytest.raises(TdcError, match=r"node 'ct' \(ConvTranspose\): only 1-D, 2-D and 3-D ConvTranspose \(NCL, "
+                                       r"NCHW or NCDHW input\) is supported; this is a 4-D ConvTranspose"):
         tdc.onnx.load(model)
 
 

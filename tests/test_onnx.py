@@ -641,21 +641,21 @@ def test_unsupported_attributes_name_the_attribute():
     model = node_model("MaxPool", {"x": X4}, 13, kernel_shape=[2, 2], storage_order=2)
     with pytest.raises(TdcError, match=r"node 'n0' \(MaxPool\): storage_order must be 0 or 1, not 2"):
         tdc.onnx.load(model)
-    model = node_model("AveragePool", {"x": X4}, 19, kernel_shape=[2, 2], dilations=[2, 2])
-    with pytest.raises(TdcError, match="attribute 'dilations'.*AveragePool"):
+    model = node_model("AveragePool", {"x": X4}, 19, kernel_shape=[3, 3], dilations=[4, 4])
+    with pytest.raises(TdcError, match=r"node 'n0' \(AveragePool\): avgpool2d: the output would be -1x-1: kernel \[3, 3\] \(dilation \[4, 4\]\)"):
         tdc.onnx.load(model)
     model = node_model("Pad", {"x": X4}, 13, {"p": I64(0, 0, 1, 1, 0, 0, 1, 1)}, mode="mirror")
     with pytest.raises(TdcError, match="mode 'mirror'"):
         tdc.onnx.load(model)
 
 
-def test_3d_convolution_and_pooling_are_rejected():    # 1-D: tests/test_onnx_1d.py
-    x = np.ones((1, 2, 5, 5, 5), np.float32)
-    model = node_model("Conv", {"x": x}, 13, {"w": np.ones((3, 2, 3, 3, 3), np.float32)})
-    with pytest.raises(TdcError, match="only 1-D and 2-D Conv .* 3-D Conv"):
+def test_4d_convolution_and_pooling_are_rejected():    # 1-D: tests/test_onnx_1d.py, 3-D: tests/test_nd3.py
+    x = np.ones((1, 2, 3, 3, 3, 3), np.float32)
+    model = node_model("Conv", {"x": x}, 13, {"w": np.ones((3, 2, 2, 2, 2, 2), np.float32)})
+    with pytest.raises(TdcError, match="only 1-D, 2-D and 3-D Conv .* 4-D Conv"):
         tdc.onnx.load(model)
-    model = node_model("MaxPool", {"x": np.ones((1, 1, 4, 4, 4), np.float32)}, 13, kernel_shape=[2, 2, 2])
-    with pytest.raises(TdcError, match="only 1-D and 2-D MaxPool .* 3-D MaxPool"):
+    model = node_model("MaxPool", {"x": x}, 13, kernel_shape=[2, 2, 2, 2])
+    with pytest.raises(TdcError, match="only 1-D, 2-D and 3-D MaxPool .* 4-D MaxPool"):
         tdc.onnx.load(model)
 
 

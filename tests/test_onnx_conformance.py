@@ -53,13 +53,6 @@ NOT_A_TDC_DTYPE = "not a tdc dtype: %s"
 
 # Cases tdc does not pass, with the reason. Checked: each must still fail (see test_reference).
 SKIPS: dict[str, str] = {
-    "test_averagepool_2d_dilations": "dilated AveragePool: tdc's avgpool2d has no dilation",
-    "test_averagepool_3d_default": "3-D pooling: tdc pools are 2-D",
-    "test_averagepool_3d_dilations_large_count_include_pad_is_0_ceil_mode_is_False": "3-D pooling: tdc pools are 2-D",
-    "test_averagepool_3d_dilations_large_count_include_pad_is_0_ceil_mode_is_True": "3-D pooling: tdc pools are 2-D",
-    "test_averagepool_3d_dilations_large_count_include_pad_is_1_ceil_mode_is_False": "3-D pooling: tdc pools are 2-D",
-    "test_averagepool_3d_dilations_large_count_include_pad_is_1_ceil_mode_is_True": "3-D pooling: tdc pools are 2-D",
-    "test_averagepool_3d_dilations_small": "3-D pooling: tdc pools are 2-D",
     "test_cast_BFLOAT16_to_FLOAT": NOT_A_TDC_DTYPE % "bfloat16",
     "test_cast_FLOAT16_to_FLOAT4E2M1": NOT_A_TDC_DTYPE % "float4e2m1",
     "test_cast_FLOAT16_to_FLOAT8E4M3FN": NOT_A_TDC_DTYPE % "float8e4m3fn",
@@ -218,14 +211,9 @@ SKIPS: dict[str, str] = {
     "test_equal_string_broadcast": NOT_A_TDC_DTYPE % "string",
     "test_identity_opt": "optional type: tdc values are tensors",
     "test_identity_sequence": "sequence type: tdc values are tensors",
-    "test_maxpool_3d_default": "3-D pooling: tdc pools are 2-D",
-    "test_maxpool_3d_dilations": "3-D pooling: tdc pools are 2-D",
-    "test_maxpool_3d_dilations_use_ref_impl": "3-D pooling: tdc pools are 2-D",
-    "test_maxpool_3d_dilations_use_ref_impl_large": "3-D pooling: tdc pools are 2-D",
     "test_reduce_max_empty_set": "max over an empty axis: ONNX gives -inf, tdc rejects it",
     "test_reduce_min_empty_set": "min over an empty axis: ONNX gives inf, tdc rejects it",
     "test_training_dropout": "training-mode Dropout: tdc's mask hashes (seed, step, index), not numpy's generator as the case does",
-    "test_convtranspose_3d": "3-D ConvTranspose: tdc's transposed convolution is 2-D",
     "test_training_dropout_default": "training-mode Dropout: tdc's mask hashes (seed, step, index), not numpy's generator as the case does",
     "test_training_dropout_default_mask": "training-mode Dropout: tdc's mask hashes (seed, step, index), not numpy's generator as the case does",
     "test_training_dropout_mask": "training-mode Dropout: tdc's mask hashes (seed, step, index), not numpy's generator as the case does",

@@ -23,7 +23,7 @@ from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
 from ..ops import functional as F
 from ..ops.common import broadcast_shapes
-from ..ops.functional import _conv_transpose_problem, _lrn_problem, _resize_problem
+from ..ops.functional import _conv3d_problem, _conv_transpose_problem, _lrn_problem, _pool_problem, _resize_problem
 from ..ops.tensor import Builder, Tensor
 
 try:
@@ -740,10 +740,13 @@ def _gemm(n):
 
 # ---- convolution and pooling ----------------------------------------------------------------
 
-def _need_2d(n, x: Value, what: str):
-    if x.type.rank != 4:
+def _spatial_rank(n, x: Value, what: str) -> int:
+    """2 or 3: the spatial dims of a window op's input (1-D inputs arrive lifted to 2-D)."""
+    if x.type.rank not in (4, 5):
         d = x.type.rank - 2
-        n.fail(f"only 1-D and 2-D {what} (NCL or NCHW input) is supported; this is a {d}-D {what} (input {x.type})")
+        n.fail(f"only 1-D, 2-D and 3-D {what} (NCL, NCHW or NCDHW input) is supported; this is a {d}-D {what} "
+               f"(input {x.type})")
+    return x.type.rank - 2
 
 
 # A 1-D window attribute as its 2-D form over a height of 1.
@@ -783,12 +786,13 @@ def _ints(n, name, default) -> tuple[int, ...]:
 
 
 def _window_pads(n, hw, kernel, strides, dilations) -> tuple[int, ...]:
-    """tdc's (top, left, bottom, right) from auto_pad and pads (ONNX orders 2-D pads the same way)."""
+    """The begins then the ends of the spatial dims from auto_pad and pads: ONNX's order, which is
+    tdc's (top, left, bottom, right) in 2-D and the 3-D functions' (d, h, w) begins then ends."""
     auto = n.attr("auto_pad", "NOTSET")
     if auto == "NOTSET":
-        return _ints(n, "pads", (0, 0, 0, 0))
+        return _ints(n, "pads", (0,) * (2 * len(hw)))
     if auto == "VALID":
-        return (0, 0, 0, 0)
+        return (0,) * (2 * len(hw))
     if auto not in ("SAME_UPPER", "SAME_LOWER"):
         n.fail(f"auto_pad {auto!r} is not supported")
     lo, hi = [], []
@@ -798,19 +802,25 @@ def _window_pads(n, hw, kernel, strides, dilations) -> tuple[int, ...]:
         small, big = total // 2, total - total // 2
         lo.append(small if auto == "SAME_UPPER" else big)   # SAME_UPPER puts the odd pixel at the end
         hi.append(total - lo[-1])
-    return (lo[0], lo[1], hi[0], hi[1])
+    return tuple(lo + hi)
 
 
 @converter("Conv", attrs=("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"))
 @_one_d_as_2d
 def _conv(n):
     x, w, b = n.x(0), n.x(1), n.x(2)
-    _need_2d(n, x, "Conv")
+    r = _spatial_rank(n, x, "Conv")
     kernel = w.type.shape[2:]
     if "kernel_shape" in n.attrs and _ints(n, "kernel_shape", ()) != kernel:
         n.fail(f"kernel_shape {list(n.attrs['kernel_shape'])} does not match the weight {w.type}")
-    strides, dil = _ints(n, "strides", (1, 1)), _ints(n, "dilations", (1, 1))
+    strides, dil = _ints(n, "strides", (1,) * r), _ints(n, "dilations", (1,) * r)
     pad = _window_pads(n, x.type.shape[2:], kernel, strides, dil)
+    if r == 3:
+        geo = dict(stride=strides, pad=pad, dilation=dil, groups=n.attr("group", 1))
+        problem = _conv3d_problem(x.type, w.type, None if b is None else b.type, **geo)
+        if problem:
+            n.fail(f"conv3d: {problem}")
+        return [_composite(n, F.conv3d, x, w, b, **geo)]
     return [n.emit("conv2d", [x, w] + ([b] if b is not None else []), stride=strides, pad=pad, dilation=dil,
                    groups=n.attr("group", 1))]
 
@@ -820,51 +830,53 @@ def _conv(n):
 @_one_d_as_2d
 def _conv_transpose(n):
     x, w, b = n.x(0), n.x(1), n.x(2)
-    _need_2d(n, x, "ConvTranspose")
-    if w.type.rank != 4:
-        n.fail(f"the weight must be [Cin, Cout/group, kh, kw], got {w.type}")
+    r = _spatial_rank(n, x, "ConvTranspose")
+    if w.type.rank != r + 2:
+        n.fail(f"the weight must be [Cin, Cout/group, {'kd, ' if r == 3 else ''}kh, kw], got {w.type}")
     kernel = w.type.shape[2:]
     if "kernel_shape" in n.attrs and _ints(n, "kernel_shape", ()) != kernel:
         n.fail(f"kernel_shape {list(n.attrs['kernel_shape'])} does not match the weight {w.type}")
-    strides, dil = _ints(n, "strides", (1, 1)), _ints(n, "dilations", (1, 1))
-    extra = _ints(n, "output_padding", (0, 0))
+    strides, dil = _ints(n, "strides", (1,) * r), _ints(n, "dilations", (1,) * r)
+    extra = _ints(n, "output_padding", (0,) * r)
     auto = n.attr("auto_pad", "NOTSET")
     if auto not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
         n.fail(f"auto_pad {auto!r} is not supported")
     want = _ints(n, "output_shape", ())
-    if len(want) == 4:   # some writers include N and C, which the spec leaves out
+    if len(want) == r + 2:   # some writers include N and C, which the spec leaves out
         want = want[2:]
     if want or auto in ("SAME_UPPER", "SAME_LOWER"):
         if not want:   # SAME: the output is the input times the stride
             want = tuple(size * s for size, s in zip(x.type.shape[2:], strides))
-        if len(want) != 2 or len(strides) != 2 or len(dil) != 2 or len(extra) != 2:
-            n.fail(f"output_shape {list(want)}, strides, dilations and output_padding need 2 values each")
+        if len(want) != r or len(strides) != r or len(dil) != r or len(extra) != r:
+            n.fail(f"output_shape {list(want)}, strides, dilations and output_padding need {r} values each")
         lo, hi = [], []
         for size, k, s, d, e, out in zip(x.type.shape[2:], kernel, strides, dil, extra, want):
             # the spec's split; a negative total (an output past the scattered rows) adds zero rows
             total = s * (size - 1) + e + (k - 1) * d + 1 - out
             lo.append(total // 2 if auto == "SAME_UPPER" else total - total // 2)
             hi.append(total - lo[-1])
-        pad = (lo[0], lo[1], hi[0], hi[1])
+        pad = tuple(lo + hi)
     elif auto == "VALID":
-        pad = (0, 0, 0, 0)
+        pad = (0,) * (2 * r)
     else:
-        pad = _ints(n, "pads", (0, 0, 0, 0))
+        pad = _ints(n, "pads", (0,) * (2 * r))
         if min(pad, default=0) < 0:
             n.fail(f"pads {list(pad)} must be >= 0")
     geo = dict(stride=strides, pad=pad, output_padding=extra, dilation=dil, groups=n.attr("group", 1))
-    problem = _conv_transpose_problem(x.type, w.type, None if b is None else b.type, **geo)
+    problem = _conv_transpose_problem(x.type, w.type, None if b is None else b.type, **geo, rank=r + 2)
+    fn = F.conv_transpose2d if r == 2 else F.conv_transpose3d
     if problem:
-        n.fail(f"conv_transpose2d: {problem}")
-    return [_composite(n, F.conv_transpose2d, x, w, b, **geo)]
+        n.fail(f"{fn.__name__}: {problem}")
+    return [_composite(n, fn, x, w, b, **geo)]
 
 
 _POOL_ATTRS = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "strides")
 
 
 def _pool_geometry(n, x):
+    r = x.type.rank - 2
     kernel = _ints(n, "kernel_shape", ())
-    strides, dil = _ints(n, "strides", (1, 1)), _ints(n, "dilations", (1, 1))
+    strides, dil = _ints(n, "strides", (1,) * r), _ints(n, "dilations", (1,) * r)
     pad = _window_pads(n, x.type.shape[2:], kernel, strides, dil)
     return dict(kernel=kernel, stride=strides, pad=pad, ceil_mode=bool(n.attr("ceil_mode", 0))), dil
 
@@ -873,13 +885,21 @@ def _pool_geometry(n, x):
 @_one_d_as_2d
 def _maxpool(n):
     x = n.x(0)
-    _need_2d(n, x, "MaxPool")
+    r = _spatial_rank(n, x, "MaxPool")
     order = n.attr("storage_order", 0)
     if order not in (0, 1):
         n.fail(f"storage_order must be 0 or 1, not {order!r}")
     geo, dil = _pool_geometry(n, x)
     if n.wants(1):
+        if r == 3:
+            n.fail("the Indices output of a 3-D MaxPool is not supported (1-D and 2-D are)")
         return _composite(n, F.maxpool2d, x, dilation=dil, return_indices=True, storage_order=order, **geo)
+    if r == 3:
+        problem = _pool_problem(x.type, geo["kernel"], geo["stride"], geo["pad"], dil, geo["ceil_mode"], True, 5,
+                                ints=True)
+        if problem:
+            n.fail(f"maxpool3d: {problem}")
+        return [_composite(n, F.maxpool3d, x, dilation=dil, **geo)]
     return [n.emit("maxpool2d", [x], dilation=dil, **geo)]
 
 
@@ -887,11 +907,18 @@ def _maxpool(n):
 @_one_d_as_2d
 def _avgpool(n):
     x = n.x(0)
-    _need_2d(n, x, "AveragePool")
+    r = _spatial_rank(n, x, "AveragePool")
     geo, dil = _pool_geometry(n, x)
-    if dil != (1, 1):
-        n.fail(f"attribute 'dilations' {list(dil)} of AveragePool is not supported (tdc's avgpool2d has none)")
-    return [n.emit("avgpool2d", [x], count_include_pad=bool(n.attr("count_include_pad", 0)), **geo)]
+    include = bool(n.attr("count_include_pad", 0))
+    if r == 2 and dil == (1, 1):
+        return [n.emit("avgpool2d", [x], count_include_pad=include, **geo)]
+    # 3-D or dilated: a composite of slices, adds and a constant divisor
+    problem = _pool_problem(x.type, geo["kernel"], geo["stride"], geo["pad"], dil, geo["ceil_mode"], not include,
+                            r + 2)
+    fn = F.avgpool2d if r == 2 else F.avgpool3d
+    if problem:
+        n.fail(f"{fn.__name__}: {problem}")
+    return [_composite(n, fn, x, dilation=dil, count_include_pad=include, **geo)]
 
 
 @converter("GlobalAveragePool", "GlobalMaxPool")

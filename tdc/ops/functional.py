@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import functools
 
 import numpy as np
 
@@ -137,26 +138,29 @@ def _transposed_axis(n: int, k: int, s: int, d: int, lo: int, hi: int, extra: in
     return lead, lo_c, size, hi_c, rest - size
 
 
-def _conv_transpose_problem(x, w, b, stride, pad, output_padding, dilation, groups) -> str | None:
-    """What makes conv_transpose2d's arguments (x, w and b as TensorTypes, b may be None) invalid,
-    or None (shared with the ONNX importer)."""
-    if x.rank != 4:
-        return f"the input must be NCHW (rank 4), got {x}"
-    if w.rank != 4:
-        return f"the weight must be [Cin, Cout/groups, kh, kw] (rank 4), got {w}"
+def _conv_transpose_problem(x, w, b, stride, pad, output_padding, dilation, groups, rank: int = 4) -> str | None:
+    """What makes conv_transpose2d's (rank 4) or conv_transpose3d's (rank 5) arguments (x, w and b as
+    TensorTypes, b may be None) invalid, or None (shared with the ONNX importer)."""
+    r = rank - 2
+    layout, kernel = ("NCHW", "kh, kw") if r == 2 else ("NCDHW", "kd, kh, kw")
+    if x.rank != rank:
+        return f"the input must be {layout} (rank {rank}), got {x}"
+    if w.rank != rank:
+        return f"the weight must be [Cin, Cout/groups, {kernel}] (rank {rank}), got {w}"
     if x.dtype not in ("f16", "f32", "f64") or w.dtype != x.dtype:
         return f"the input and weight must be floats of one dtype, got {x} and {w}"
     if not isinstance(groups, (int, np.integer)) or groups < 1:
         return f"groups must be an integer >= 1, got {groups!r} (input {x}, weight {w})"
     for name, v in (("stride", stride), ("pad", pad), ("output_padding", output_padding), ("dilation", dilation)):
-        if len(v) != (4 if name == "pad" else 2) or not builtins.all(isinstance(i, (int, np.integer)) for i in v):
-            return f"{name} must be {'4' if name == 'pad' else '2'} integers, got {list(v)} (input {x}, weight {w})"
+        want = 2 * r if name == "pad" else r
+        if len(v) != want or not builtins.all(isinstance(i, (int, np.integer)) for i in v):
+            return f"{name} must be {want} integers, got {list(v)} (input {x}, weight {w})"
     c = x.shape[1]
     if c % groups:
         return f"the input {x} has {c} channels, not divisible by groups={groups}"
     if w.shape[0] != c:
         return (f"channel mismatch: the input {x} has {c} channels, so the weight must be "
-                f"[{c}, Cout/groups, kh, kw], got {w}")
+                f"[{c}, Cout/groups, {kernel}], got {w}")
     if builtins.min(w.shape[2:]) < 1 or builtins.min(w.shape[1:2]) < 1:
         return f"the weight {w} has an empty dim"
     if builtins.min(stride) < 1 or builtins.min(dilation) < 1:
@@ -167,9 +171,9 @@ def _conv_transpose_problem(x, w, b, stride, pad, output_padding, dilation, grou
                     f"per dim (stride {list(stride)}, dilation {list(dilation)}; input {x}, weight {w})")
     out = [s * (n - 1) + (k - 1) * d + 1 + op - lo - hi
            for n, k, s, d, op, lo, hi in zip(x.shape[2:], w.shape[2:], stride, dilation, output_padding,
-                                            pad[:2], pad[2:])]
+                                            pad[:r], pad[r:])]
     if builtins.min(out) < 1:
-        return (f"the output would be {out[0]}x{out[1]}: input {x}, weight {w}, stride {list(stride)}, "
+        return (f"the output would be {'x'.join(map(str, out))}: input {x}, weight {w}, stride {list(stride)}, "
                 f"pad {list(pad)}, output_padding {list(output_padding)}, dilation {list(dilation)}")
     if b is not None and b.shape != (w.shape[1] * groups,):
         return f"the bias must be [{w.shape[1] * groups}] (one per output channel), got {b}"
@@ -248,10 +252,18 @@ def _maxpool_indices(x, y, kernel, stride, pad, dilation, ceil_mode, storage_ord
                    (n, c, oh, ow)) + image
 
 
-def avgpool2d(x, kernel, stride=None, pad=0, ceil_mode: bool = False, count_include_pad: bool = False):
-    kernel = _pair(kernel, "kernel")
-    return apply("avgpool2d", x, kernel=kernel, stride=kernel if stride is None else _pair(stride, "stride"),
-                 pad=_pads(pad), ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+def avgpool2d(x, kernel, stride=None, pad=0, ceil_mode: bool = False, count_include_pad: bool = False,
+              dilation=1):
+    """The mean over each window of an NCHW input; pad is (top, left, bottom, right), stride defaults
+    to the kernel. The divisor is the window's elements on the real input, or with count_include_pad
+    within the padded input. The avgpool2d op has no dilation: a dilated window (ONNX AveragePool's
+    dilations) is a sum of strided slices times a constant 1 / divisor, computed at build time."""
+    kernel, stride, pad, dilation = _pool_args(kernel, stride, pad, dilation, 4)
+    if tuple(dilation) == (1, 1):
+        return apply("avgpool2d", x, kernel=kernel, stride=stride, pad=pad, ceil_mode=ceil_mode,
+                     count_include_pad=count_include_pad)
+    _refuse("avgpool2d", _pool_problem(x.type, kernel, stride, pad, dilation, ceil_mode, not count_include_pad, 4))
+    return _avgpool_taps(x, kernel, stride, pad, dilation, ceil_mode, count_include_pad)
 
 
 def global_avgpool(x): return apply("global_avgpool", x)
@@ -349,6 +361,246 @@ def upsample(x, scale_factor, mode: str = "nearest"):
     return resize(x, scales=factors, mode=mode, axes=range(2, x.ndim),
                   coordinate_transformation_mode="asymmetric" if mode == "nearest" else "pytorch_half_pixel",
                   nearest_mode="floor")
+
+
+# ---- 3-D convolution and pooling, dilated average pooling -----------------------------------
+# tdc's conv and pool ops are 2-D. The 3-D (NCDHW) forms are compositions of them with slices,
+# pads, reshapes and adds over the depth, and dilated average pooling is sums of strided slices, so
+# every backend, export and autodiff serve them with no kernels of their own. 3-D pads are in ONNX's
+# order: the begins (d, h, w), then the ends.
+
+def _triple(v):
+    return (v,) * 3 if isinstance(v, (int, np.integer)) else tuple(v)
+
+
+def _pads3(pad):
+    """An int (all sides), (pd, ph, pw) (symmetric) or (d_begin, h_begin, w_begin, d_end, h_end, w_end)."""
+    if isinstance(pad, (int, np.integer)):
+        return (pad,) * 6
+    pad = tuple(pad)
+    return pad + pad if len(pad) == 3 else pad
+
+
+def _refuse(op: str, problem: str | None):
+    if problem:
+        loc = user_location()
+        raise ShapeError(f"{loc + ': ' if loc else ''}{op}: {problem}")
+
+
+def _windows_along(size, k, s, d, lo, hi, ceil_mode=False) -> int:
+    from .conv import out_size   # conv imports this module
+    return out_size(size, k, s, d, lo, hi, ceil_mode)
+
+
+def _in_window(size, k, s, d, lo, n) -> np.ndarray:
+    """For each of the n windows along a dim, how many of its taps fall on rows [lo, lo + size)."""
+    pos = np.arange(n)[:, None] * s + np.arange(k)[None, :] * d
+    return ((pos >= lo) & (pos < lo + size)).sum(1)
+
+
+def _window_problem(x, kernel, stride, pad, dilation, ceil_mode=False, real=False) -> str | None:
+    """What makes sliding `kernel` over x's spatial dims invalid, or None; with `real`, every window
+    must reach the real input (a max or an average over padding alone is undefined)."""
+    r = x.rank - 2
+    for name, v, want in (("kernel", kernel, r), ("stride", stride, r), ("pad", pad, 2 * r),
+                          ("dilation", dilation, r)):
+        if len(v) != want or not builtins.all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in v):
+            return f"{name} must be {want} integers, got {list(v)} (input {x})"
+    if builtins.min(kernel) < 1 or builtins.min(stride) < 1 or builtins.min(dilation) < 1 or builtins.min(pad) < 0:
+        return (f"kernel {list(kernel)}, stride {list(stride)} and dilation {list(dilation)} must be >= 1 and "
+                f"pad {list(pad)} >= 0 (input {x})")
+    geo = list(zip(x.shape[2:], kernel, stride, dilation, pad[:r], pad[r:]))
+    out = [_windows_along(*g, ceil_mode) for g in geo]
+    if builtins.min(out) < 1:
+        return (f"the output would be {'x'.join(map(str, out))}: kernel {list(kernel)} (dilation {list(dilation)}) "
+                f"does not fit the input {x} padded by {list(pad)} (stride {list(stride)})")
+    for axis, ((size, k, s, d, lo, _), n) in enumerate(zip(geo, out)):
+        if real and not _in_window(size, k, s, d, lo, n).all():
+            return (f"a window along spatial dim {axis} lies entirely in the padding (input {x}, kernel {list(kernel)}, "
+                    f"stride {list(stride)}, pad {list(pad)}, dilation {list(dilation)}); use less padding")
+    return None
+
+
+def _taps(x, axis, k, s, d, lo, n, fill=0.0) -> list:
+    """The k taps of the n windows (stride s, dilation d) along `axis`: tap j holds rows j*d, j*d + s, ...
+    of x padded with `fill`, by lo rows before and by as many after as the last window reaches."""
+    reach = (n - 1) * s + (k - 1) * d + 1
+    pads = [0] * (2 * x.ndim)
+    pads[axis], pads[x.ndim + axis] = lo, builtins.max(0, reach - lo - x.shape[axis])
+    xp = pad(x, pads, fill) if builtins.any(pads) else x
+    taps = []
+    for j in range(k):
+        starts, ends, steps = [0] * x.ndim, list(xp.shape), [1] * x.ndim
+        starts[axis], ends[axis], steps[axis] = j * d, j * d + (n - 1) * s + 1, s
+        taps.append(apply("slice", xp, starts=starts, ends=ends, steps=steps))
+    return taps
+
+
+def _conv3d_problem(x, w, b, stride, pad, dilation, groups) -> str | None:
+    if x.rank != 5:
+        return f"the input must be NCDHW (rank 5), got {x}"
+    if w.rank != 5:
+        return f"the weight must be [Cout, Cin/groups, kd, kh, kw] (rank 5), got {w}"
+    if x.dtype not in ("f16", "f32", "f64") or w.dtype != x.dtype:
+        return f"the input and weight must be floats of one dtype, got {x} and {w}"
+    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
+        return f"groups must be an integer >= 1, got {groups!r} (input {x}, weight {w})"
+    c, cout = x.shape[1], w.shape[0]
+    if c % groups or cout % groups or w.shape[1] * groups != c:
+        return (f"channel mismatch: the input {x} has {c} channels and groups={groups}, so the weight must be "
+                f"[Cout, {c}/{groups}, kd, kh, kw] with Cout a multiple of {groups}, got {w}")
+    if b is not None and b.shape != (cout,):
+        return f"the bias must be [{cout}] (one per output channel), got {b}"
+    return _window_problem(x, w.shape[2:], stride, pad, dilation)
+
+
+def conv3d(x, w, b=None, stride=1, pad=0, dilation=1, groups: int = 1):
+    """NCDHW convolution (ONNX Conv on 5-D inputs, PyTorch's Conv3d); w is [Cout, Cin/groups, kd, kh,
+    kw], b is [Cout]; pad is (d, h, w) begins then ends, zeros.
+
+    Output depth o is the sum over kernel depths t of conv2d(input depth o * stride + t * dilation
+    - pad_begin, w[:, :, t]): the output depths are folded into the batch ([N * Do, C, H, W]) and
+    each depth tap is one conv2d, so the backends' conv kernels and gradients do the work."""
+    stride, dilation, pad = _triple(stride), _triple(dilation), _pads3(pad)
+    _refuse("conv3d", _conv3d_problem(x.type, w.type, None if b is None else b.type, stride, pad, dilation, groups))
+    (n, c, d, h, wd), kd = x.shape, w.shape[2]
+    do = _windows_along(d, kd, stride[0], dilation[0], pad[0], pad[3])
+    plane_pad = (pad[1], pad[2], pad[4], pad[5])
+    xt = transpose(x, (0, 2, 1, 3, 4))   # depth beside the batch, to fold the two into one dim
+    y = None
+    for t, xs in enumerate(_taps(xt, 1, kd, stride[0], dilation[0], pad[0], do)):
+        wt = w[:, :, t]
+        yt = conv2d(reshape(xs, (n * do, c, h, wd)), wt, None, stride[1:], plane_pad, dilation[1:], int(groups))
+        y = yt if y is None else y + yt
+    y = transpose(reshape(y, (n, do) + y.shape[1:]), (0, 2, 1, 3, 4))
+    return y if b is None else y + reshape(b, (w.shape[0], 1, 1, 1))
+
+
+def _pool_args(kernel, stride, pad, dilation, rank):
+    if rank == 5:
+        kernel = _triple(kernel)
+        return kernel, kernel if stride is None else _triple(stride), _pads3(pad), _triple(dilation)
+    kernel = _pair(kernel, "kernel")
+    return kernel, kernel if stride is None else _pair(stride, "stride"), _pads(pad), _pair(dilation, "dilation")
+
+
+def _pool_problem(x, kernel, stride, pad, dilation, ceil_mode, real, rank, ints=False) -> str | None:
+    if x.rank != rank:
+        return f"the input must be {'NCDHW' if rank == 5 else 'NCHW'} (rank {rank}), got {x}"
+    if x.dtype not in ("f16", "f32", "f64") + (("i8", "u8") if ints else ()):
+        return f"the input must be a float{' (or i8/u8)' if ints else ''} tensor, got {x}"
+    return _window_problem(x, kernel, stride, pad, dilation, ceil_mode, real)
+
+
+def maxpool3d(x, kernel, stride=None, pad=0, dilation=1, ceil_mode: bool = False):
+    """The max over each (kd, kh, kw) window of an NCDHW input (ONNX MaxPool on 5-D inputs); padding
+    is -inf, stride defaults to the kernel, pad is (d, h, w) begins then ends; ceil_mode as maxpool2d's.
+
+    The box max is separable: maxpool2d over (H, W) of every depth slice, then the max of the depth
+    taps, strided slices of its result padded with the dtype's lowest value."""
+    kernel, stride, pad, dilation = _pool_args(kernel, stride, pad, dilation, 5)
+    _refuse("maxpool3d", _pool_problem(x.type, kernel, stride, pad, dilation, ceil_mode, True, 5, ints=True))
+    n, c, d, h, wd = x.shape
+    y = maxpool2d(reshape(x, (n, c * d, h, wd)), kernel[1:], stride[1:], (pad[1], pad[2], pad[4], pad[5]),
+                  dilation[1:], ceil_mode)
+    y = reshape(y, (n, c, d) + y.shape[2:])
+    do = _windows_along(d, kernel[0], stride[0], dilation[0], pad[0], pad[3], ceil_mode)
+    lowest = -math.inf if x.dtype in ("f16", "f32", "f64") else float(np.iinfo(DTYPES[x.dtype]).min)
+    taps = _taps(y, 2, kernel[0], stride[0], dilation[0], pad[0], do, lowest)
+    for t in taps[1:]:
+        taps[0] = maximum(taps[0], t)
+    return taps[0]
+
+
+def _avgpool_taps(x, kernel, stride, pad, dilation, ceil_mode, count_include_pad):
+    """Average pooling of any rank and dilation as window sums times a constant 1 / count. The box
+    sum is separable: the sum of the taps along each spatial dim in turn (undilated (H, W) planes of a
+    5-D input by avgpool2d, whose divisor is known and undone by the constant)."""
+    r = x.ndim - 2
+    geo = list(zip(x.shape[2:], kernel, stride, dilation, pad[:r], pad[r:]))
+    out = [_windows_along(*g, ceil_mode) for g in geo]
+    # the divisor of each window: its taps on the real input, or within the padded one (not past it)
+    counts = [_in_window(size + lo + hi, k, s, d, 0, n) if count_include_pad else _in_window(size, k, s, d, lo, n)
+              for (size, k, s, d, lo, hi), n in zip(geo, out)]
+    scale = functools.reduce(np.multiply.outer, [1.0 / cnt for cnt in counts])
+    y, axes = x, range(r)
+    if r == 3 and tuple(dilation[1:]) == (1, 1):
+        n, c, d, h, wd = x.shape
+        y = avgpool2d(reshape(x, (n, c * d, h, wd)), kernel[1:], stride[1:], (pad[1], pad[2], pad[4], pad[5]),
+                      ceil_mode, count_include_pad=True)
+        y = reshape(y, (n, c, d) + y.shape[2:])
+        planes = [_in_window(size + lo + hi, k, s, 1, 0, m) for (size, k, s, _, lo, hi), m in zip(geo[1:], out[1:])]
+        scale = scale * np.multiply.outer(*planes)
+        axes = range(1)
+    for a in axes:
+        size, k, s, d, lo, _ = geo[a]
+        taps = _taps(y, a + 2, k, s, d, lo, out[a])
+        y = taps[0]
+        for t in taps[1:]:
+            y = y + t
+    return y * constant(scale.astype(DTYPES[x.dtype]), x.dtype)
+
+
+def avgpool3d(x, kernel, stride=None, pad=0, dilation=1, ceil_mode: bool = False, count_include_pad: bool = False):
+    """The mean over each (kd, kh, kw) window of an NCDHW input (ONNX AveragePool on 5-D inputs);
+    stride defaults to the kernel, pad is (d, h, w) begins then ends. The divisor is the window's
+    taps on the real input, or with count_include_pad its taps within the padded input (a ceil_mode
+    window past the padded input counts only what it covers, as ONNX and PyTorch do)."""
+    kernel, stride, pad, dilation = _pool_args(kernel, stride, pad, dilation, 5)
+    _refuse("avgpool3d", _pool_problem(x.type, kernel, stride, pad, dilation, ceil_mode, not count_include_pad, 5))
+    return _avgpool_taps(x, kernel, stride, pad, dilation, ceil_mode, count_include_pad)
+
+
+def _place(z, axis, at, total):
+    """z's rows land at rows at, at + 1, ... of a dim of `total` rows, zeros elsewhere (rows
+    outside [0, total) are dropped)."""
+    first, last = builtins.max(0, -at), builtins.min(z.shape[axis], total - at)
+    if first > 0 or last < z.shape[axis]:
+        starts, ends = [0] * z.ndim, list(z.shape)
+        starts[axis], ends[axis] = first, last
+        z = slice(z, starts, ends)
+    pads = [0] * (2 * z.ndim)
+    pads[axis] = builtins.max(0, at)
+    pads[z.ndim + axis] = total - pads[axis] - (last - first)
+    return pad(z, pads) if builtins.any(pads) else z
+
+
+def conv_transpose3d(x, w, b=None, stride=1, pad=0, output_padding=0, dilation=1, groups: int = 1):
+    """Transposed convolution of an NCDHW input (ONNX ConvTranspose on 5-D inputs, PyTorch's
+    ConvTranspose3d); w is [Cin, Cout/groups, kd, kh, kw], b is [Cout], pad is (d, h, w) begins then
+    ends (negative: zero rows on that side). Each output dim is
+    stride * (in - 1) + output_padding + (k - 1) * dilation + 1 - pad_begin - pad_end.
+
+    Input depth i through kernel depth t lands on output depth i * stride + t * dilation - pad_begin:
+    the input depths are folded into the batch, each depth tap is one conv_transpose2d, and its
+    result is spread `stride` depths apart (zero depths between), shifted into place and summed."""
+    stride, dilation, extra = _triple(stride), _triple(dilation), _triple(output_padding)
+    pad = _pads3(pad)
+    _refuse("conv_transpose3d", _conv_transpose_problem(x.type, w.type, None if b is None else b.type, stride, pad,
+                                                        extra, dilation, groups, rank=5))
+    (n, cin, di, h, wd), kd, cout = x.shape, w.shape[2], w.shape[1] * groups
+    s, dl = stride[0], dilation[0]
+    do = s * (di - 1) + (kd - 1) * dl + 1 + extra[0] - pad[0] - pad[3]
+    plane = [sp * (m - 1) + (k - 1) * dp + 1 + e - lo - hi for m, k, sp, dp, e, lo, hi in
+             zip((h, wd), w.shape[3:], stride[1:], dilation[1:], extra[1:], pad[1:3], pad[4:])]
+    xt = reshape(transpose(x, (0, 2, 1, 3, 4)), (n * di, cin, h, wd))
+    y = None
+    for t in range(kd):
+        at = t * dl - pad[0]   # the output depth of input depth 0 through tap t
+        if at >= do or at + s * (di - 1) < 0:
+            continue           # this tap reaches no output depth
+        wt = w[:, :, t]
+        yt = conv_transpose2d(xt, wt, None, stride[1:], (pad[1], pad[2], pad[4], pad[5]), extra[1:], dilation[1:],
+                              int(groups))
+        # [N, Di, 1, R] padded to [N, Di, s, R] is the depths spread s apart, s - 1 zero depths after each
+        z = reshape(yt, (n, di, 1, cout * plane[0] * plane[1]))
+        z = reshape(_pad_op(z, (0, 0, 0, 0, 0, 0, s - 1, 0)) if s > 1 else z, (n, di * s, z.shape[3]))
+        z = _place(z, 1, at, do)
+        y = z if y is None else y + z
+    if y is None:
+        y = full((n, do, cout * plane[0] * plane[1]), 0.0, x.dtype)
+    y = transpose(reshape(y, (n, do, cout, *plane)), (0, 2, 1, 3, 4))
+    return y if b is None else y + reshape(b, (cout, 1, 1, 1))
 
 
 # ---- normalization, dropout -----------------------------------------------------------
@@ -483,6 +735,9 @@ def split(x, sizes, axis: int = 0) -> list:
 def pad(x, pads, value: float = 0.0):
     """pads = (begin_0, ..., begin_n-1, end_0, ..., end_n-1), as in ONNX; constant mode."""
     return apply("pad", x, pads=tuple(pads), value=value)
+
+
+_pad_op = pad   # for the functions whose `pad` argument hides it
 
 
 # ---- reductions -------------------------------------------------------------------
