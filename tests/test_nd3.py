@@ -309,11 +309,11 @@ def test_llvm_matches_the_reference_forward_and_backward():
         close(np.asarray(got[name]), want[name], 1e-4)
 
 
-def test_numba_runs_them():   # one small graph: numba compiles slowly
-    x = X[:1]
-    arrays = {"x": x, "w": W[:2]}
-    g = build(lambda x, w: F.avgpool3d(F.maxpool3d(F.conv3d(x, w, pad=1, groups=2), 2, ceil_mode=True), 2,
-                                        stride=1, dilation=(1, 2, 1)), arrays)
+def test_numba_runs_conv3d():
+    # numba compiles slowly (the three composites together took 41 s cold): the ONNX conformance
+    # cases run 3-D max and average pooling on numba; this is conv3d
+    arrays = {"x": X[:1], "w": W[:2]}
+    g = build(lambda x, w: F.conv3d(x, w, pad=1, groups=2), arrays)
     close(compile(g, backend="numba")(**arrays)["y"], run_ref(g, arrays), 1e-5)
 
 
