@@ -139,17 +139,22 @@ class OpDef:
         if n < lo or (hi is not None and n > hi):
             want = f"{lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
             raise ShapeError(f"{self.name} takes {want} inputs, got {n}")
+        self._check_storage(in_types)    # before infer, whose own dtype checks would say less
         try:
             out = self.infer(in_types, **attrs)
         except ShapeError as e:
             raise ShapeError(f"{self.name}: {e} (inputs: {', '.join(map(str, in_types)) or 'none'})") from None
         out = list(out) if isinstance(out, (list, tuple)) else [out]
-        if not self.storage:
-            for t in in_types + out:
-                if is_storage(t.dtype):
-                    raise ShapeError(f"{self.name} on {t.dtype}: {t.dtype} is a storage dtype, moved and cast "
-                                     f"but not computed on; cast to f32 first (tdc.cast(x, 'f32'))")
+        self._check_storage(out)         # full(dtype=bf16) and the like
         return out
+
+    def _check_storage(self, types: list[TensorType]):
+        if self.storage:
+            return
+        for t in types:
+            if is_storage(t.dtype):
+                raise ShapeError(f"{self.name} on {t.dtype}: {t.dtype} is a storage dtype, moved and cast "
+                                 f"but not computed on; cast to f32 first (tdc.cast(x, 'f32'))")
 
     def non_default_attrs(self, attrs: dict) -> dict:
         """The attributes that differ from their defaults (what the printer shows)."""
