@@ -1,0 +1,204 @@
+"""bf16 (bfloat16) as a storage dtype: casts checked against the rounding written with numpy
+integer ops here and against ml_dtypes' own cast, data movement bit for bit, the build-time
+refusal of arithmetic, native .npy I/O and ONNX."""
+import subprocess
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import tdc
+from tdc.ir.graph import Graph
+from tdc.ir.types import TensorType as T
+
+# f32 values beyond bf16's largest finite round to inf, and NaN/inf to i32 is undefined: numpy says so
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast", "ignore:invalid value encountered in cast")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+N = 64
+
+
+def _from_bits(bits):
+    return np.array(bits, np.uint32).view(np.float32)
+
+
+# ties at one half with an even and an odd kept half, one above/below a half, the largest finite
+# f32 (rounds to inf), the largest value that stays finite, subnormals, NaNs with payloads in
+# either half, signed zeros and infinities
+EDGES = np.concatenate([_from_bits([0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0x7F7FFFFF, 0x7F7F7FFF,
+                                    0x00000001, 0x00008000, 0x00018000, 0x807FFFFF, 0x7FC00000, 0xFFC00001,
+                                    0x7F800001, 0x7FFF0000, 0x80000000]),
+                        np.array([0.0, np.inf, -np.inf, 1.0, -3.5, 1e-40], np.float32)])
+
+
+def _rne_bits(x: np.ndarray) -> np.ndarray:
+    """The oracle: f32 bits plus 0x7FFF plus the kept half's lowest bit, shifted (in uint64, so
+    nothing wraps); NaN lanes are compared as NaN, not by bits."""
+    u = x.view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _check_bf16(got: np.ndarray, x: np.ndarray):
+    assert got.dtype == BF16
+    nan = np.isnan(x)
+    assert np.isnan(got.astype(np.float32)[nan]).all()
+    bits = got.view(np.uint16)
+    assert np.array_equal(bits[~nan], _rne_bits(x)[~nan])
+    assert np.array_equal(bits[~nan], x.astype(BF16).view(np.uint16)[~nan])   # ml_dtypes agrees
+
+
+def _cast_graph() -> Graph:
+    g = Graph("bf16_casts")
+    x = g.add_arg("x", T("f32", (N,)), "input")
+    i = g.add_arg("i", T("i32", (N,)), "input")
+    (b,) = g.emit("cast", [x], {"to": "bf16"})
+    g.add_output("b", b)
+    g.add_output("back", g.emit("cast", [b], {"to": "f32"})[0])
+    g.add_output("f16", g.emit("cast", [b], {"to": "f16"})[0])
+    g.add_output("f64", g.emit("cast", [b], {"to": "f64"})[0])
+    g.add_output("nonzero", g.emit("cast", [b], {"to": "bool"})[0])
+    (bi,) = g.emit("cast", [i], {"to": "bf16"})
+    g.add_output("from_i32", bi)
+    g.add_output("to_i32", g.emit("cast", [bi], {"to": "i32"})[0])
+    return g
+
+
+@pytest.fixture(scope="module", params=("reference", "llvm"))
+def cast_exe(request):
+    return tdc.compile(_cast_graph(), backend=request.param)
+
+
+def _check_casts(out, x, i):
+    _check_bf16(out["b"], x)
+    bx = x.astype(BF16)
+    exact = bx.astype(np.float32)      # bf16 -> f32 is exact: ml_dtypes' widening is the oracle
+    assert np.array_equal(out["back"], exact, equal_nan=True)
+    assert np.array_equal(out["back"].view(np.uint32)[~np.isnan(x)],
+                          (out["b"].view(np.uint16).astype(np.uint32) << 16)[~np.isnan(x)])
+    assert np.array_equal(out["f16"], exact.astype(np.float16), equal_nan=True)
+    assert np.array_equal(out["f64"], exact.astype(np.float64), equal_nan=True)
+    assert np.array_equal(out["nonzero"], exact != 0)
+    _check_bf16(out["from_i32"], i.astype(np.float32))
+    assert np.array_equal(out["to_i32"], out["from_i32"].astype(np.float32).astype(np.int32))
+
+
+_INTS = np.array([0, 1, -1, 257, 259, 2**24 + 1, -(2**20) - 3, 2**31 - 1] * 8, np.int32)
+
+
+def test_cast_edges(cast_exe):
+    x = np.resize(EDGES, N)
+    with np.errstate(invalid="ignore"):
+        _check_casts(cast_exe(x=x, i=_INTS), x, _INTS)
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float32, N, elements=st.floats(width=32, allow_nan=True, allow_infinity=True,
+                                                 allow_subnormal=True)),
+       arrays(np.int32, N, elements=st.integers(-(2**31), 2**31 - 1)))
+def test_cast_hypothesis(cast_exe, x, i):
+    # bf16 holds the integers up to 2**24 exactly after rounding only below 2**31: keep i32 casts in range
+    i = np.where(np.abs(i.astype(np.int64)) >= 2**31 - 2**24, 7, i).astype(np.int32)
+    _check_casts(cast_exe(x=x, i=i), x, i)
+
+
+def _moves_graph() -> Graph:
+    g = Graph("bf16_moves")
+    a = g.add_arg("a", T("bf16", (6, 4)), "input")
+    idx = g.add_arg("idx", T("i64", (4,)), "input")
+    c = g.add_arg("c", T("bool", (6, 4)), "input")
+    g.add_output("t", g.emit("transpose", [a], {"perm": [1, 0]})[0])
+    g.add_output("s", g.emit("slice", [a], {"starts": [1, 0], "ends": [6, 4], "steps": [2, 3]})[0])
+    g.add_output("cat", g.emit("concat", [a, a], {"axis": 1})[0])
+    g.add_output("p", g.emit("pad", [a], {"pads": [1, 0, 0, 2], "value": 1.5})[0])
+    g.add_output("g", g.emit("gather", [a, idx], {"axis": 0})[0])
+    g.add_output("r", g.emit("reshape", [a], {"shape": [3, 8]})[0])
+    g.add_output("bc", g.emit("broadcast_to", [g.emit("reshape", [a], {"shape": [1, 6, 4]})[0]],
+                              {"shape": [2, 6, 4]})[0])
+    (k,) = g.emit("constant", [], {"value": np.array(-0.0078125, BF16)})
+    g.add_output("w", g.emit("where", [c, a, g.emit("broadcast_to", [k], {"shape": [6, 4]})[0]])[0])
+    return g
+
+
+def _moves_expected(x, idx, c):
+    padded = np.full((7, 6), 1.5, BF16)
+    padded[1:, :4] = x
+    return {"t": x.T, "s": x[1:6:2, 0:4:3], "cat": np.concatenate([x, x], 1), "p": padded, "g": x[idx],
+            "r": x.reshape(3, 8), "bc": np.broadcast_to(x, (2, 6, 4)), "w": np.where(c, x, np.array(-0.0078125, BF16))}
+
+
+@pytest.mark.parametrize("backend", ("reference", "llvm", "numba"))
+def test_data_movement_keeps_every_bit(backend):
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 1 << 16, (6, 4), np.uint16)
+    bits[0, :3] = [0x7FC1, 0xFF80, 0x8000]     # a NaN payload, -inf, -0.0
+    x = bits.view(BF16)
+    idx, c = np.array([3, 0, -1, 5], np.int64), rng.random((6, 4)) < 0.5
+    out = tdc.compile(_moves_graph(), backend=backend)(a=x, idx=idx, c=c)
+    for name, w in _moves_expected(x, idx, c).items():
+        assert out[name].dtype == BF16 and np.array_equal(out[name].view(np.uint16), w.view(np.uint16)), name
+
+
+def test_numba_casts():
+    """One numba case (it compiles slowly): the bit-operation casts on the edge values."""
+    x = np.resize(EDGES, N)
+    with np.errstate(invalid="ignore"):
+        _check_casts(tdc.compile(_cast_graph(), backend="numba")(x=x, i=_INTS), x, _INTS)
+
+
+@pytest.mark.parametrize("op, build", [
+    ("add", lambda x: x + x),
+    ("matmul", lambda x: tdc.matmul(x, tdc.transpose(x))),
+    ("relu", tdc.relu),
+    ("reduce_sum", lambda x: tdc.sum(x)),
+])
+def test_arithmetic_is_refused_at_build_time(op, build):
+    @tdc.model
+    def f(x: tdc.bf16[2, 3]):
+        return build(x)
+    with pytest.raises(tdc.ShapeError, match=rf"{op} on bf16: .* cast to f32"):
+        f.trace()
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    from tdc.backends.llvm.bundle import write_bundle
+    d = tmp_path_factory.mktemp("bf16_native")
+    g = Graph("native_bf16")
+    x = g.add_arg("x", T("f32", (N,)), "input")
+    h = g.add_arg("h", T("bf16", (N,)), "input")
+    w = g.add_arg("w", T("bf16", (N,)), "const")
+    s = g.add_arg("s", T("bf16", ()), "input")
+    g.add_output("sf", g.emit("cast", [s], {"to": "f32"})[0])
+    g.add_output("hb", g.emit("cast", [x], {"to": "bf16"})[0])
+    g.add_output("hf", g.emit("cast", [h], {"to": "f32"})[0])
+    g.add_output("wt", g.emit("concat", [h, w], {"axis": 0})[0])
+    weights = np.linspace(-3, 3, N).astype(BF16)
+    return write_bundle(g, str(d / "b"), params={"w": weights}, copy_blas=False), weights, d
+
+
+def test_native_executable_npy_io(native):
+    bundle, weights, d = native
+    x = np.resize(EDGES, N)
+    h = np.random.default_rng(3).standard_normal(N).astype(BF16)
+    np.save(d / "x.npy", x)
+    np.save(d / "h.npy", h)
+    assert np.load(d / "h.npy").dtype == np.dtype("V2")     # what np.save writes for bfloat16
+    # a bf16 scalar given on the command line rounds as the cast does: this tie has an even
+    # kept half and rounds down
+    args = [bundle.executable, "--input", f"x={d}/x.npy", "--input", f"h={d}/h.npy", "--input", "s=1.00390625"]
+    for name in ("hb", "hf", "wt", "sf"):
+        args += ["--output", f"{name}={d}/{name}.npy"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    hb = np.load(d / "hb.npy")
+    assert hb.dtype == np.dtype("V2")
+    _check_bf16(hb.view(BF16), x)
+    assert np.array_equal(np.load(d / "hf.npy"), h.astype(np.float32))
+    wt = np.load(d / "wt.npy").view(BF16)
+    assert np.array_equal(wt.view(np.uint16), np.concatenate([h, weights]).view(np.uint16))
+    assert np.load(d / "sf.npy") == 1.0
+    wrong = subprocess.run(args[:3] + ["--input", f"h={d}/x.npy"] + args[5:], capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.returncode != 0 and "'h'" in wrong.stderr
