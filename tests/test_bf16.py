@@ -202,3 +202,38 @@ def test_native_executable_npy_io(native):
     wrong = subprocess.run(args[:3] + ["--input", f"h={d}/x.npy"] + args[5:], capture_output=True, text=True,
                            timeout=120)
     assert wrong.returncode != 0 and "'h'" in wrong.stderr
+
+
+def test_onnx_export_import_through_onnxruntime(tmp_path):
+    """A BFLOAT16 input, initializer and output, and Casts both ways, in onnxruntime and back in tdc."""
+    ort = pytest.importorskip("onnxruntime")
+    import tdc.onnx
+    g = Graph("onnx_bf16")
+    x = g.add_arg("x", T("f32", (4, 3)), "input")
+    h = g.add_arg("h", T("bf16", (3, 4)), "input")
+    w = g.add_arg("w", T("bf16", (3, 4)), "const")
+    (xb,) = g.emit("cast", [x], {"to": "bf16"})
+    g.add_output("xb", xb)
+    (cat,) = g.emit("concat", [g.emit("transpose", [xb], {"perm": [1, 0]})[0], h, w], {"axis": 0})
+    g.add_output("cat", cat)
+    g.add_output("catf", g.emit("cast", [cat], {"to": "f32"})[0])
+    g.add_output("hf", g.emit("cast", [h], {"to": "f32"})[0])
+    weights = np.arange(12, dtype=np.float32).reshape(3, 4).astype(BF16) / BF16.type(3)
+    path = tmp_path / "m.onnx"
+    tdc.onnx.save(g, path, params={"w": weights})
+    xs = np.resize(EDGES[~np.isnan(EDGES)], (4, 3))
+    hs = np.random.default_rng(4).standard_normal((3, 4)).astype(BF16)
+    want = {"xb": xs.astype(BF16), "cat": np.concatenate([xs.astype(BF16).T, hs, weights]), "hf": hs.astype(np.float32)}
+    want["catf"] = want["cat"].astype(np.float32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # onnxruntime's Python API neither takes nor returns ml_dtypes arrays: the bf16 input goes in
+    # as its bits typed BFLOAT16, and only the f32 outputs come back
+    h_ort = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(hs.view(np.uint16), 16)
+    ort_out = dict(zip(("catf", "hf"), sess.run(["catf", "hf"], {"x": xs, "h": h_ort})))
+    m = tdc.onnx.load(str(path))
+    assert {v.type.dtype for v in m.graph.args if v.name in ("h", "w")} == {"bf16"}
+    got = m(x=xs, h=hs)
+    for name, w_ in want.items():
+        for out in (ort_out.get(name), got[name]):
+            if out is not None:
+                assert out.dtype == w_.dtype and np.array_equal(out.view(np.uint8), w_.view(np.uint8)), name

@@ -35,7 +35,7 @@ except ImportError as e:   # a declared extra: pip install 'tdc[onnx]'
 DTYPES = {TensorProto.FLOAT: "f32", TensorProto.DOUBLE: "f64", TensorProto.FLOAT16: "f16",
           TensorProto.INT8: "i8", TensorProto.INT32: "i32", TensorProto.INT64: "i64", TensorProto.BOOL: "bool",
           TensorProto.UINT8: "u8", TensorProto.INT16: "i16", TensorProto.UINT16: "u16", TensorProto.UINT32: "u32",
-          TensorProto.UINT64: "u64"}
+          TensorProto.UINT64: "u64", TensorProto.BFLOAT16: "bf16"}
 
 # Inputs that tdc needs at import time (they become shapes or attributes). Graph inputs feeding
 # them can be fixed with load(..., constants={name: array}).
