@@ -237,3 +237,63 @@ def test_onnx_export_import_through_onnxruntime(tmp_path):
         for out in (ort_out.get(name), got[name]):
             if out is not None:
                 assert out.dtype == w_.dtype and np.array_equal(out.view(np.uint8), w_.view(np.uint8)), name
+
+
+def test_cli_run_reads_and_writes_bf16_npy(capsys, tmp_path):
+    """`tdc run --input` takes the '<V2' file np.save writes for bfloat16, as the executable does."""
+    from helpers import cli
+    (tmp_path / "m.py").write_text('import tdc\n\n\n@tdc.model\ndef m(h: tdc.bf16[4]):\n'
+                                   '    return {"f": tdc.cast(h, "f32"), "t": tdc.reshape(h, (2, 2))}\n')
+    h = np.array([1.5, -0.0078125, np.inf, 3.140625], BF16)
+    np.save(tmp_path / "h.npy", h)
+    code, out, err = cli(capsys, "run", tmp_path / "m.py", "--input", f"h={tmp_path}/h.npy", "--backend", "reference",
+                         "--output", f"f={tmp_path}/f.npy", "--output", f"t={tmp_path}/t.npy")
+    assert code == 0, err
+    assert np.array_equal(np.load(tmp_path / "f.npy"), h.astype(np.float32))
+    assert np.array_equal(np.load(tmp_path / "t.npy").view(BF16), h.reshape(2, 2))
+    np.save(tmp_path / "x.npy", h.astype(np.float32))
+    code, _, err = cli(capsys, "run", tmp_path / "m.py", "--input", f"h={tmp_path}/x.npy", "--backend", "reference")
+    assert code != 0 and "ml_dtypes.bfloat16" in err
+
+
+def _onnx_moves_model():
+    from onnx import TensorProto as TP
+    from onnx import helper as H
+    from onnx import numpy_helper as NH
+    nodes = [H.make_node("Identity", ["x"], ["id"]), H.make_node("Expand", ["x", "eshape"], ["ex"]),
+             H.make_node("Where", ["c", "x", "k"], ["wh"]), H.make_node("Pad", ["x", "pads", "k"], ["pd"]),
+             H.make_node("Gather", ["x", "idx"], ["ga"], axis=0), H.make_node("Unsqueeze", ["x", "ax"], ["us"]),
+             H.make_node("Flatten", ["us"], ["fl"], axis=2)]
+    inits = [NH.from_array(np.array([2, 3, 4], np.int64), "eshape"), NH.from_array(np.array(1.5, BF16), "k"),
+             NH.from_array(np.array([1, 0, 0, 1], np.int64), "pads"), NH.from_array(np.array([2, 0], np.int64), "idx"),
+             NH.from_array(np.array([0], np.int64), "ax")]
+    outs = ["id", "ex", "wh", "pd", "ga", "fl"]
+    g = H.make_graph(nodes, "moves", [H.make_tensor_value_info("x", TP.BFLOAT16, [3, 4]),
+                                      H.make_tensor_value_info("c", TP.BOOL, [3, 4])],
+                     [H.make_tensor_value_info(o, TP.BFLOAT16, None) for o in outs], inits)
+    return H.make_model(g, opset_imports=[H.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("backend", ("reference", "llvm"))
+def test_onnx_data_movement_imports(backend):
+    import tdc.onnx
+    x = np.random.default_rng(5).standard_normal((3, 4)).astype(BF16)
+    c = np.arange(12).reshape(3, 4) % 3 == 0
+    k = np.array(1.5, BF16)
+    padded = np.full((4, 5), k)
+    padded[1:, :4] = x
+    want = {"id": x, "ex": np.broadcast_to(x, (2, 3, 4)), "wh": np.where(c, x, k), "pd": padded, "ga": x[[2, 0]],
+            "fl": x.reshape(3, 4)}
+    got = tdc.onnx.load(_onnx_moves_model(), backend=backend)(x=x, c=c)
+    for name, w in want.items():
+        assert got[name].dtype == BF16 and np.array_equal(got[name].view(np.uint16), w.view(np.uint16)), name
+
+
+def test_onnx_arithmetic_on_bf16_is_refused_at_import():
+    import tdc.onnx
+    from onnx import TensorProto as TP
+    from onnx import helper as H
+    g = H.make_graph([H.make_node("Add", ["x", "x"], ["y"])], "add", [H.make_tensor_value_info("x", TP.BFLOAT16, [3])],
+                     [H.make_tensor_value_info("y", TP.BFLOAT16, [3])])
+    with pytest.raises(tdc.TdcError, match=r"\(Add\): add on bf16: .* cast to f32"):
+        tdc.onnx.load(H.make_model(g, opset_imports=[H.make_opsetid("", 18)]))
