@@ -297,3 +297,36 @@ def test_onnx_arithmetic_on_bf16_is_refused_at_import():
                      [H.make_tensor_value_info("y", TP.BFLOAT16, [3])])
     with pytest.raises(tdc.TdcError, match=r"\(Add\): add on bf16: .* cast to f32"):
         tdc.onnx.load(H.make_model(g, opset_imports=[H.make_opsetid("", 18)]))
+
+
+def test_comm_moves_bf16_between_simulated_ranks():
+    """Broadcast, allgather and send/recv take bf16 (they move bytes); reductions refuse it."""
+    from helpers import run_ranks
+    g = Graph("bf16_ranks")
+    x = g.add_arg("x", T("bf16", (2, 3)), "input")
+    (b,) = g.emit("broadcast", [x], {"root": 1})
+    (ag,) = g.emit("allgather", [x], {"axis": 0, "sizes": [2, 2], "world": 2})
+    g.emit("send", [x], {"dst": 1}, placement="rank:0")
+    (y,) = g.emit("recv", [], {"src": 0, "shape": [2, 3], "dtype": "bf16"}, placement="rank:1")
+    pieces = [(np.arange(6, dtype=np.uint16).reshape(2, 3) + np.uint16(0x7F80 + 0x40 * r)).view(BF16) for r in range(2)]
+    envs = run_ranks(g, [{x: p} for p in pieces])
+    for env in envs:
+        assert env[b].dtype == BF16 and np.array_equal(env[b].view(np.uint16), pieces[1].view(np.uint16))
+        assert np.array_equal(env[ag].view(np.uint16), np.concatenate(pieces).view(np.uint16))
+    assert np.array_equal(envs[1][y].view(np.uint16), pieces[0].view(np.uint16))
+    with pytest.raises(tdc.ShapeError, match="allreduce on bf16"):
+        g.emit("allreduce", [x], {"op": "sum"})
+
+
+def test_comm_moves_bf16_between_mpi_ranks():
+    """The same moves in a real 2-rank MPI job, on LLVM (comm.c moves bytes) and numba (mpi4py,
+    which takes no ml_dtypes buffer: the bits go as uint16)."""
+    import json
+    import sys
+    from pathlib import Path
+    here = Path(__file__).parent
+    p = subprocess.run([str(Path(sys.executable).parent / "mpiexec"), "-n", "2", sys.executable,
+                        str(here / "mpi" / "bf16_comm.py"), "llvm", "numba"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    reports = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in reports) == [0, 1] and all(r["ok"] == ["llvm", "numba"] for r in reports)
