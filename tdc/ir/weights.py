@@ -338,11 +338,13 @@ def load_weights(path: str, graph: Graph, strict: bool = True, warn=None) -> dic
                 raise TdcError(f"{path}: no value for {a.kind} {a.name} ({a.type})")
             continue
         x = data[a.name]
+        if a.type.dtype == "bf16" and x.dtype == np.dtype("V2"):
+            x = x.view(a.type.np_dtype)    # .npz, like .npy, keeps a bfloat16 array as raw 2-byte voids
         if x.shape != a.type.shape:
             raise TdcError(f"{path}: {a.kind} {a.name} has shape {list(x.shape)}, the model needs {list(a.type.shape)}")
         if x.dtype != a.type.np_dtype:
             raise TdcError(f"{path}: {a.kind} {a.name} has dtype {x.dtype}, the model needs {a.type.dtype}")
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
+        if (x.dtype.kind == "f" or a.type.dtype == "bf16") and not np.isfinite(x).all():
             raise TdcError(f"{path}: {a.kind} {a.name} holds {int((~np.isfinite(x)).sum())} NaN or infinite values "
                            "(did its training diverge?)")
         out[a.name] = x
