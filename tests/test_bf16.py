@@ -233,7 +233,7 @@ def test_onnx_export_import_through_onnxruntime(tmp_path):
     h_ort = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(hs.view(np.uint16), 16)
     ort_out = dict(zip(("catf", "hf"), sess.run(["catf", "hf"], {"x": xs, "h": h_ort})))
     m = tdc.onnx.load(str(path))
-    assert {v.type.dtype for v in m.graph.args if v.name in ("h", "w")} == {"bf16"}
+    assert {v.name: v.type.dtype for v in m.graph.args if v.name in ("h", "w")} == {"h": "bf16", "w": "bf16"}
     got = m(x=xs, h=hs)
     for name, w_ in want.items():
         for out in (ort_out.get(name), got[name]):
