@@ -155,6 +155,7 @@ def test_numba_casts():
     ("matmul", lambda x: tdc.matmul(x, tdc.transpose(x))),
     ("relu", tdc.relu),
     ("reduce_sum", lambda x: tdc.sum(x)),
+    ("one_hot", lambda x: tdc.apply("one_hot", tdc.cast(x, "i64"), depth=4, dtype="bf16")),   # bf16 out only
 ])
 def test_arithmetic_is_refused_at_build_time(op, build):
     @tdc.model

@@ -145,7 +145,7 @@ class OpDef:
         except ShapeError as e:
             raise ShapeError(f"{self.name}: {e} (inputs: {', '.join(map(str, in_types)) or 'none'})") from None
         out = list(out) if isinstance(out, (list, tuple)) else [out]
-        self._check_storage(out)         # full(dtype=bf16) and the like
+        self._check_storage(out)         # one_hot(dtype=bf16): bf16 out of other dtypes
         return out
 
     def _check_storage(self, types: list[TensorType]):
