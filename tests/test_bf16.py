@@ -357,3 +357,25 @@ def test_text_ir_and_npz_weights_keep_bf16(tmp_path):
     save_weights(str(tmp_path / "bad.npz"), {"w": k})
     with pytest.raises(tdc.TdcError, match="1 NaN or infinite"):
         load_weights(str(tmp_path / "bad.npz"), g2)
+
+
+@pytest.mark.parametrize("backend", ("reference", "llvm"))
+def test_onnx_bf16_weights_cast_for_a_matmul(backend):
+    """Weights stored in bfloat16 and cast to float for the product: a param of the model (the
+    LLVM weight prologue casts it once per set of weights), replaced by set_state."""
+    import tdc.onnx
+    from onnx import TensorProto as TP
+    from onnx import helper as H
+    from onnx import numpy_helper as NH
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((8, 16)).astype(BF16)
+    g = H.make_graph([H.make_node("Cast", ["w"], ["wf"], to=TP.FLOAT), H.make_node("MatMul", ["x", "wf"], ["y"])],
+                     "bf16_weights", [H.make_tensor_value_info("x", TP.FLOAT, [4, 8])],
+                     [H.make_tensor_value_info("y", TP.FLOAT, None)], [NH.from_array(w, "w")])
+    m = tdc.onnx.load(H.make_model(g, opset_imports=[H.make_opsetid("", 18)]), backend=backend)
+    assert {a.name: str(a.type) for a in m.graph.args if a.kind == "param"} == {"w": "bf16[8,16]"}
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    exe = m.compile()
+    for weights in (w, -w * BF16.type(4)):
+        exe.set_state({"w": weights})
+        np.testing.assert_allclose(exe(x=x)["y"], x.astype(np.float64) @ weights.astype(np.float64), rtol=1e-5, atol=1e-5)
