@@ -28,5 +28,6 @@ from .backends import compile  # noqa: E402,F401
 f32, f64, f16 = DTYPE_SPECS["f32"], DTYPE_SPECS["f64"], DTYPE_SPECS["f16"]
 i8, i32, i64, bool_ = DTYPE_SPECS["i8"], DTYPE_SPECS["i32"], DTYPE_SPECS["i64"], DTYPE_SPECS["bool"]
 u8, i16, u16, u32, u64 = (DTYPE_SPECS[n] for n in ("u8", "i16", "u16", "u32", "u64"))
+bf16 = DTYPE_SPECS["bf16"]
 from .passes.optimizer import Optimizer  # noqa: E402,F401
 from .passes.training import train_step  # noqa: E402,F401

@@ -53,7 +53,6 @@ NOT_A_TDC_DTYPE = "not a tdc dtype: %s"
 
 # Cases tdc does not pass, with the reason. Checked: each must still fail (see test_reference).
 SKIPS: dict[str, str] = {
-    "test_cast_BFLOAT16_to_FLOAT": NOT_A_TDC_DTYPE % "bfloat16",
     "test_cast_FLOAT16_to_FLOAT4E2M1": NOT_A_TDC_DTYPE % "float4e2m1",
     "test_cast_FLOAT16_to_FLOAT8E4M3FN": NOT_A_TDC_DTYPE % "float8e4m3fn",
     "test_cast_FLOAT16_to_FLOAT8E4M3FNUZ": NOT_A_TDC_DTYPE % "float8e4m3fnuz",
@@ -73,7 +72,6 @@ SKIPS: dict[str, str] = {
     "test_cast_FLOAT8E5M2FNUZ_to_FLOAT16": NOT_A_TDC_DTYPE % "float8e5m2fnuz",
     "test_cast_FLOAT8E5M2_to_FLOAT": NOT_A_TDC_DTYPE % "float8e5m2",
     "test_cast_FLOAT8E5M2_to_FLOAT16": NOT_A_TDC_DTYPE % "float8e5m2",
-    "test_cast_FLOAT_to_BFLOAT16": NOT_A_TDC_DTYPE % "bfloat16",
     "test_cast_FLOAT_to_FLOAT4E2M1": NOT_A_TDC_DTYPE % "float4e2m1",
     "test_cast_FLOAT_to_FLOAT8E4M3FN": NOT_A_TDC_DTYPE % "float8e4m3fn",
     "test_cast_FLOAT_to_FLOAT8E4M3FNUZ": NOT_A_TDC_DTYPE % "float8e4m3fnuz",
@@ -107,8 +105,6 @@ SKIPS: dict[str, str] = {
     "test_cast_no_saturate_FLOAT_to_FLOAT8E4M3FNUZ": NOT_A_TDC_DTYPE % "float8e4m3fnuz",
     "test_cast_no_saturate_FLOAT_to_FLOAT8E5M2": NOT_A_TDC_DTYPE % "float8e5m2",
     "test_cast_no_saturate_FLOAT_to_FLOAT8E5M2FNUZ": NOT_A_TDC_DTYPE % "float8e5m2fnuz",
-    "test_castlike_BFLOAT16_to_FLOAT": NOT_A_TDC_DTYPE % "bfloat16",
-    "test_castlike_BFLOAT16_to_FLOAT_expanded": NOT_A_TDC_DTYPE % "bfloat16",
     "test_castlike_FLOAT16_to_FLOAT4E2M1": NOT_A_TDC_DTYPE % "float4e2m1",
     "test_castlike_FLOAT16_to_FLOAT4E2M1_expanded": NOT_A_TDC_DTYPE % "float4e2m1",
     "test_castlike_FLOAT16_to_FLOAT8E4M3FN": NOT_A_TDC_DTYPE % "float8e4m3fn",
@@ -147,8 +143,6 @@ SKIPS: dict[str, str] = {
     "test_castlike_FLOAT8E5M2_to_FLOAT16": NOT_A_TDC_DTYPE % "float8e5m2",
     "test_castlike_FLOAT8E5M2_to_FLOAT16_expanded": NOT_A_TDC_DTYPE % "float8e5m2",
     "test_castlike_FLOAT8E5M2_to_FLOAT_expanded": NOT_A_TDC_DTYPE % "float8e5m2",
-    "test_castlike_FLOAT_to_BFLOAT16": NOT_A_TDC_DTYPE % "bfloat16",
-    "test_castlike_FLOAT_to_BFLOAT16_expanded": NOT_A_TDC_DTYPE % "bfloat16",
     "test_castlike_FLOAT_to_FLOAT4E2M1": NOT_A_TDC_DTYPE % "float4e2m1",
     "test_castlike_FLOAT_to_FLOAT4E2M1_expanded": NOT_A_TDC_DTYPE % "float4e2m1",
     "test_castlike_FLOAT_to_FLOAT8E4M3FN": NOT_A_TDC_DTYPE % "float8e4m3fn",

@@ -427,6 +427,15 @@ RUNTIME_ALGO = {"auto": "mpi"}    # an allreduce the data_parallel pass did not 
 def comm_step(node, comm, pending: dict):
     """A function of (input arrays..., output arrays...) running comm op `node` on `comm`.
     `pending` maps an allreduce_start's output value to its job until the allreduce_wait."""
+    fn = _comm_step(node, comm, pending)
+    if all(v.type.dtype != "bf16" for v in node.inputs + node.outputs):
+        return fn
+    # numpy exports no buffer of an ml_dtypes array, which mpi4py needs: bf16 (moved, never
+    # reduced) travels as its uint16 bits, through views that write into the bf16 buffers
+    return lambda *arrays: fn(*(a.view(np.uint16) for a in arrays))
+
+
+def _comm_step(node, comm, pending: dict):
     op, attrs = node.op, node.attrs
     if op in ("allreduce", "allreduce_start"):
         algo = RUNTIME_ALGO.get(attrs["algo"], attrs["algo"])

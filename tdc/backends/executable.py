@@ -28,6 +28,8 @@ def check_feed(arg: Value, array, what: str) -> np.ndarray:
     """Convert a user-supplied array for `arg`, or raise a one-line error naming it."""
     a = np.asarray(array)
     want = arg.type
+    if want.dtype == "bf16" and a.dtype == np.dtype("V2"):
+        a = a.view(want.np_dtype)    # what np.load gives for a bfloat16 .npy (saved as '<V2')
     if tuple(a.shape) != want.shape:
         raise TdcError(f"{what} {arg.name}: expected shape {list(want.shape)} ({want}), got {list(a.shape)}")
     if a.dtype != want.np_dtype:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ShapeError, TdcError
-from .types import DTYPES, TensorType
+from .types import DTYPES, TensorType, is_storage
 
 REQUIRED = object()
 ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "dtype", "tensor")
@@ -115,6 +115,7 @@ class OpDef:
     nondiff: tuple[int, ...] = ()       # input positions that never get a gradient (labels, keys)
     side_effect: bool = False           # never removed by DCE (send)
     collective: bool = False            # ref runs over all simulated ranks at once
+    storage: bool = False               # moves or casts elements without arithmetic: takes bf16
     doc: str = ""
 
     def normalize_attrs(self, attrs: dict) -> dict:
@@ -138,11 +139,22 @@ class OpDef:
         if n < lo or (hi is not None and n > hi):
             want = f"{lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
             raise ShapeError(f"{self.name} takes {want} inputs, got {n}")
+        self._check_storage(in_types)    # before infer, whose own dtype checks would say less
         try:
             out = self.infer(in_types, **attrs)
         except ShapeError as e:
             raise ShapeError(f"{self.name}: {e} (inputs: {', '.join(map(str, in_types)) or 'none'})") from None
-        return list(out) if isinstance(out, (list, tuple)) else [out]
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        self._check_storage(out)         # one_hot(dtype=bf16): bf16 out of other dtypes
+        return out
+
+    def _check_storage(self, types: list[TensorType]):
+        if self.storage:
+            return
+        for t in types:
+            if is_storage(t.dtype):
+                raise ShapeError(f"{self.name} on {t.dtype}: {t.dtype} is a storage dtype, moved and cast "
+                                 f"but not computed on; cast to f32 first (tdc.cast(x, 'f32'))")
 
     def non_default_attrs(self, attrs: dict) -> dict:
         """The attributes that differ from their defaults (what the printer shows)."""

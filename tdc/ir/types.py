@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from ..errors import TdcError
@@ -19,6 +20,7 @@ DTYPES = {
     "i64": np.dtype(np.int64),
     "u64": np.dtype(np.uint64),
     "f16": np.dtype(np.float16),
+    "bf16": np.dtype(ml_dtypes.bfloat16),
     "f32": np.dtype(np.float32),
     "f64": np.dtype(np.float64),
 }
@@ -27,6 +29,9 @@ FLOAT_DTYPES = ("f16", "f32", "f64")
 SIGNED_DTYPES = ("i8", "i16", "i32", "i64")
 UNSIGNED_DTYPES = ("u8", "u16", "u32", "u64")
 INT_DTYPES = ("i8", "u8", "i16", "u16", "i32", "u32", "i64", "u64")
+# Storage-only dtypes: they are moved and cast, never computed on (ops without `storage=True`
+# refuse them at build time). bf16 is not in FLOAT_DTYPES so that no float check admits it.
+STORAGE_DTYPES = ("bf16",)
 
 
 def dtype_name(dt) -> str:
@@ -49,6 +54,10 @@ def is_int(dtype: str) -> bool:
 
 def is_unsigned(dtype: str) -> bool:
     return dtype in UNSIGNED_DTYPES
+
+
+def is_storage(dtype: str) -> bool:
+    return dtype in STORAGE_DTYPES
 
 
 @dataclass(frozen=True)

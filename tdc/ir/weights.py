@@ -37,6 +37,7 @@ import numpy as np
 from ..errors import TdcError
 from ..files import atomic_write
 from .graph import Graph
+from .types import DTYPES
 
 MAGIC = b"TDCWGT01"
 ALIGN = 64
@@ -45,13 +46,13 @@ HEADER = struct.Struct("<8sQQQ")
 
 # Codes are part of the file format and the generated header: new dtypes take new codes.
 DTYPE_CODES = {"f32": 0, "f64": 1, "i8": 2, "i32": 3, "i64": 4, "bool": 5,
-               "u8": 6, "i16": 7, "u16": 8, "u32": 9, "u64": 10}
+               "u8": 6, "i16": 7, "u16": 8, "u32": 9, "u64": 10, "bf16": 11}
 CODE_DTYPES = {code: name for name, code in DTYPE_CODES.items()}
 NUMPY_DTYPES = {
     "f32": np.dtype("<f4"), "f64": np.dtype("<f8"), "i8": np.dtype("i1"),
     "i32": np.dtype("<i4"), "i64": np.dtype("<i8"), "bool": np.dtype("?"),
     "u8": np.dtype("u1"), "i16": np.dtype("<i2"), "u16": np.dtype("<u2"), "u32": np.dtype("<u4"),
-    "u64": np.dtype("<u8"),
+    "u64": np.dtype("<u8"), "bf16": DTYPES["bf16"],
 }
 _BY_NUMPY = {dt.newbyteorder("="): name for name, dt in NUMPY_DTYPES.items()}
 
@@ -337,11 +338,13 @@ def load_weights(path: str, graph: Graph, strict: bool = True, warn=None) -> dic
                 raise TdcError(f"{path}: no value for {a.kind} {a.name} ({a.type})")
             continue
         x = data[a.name]
+        if a.type.dtype == "bf16" and x.dtype == np.dtype("V2"):
+            x = x.view(a.type.np_dtype)    # .npz, like .npy, keeps a bfloat16 array as raw 2-byte voids
         if x.shape != a.type.shape:
             raise TdcError(f"{path}: {a.kind} {a.name} has shape {list(x.shape)}, the model needs {list(a.type.shape)}")
         if x.dtype != a.type.np_dtype:
             raise TdcError(f"{path}: {a.kind} {a.name} has dtype {x.dtype}, the model needs {a.type.dtype}")
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
+        if (x.dtype.kind == "f" or a.type.dtype == "bf16") and not np.isfinite(x).all():
             raise TdcError(f"{path}: {a.kind} {a.name} holds {int((~np.isfinite(x)).sum())} NaN or infinite values "
                            "(did its training diverge?)")
         out[a.name] = x

@@ -35,7 +35,7 @@ except ImportError as e:   # a declared extra: pip install 'tdc[onnx]'
 DTYPES = {TensorProto.FLOAT: "f32", TensorProto.DOUBLE: "f64", TensorProto.FLOAT16: "f16",
           TensorProto.INT8: "i8", TensorProto.INT32: "i32", TensorProto.INT64: "i64", TensorProto.BOOL: "bool",
           TensorProto.UINT8: "u8", TensorProto.INT16: "i16", TensorProto.UINT16: "u16", TensorProto.UINT32: "u32",
-          TensorProto.UINT64: "u64"}
+          TensorProto.UINT64: "u64", TensorProto.BFLOAT16: "bf16"}
 
 # Inputs that tdc needs at import time (they become shapes or attributes). Graph inputs feeding
 # them can be fixed with load(..., constants={name: array}).
@@ -61,6 +61,15 @@ _ARITHMETIC = {"Add", "Sub", "Mul", "Div", "Sum"}
 # still a weight (DenseNet's Unsqueeze before Mul, a transposed MatMul operand, ViT's class token).
 _MOVES = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Cast", "Expand", "Slice", "Pad",
           "Dropout", "Concat"}
+
+
+_BF16 = TensorType("bf16", ()).np_dtype
+
+
+def _is_weight(a: np.ndarray) -> bool:
+    """Float initializers are the model's weights (args); the others are values fixed at import
+    (shapes, indices). bf16 counts as a float: models store weights in it."""
+    return a.dtype.kind == "f" or a.dtype == _BF16
 
 
 def _initializer_kinds(graph, initializers: dict[str, np.ndarray]) -> dict[str, str]:
@@ -219,7 +228,7 @@ def free_dims(proto, dims: dict, batch: int | None, constants: dict) -> list[tup
 def _unsupported_ops(proto, bound: set[str]) -> dict[str, list[str]]:
     """The unsupported ops of a model imported later (as _Importer.is_unsupported would find them):
     an op without a converter counts unless its inputs are all known at import."""
-    static = {t.name for t in proto.graph.initializer if numpy_helper.to_array(t).dtype.kind != "f"} | bound
+    static = {t.name for t in proto.graph.initializer if not _is_weight(numpy_helper.to_array(t))} | bound
     found: dict[str, list[str]] = {}
     for i, p in enumerate(proto.graph.node):
         ins = [x for x in p.input if x]
@@ -365,7 +374,7 @@ class _Importer:
             raise TdcError(f"sparse initializer {g.sparse_initializer[0].values.name!r} is not supported")
         for t in g.initializer:
             a = numpy_helper.to_array(t)
-            (self.weights if a.dtype.kind == "f" else self.static)[t.name] = a
+            (self.weights if _is_weight(a) else self.static)[t.name] = a
         self.kinds = _initializer_kinds(g, self.weights)
         inputs = {i.name: i for i in g.input}
         for name, value in self.constants.items():

@@ -135,7 +135,7 @@ def _reduce_to_ref(per_rank, ranks, root):
     return [total if r == root else np.zeros_like(total) for r in ranks]
 
 
-defop("broadcast", "comm", attrs={"root": Attr("int", 0)}, infer=_same, ref=_broadcast_ref,
+defop("broadcast", "comm", storage=True, attrs={"root": Attr("int", 0)}, infer=_same, ref=_broadcast_ref,
       grad=lambda ctx, x: [F.apply("reduce_to", ctx.g, root=ctx.attrs["root"])], collective=True,
       cost=_comm_cost, doc="every rank gets root's value")
 defop("reduce_to", "comm", attrs={"root": Attr("int", 0)}, infer=_same, ref=_reduce_to_ref,
@@ -147,7 +147,7 @@ def _send_infer(ins, dst, tag):
     return []
 
 
-defop("send", "comm", attrs={"dst": Attr("int"), "tag": Attr("int", 0)}, infer=_send_infer,
+defop("send", "comm", storage=True, attrs={"dst": Attr("int"), "tag": Attr("int", 0)}, infer=_send_infer,
       ref=lambda x, dst, tag: (), side_effect=True, cost=_comm_cost,
       doc="send x to rank dst (no outputs); matched by a recv with the same src and tag")
 
@@ -156,7 +156,7 @@ def _recv_infer(ins, src, tag, shape, dtype):
     return TensorType(dtype, shape)
 
 
-defop("recv", "comm", arity=(0, 0),
+defop("recv", "comm", storage=True, arity=(0, 0),
       attrs={"src": Attr("int"), "tag": Attr("int", 0), "shape": Attr("ints"), "dtype": Attr("dtype", "f32")},
       infer=_recv_infer, ref=lambda **a: fail("recv runs only inside the rank interpreter"),
       cost=lambda ins, outs, **a: numel(outs[0].shape), doc="receive a tensor sent by rank src")
@@ -183,7 +183,7 @@ def _transfer_ref(per_rank, ranks, src, dst):
     return [np.array(x) for _ in ranks]
 
 
-defop("transfer", "comm", attrs={"src": Attr("int"), "dst": Attr("int")}, infer=_same, ref=_transfer_ref,
+defop("transfer", "comm", storage=True, attrs={"src": Attr("int"), "dst": Attr("int")}, infer=_same, ref=_transfer_ref,
       grad=lambda ctx, x: [F.apply("transfer", ctx.g, src=ctx.attrs["dst"], dst=ctx.attrs["src"])],
       collective=True, cost=_comm_cost,
       doc="x moves from rank src to rank dst (placed on both): a send and a recv in the ranks' programs")
@@ -225,7 +225,7 @@ def _concat_ranks_grad(ctx, *xs):
     return out
 
 
-defop("concat_ranks", "comm", arity=(2, None), attrs={"axis": Attr("int", 0)}, infer=_concat_ranks_infer,
+defop("concat_ranks", "comm", storage=True, arity=(2, None), attrs={"axis": Attr("int", 0)}, infer=_concat_ranks_infer,
       ref=lambda per_rank, ranks, axis: [np.concatenate(_pieces_of(per_rank, ranks, "concat_ranks"), axis)
                                          for _ in ranks],
       grad=_concat_ranks_grad, collective=True, cost=lambda ins, outs, **a: numel(outs[0].shape),
@@ -270,6 +270,6 @@ def _allgather_ref(per_rank, ranks, axis, sizes, world):
     return [np.concatenate(xs, axis) for _ in ranks]
 
 
-defop("allgather", "comm", attrs={"axis": Attr("int", 0), "sizes": Attr("ints"), "world": Attr("int", 0)},
+defop("allgather", "comm", storage=True, attrs={"axis": Attr("int", 0), "sizes": Attr("ints"), "world": Attr("int", 0)},
       infer=_allgather_infer, ref=_allgather_ref, collective=True, cost=lambda ins, outs, **a: numel(outs[0].shape),
       doc="every rank gets the concatenation along axis of each rank's x, in rank order (sizes: each rank's extent)")

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from ..ir.types import TensorType, is_float
+from ..ir.types import DTYPES, TensorType, is_float
 from ..ir.opdef import Attr, defop
 from .common import broadcast_shapes, fail, need_float, numel, same_dtype
 from . import functional as F
@@ -139,7 +139,7 @@ def _where_grad(ctx, c, x, y):
     return [None, F.sum_to(F.where(c, ctx.g, zero), x.shape), F.sum_to(F.where(c, zero, ctx.g), y.shape)]
 
 
-defop("where", "elementwise", arity=(3, 3), infer=_where_infer, ref=np.where, grad=_where_grad, nondiff=(0,),
+defop("where", "elementwise", storage=True, arity=(3, 3), infer=_where_infer, ref=np.where, grad=_where_grad, nondiff=(0,),
       cost=_ew_cost(1), doc="where(cond, a, b): a where cond is true, else b")
 
 # ---- unary ------------------------------------------------------------------
@@ -190,12 +190,21 @@ defop("erf", "elementwise", infer=_unary_infer(), ref=_keep_dtype(lambda x: np.a
 
 
 def _cast_grad(ctx, x):
-    return [F.cast(ctx.g, x.dtype)] if is_float(x.dtype) else [None]
+    return [F.cast(ctx.g, x.dtype)] if is_float(x.dtype) or x.dtype == "bf16" else [None]
 
 
-defop("cast", "elementwise", attrs={"to": Attr("dtype")}, infer=lambda ins, to: ins[0].with_dtype(to),
-      ref=lambda x, to: x.astype(TensorType(to, ()).np_dtype), grad=_cast_grad, cost=_ew_cost(1),
-      doc="convert to dtype `to` (float to int truncates toward zero)")
+def _cast_ref(x, to):
+    dt = TensorType(to, ()).np_dtype
+    if to == "bf16" or x.dtype == DTYPES["bf16"]:
+        # every cast to or from bf16 goes through f32, as the compiled backends do it (their bf16 is
+        # the top half of an f32): f32 -> bf16 rounds to nearest even, bf16 -> f32 is exact
+        return x.astype(np.float32).astype(dt)
+    return x.astype(dt)
+
+
+defop("cast", "elementwise", storage=True, attrs={"to": Attr("dtype")}, infer=lambda ins, to: ins[0].with_dtype(to),
+      ref=_cast_ref, grad=_cast_grad, cost=_ew_cost(1),
+      doc="convert to dtype `to` (float to int truncates toward zero; to and from bf16 through f32)")
 
 # ---- constants --------------------------------------------------------------
 
@@ -204,7 +213,7 @@ def _constant_infer(ins, value):
     return TensorType.of(value)   # the tensor attribute only accepts tdc dtypes
 
 
-defop("constant", "elementwise", arity=(0, 0), attrs={"value": Attr("tensor")}, infer=_constant_infer,
+defop("constant", "elementwise", storage=True, arity=(0, 0), attrs={"value": Attr("tensor")}, infer=_constant_infer,
       ref=lambda value: value.copy(), cost=lambda ins, outs, **a: 0, doc="a literal tensor")
 
 
@@ -214,7 +223,7 @@ def _full_infer(ins, shape, value, dtype):
     return TensorType(dtype, shape)
 
 
-defop("full", "elementwise", arity=(0, 0),
+defop("full", "elementwise", storage=True, arity=(0, 0),
       attrs={"shape": Attr("ints"), "value": Attr("float", 0.0), "dtype": Attr("dtype", "f32")},
       infer=_full_infer, ref=lambda shape, value, dtype: np.full(shape, value, TensorType(dtype, ()).np_dtype),
       cost=lambda ins, outs, **a: 0, doc="a tensor of `shape` filled with `value`")

@@ -33,7 +33,7 @@ def resolve_shape(size: int, shape) -> tuple[int, ...]:
     return tuple(shape)
 
 
-defop("reshape", "shape", attrs={"shape": Attr("ints")},
+defop("reshape", "shape", storage=True, attrs={"shape": Attr("ints")},
       infer=lambda ins, shape: ins[0].with_shape(resolve_shape(ins[0].size, shape)),
       ref=lambda x, shape: np.reshape(x, resolve_shape(x.size, shape)).copy(),
       grad=lambda ctx, x: [F.reshape(ctx.g, x.shape)], cost=_copy_cost,
@@ -52,7 +52,7 @@ def _flatten_infer(ins, axis):
     return x.with_shape((numel(x.shape[:a]), numel(x.shape[a:])))
 
 
-defop("flatten", "shape", attrs={"axis": Attr("int", 1)}, infer=_flatten_infer,
+defop("flatten", "shape", storage=True, attrs={"axis": Attr("int", 1)}, infer=_flatten_infer,
       ref=lambda x, axis: x.reshape(_flatten_infer([TensorType.of(x)], axis).shape).copy(),
       grad=lambda ctx, x: [F.reshape(ctx.g, x.shape)], cost=_copy_cost,
       doc="2-D [prod(dims before axis), prod(dims from axis)]")
@@ -67,7 +67,7 @@ def _transpose_infer(ins, perm):
     return x.with_shape(tuple(x.shape[p] for p in perm))
 
 
-defop("transpose", "shape", attrs={"perm": Attr("ints")}, infer=_transpose_infer,
+defop("transpose", "shape", storage=True, attrs={"perm": Attr("ints")}, infer=_transpose_infer,
       ref=lambda x, perm: np.transpose(x, perm).copy(),   # (ascontiguousarray turns a scalar into [1])
       grad=lambda ctx, x: [F.transpose(ctx.g, tuple(np.argsort(ctx.attrs["perm"]).tolist()))],
       cost=_copy_cost, doc="permute dims: out.shape[i] = x.shape[perm[i]]")
@@ -82,7 +82,7 @@ def _broadcast_infer(ins, shape):
     return x.with_shape(shape)
 
 
-defop("broadcast_to", "shape", attrs={"shape": Attr("ints")}, infer=_broadcast_infer,
+defop("broadcast_to", "shape", storage=True, attrs={"shape": Attr("ints")}, infer=_broadcast_infer,
       ref=lambda x, shape: np.broadcast_to(x, shape).copy(),
       grad=lambda ctx, x: [F.sum_to(ctx.g, x.shape)], cost=_copy_cost,
       doc="numpy broadcasting to a given shape")
@@ -116,7 +116,7 @@ def _concat_grad(ctx, *xs):
     return grads
 
 
-defop("concat", "shape", arity=(1, None), attrs={"axis": Attr("int", 0)}, infer=_concat_infer,
+defop("concat", "shape", storage=True, arity=(1, None), attrs={"axis": Attr("int", 0)}, infer=_concat_infer,
       ref=lambda *xs, axis: np.concatenate(xs, axis=axis), grad=_concat_grad, cost=_copy_cost,
       doc="join tensors along an axis")
 
@@ -141,7 +141,7 @@ def _slices(starts, ends, steps):
     return tuple(slice(s, e, st) for s, e, st in zip(starts, ends, steps))
 
 
-defop("slice", "shape", attrs=_SLICE_ATTRS,
+defop("slice", "shape", storage=True, attrs=_SLICE_ATTRS,
       infer=lambda ins, starts, ends, steps: ins[0].with_shape(_slice_shape(ins[0].shape, starts, ends, steps)),
       ref=lambda x, starts, ends, steps: x[_slices(starts, ends, steps)].copy(),
       grad=lambda ctx, x: [F.apply("slice_grad", ctx.g, input_shape=x.shape, **ctx.attrs)],
@@ -160,7 +160,7 @@ def _slice_grad_ref(g, input_shape, starts, ends, steps):
     return out
 
 
-defop("slice_grad", "shape", attrs={"input_shape": Attr("ints"), **_SLICE_ATTRS}, infer=_slice_grad_infer,
+defop("slice_grad", "shape", storage=True, attrs={"input_shape": Attr("ints"), **_SLICE_ATTRS}, infer=_slice_grad_infer,
       ref=_slice_grad_ref,
       grad=lambda ctx, g: [F.apply("slice", ctx.g, **{k: v for k, v in ctx.attrs.items() if k != "input_shape"})],
       cost=_copy_cost, doc="zeros of input_shape with g written into the slice (the adjoint of slice)")
@@ -189,7 +189,7 @@ def _pad_grad(ctx, x):
     return [F.slice(ctx.g, p[:x.ndim], [p[i] + d for i, d in enumerate(x.shape)])]
 
 
-defop("pad", "shape", attrs={"pads": Attr("ints"), "value": Attr("float", 0.0)}, infer=_pad_infer,
+defop("pad", "shape", storage=True, attrs={"pads": Attr("ints"), "value": Attr("float", 0.0)}, infer=_pad_infer,
       ref=_pad_ref, grad=_pad_grad, cost=_copy_cost,
       doc="constant padding; pads = (begin_0..begin_n-1, end_0..end_n-1) as in ONNX")
 
@@ -224,7 +224,7 @@ def _gather_ref(data, idx, axis):
     return np.take(data, idx.astype(np.int64), axis=ax)
 
 
-defop("gather", "shape", arity=(2, 2), attrs={"axis": Attr("int", 0)}, infer=_gather_infer, ref=_gather_ref, nondiff=(1,),
+defop("gather", "shape", storage=True, arity=(2, 2), attrs={"axis": Attr("int", 0)}, infer=_gather_infer, ref=_gather_ref, nondiff=(1,),
       grad=lambda ctx, data, idx: [F.apply("gather_grad", ctx.g, idx, axis=norm_axis(ctx.attrs["axis"], data.ndim),
                                            size=data.shape[norm_axis(ctx.attrs["axis"], data.ndim)]), None],
       cost=lambda ins, outs, **a: numel(outs[0].shape),

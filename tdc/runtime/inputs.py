@@ -33,9 +33,12 @@ def read_input(path: str, arg: Value) -> np.ndarray:
     which `run_in_batches` runs batch by batch."""
     x = read_npy(path)
     t = arg.type
+    if t.dtype == "bf16" and x.dtype == np.dtype("V2"):
+        x = x.view(t.np_dtype)    # .npy has no bfloat16: np.save writes its two bytes as '<V2'
     if x.dtype != t.np_dtype:
         raise TdcError(f"input {arg.name}: expected {t}, got {x.dtype} {list(x.shape)} from {path} "
-                       f"(convert it: np.save(..., x.astype(np.{t.np_dtype.name})))")
+                       f"(convert it: np.save(..., x.astype({'ml_dtypes' if t.dtype == 'bf16' else 'np'}."
+                       f"{t.np_dtype.name})))")
     if x.shape != t.shape and not (t.rank >= 1 and x.ndim == t.rank and x.shape[1:] == t.shape[1:] and len(x)):
         raise TdcError(f"input {arg.name}: expected {t}, got {list(x.shape)} from {path}"
                        + (" (dim 0 may hold any number of samples)" if t.rank >= 1 else ""))
@@ -91,7 +94,7 @@ def random_inputs(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
     out = {}
     for a in graph.inputs:
         t = a.type
-        if t.dtype.startswith("f"):
+        if t.dtype.startswith("f") or t.dtype == "bf16":
             x = rng.standard_normal(t.shape)
         elif t.dtype == "bool":
             x = rng.random(t.shape) < 0.5

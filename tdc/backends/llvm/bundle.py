@@ -126,7 +126,7 @@ def header_text(face: Interface, training: bool, embedded: bool, schedule: LrSch
 #ifndef TDC_TENSOR_INFO_DEFINED
 #define TDC_TENSOR_INFO_DEFINED
 enum {{ TDC_F32 = 0, TDC_F64 = 1, TDC_I8 = 2, TDC_I32 = 3, TDC_I64 = 4, TDC_BOOL = 5,
-       TDC_U8 = 6, TDC_I16 = 7, TDC_U16 = 8, TDC_U32 = 9, TDC_U64 = 10 }};
+       TDC_U8 = 6, TDC_I16 = 7, TDC_U16 = 8, TDC_U32 = 9, TDC_U64 = 10, TDC_BF16 = 11 }};
 typedef struct {{ const char *name; int32_t dtype; int32_t rank; int64_t shape[8]; int64_t nbytes; int64_t offset; }} tdc_tensor_info;
 #endif
 #define TDC_MODEL "{n}"

@@ -8,15 +8,17 @@ int/float conversion is the signed or the unsigned instruction.
 """
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 
 from ...errors import TdcError
-from ...ir.types import TensorType, is_unsigned
+from ...ir.types import DTYPES, TensorType, is_unsigned
 
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 F16, F32, F64 = ir.HalfType(), ir.FloatType(), ir.DoubleType()
 REG = {"f16": F16, "f32": F32, "f64": F64, "i8": I8, "i16": I16, "i32": I32, "i64": I64,
-       "u8": I8, "u16": I16, "u32": I32, "u64": I64, "bool": I1}
+       "u8": I8, "u16": I16, "u32": I32, "u64": I64, "bool": I1,
+       "bf16": I16}     # bf16's bits: LLVM's bfloat type has no portable conversions
 MEM = {**REG, "bool": I8}       # numpy stores a bool in one byte
 
 
@@ -37,6 +39,8 @@ def const(dtype: str, value) -> ir.Constant:
         return ir.Constant(I1, int(bool(value)))
     if is_float(dtype):
         return ir.Constant(REG[dtype], float(value))
+    if dtype == "bf16":
+        return ir.Constant(I16, int(np.array(value, DTYPES["bf16"]).view(np.uint16)))
     return ir.Constant(REG[dtype], int(value))
 
 
@@ -68,6 +72,10 @@ def convert(b: ir.IRBuilder, v, src: str, dst: str):
     """numpy astype for one element: float -> int truncates toward zero; x -> bool is x != 0."""
     if src == dst:
         return v
+    if src == "bf16":
+        return convert(b, bf16_to_f32(b, v), "f32", dst)
+    if dst == "bf16":
+        return f32_to_bf16(b, convert(b, v, src, "f32"))
     if dst == "bool":
         return b.fcmp_unordered("!=", v, const(src, 0)) if is_float(src) else b.icmp_signed("!=", v, const(src, 0))
     if src == "bool":
@@ -83,6 +91,22 @@ def convert(b: ir.IRBuilder, v, src: str, dst: str):
     if REG[dst].width < REG[src].width:
         return b.trunc(v, REG[dst])
     return (b.zext if is_unsigned(src) else b.sext)(v, REG[dst])
+
+
+def bf16_to_f32(b: ir.IRBuilder, v):
+    """Exact: bf16 is the top half of an f32."""
+    return b.bitcast(b.shl(b.zext(v, I32), ir.Constant(I32, 16)), F32)
+
+
+def f32_to_bf16(b: ir.IRBuilder, x):
+    """Round to nearest even: adding 0x7FFF plus the kept half's lowest bit carries into it
+    exactly when the dropped half is above one half, or at one half with an odd kept half.
+    A NaN keeps its sign and top payload with the quiet bit set, so that no NaN rounds to inf."""
+    bits = b.bitcast(x, I32)
+    lsb = b.and_(b.lshr(bits, ir.Constant(I32, 16)), ir.Constant(I32, 1))
+    rounded = b.lshr(b.add(bits, b.add(lsb, ir.Constant(I32, 0x7FFF))), ir.Constant(I32, 16))
+    quiet = b.or_(b.lshr(bits, ir.Constant(I32, 16)), ir.Constant(I32, 0x40))
+    return b.trunc(b.select(_isnan(b, x), quiet, rounded), I16)
 
 
 def _isnan(b, x):

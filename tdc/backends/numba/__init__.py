@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from ...errors import TdcError  # noqa: E402
 from ...files import cache_dir  # noqa: E402
 from ...ir.graph import Graph, Value  # noqa: E402
+from ...ir.types import DTYPES  # noqa: E402
 from ...lower.memplan import plan_memory  # noqa: E402
 from ...lower.pipeline import optimize_for_target  # noqa: E402
 from ...lower.plan import CONV_OPS, Copy, Library, Loop, View, build_plan  # noqa: E402
@@ -158,7 +159,7 @@ class NumbaExecutable:
             if isinstance(x, np.ndarray):
                 if id(x) not in slot:
                     slot[id(x)] = len(bufs)
-                    bufs.append(x)
+                    bufs.append(_kernel_view(x))
                 return f"b[{slot[id(x)]}]"
             if isinstance(x, (bool, np.bool_)):
                 return repr(bool(x))
@@ -226,7 +227,7 @@ class NumbaExecutable:
         kernels, seen = [], set()
         for fn, args in calls:
             disp = getattr(self.module, fn) if isinstance(fn, str) else fn
-            sig = tuple(numba.typeof(a) for a in args)
+            sig = tuple(numba.typeof(_kernel_view(a)) for a in args)
             if (id(disp), sig) not in seen:
                 seen.add((id(disp), sig))
                 kernels.append((disp, sig))
@@ -288,6 +289,15 @@ class NumbaExecutable:
         for dst, src in self.updates:
             dst[...] = src
         return {n: x.copy() for n, x in self.outputs}
+
+
+BF16 = DTYPES["bf16"]
+
+
+def _kernel_view(x):
+    """What a kernel sees of a buffer: a bf16 array as its uint16 bits (Numba has no bfloat16);
+    the executable's own arrays, which its fallbacks and callers get, keep the bf16 dtype."""
+    return x.view(np.uint16) if isinstance(x, np.ndarray) and x.dtype == BF16 else x
 
 
 def _fallback(node):

@@ -23,7 +23,7 @@ from .loops import literal, loop_source
 # kernels.py and conv_algos.py: their digest in the source names a new file when they change.
 _KERNELS_DIGEST = hashlib.sha1(b"".join(Path(m.__file__).read_bytes() for m in (K, CA))).hexdigest()[:12]
 
-SUPPORTED_DTYPES = ("f32", "f64", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64", "bool")
+SUPPORTED_DTYPES = ("f32", "f64", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64", "bool", "bf16")
 
 
 class NumbaProgram:

@@ -7,7 +7,9 @@ inside generated elementwise loops. `cache=True` keeps compiled code on disk.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 # Work is split over the batch only when there is enough of it to pay for waking threads.
 PARALLEL_MIN = 1 << 15
@@ -37,6 +39,34 @@ def fmin(a, b):
 @njit(cache=True, inline="always")
 def relu(a):
     return a if a > 0 or a != a else a * 0
+
+
+# bf16 is stored as its uint16 bits (Numba has no bfloat16); an f32's bits are reinterpreted by an
+# LLVM bitcast, since Numba has no scalar view between float32 and uint32.
+@intrinsic
+def _f32_bits(typingctx, x):
+    return types.uint32(types.float32), lambda ctx, b, sig, args: b.bitcast(args[0], ir.IntType(32))
+
+
+@intrinsic
+def _bits_f32(typingctx, u):
+    return types.float32(types.uint32), lambda ctx, b, sig, args: b.bitcast(args[0], ir.FloatType())
+
+
+@njit(cache=True, inline="always")
+def bf16_to_f32(h):
+    return _bits_f32(np.uint32(h) << np.uint32(16))
+
+
+@njit(cache=True, inline="always")
+def f32_to_bf16(x):
+    # nearest even: 0x7FFF plus the kept half's lowest bit carries into it past one half, and at
+    # one half when it is odd; a NaN keeps its top bits with the quiet bit set (never inf)
+    bits = _f32_bits(x)
+    if x != x:
+        return np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))
+    lsb = (bits >> np.uint32(16)) & np.uint32(1)
+    return np.uint16((bits + np.uint32(0x7FFF) + lsb) >> np.uint32(16))
 
 
 @njit(cache=True, inline="always")

@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from ...errors import TdcError
-from ...ir.types import TensorType
+from ...ir.types import DTYPES, TensorType
 from ...lower.loops import Const, LoopKernel, Operand
 
 PARALLEL_MIN = 1 << 15
@@ -16,10 +16,12 @@ PARALLEL_MIN = 1 << 15
 
 NUMBA_TYPES = {"f32": "np.float32", "f64": "np.float64", "i8": "np.int8", "i16": "np.int16", "i32": "np.int32",
                "i64": "np.int64", "u8": "np.uint8", "u16": "np.uint16", "u32": "np.uint32", "u64": "np.uint64",
-               "bool": "np.bool_"}
+               "bool": "np.bool_", "bf16": "np.uint16"}     # Numba has no bfloat16: its bits
 
 
 def literal(value, dtype: str) -> str:
+    if dtype == "bf16":
+        return f"np.uint16({int(np.array(value, DTYPES['bf16']).view(np.uint16))})"
     if dtype == "bool":
         return "True" if bool(value) else "False"
     if dtype.startswith("f"):
@@ -51,6 +53,12 @@ def scalar_expr(op: str, args: list[str], in_types: list[TensorType], out: Tenso
     elif op == "leaky_relu":
         expr = f"({{0}} if {{0}} > 0 else {literal(attrs['alpha'], dt)} * {{0}})"
     elif op == "cast":
+        src = in_types[0].dtype
+        if src == "bf16":
+            return _cast(f"K.bf16_to_f32({a[0]})", "f32") if dt == "f32" else \
+                scalar_expr(op, [f"K.bf16_to_f32({a[0]})"], [in_types[0].with_dtype("f32")], out, attrs)
+        if dt == "bf16":
+            return f"K.f32_to_bf16({_cast(a[0], 'f32')})"
         if attrs["to"] == "bool":
             return f"({a[0]} != 0)"
         expr = "{0}"   # the conversion below does it; float -> int truncates toward zero like astype

@@ -123,6 +123,22 @@ MAYBE_UNUSED static void die_all(int status, const char *fmt, ...) {
 
 /* ---- dtypes and tensor descriptions --------------------------------------------------------- */
 
+/* bf16 is the top half of an f32; rounding as the generated code does it (nearest even, a NaN
+   kept quiet rather than carried into inf) */
+static float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if (isnan(f)) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
 typedef struct {
     const char *name, *descr;
     int size;
@@ -133,6 +149,10 @@ static const dtype_desc DTYPES[] = {
     [TDC_I32] = {"i32", "<i4", 4}, [TDC_I64] = {"i64", "<i8", 8}, [TDC_BOOL] = {"bool", "|b1", 1},
     [TDC_U8] = {"u8", "|u1", 1},   [TDC_I16] = {"i16", "<i2", 2}, [TDC_U16] = {"u16", "<u2", 2},
     [TDC_U32] = {"u32", "<u4", 4}, [TDC_U64] = {"u64", "<u8", 8},
+    /* .npy has no bfloat16: np.save of an ml_dtypes.bfloat16 array writes the descr '<V2' (two
+       raw bytes), which is what is read and written here; np.load gives |V2, and
+       .view(ml_dtypes.bfloat16) the values */
+    [TDC_BF16] = {"bf16", "<V2", 2},
 };
 #define NUM_DTYPES ((int)(sizeof DTYPES / sizeof DTYPES[0]))
 
@@ -365,7 +385,7 @@ static int descr_dtype(const char *d) {
     static const char *const codes[] = {[TDC_F32] = "f4", [TDC_F64] = "f8", [TDC_I8] = "i1",
                                         [TDC_I32] = "i4", [TDC_I64] = "i8", [TDC_BOOL] = "b1",
                                         [TDC_U8] = "u1",  [TDC_I16] = "i2", [TDC_U16] = "u2",
-                                        [TDC_U32] = "u4", [TDC_U64] = "u8"};
+                                        [TDC_U32] = "u4", [TDC_U64] = "u8",  [TDC_BF16] = "V2"};
     char order = d[0];
     if (order != '<' && order != '|' && order != '=' && order != '>') return -1;
     for (int i = 0; i < NUM_DTYPES; i++) {
@@ -541,6 +561,11 @@ static int parse_literal(const char *s, int dtype, void *out) {
     if (dtype == TDC_F32) {
         if (isfinite(d) && fabs(d) > FLT_MAX) return -1;
         *(float *)out = (float)d;
+        return 1;
+    }
+    if (dtype == TDC_BF16) {
+        if (isfinite(d) && fabs(d) > FLT_MAX) return -1;
+        *(uint16_t *)out = f32_to_bf16((float)d);
         return 1;
     }
     if (dtype == TDC_BOOL) return -1;
@@ -758,6 +783,7 @@ static double elem(const void *p, int dtype, int64_t i) {
     case TDC_U16: return ((const uint16_t *)p)[i];
     case TDC_U32: return ((const uint32_t *)p)[i];
     case TDC_U64: return (double)((const uint64_t *)p)[i];
+    case TDC_BF16: return bf16_to_f32(((const uint16_t *)p)[i]);
     default: return ((const unsigned char *)p)[i] != 0;
     }
 }
@@ -766,7 +792,7 @@ static void print_elem(const void *p, int dtype, int64_t i) {
     if (dtype == TDC_I64) printf("%lld", (long long)((const int64_t *)p)[i]);
     else if (dtype == TDC_U64) printf("%llu", (unsigned long long)((const uint64_t *)p)[i]);
     else if (dtype == TDC_BOOL) printf("%s", ((const unsigned char *)p)[i] ? "true" : "false");
-    else if (dtype == TDC_F32 || dtype == TDC_F64) printf("%.6g", elem(p, dtype, i));
+    else if (dtype == TDC_F32 || dtype == TDC_F64 || dtype == TDC_BF16) printf("%.6g", elem(p, dtype, i));
     else printf("%.0f", elem(p, dtype, i));
 }
 
