@@ -407,7 +407,8 @@ def test_cli_conv_algo_on_run_train_and_dump(tmp_path, capsys, monkeypatch):
     seen = []
     real = tdc.backends.compile
 
-    def spy(graph, backend="reference", params=None, seed=0, conv_algo="auto", autotune=False, progress=None):
+    def spy(graph, backend="reference", params=None, seed=0, conv_algo="auto", autotune=False, progress=None,
+            profile=False):
         seen.append((conv_algo, autotune))   # what the command asked for reaches the compile...
         return real(graph, "reference", params, seed, conv_algo, autotune)   # ...run cheaply
     monkeypatch.setattr(tdc.backends, "compile", spy)

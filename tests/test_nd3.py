@@ -309,14 +309,6 @@ def test_llvm_matches_the_reference_forward_and_backward():
         close(np.asarray(got[name]), want[name], 1e-4)
 
 
-def test_numba_runs_conv3d():
-    # numba compiles slowly (the three composites together took 41 s cold): the ONNX conformance
-    # cases run 3-D max and average pooling on numba; this is conv3d
-    arrays = {"x": X[:1], "w": W[:2]}
-    g = build(lambda x, w: F.conv3d(x, w, pad=1, groups=2), arrays)
-    close(compile(g, backend="numba")(**arrays)["y"], run_ref(g, arrays), 1e-5)
-
-
 def onnx_model(nodes, inputs: dict, inits: dict, opset=19):
     graph = helper.make_graph(nodes, "nd3", [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape)
                                              for k, v in inputs.items()],

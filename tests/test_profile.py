@@ -7,6 +7,7 @@ import pytest
 
 import tdc
 import tdc.backends.llvm as llvm_backend
+import tdc.runtime.profile
 from tdc.cli import main
 from tdc.errors import TdcError
 from tdc.runtime.inputs import random_inputs
@@ -59,7 +60,8 @@ def test_kernel_work_is_the_ops_flops_and_arrays(lenet):
 
 def test_table_and_peak(lenet, tmp_path, monkeypatch):
     g, exe, ins = lenet
-    monkeypatch.setenv("TDC_CACHE_DIR", str(tmp_path))
+    # a fresh peak cache, not a fresh $TDC_CACHE_DIR (that would rebuild the C runtime)
+    monkeypatch.setattr(tdc.runtime.profile, "peak_path", lambda: str(tmp_path / "peak.json"))
     calls = run_profiled(exe, ins, min_seconds=0.05, min_calls=7)
     assert calls >= 7 and exe.calls == calls
     peak, threads = host_peak(1)
@@ -88,8 +90,7 @@ def test_profile_refusals(lenet, capsys):
     assert "does not combine with --backend reference" in capsys.readouterr().err
 
 
-def test_cli_run_profile(capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("TDC_CACHE_DIR", str(tmp_path))
+def test_cli_run_profile(capsys):
     assert main(["run", os.path.join(EX, "mlp.py"), "--random-inputs", "--batch", "4", "--profile"]) == 0
     out = capsys.readouterr().out
     assert "profile: " in out and "linear,relu" in out and "%peak" in out

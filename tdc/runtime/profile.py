@@ -26,11 +26,15 @@ def _cpu_model() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
+def peak_path() -> str:
+    return os.path.join(cache_dir(), "peak.json")
+
+
 def host_peak(threads: int | None = None) -> tuple[float, int]:
     """(GFLOP/s, threads): the FMA peak of `threads` cores (default: those this process may use)."""
     from ..backends.llvm import fma_peak_gflops
     threads = threads or len(os.sched_getaffinity(0))
-    path = os.path.join(cache_dir(), "peak.json")
+    path = peak_path()
     key = f"{_cpu_model()} x{threads}"
     cached = read_json(path).get(key)
     if isinstance(cached, (int, float)) and cached > 0:
