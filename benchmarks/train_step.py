@@ -5,6 +5,7 @@ Two workloads, each one full step (forward, softmax cross-entropy, backward, SGD
   lenet  LeNet-5 (conv5x5x6 pad 2, pool, conv5x5x16, pool, fc120, fc84, fc10), batch 64, x f32[64,1,28,28]
 
 Implementations:
+  tdc-llvm       tdc.train_step(...) compiled with backend="llvm" (the default of tdc train)
   tdc-numba      tdc.train_step(...) compiled with backend="numba"
   tdc-reference  the same graph on the reference interpreter (--reference; slow)
   numpy          a handwritten numpy step (the baseline): matmuls, im2col convs, argmax-mask pooling
@@ -455,6 +456,7 @@ def run_workload(name: str, torch, torch_note: str) -> list[Impl]:
             return t.step, t.state
         return make
 
+    add("tdc-llvm", make_tdc("llvm"), own_blas_threads=True)
     add("tdc-numba", make_tdc("numba"), own_blas_threads=True)
     if args.reference:
         add("tdc-reference", make_tdc("reference"))

@@ -83,6 +83,15 @@ static int pool_threads(void)   /* called with pool_owner held */
     return pool.threads;
 }
 
+int tdcrt_parallel_parts(double work)
+{
+    if (work < 2e6 || pthread_mutex_trylock(&pool_owner) != 0)
+        return 1;
+    const int t = pool_threads();
+    pthread_mutex_unlock(&pool_owner);
+    return t;
+}
+
 /* fn over [0, n) on the pool, when `work` (about the flops) pays for waking the threads and the
    pool is free. */
 void tdcrt_parallel_for(int64_t n, double work, range_fn fn, void *ctx)

@@ -44,6 +44,10 @@ HIDDEN void *tdcrt_malloc(int64_t bytes);
 typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
 HIDDEN void tdcrt_parallel_for(int64_t n, double work, range_fn fn, void *ctx);
 
+/* The pool's threads (the caller included) if `work` pays for waking them and the pool is free
+ * now, else 1: how many partial results a reduction over the pool should keep (common.c). */
+HIDDEN int tdcrt_parallel_parts(double work);
+
 /* Images per chunk: the column matrix [K, nb * P] stays within SCRATCH_BYTES and the GEMM's
  * column count within a BLAS int (common.c). */
 HIDDEN int64_t tdcrt_chunk_images(int64_t N, int64_t K, int64_t P, int64_t elem);

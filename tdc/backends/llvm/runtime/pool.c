@@ -113,17 +113,17 @@ static void SFX(maxpool2d_grad_planes)(void *ctx, int64_t nc_begin, int64_t nc_e
                     const int ba = b > a, ec = e > c;
                     const T m1 = ba ? b : a, m2 = ec ? e : c;
                     const int second = m2 > m1;
-                    /* the winner's index from flags, written through a small array: gcc turned every
-                       form with ?: on the stores into branches, mispredicted half the time */
-                    const int k = 2 * second + ((ec & second) | (ba & !second));
-                    /* the winner's slot from flags (gcc turned ?: on the stores into branches that
-                       real data mispredicts half the time) */
-                    T w[4] = {0, 0, 0, 0};
-                    w[k] = gr[xx];
-                    d0[2 * xx] = w[0];
-                    d0[2 * xx + 1] = w[1];
-                    d1[2 * xx] = w[2];
-                    d1[2 * xx + 1] = w[3];
+                    /* the gradient's bits masked by the winner flags: gcc vectorises these loads and
+                       stores, where selects on the stored values became mispredicted branches */
+                    UT gv;
+                    memcpy(&gv, &gr[xx], sizeof gv);
+                    const UT k0 = -(UT)(!second & !ba), k1 = -(UT)(!second & ba);
+                    const UT k2 = -(UT)(second & !ec), k3 = -(UT)(second & ec);
+                    const UT o0 = gv & k0, o1 = gv & k1, o2 = gv & k2, o3 = gv & k3;
+                    memcpy(&d0[2 * xx], &o0, sizeof o0);
+                    memcpy(&d0[2 * xx + 1], &o1, sizeof o1);
+                    memcpy(&d1[2 * xx], &o2, sizeof o2);
+                    memcpy(&d1[2 * xx + 1], &o3, sizeof o3);
                 }
             }
             continue;
