@@ -177,6 +177,36 @@ def test_ir_has_one_function_per_kernel_and_vectorises_for_this_cpu():
         assert "zmm" in asm
 
 
+@tdc.model
+def _large_loops(x: tdc.f32[16, 6, 24, 24], b: tdc.f32[6, 1, 1]):
+    h = (x * 2.0 + b).relu()                          # elementwise, 55296 elements: split
+    s = F.sum(h, axes=(0, 2, 3))                       # the outer (kept) channel axis split
+    t = F.sum(x * x)                                   # a full reduction: never split
+    m = F.max(h, axes=(1,))                            # kept axes outside and inside the reduced one
+    return h, s, t, m
+
+
+def test_large_loop_kernels_run_on_the_pool_with_the_results_of_one_thread(monkeypatch):
+    """Loop kernels of 2^15 iterations or more run their outer (not reduced) loop on the
+    runtime's pool: every output equals the reference's and, bit for bit, the unsplit kernel's."""
+    from tdc.backends.llvm import codegen
+    g = _large_loops.trace()
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((16, 6, 24, 24)).astype(np.float32),
+            "b": rng.standard_normal((6, 1, 1)).astype(np.float32)}
+    exe = tdc.compile(g, backend="llvm")
+    assert exe.source().count('call void @"tdc_parallel_for"') == 2   # relu+sum fused; max
+    split = exe(**feed)
+    want = tdc.compile(g, backend="reference")(**feed)
+    for k in want:
+        np.testing.assert_allclose(split[k], want[k], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(codegen, "PARALLEL_MIN_ITERATIONS", 1 << 40)
+    whole = tdc.compile(g, backend="llvm")
+    assert "tdc_parallel_for" not in whole.source()
+    for k, v in whole(**feed).items():
+        assert np.array_equal(v, split[k]), k
+
+
 def test_point_to_point_in_a_world_of_one_is_refused_with_the_op_named():
     g = Graph("comm")
     with Builder(g) as b:

@@ -86,7 +86,16 @@ def modelled(p: dict, algo: str, target: Target, filter_cached: bool = False) ->
     flops = 2 * macs(p)
     r = NOMINAL
     if algo == "direct":
-        return flops / r["direct"]
+        if not (target.direct_padded_grid and tuple(p["stride"]) == (1, 1) and tuple(p["dilation"]) == (1, 1)):
+            return flops / r["direct"]
+        # every point of the padded plane is computed (the gradient's: of the input plane padded
+        # by the kernel), and the images are split over the threads
+        pt, pl, pb, pr = p["pad"]
+        if p["op"] == "conv2d_grad_input":
+            grid = h * (w + kw - 1) / (h * w)
+        else:
+            grid = max(h + pt + pb, oh + kh - 1) * max(w + pl + pr, ow + kw - 1) / (oh * ow)
+        return flops * grid / r["direct"] / min(n, target.threads())
     if algo == "im2col":
         cols = n * c * kh * kw * oh * ow      # elements of the column matrices
         # images are split over threads: each gathers its columns and runs its GEMM

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import TdcError
 from ..files import atomic_write, cache_dir
 
-CALIBRATION_VERSION = 4   # 4: conv timers run BLAS on one thread, as the kernels do
+CALIBRATION_VERSION = 5   # 4: conv timers run BLAS on one thread; 5: the LLVM runtime's padded-grid direct kernels
 
 
 def machine_id() -> str:
@@ -71,6 +71,8 @@ class Target(ABC):
     conv_image_threads_ops: tuple[str, ...] = ("conv2d", "conv2d_grad_input", "conv2d_grad_weight")
     wino_f4_transform_cost = 1.6             # F(4x4)'s transform work per element, relative to F(2x2)'s
     sparse_conv_wide = False                 # its sparse_conv2d skips im2col at stride 1 (passes/sparsify.py)
+    direct_padded_grid = False               # its unit-stride direct kernels compute every point of the
+                                             # zero-padded plane, images split over the threads
 
     def threads(self) -> int:
         return available_cores()

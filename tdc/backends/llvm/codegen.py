@@ -111,6 +111,7 @@ class ModuleBuilder:
         self.aliases: dict[Value, Value] = {}     # reshape outputs that share their input's storage
         self.copies: dict[Node, tuple[Value, Value]] = {}
         self.n_kernels = 0
+        self.bases = None                         # the entry point's arguments in an array, for split loops
         self.comm_slots: dict[Value, int] = {}    # allreduce_start output -> its job slot in comm.c
         self.uses_comm = any(isinstance(st, Fallback) and st.node.opdef.family == "comm" for st in self.program.steps)
         self._check()
@@ -245,14 +246,24 @@ class ModuleBuilder:
         values: list[Value] = step.values
         if isinstance(step, Loop) and step.anchor is not None:   # the library op writes; the loop is its epilogue
             self._call_library(b, step.anchor, out=values[0])
-        kfn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [PTR] * len(values)), name=step.name)
+        split = isinstance(step, Loop) and split_dim(step.kernel) is not None
+        if split:     # kN(ptr bases[4], i64 begin, i64 end): a part of the outer loop, for the pool
+            kfn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), name=step.name)
+            kfn.args[0].name = "bases"
+            kb = ir.IRBuilder(kfn.append_basic_block("entry"))
+            args = self._operands_from_bases(kb, kfn.args[0], values)
+        else:
+            kfn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [PTR] * len(values)), name=step.name)
+            kb = ir.IRBuilder(kfn.append_basic_block("entry"))
+            args = kfn.args
         kfn.linkage = "internal"
-        kb = ir.IRBuilder(kfn.append_basic_block("entry"))
         var_names = [f"a{i}" for i in range(len(values))]
-        ptrs = {p: (arg, v.type.dtype) for p, arg, v in zip(var_names, kfn.args, values)}
-        for arg, p in zip(kfn.args, var_names):
+        ptrs = {p: (arg, v.type.dtype) for p, arg, v in zip(var_names, args, values)}
+        for arg, p in zip(args, var_names):
             arg.name = p
-        if isinstance(step, Loop):
+        if split:
+            emit_loop_nest(kb, step.kernel, ptrs, outer=(kfn.args[1], kfn.args[2]))
+        elif isinstance(step, Loop):
             emit_loop_nest(kb, step.kernel, ptrs)
         else:     # strided copies, after an optional fill of the output
             if step.fill is not None:
@@ -263,8 +274,39 @@ class ModuleBuilder:
             for lk in step.copies:
                 emit_loop_nest(kb, lk, ptrs)
         kb.ret_void()
-        b.call(kfn, [self.pointer(b, v) for v in values])
+        if split:
+            self._parallel_call(b, kfn, step.kernel)
+        else:
+            b.call(kfn, [self.pointer(b, v) for v in values])
         self.n_kernels += 1
+
+    def _operands_from_bases(self, b, bases, values: list[Value]) -> list:
+        """Pointers to `values` computed from the entry point's four arguments, loaded from
+        `bases`: as offsets from common bases, LLVM can tell apart operands that never overlap
+        and keeps vectorising in-place updates (pointers passed in an array it could not)."""
+        saved = self.inputs_arg, self.outputs_arg, self.weights_arg, self.scratch_arg
+        loaded = [b.load(b.gep(bases, [ir.Constant(I64, i)], source_etype=PTR), typ=PTR) for i in range(4)]
+        self.inputs_arg, self.outputs_arg, self.weights_arg, self.scratch_arg = loaded
+        try:
+            return [self.pointer(b, v) for v in values]
+        finally:
+            self.inputs_arg, self.outputs_arg, self.weights_arg, self.scratch_arg = saved
+
+    def _parallel_call(self, b, kfn, lk: LoopKernel):
+        """tdc_parallel_for over the outer loop of `lk`, the entry point's arguments in an array."""
+        if self.bases is None:
+            entry = b.function.entry_basic_block
+            here = b.block
+            b.position_at_start(entry)
+            self.bases = b.alloca(ir.ArrayType(PTR, 4))
+            for i, arg in enumerate((self.inputs_arg, self.outputs_arg, self.weights_arg, self.scratch_arg)):
+                b.store(arg, b.gep(self.bases, [ir.Constant(I64, 0), ir.Constant(I64, i)], inbounds=True))
+            b.position_at_end(here)
+        fn = self.module.globals.get("tdc_parallel_for")
+        if fn is None:
+            fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [I64, F64, PTR, PTR]), name="tdc_parallel_for")
+        work = float(np.prod(lk.dims)) * LOOP_ELEMENT_WORK
+        b.call(fn, [ir.Constant(I64, lk.dims[split_dim(lk)]), ir.Constant(F64, work), kfn, self.bases])
 
     # ---- communication (runtime/comm.c) -----------------------------------------------------
     def _comm_step(self, b, node: Node):
@@ -513,10 +555,28 @@ def conv_algorithm(node: Node) -> str:
 
 # ---- loop nests -------------------------------------------------------------------------
 
-def emit_loop_nest(b: ir.IRBuilder, lk: LoopKernel, ptrs: dict):
+# Loop kernels with at least this many iterations run their outer loop on the runtime's thread
+# pool; a generated element costs about as much as this many flops of GEMM (the pool's unit).
+PARALLEL_MIN_ITERATIONS = 1 << 15
+LOOP_ELEMENT_WORK = 100.0
+
+
+def split_dim(lk: LoopKernel) -> int | None:
+    """The dim whose range a loop kernel's threads divide: its outermost loop, if that loop is
+    not reduced (each index then owns its outputs and accumulators, so parts never share a
+    store, and the results are those of one thread) and the kernel is large enough to pay."""
+    red = lk.reduce.reduced if lk.reduce is not None else [False] * len(lk.dims)
+    outer = [k for k in range(len(lk.dims)) if not red[k]]
+    if not outer or lk.dims[outer[0]] < 2 or np.prod(lk.dims) < PARALLEL_MIN_ITERATIONS:
+        return None
+    return outer[0]
+
+
+def emit_loop_nest(b: ir.IRBuilder, lk: LoopKernel, ptrs: dict, outer=None):
     """The loops of `lk` at the builder's position. `ptrs` maps each operand variable to
     (pointer, dtype). Non-reduced dims are outer; a reduction's accumulator opens before its
-    first reduced loop and is stored when the reduced loops close."""
+    first reduced loop and is stored when the reduced loops close. With `outer` (begin, end),
+    the outermost loop runs over [begin, end) only (`split_dim`)."""
     dims = lk.dims
     red = lk.reduce.reduced if lk.reduce is not None else [False] * len(dims)
     order = [k for k in range(len(dims)) if not red[k]] + [k for k in range(len(dims)) if red[k]]
@@ -598,7 +658,9 @@ def emit_loop_nest(b: ir.IRBuilder, lk: LoopKernel, ptrs: dict):
         first_red = red[k] and (level == 0 or not red[order[level - 1]])
         if first_red:
             open_acc()
-        if dims[k] > 0:
+        if level == 0 and outer is not None:
+            for_span(b, outer[0], outer[1], lambda i: (ivars.__setitem__(k, i), nest(level + 1)))
+        elif dims[k] > 0:
             for_range(b, dims[k], lambda i: (ivars.__setitem__(k, i), nest(level + 1)))
         if first_red:
             close_acc()
@@ -631,6 +693,22 @@ def for_range(b: ir.IRBuilder, n: int, body):
     nxt = b.add(i, ir.Constant(I64, 1), flags=["nuw", "nsw"])
     i.add_incoming(nxt, b.block)
     b.cbranch(b.icmp_signed("<", nxt, ir.Constant(I64, n)), loop, after)
+    b.position_at_end(after)
+
+
+def for_span(b: ir.IRBuilder, lo: ir.Value, hi: ir.Value, body):
+    """for i in range(lo, hi): body(i), with lo and hi known at run time."""
+    pre = b.block
+    loop = b.append_basic_block("span")
+    after = b.append_basic_block("span_after")
+    b.cbranch(b.icmp_signed("<", lo, hi), loop, after)
+    b.position_at_end(loop)
+    i = b.phi(I64, name="i")
+    i.add_incoming(lo, pre)
+    body(i)
+    nxt = b.add(i, ir.Constant(I64, 1), flags=["nsw"])
+    i.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, hi), loop, after)
     b.position_at_end(after)
 
 

@@ -27,9 +27,9 @@ class LLVMTarget(Target):
     library_dtypes = LIBRARY_DTYPES
     caches_filter_transforms = False       # the C Winograd transforms the filter on every call
     conv_gemm_threads_all = False          # its GEMMs run on one BLAS thread
-    conv_image_threads_ops = ("conv2d", "conv2d_grad_input")   # what the runtime's pool splits by image
     wino_f4_transform_cost = 3.0
     sparse_conv_wide = True                # sparse.c runs stride-1 sparse convolutions without im2col
+    direct_padded_grid = True              # conv_direct.c's shifted GEMMs
 
     def threads(self) -> int:
         env = os.environ.get("TDC_THREADS")

@@ -134,6 +134,11 @@ int64_t tdcrt_chunk_images(int64_t N, int64_t K, int64_t P, int64_t elem)
     return max64(1, min64(nb, N));
 }
 
+void tdc_parallel_for(int64_t n, double work, void (*fn)(void *, int64_t, int64_t), void *ctx)
+{
+    tdcrt_parallel_for(n, work, fn, ctx);
+}
+
 void tdc_runtime_set_threads(int64_t n)
 {
     scipy_openblas_set_num_threads((int)max64(1, min64(n, INT_MAX)));

@@ -29,6 +29,9 @@ extern "C" {
 
 /* Set the number of OpenBLAS threads used by the GEMMs (n >= 1). */
 void tdc_runtime_set_threads(int64_t n);
+/* fn(ctx, begin, end) over parts of [0, n) on the runtime's thread pool when `work` (about the
+ * flops) pays for waking it and the pool is free, else fn(ctx, 0, n): generated loop kernels. */
+void tdc_parallel_for(int64_t n, double work, void (*fn)(void *, int64_t, int64_t), void *ctx);
 
 /* ---- float32 ---------------------------------------------------------------------- */
 
@@ -82,8 +85,8 @@ void tdc_conv2d_grad_weight_f32(const float *x, const float *gy, float *dwt,
                                 int64_t dh, int64_t dw, int64_t groups);
 /* Conv algorithms, one function per op, algorithm and dtype, named tdc_<op>_<algo>_<dtype>
  * with the argument lists of tdc_conv2d_f32 / _grad_input / _grad_weight above (whose outputs
- * they overwrite). im2col: the functions above under this name. direct: loop nests, any
- * geometry. winograd_f2 / winograd_f4: Winograd F(2x2,3x3) / F(4x4,3x3) with per-point GEMMs
+ * they overwrite). im2col: the functions above under this name. direct: shifted GEMMs over
+ * zero-padded planes (conv_direct.c) at unit strides and dilations, loop nests otherwise. winograd_f2 / winograd_f4: Winograd F(2x2,3x3) / F(4x4,3x3) with per-point GEMMs
  * (3x3, stride 1, dilation 1; any other geometry falls back to im2col). fft: 2-D FFT
  * convolution computed in double, any geometry. */
 #define TDC_CONV_DIMS int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW, \
