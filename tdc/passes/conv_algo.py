@@ -95,7 +95,8 @@ def modelled(p: dict, algo: str, target: Target, filter_cached: bool = False) ->
             grid = h * (w + kw - 1) / (h * w)
         else:
             grid = max(h + pt + pb, oh + kh - 1) * max(w + pl + pr, ow + kw - 1) / (oh * ow)
-        return flops * grid / r["direct"] / min(n, target.threads())
+        cost = target.direct_grad_weight_cost if p["op"] == "conv2d_grad_weight" else 1.0
+        return flops * grid * cost / r["direct"] / min(n, target.threads())
     if algo == "im2col":
         cols = n * c * kh * kw * oh * ow      # elements of the column matrices
         # images are split over threads: each gathers its columns and runs its GEMM

@@ -73,6 +73,8 @@ class Target(ABC):
     sparse_conv_wide = False                 # its sparse_conv2d skips im2col at stride 1 (passes/sparsify.py)
     direct_padded_grid = False               # its unit-stride direct kernels compute every point of the
                                              # zero-padded plane, images split over the threads
+    direct_grad_weight_cost = 1.0            # its direct weight gradient's time per flop, relative to the
+                                             # forward's (the calibration times forward probes only)
 
     def threads(self) -> int:
         return available_cores()

@@ -30,6 +30,8 @@ class LLVMTarget(Target):
     wino_f4_transform_cost = 3.0
     sparse_conv_wide = True                # sparse.c runs stride-1 sparse convolutions without im2col
     direct_padded_grid = True              # conv_direct.c's shifted GEMMs
+    direct_grad_weight_cost = 2.0          # its dot-product tiles load two operands per FMA (the forward's
+                                           # tiles one per 8 to 16): about half the rate, on LeNet's layers
 
     def threads(self) -> int:
         env = os.environ.get("TDC_THREADS")

@@ -156,8 +156,7 @@ typedef struct {
     int grad_input;
 } SFX(shifted_job);
 
-/* Images [n_begin, n_end) of a unit-stride forward convolution or input gradient, a stack of
- * images per shifted GEMM. The input gradient is the forward convolution of gy, padded by KH-1-pt
+/* Images [n_begin, n_end) of a unit-stride forward convolution or input gradient. The input gradient is the forward convolution of gy, padded by KH-1-pt
  * rows and KW-1-pl columns, with each filter flipped and its channel axes swapped:
  * dx[c, iy, ix] = sum_{o, i', j'} w[o, c, KH-1-i', KW-1-j'] gyp[o, iy + i', ix + j']. */
 static void SFX(shifted_images)(void *ctx, int64_t n_begin, int64_t n_end)
@@ -173,7 +172,9 @@ static void SFX(shifted_images)(void *ctx, int64_t n_begin, int64_t n_end)
     const int64_t cig = ci / groups, cog = co / groups, K = cig * KH * KW;
     /* an image's block holds its taps: rows y + i < Hp for every output row y */
     const int64_t Hp = max64(ih + r0, oh + KH - 1), Wp = max64(iw + c0, ow + KW - 1);
-    const int64_t nb = SFX(stack_images)(n_end - n_begin, cig, Hp, Wp);
+    /* one image per GEMM: a stack would add the Hp - oh rows between images to every grid (measured
+       slower on LeNet's layers); the weight gradient, whose dot products are short, stacks */
+    const int64_t nb = 1;
     const int64_t slack = KH * Wp + KW + SG_NB;
     T *xp = tdcrt_malloc((cig * nb * Hp * Wp + slack) * (int64_t)sizeof(T));
     T *res = tdcrt_malloc(cog * nb * Hp * Wp * (int64_t)sizeof(T));
