@@ -243,16 +243,9 @@ static inline __attribute__((always_inline)) void SFX(gw_block)(const int orr, c
         }
 }
 
-typedef struct {
-    conv_geo g;
-    const T *x, *gy;
-    T *dwt, *partials;    /* part 0 sums into dwt, part p > 0 into partials + (p - 1) * CO * K */
-    int64_t parts;
-} SFX(shifted_gw_job);
-
 static void SFX(shifted_grad_weight_parts)(void *ctx, int64_t p_begin, int64_t p_end)
 {
-    const SFX(shifted_gw_job) *j = ctx;
+    const grad_weight_job *j = ctx;
     const conv_geo *g = &j->g;
     const int64_t KH = g->KH, KW = g->KW, groups = g->groups, OH = g->OH, OW = g->OW;
     const int64_t cg = g->C / groups, cog = g->CO / groups, K = cg * KH * KW;
@@ -264,7 +257,7 @@ static void SFX(shifted_grad_weight_parts)(void *ctx, int64_t p_begin, int64_t p
     int64_t *off = tdcrt_malloc(K * (int64_t)sizeof(int64_t));
     for (int64_t part = p_begin; part < p_end; part++) {
         const int64_t n_begin = g->N * part / j->parts, n_end = g->N * (part + 1) / j->parts;
-        T *dst = part == 0 ? j->dwt : j->partials + (part - 1) * g->CO * K;
+        T *dst = part == 0 ? (T *)j->dwt : (T *)j->partials + (part - 1) * g->CO * K;
         memset(dst, 0, (size_t)(g->CO * K) * sizeof(T));
         for (int64_t n0 = n_begin; n0 < n_end; n0 += nb) {
             const int64_t m = min64(nb, n_end - n0);
@@ -274,11 +267,11 @@ static void SFX(shifted_grad_weight_parts)(void *ctx, int64_t p_begin, int64_t p
                     for (int64_t jj = 0; jj < KW; jj++)
                         off[(c * KH + i) * KW + jj] = (c * m * Hp + i) * Wp + jj;
             for (int64_t gi = 0; gi < groups; gi++) {
-                SFX(stack_planes)(j->x, n0, m, g->C, gi * cg, cg, g->H, g->W, xp, m * Hp * Wp, Hp, Wp, g->pt,
+                SFX(stack_planes)((const T *)j->x, n0, m, g->C, gi * cg, cg, g->H, g->W, xp, m * Hp * Wp, Hp, Wp, g->pt,
                                   g->pl, slack);
                 /* gy on the same grid, rows len apart: zero at rows y >= OH and columns x >= OW of
                    each block, and past the last block up to len */
-                SFX(stack_planes)(j->gy, n0, m, g->CO, gi * cog, cog, OH, OW, gyg, len, Hp, Wp, 0, 0, 0);
+                SFX(stack_planes)((const T *)j->gy, n0, m, g->CO, gi * cog, cog, OH, OW, gyg, len, Hp, Wp, 0, 0, 0);
                 T *dwg = dst + gi * cog * K;
                 for (int64_t o0 = 0; o0 < cog; o0 += GW_OR) {
                     const int orr = (int)min64(GW_OR, cog - o0);
@@ -423,17 +416,8 @@ void SFX(tdc_conv2d_grad_weight_direct)(const T *x, const T *gy, T *dwt,
 {
     const int64_t cg = C / groups, cog = CO / groups, KK = KH * KW;
     if (unit_steps(sh, sw, dh, dw)) {
-        const int64_t size = CO * cg * KK;
-        const double flops = 2.0 * N * CO * OH * OW * cg * KK;
-        const int64_t parts = max64(1, min64(N, tdcrt_parallel_parts(flops)));
-        SFX(shifted_gw_job) j = {CONV_GEO, x, gy, dwt, NULL, parts};
-        if (parts > 1)
-            j.partials = tdcrt_malloc((parts - 1) * size * (int64_t)sizeof(T));
-        tdcrt_parallel_for(parts, flops, SFX(shifted_grad_weight_parts), &j);
-        for (int64_t p = 1; p < parts; p++)
-            for (int64_t i = 0; i < size; i++)
-                dwt[i] += j.partials[(p - 1) * size + i];
-        free(j.partials);
+        const conv_geo g = CONV_GEO;
+        SFX(tdcrt_grad_weight_by_parts)(&g, x, gy, dwt, SFX(shifted_grad_weight_parts));
         return;
     }
     T *acc = tdcrt_malloc(KK * OW * (int64_t)sizeof(T));

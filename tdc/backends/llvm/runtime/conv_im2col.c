@@ -168,23 +168,16 @@ void SFX(tdc_conv2d_grad_input)(const T *gy, const T *w, T *dx,
     tdcrt_parallel_for(N, flops, SFX(conv2d_grad_input_images), &j);
 }
 
-typedef struct {
-    conv_geo g;
-    const T *x, *gy;
-    T *dwt, *partials;    /* part 0 sums into dwt, part p > 0 into partials + (p - 1) * CO * K */
-    int64_t parts;
-} SFX(conv_grad_weight_job);
-
 /* Parts [p_begin, p_end) of the weight gradient: part p sums images [N p / parts, N (p+1) / parts). */
 static void SFX(conv2d_grad_weight_parts)(void *ctx, int64_t p_begin, int64_t p_end)
 {
-    const SFX(conv_grad_weight_job) *j = ctx;
+    const grad_weight_job *j = ctx;
     const conv_geo *g = &j->g;
     const int64_t N = g->N, groups = g->groups, P = g->OH * g->OW, cg = g->C / groups, cog = g->CO / groups;
     const int64_t K = cg * g->KH * g->KW;
     for (int64_t p = p_begin; p < p_end; p++) {
         const int64_t n_begin = N * p / j->parts, n_end = N * (p + 1) / j->parts;
-        T *dst = p == 0 ? j->dwt : j->partials + (p - 1) * g->CO * K;
+        T *dst = p == 0 ? (T *)j->dwt : (T *)j->partials + (p - 1) * g->CO * K;
         memset(dst, 0, (size_t)(g->CO * K) * sizeof(T));
         const int64_t nb = tdcrt_chunk_images(n_end - n_begin, K, P, sizeof(T));
         T *cols = tdcrt_malloc(K * nb * P * (int64_t)sizeof(T));
@@ -192,8 +185,8 @@ static void SFX(conv2d_grad_weight_parts)(void *ctx, int64_t p_begin, int64_t p_
         for (int64_t n0 = n_begin; n0 < n_end; n0 += nb) {
             const int64_t m = min64(nb, n_end - n0);
             for (int64_t gi = 0; gi < groups; gi++) {
-                SFX(chunk_cols)(g, j->x, n0, m, gi * cg, cols);
-                SFX(chunk_rows)(g, j->gy, n0, m, gi * cog, gm);
+                SFX(chunk_cols)(g, (const T *)j->x, n0, m, gi * cg, cols);
+                SFX(chunk_rows)(g, (const T *)j->gy, n0, m, gi * cog, gm);
                 /* dw_g [cog, K] += gm [cog, m*P] @ cols^T [m*P, K] */
                 SFX(tdcrt_gemm)(0, 1, cog, K, m * P, gm, m * P, cols, m * P, 1, dst + gi * cog * K, K);
             }
@@ -203,24 +196,28 @@ static void SFX(conv2d_grad_weight_parts)(void *ctx, int64_t p_begin, int64_t p_
     }
 }
 
-/* The images are split over the threads, each summing its own partial gradient; the partials are
-   added at the end in part order, so the result depends on the thread count but not the timing. */
+void SFX(tdcrt_grad_weight_by_parts)(const conv_geo *g, const T *x, const T *gy, T *dwt, range_fn part_fn)
+{
+    const int64_t size = g->CO * (g->C / g->groups) * g->KH * g->KW;
+    const double flops = 2.0 * g->N * g->OH * g->OW * size;
+    const int64_t parts = max64(1, min64(g->N, tdcrt_parallel_parts(flops)));
+    T *partials = parts > 1 ? tdcrt_malloc((parts - 1) * size * (int64_t)sizeof(T)) : NULL;
+    grad_weight_job j = {*g, x, gy, dwt, partials, parts};
+    tdcrt_parallel_for(parts, flops, part_fn, &j);
+    for (int64_t p = 1; p < parts; p++)
+        for (int64_t i = 0; i < size; i++)
+            dwt[i] += partials[(p - 1) * size + i];
+    free(partials);
+}
+
+/* The images are split over the threads, each summing its own partial gradient. */
 void SFX(tdc_conv2d_grad_weight)(const T *x, const T *gy, T *dwt,
                                  int64_t N, int64_t C, int64_t H, int64_t W, int64_t CO, int64_t KH, int64_t KW,
                                  int64_t OH, int64_t OW, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                                  int64_t dh, int64_t dw, int64_t groups)
 {
-    const int64_t size = CO * (C / groups) * KH * KW;
-    const double flops = 2.0 * N * CO * OH * OW * (C / groups) * KH * KW;
-    const int64_t parts = max64(1, min64(N, tdcrt_parallel_parts(flops)));
-    SFX(conv_grad_weight_job) j = {CONV_GEO, x, gy, dwt, NULL, parts};
-    if (parts > 1)
-        j.partials = tdcrt_malloc((parts - 1) * size * (int64_t)sizeof(T));
-    tdcrt_parallel_for(parts, flops, SFX(conv2d_grad_weight_parts), &j);
-    for (int64_t p = 1; p < parts; p++)
-        for (int64_t i = 0; i < size; i++)
-            dwt[i] += j.partials[(p - 1) * size + i];
-    free(j.partials);
+    const conv_geo g = CONV_GEO;
+    SFX(tdcrt_grad_weight_by_parts)(&g, x, gy, dwt, SFX(conv2d_grad_weight_parts));
 }
 
 /* The im2col + GEMM functions under the names tdc_<op>_<algo>_<dtype>. */

@@ -86,6 +86,24 @@ typedef struct {
 } conv_geo;
 #define CONV_GEO {N, C, H, W, CO, KH, KW, OH, OW, sh, sw, pt, pl, dh, dw, groups}
 
+/* A weight gradient split over the pool by images: part p of `parts` sums the gradient of images
+ * [N p / parts, N (p+1) / parts) into dwt (p = 0) or partials + (p - 1) * CO * cg * KH * KW; the
+ * arrays have the dtype of the kernel that fills them. */
+typedef struct {
+    conv_geo g;
+    const void *x, *gy;
+    void *dwt, *partials;
+    int64_t parts;
+} grad_weight_job;
+
+/* dwt = the weight gradient of g's convolution, part_fn(job, p_begin, p_end) summing parts over
+ * the pool, then the partials added to dwt in part order: the result depends on the thread count,
+ * not the timing (conv_im2col.c). */
+HIDDEN void tdcrt_grad_weight_by_parts_f32(const conv_geo *g, const float *x, const float *gy, float *dwt,
+                                           range_fn part_fn);
+HIDDEN void tdcrt_grad_weight_by_parts_f64(const conv_geo *g, const double *x, const double *gy, double *dwt,
+                                           range_fn part_fn);
+
 /* cols[(c*KH + i)*KW + j, y*OW + x] = x_img[c, y*sh - pt + i*dh, x*sw - pl + j*dw], 0 in the
  * padding; x_img is [cg, H, W] and ld the row stride of cols (conv_im2col.c; sparse.c's conv too). */
 HIDDEN void tdcrt_im2col_f32(const conv_geo *g, const float *x_img, int64_t cg, float *cols, int64_t ld);

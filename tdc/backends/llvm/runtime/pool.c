@@ -117,8 +117,8 @@ static void SFX(maxpool2d_grad_planes)(void *ctx, int64_t nc_begin, int64_t nc_e
                        stores, where selects on the stored values became mispredicted branches */
                     UT gv;
                     memcpy(&gv, &gr[xx], sizeof gv);
-                    const UT k0 = -(UT)(!second & !ba), k1 = -(UT)(!second & ba);
-                    const UT k2 = -(UT)(second & !ec), k3 = -(UT)(second & ec);
+                    const UT k0 = -(UT)((!second) & (!ba)), k1 = -(UT)((!second) & ba);
+                    const UT k2 = -(UT)(second & (!ec)), k3 = -(UT)(second & ec);
                     const UT o0 = gv & k0, o1 = gv & k1, o2 = gv & k2, o3 = gv & k3;
                     memcpy(&d0[2 * xx], &o0, sizeof o0);
                     memcpy(&d0[2 * xx + 1], &o1, sizeof o1);
