@@ -111,7 +111,7 @@ class ModuleBuilder:
         self.aliases: dict[Value, Value] = {}     # reshape outputs that share their input's storage
         self.copies: dict[Node, tuple[Value, Value]] = {}
         self.n_kernels = 0
-        self.bases = None                         # the entry point's arguments in an array, for split loops
+        self.bases = None                         # inputs, weights, scratch in an array, for split loops
         self.comm_slots: dict[Value, int] = {}    # allreduce_start output -> its job slot in comm.c
         self.uses_comm = any(isinstance(st, Fallback) and st.node.opdef.family == "comm" for st in self.program.steps)
         self._check()
@@ -171,22 +171,25 @@ class ModuleBuilder:
             self.scratch_bytes += align(max(v.type.nbytes, 1))
         return self.extra[v]
 
-    def pointer(self, b: ir.IRBuilder, v: Value):
+    def pointer(self, b: ir.IRBuilder, v: Value, bases=None):
+        """Where `v` lives, as an offset from the entry point's inputs, weights or scratch argument
+        (or `bases`, those three as loaded inside a split loop kernel)."""
+        inputs, weights, scratch = bases or (self.inputs_arg, self.weights_arg, self.scratch_arg)
         while v in self.aliases:
             v = self.aliases[v]
         if v in self.globals:
             return b.bitcast(self.globals[v], PTR)
         if v.kind == "input":
             idx = self.input_names.index(v.name)
-            return b.load(b.gep(self.inputs_arg, [ir.Constant(I64, idx)], source_etype=PTR), typ=PTR)
+            return b.load(b.gep(inputs, [ir.Constant(I64, idx)], source_etype=PTR), typ=PTR)
         if v.kind in ("param", "const", "state") or v in self.bound:
             off = self.bound[v] if v in self.bound else self.weights.offset(v)
-            return b.gep(self.weights_arg, [ir.Constant(I64, off)], source_etype=S.I8)
+            return b.gep(weights, [ir.Constant(I64, off)], source_etype=S.I8)
         buf = self.plan.assignments.get(v)
         if buf is not None and not buf.in_arena:
-            return self.pointer(b, buf.inplace_of)
+            return self.pointer(b, buf.inplace_of, bases)
         off = buf.offset if buf is not None else self._scratch_offset(v)
-        return b.gep(self.scratch_arg, [ir.Constant(I64, off)], source_etype=S.I8)
+        return b.gep(scratch, [ir.Constant(I64, off)], source_etype=S.I8)
 
     # ---- the module -----------------------------------------------------------------------
     def build(self) -> ir.Module:
@@ -246,8 +249,9 @@ class ModuleBuilder:
         values: list[Value] = step.values
         if isinstance(step, Loop) and step.anchor is not None:   # the library op writes; the loop is its epilogue
             self._call_library(b, step.anchor, out=values[0])
-        split = isinstance(step, Loop) and split_dim(step.kernel) is not None
-        if split:     # kN(ptr bases[4], i64 begin, i64 end): a part of the outer loop, for the pool
+        dim = split_dim(step.kernel) if isinstance(step, Loop) else None
+        split = dim is not None
+        if split:     # kN(ptr bases[3], i64 begin, i64 end): a part of the outer loop, for the pool
             kfn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), name=step.name)
             kfn.args[0].name = "bases"
             kb = ir.IRBuilder(kfn.append_basic_block("entry"))
@@ -275,38 +279,33 @@ class ModuleBuilder:
                 emit_loop_nest(kb, lk, ptrs)
         kb.ret_void()
         if split:
-            self._parallel_call(b, kfn, step.kernel)
+            self._parallel_call(b, kfn, step.kernel, dim)
         else:
             b.call(kfn, [self.pointer(b, v) for v in values])
         self.n_kernels += 1
 
     def _operands_from_bases(self, b, bases, values: list[Value]) -> list:
-        """Pointers to `values` computed from the entry point's four arguments, loaded from
-        `bases`: as offsets from common bases, LLVM can tell apart operands that never overlap
+        """Pointers to `values` as offsets from the entry point's inputs, weights and scratch,
+        loaded from `bases`: from common bases, LLVM can tell apart operands that never overlap
         and keeps vectorising in-place updates (pointers passed in an array it could not)."""
-        saved = self.inputs_arg, self.outputs_arg, self.weights_arg, self.scratch_arg
-        loaded = [b.load(b.gep(bases, [ir.Constant(I64, i)], source_etype=PTR), typ=PTR) for i in range(4)]
-        self.inputs_arg, self.outputs_arg, self.weights_arg, self.scratch_arg = loaded
-        try:
-            return [self.pointer(b, v) for v in values]
-        finally:
-            self.inputs_arg, self.outputs_arg, self.weights_arg, self.scratch_arg = saved
+        loaded = tuple(b.load(b.gep(bases, [ir.Constant(I64, i)], source_etype=PTR), typ=PTR) for i in range(3))
+        return [self.pointer(b, v, loaded) for v in values]
 
-    def _parallel_call(self, b, kfn, lk: LoopKernel):
-        """tdc_parallel_for over the outer loop of `lk`, the entry point's arguments in an array."""
+    def _parallel_call(self, b, kfn, lk: LoopKernel, dim: int):
+        """tdc_parallel_for over loop `dim` of `lk`, the entry point's inputs, weights and scratch
+        in an array (stored once, at the entry)."""
         if self.bases is None:
-            entry = b.function.entry_basic_block
             here = b.block
-            b.position_at_start(entry)
-            self.bases = b.alloca(ir.ArrayType(PTR, 4))
-            for i, arg in enumerate((self.inputs_arg, self.outputs_arg, self.weights_arg, self.scratch_arg)):
+            b.position_at_start(b.function.entry_basic_block)
+            self.bases = b.alloca(ir.ArrayType(PTR, 3))
+            for i, arg in enumerate((self.inputs_arg, self.weights_arg, self.scratch_arg)):
                 b.store(arg, b.gep(self.bases, [ir.Constant(I64, 0), ir.Constant(I64, i)], inbounds=True))
             b.position_at_end(here)
         fn = self.module.globals.get("tdc_parallel_for")
         if fn is None:
             fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [I64, F64, PTR, PTR]), name="tdc_parallel_for")
         work = float(np.prod(lk.dims)) * LOOP_ELEMENT_WORK
-        b.call(fn, [ir.Constant(I64, lk.dims[split_dim(lk)]), ir.Constant(F64, work), kfn, self.bases])
+        b.call(fn, [ir.Constant(I64, lk.dims[dim]), ir.Constant(F64, work), kfn, self.bases])
 
     # ---- communication (runtime/comm.c) -----------------------------------------------------
     def _comm_step(self, b, node: Node):

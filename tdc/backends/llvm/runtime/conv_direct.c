@@ -156,9 +156,11 @@ typedef struct {
     int grad_input;
 } SFX(shifted_job);
 
-/* Images [n_begin, n_end) of a unit-stride forward convolution or input gradient. The input gradient is the forward convolution of gy, padded by KH-1-pt
- * rows and KW-1-pl columns, with each filter flipped and its channel axes swapped:
- * dx[c, iy, ix] = sum_{o, i', j'} w[o, c, KH-1-i', KW-1-j'] gyp[o, iy + i', ix + j']. */
+/* Images [n_begin, n_end) of a unit-stride forward convolution or input gradient, one shifted GEMM
+ * per image and group (stacking images, as the weight gradient does, would add the Hp - oh rows
+ * between them to every grid: slower on LeNet's layers). The input gradient is the forward
+ * convolution of gy, padded by KH-1-pt rows and KW-1-pl columns, with each filter flipped and its
+ * channel axes swapped: dx[c, iy, ix] = sum_{o, i', j'} w[o, c, KH-1-i', KW-1-j'] gyp[o, iy + i', ix + j']. */
 static void SFX(shifted_images)(void *ctx, int64_t n_begin, int64_t n_end)
 {
     const SFX(shifted_job) *j = ctx;
@@ -170,36 +172,28 @@ static void SFX(shifted_images)(void *ctx, int64_t n_begin, int64_t n_end)
     const int64_t oh = j->grad_input ? g->H : g->OH, ow = j->grad_input ? g->W : g->OW;
     const int64_t r0 = j->grad_input ? KH - 1 - g->pt : g->pt, c0 = j->grad_input ? KW - 1 - g->pl : g->pl;
     const int64_t cig = ci / groups, cog = co / groups, K = cig * KH * KW;
-    /* an image's block holds its taps: rows y + i < Hp for every output row y */
+    /* the padded plane holds every output's taps: rows y + i < Hp, columns x + j < Wp */
     const int64_t Hp = max64(ih + r0, oh + KH - 1), Wp = max64(iw + c0, ow + KW - 1);
-    /* one image per GEMM: a stack would add the Hp - oh rows between images to every grid (measured
-       slower on LeNet's layers); the weight gradient, whose dot products are short, stacks */
-    const int64_t nb = 1;
-    const int64_t slack = KH * Wp + KW + SG_NB;
-    T *xp = tdcrt_malloc((cig * nb * Hp * Wp + slack) * (int64_t)sizeof(T));
-    T *res = tdcrt_malloc(cog * nb * Hp * Wp * (int64_t)sizeof(T));
+    const int64_t plane = Hp * Wp, grid = oh * Wp, slack = KW + SG_NB;
+    T *xp = tdcrt_malloc((cig * plane + slack) * (int64_t)sizeof(T));
+    T *res = tdcrt_malloc(cog * grid * (int64_t)sizeof(T));
     int64_t *off = tdcrt_malloc(K * (int64_t)sizeof(int64_t));
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += nb) {
-        const int64_t m = min64(nb, n_end - n0), grid = m * Hp * Wp;
-        for (int64_t c = 0; c < cig; c++)
-            for (int64_t i = 0; i < KH; i++)
-                for (int64_t jj = 0; jj < KW; jj++)
-                    off[(c * KH + i) * KW + jj] = (c * m * Hp + i) * Wp + jj;
+    for (int64_t c = 0; c < cig; c++)
+        for (int64_t i = 0; i < KH; i++)
+            for (int64_t jj = 0; jj < KW; jj++)
+                off[(c * KH + i) * KW + jj] = c * plane + i * Wp + jj;
+    for (int64_t n = n_begin; n < n_end; n++)
         for (int64_t gi = 0; gi < groups; gi++) {
-            SFX(stack_planes)(j->x, n0, m, ci, gi * cig, cig, ih, iw, xp, grid, Hp, Wp, r0, c0, slack);
-            /* the last image's rows past oh are not needed */
-            SFX(shifted_gemm)(cog, K, grid - (Hp - oh) * Wp, j->wt + gi * cog * K, K, xp, off, res, grid);
-            for (int64_t n = 0; n < m; n++)
-                for (int64_t o = 0; o < cog; o++) {
-                    const T bias = j->has_bias ? j->b[gi * cog + o] : (T)0;
-                    T *dst = j->out + ((n0 + n) * co + gi * cog + o) * oh * ow;
-                    const T *src = res + o * grid + n * Hp * Wp;
-                    for (int64_t y = 0; y < oh; y++)
-                        for (int64_t x = 0; x < ow; x++)
-                            dst[y * ow + x] = src[y * Wp + x] + bias;
-                }
+            SFX(stack_planes)(j->x, n, 1, ci, gi * cig, cig, ih, iw, xp, plane, Hp, Wp, r0, c0, slack);
+            SFX(shifted_gemm)(cog, K, grid, j->wt + gi * cog * K, K, xp, off, res, grid);
+            for (int64_t o = 0; o < cog; o++) {
+                const T bias = j->has_bias ? j->b[gi * cog + o] : (T)0;
+                T *dst = j->out + (n * co + gi * cog + o) * oh * ow;
+                for (int64_t y = 0; y < oh; y++)
+                    for (int64_t x = 0; x < ow; x++)
+                        dst[y * ow + x] = res[o * grid + y * Wp + x] + bias;
+            }
         }
-    }
     free(xp);
     free(res);
     free(off);
