@@ -332,7 +332,7 @@ def test_comm_moves_bf16_between_mpi_ranks():
     p = subprocess.run([str(Path(sys.executable).parent / "mpiexec"), "-n", "2", sys.executable,
                         str(here / "mpi" / "bf16_comm.py"), "llvm", "numba"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    reports = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    reports = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]   # one per rank
     assert sorted(r["rank"] for r in reports) == [0, 1] and all(r["ok"] == ["llvm", "numba"] for r in reports)
 
 

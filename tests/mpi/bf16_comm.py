@@ -40,4 +40,7 @@ for backend in sys.argv[1:]:
         assert out[name].dtype == BF16 and np.array_equal(out[name].view(np.uint16), w.view(np.uint16)), \
             (backend, rank, name, out[name].view(np.uint16), w.view(np.uint16))
     done.append(backend)
-print(json.dumps({"rank": rank, "ok": done}))
+# one write per rank: print() writes the text and its newline apart, and mpiexec interleaves the
+# ranks' output between writes
+sys.stdout.write(json.dumps({"rank": rank, "ok": done}) + "\n")
+sys.stdout.flush()
