@@ -206,6 +206,22 @@ VEC_DIMS = st.sampled_from([1, 2, 3, 7, 16, 33, 100, 300, 784])
 def test_gemm_single_row_or_column(gemm, dt, one, dims, ta, tb, pads, beta, seed):
     other, K = dims
     M, N = {"M": (1, other), "N": (other, 1), "both": (1, 1)}[one]
+    check_gemm(gemm, dt, M, N, K, ta, tb, pads, beta, seed)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("M,N,K", [(300, 129, 300), (129, 300, 300), (33, 2000, 160), (2000, 47, 160)])
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemm_split_over_the_pool(gemm, dt, M, N, K, ta, tb):
+    """Products of 2e7 flops or more are cut by rows (M > N) or columns over the pool's threads
+    (linalg.c), each on its slice of A or B: edge slices that are no multiple of the block,
+    transposed and padded operands, and beta all come out right."""
+    check_gemm(gemm, dt, M, N, K, ta, tb, (3, 5, 2), -0.5, M + N)
+    check_gemm(gemm, dt, M, N, K, ta, tb, (0, 0, 0), 0.0, K)
+
+
+def check_gemm(gemm, dt, M, N, K, ta, tb, pads, beta, seed):
+    """tdcrt_gemm against float64 within gamma_{K+1}, leaving C's padding untouched."""
     rng = np.random.default_rng(seed)
     # stored shapes (op(A) = A.T when ta), padded past their rows to a leading dimension
     a_rows, a_cols = (K, M) if ta else (M, K)

@@ -2,10 +2,54 @@
 #include "internal.h"
 
 #ifndef TDC_TEMPLATE
+/* Products of GEMM_SPLIT_FLOPS or more are split over the thread pool, the larger of C's row
+ * and column counts cut in blocks of GEMM_SPLIT_ALIGN (BLAS's own threads stay at one: on 2
+ * vCPUs they spun against the pool's). Below it, waking the other thread costs more than it saves. */
+#define GEMM_SPLIT_FLOPS 2e7
+#define GEMM_SPLIT_ALIGN 16
 #define TDC_SELF "linalg.c"
 #include "instantiate.h"
 
 #else /* the template: T, SFX(name), GEMM, GEMV */
+
+typedef struct {
+    int ta, tb;
+    int64_t M, N, K;
+    const T *A;
+    int64_t lda;
+    const T *B;
+    int64_t ldb;
+    T beta;
+    T *C;
+    int64_t ldc;
+    int by_columns;
+} SFX(gemm_job);
+
+/* Blocks [b, e) of GEMM_SPLIT_ALIGN columns (or rows) of C: each thread's own single-threaded
+ * BLAS call on its slice of B (or A), so every output sums its K products in BLAS's order for
+ * that shape, as one call would up to BLAS's own blocking of the slice. */
+static void SFX(gemm_part)(void *ctx, int64_t b, int64_t e)
+{
+    const SFX(gemm_job) *j = ctx;
+    const int64_t lo = b * GEMM_SPLIT_ALIGN, hi = min64(e * GEMM_SPLIT_ALIGN, j->by_columns ? j->N : j->M);
+    if (hi <= lo)
+        return;
+    const T *A = j->A, *B = j->B;
+    T *C = j->C;
+    int64_t M = j->M, N = j->N;
+    if (j->by_columns) {
+        B += j->tb ? lo * j->ldb : lo;
+        C += lo;
+        N = hi - lo;
+    } else {
+        A += j->ta ? lo : lo * j->lda;
+        C += lo * j->ldc;
+        M = hi - lo;
+    }
+    GEMM(CblasRowMajor, j->ta ? CblasTrans : CblasNoTrans, j->tb ? CblasTrans : CblasNoTrans,
+         (blasint)M, (blasint)N, (blasint)j->K, (T)1, A, (blasint)j->lda, B, (blasint)j->ldb, j->beta, C,
+         (blasint)j->ldc);
+}
 
 /* C[M,N] = op(A) @ op(B) + beta * C, row-major; ta/tb transpose A/B. Empty sizes are
  * handled here (BLAS rejects leading dimensions of 0).
@@ -36,8 +80,15 @@ void SFX(tdcrt_gemm)(int ta, int tb, int64_t M, int64_t N, int64_t K, const T *A
              A, (blasint)lda, B, (blasint)(tb ? 1 : ldb), beta, C, (blasint)ldc);
         return;
     }
-    GEMM(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
-         (blasint)M, (blasint)N, (blasint)K, (T)1, A, (blasint)lda, B, (blasint)ldb, beta, C, (blasint)ldc);
+    const double flops = 2.0 * (double)M * (double)N * (double)K;
+    if (flops < GEMM_SPLIT_FLOPS || max64(M, N) < 2 * GEMM_SPLIT_ALIGN) {
+        GEMM(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+             (blasint)M, (blasint)N, (blasint)K, (T)1, A, (blasint)lda, B, (blasint)ldb, beta, C, (blasint)ldc);
+        return;
+    }
+    SFX(gemm_job) j = {ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc, N >= M};
+    const int64_t split = j.by_columns ? N : M;
+    tdcrt_parallel_for((split + GEMM_SPLIT_ALIGN - 1) / GEMM_SPLIT_ALIGN, flops, SFX(gemm_part), &j);
 }
 
 /* ---- matrix products ---------------------------------------------------------------- */
