@@ -207,6 +207,37 @@ def test_large_loop_kernels_run_on_the_pool_with_the_results_of_one_thread(monke
         assert np.array_equal(v, split[k]), k
 
 
+@pytest.mark.parametrize("dt", ["f32", "f64"])
+def test_reductions_within_the_bound_of_any_summation_order(dt):
+    """Sums in one register are reassociated (LLVM keeps vector lanes of partial sums); column
+    sums run their reduced loop outside the kept inner one, one accumulator per column. Either
+    way each output is within gamma_{n-1} * sum|x| of the exact sum, accumulated in f64 (plus
+    the final rounding to f32), and a max is exact."""
+    npdt = np.float32 if dt == "f32" else np.float64
+    spec = tdc.f32 if dt == "f32" else tdc.f64
+
+    @tdc.model
+    def reductions(x: spec[64, 6, 784], c: spec[128, 300]):
+        return (F.sum(x, axes=(0, 2)), F.sum(x * x), F.sum(c, axes=(0,)), F.mean(c, axes=(0,)),
+                F.max(c, axes=(0,)), F.sum(x, axes=(0,)))
+
+    g = reductions.trace()
+    rng = np.random.default_rng(1)
+    feed = {"x": (rng.standard_normal((64, 6, 784)) + 0.5).astype(npdt),
+            "c": (rng.standard_normal((128, 300)) * 3).astype(npdt)}
+    got = list(tdc.compile(g, backend="llvm")(**feed).values())
+    x, c = (feed[k].astype(np.float64) for k in ("x", "c"))
+    u64 = np.finfo(np.float64).eps / 2
+    final = np.finfo(npdt).eps / 2 if dt == "f32" else 0.0
+    for out, terms, axes, scale in [(got[0], x, (0, 2), 1), (got[1], x * x, None, 1), (got[2], c, (0,), 1),
+                                    (got[3], c, (0,), 1 / 128), (got[5], x, (0,), 1)]:
+        n = terms.size // np.asarray(out).size
+        exact = terms.sum(axis=axes) * scale
+        bound = (n - 1) * u64 / (1 - n * u64) * np.abs(terms).sum(axis=axes) * scale + final * np.abs(exact)
+        assert np.all(np.abs(np.asarray(out, np.float64) - exact) <= bound * 1.0001 + 1e-300), (n, axes)
+    assert np.array_equal(got[4], feed["c"].max(axis=0))
+
+
 def test_point_to_point_in_a_world_of_one_is_refused_with_the_op_named():
     g = Graph("comm")
     with Builder(g) as b:

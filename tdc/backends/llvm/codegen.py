@@ -558,6 +558,25 @@ def conv_algorithm(node: Node) -> str:
 # pool; a generated element costs about as much as this many flops of GEMM (the pool's unit).
 PARALLEL_MIN_ITERATIONS = 1 << 15
 LOOP_ELEMENT_WORK = 100.0
+# A reduction keeps at most this many accumulators in an array on the stack (`loop_order`).
+ACC_ARRAY_MAX = 4096
+
+
+def loop_order(lk: LoopKernel) -> tuple[list[int], int]:
+    """The dims of a loop kernel from the outermost loop in, and how many of the innermost are
+    kept dims inside the reduced ones. Kept dims go outside reduced ones, whose accumulator is
+    then a register; but a reduction whose innermost dim is kept (a column sum) runs its reduced
+    loops outside those trailing kept ones, with an array of accumulators (at most
+    ACC_ARRAY_MAX), so the inner loop is a vector of independent sums, each taken in index
+    order in the accumulator's dtype."""
+    n = len(lk.dims)
+    r = lk.reduce
+    red = r.reduced if r is not None else [False] * n
+    kept, reduced = [k for k in range(n) if not red[k]], [k for k in range(n) if red[k]]
+    trailing = n - 1 - max(reduced, default=n - 1)
+    if r is None or not trailing or np.prod(lk.dims[n - trailing:]) > ACC_ARRAY_MAX:
+        return kept + reduced, 0
+    return [k for k in kept if k < n - trailing] + reduced + list(range(n - trailing, n)), trailing
 
 
 def split_dim(lk: LoopKernel) -> int | None:
@@ -565,10 +584,10 @@ def split_dim(lk: LoopKernel) -> int | None:
     not reduced (each index then owns its outputs and accumulators, so parts never share a
     store, and the results are those of one thread) and the kernel is large enough to pay."""
     red = lk.reduce.reduced if lk.reduce is not None else [False] * len(lk.dims)
-    outer = [k for k in range(len(lk.dims)) if not red[k]]
-    if not outer or lk.dims[outer[0]] < 2 or np.prod(lk.dims) < PARALLEL_MIN_ITERATIONS:
+    order, _ = loop_order(lk)
+    if not order or red[order[0]] or lk.dims[order[0]] < 2 or np.prod(lk.dims) < PARALLEL_MIN_ITERATIONS:
         return None
-    return outer[0]
+    return order[0]
 
 
 def emit_loop_nest(b: ir.IRBuilder, lk: LoopKernel, ptrs: dict, outer=None):
@@ -578,7 +597,7 @@ def emit_loop_nest(b: ir.IRBuilder, lk: LoopKernel, ptrs: dict, outer=None):
     the outermost loop runs over [begin, end) only (`split_dim`)."""
     dims = lk.dims
     red = lk.reduce.reduced if lk.reduce is not None else [False] * len(dims)
-    order = [k for k in range(len(dims)) if not red[k]] + [k for k in range(len(dims)) if red[k]]
+    order, in_output = loop_order(lk)
     if any(dims[k] == 0 for k in order if not red[k]):
         return                                  # nothing to compute
     ivars: dict[int, ir.Value] = {}
@@ -608,20 +627,50 @@ def emit_loop_nest(b: ir.IRBuilder, lk: LoopKernel, ptrs: dict, outer=None):
             S.store(b, val(x), address(op), ptrs[op.var][1])
         return local, val
 
-    acc_slot = None
+    acc_slot = None     # the accumulator: one register's slot, or with in_output one per trailing element
+    trailing = order[len(order) - in_output:]
+
+    def trailing_loops(body):
+        """for each index of the trailing kept dims (in_output of them): body()."""
+        def level(j):
+            if j == len(trailing):
+                body()
+                return
+            k = trailing[j]
+            for_range(b, dims[k], lambda i: (ivars.__setitem__(k, i), level(j + 1)))
+        level(0)
+
+    def acc_ptr():
+        if not in_output:
+            return acc_slot
+        idx, step = ir.Constant(I64, 0), 1
+        for k in reversed(trailing):
+            term = ivars[k] if step == 1 else b.mul(ivars[k], ir.Constant(I64, step), flags=["nsw"])
+            idx, step = b.add(idx, term, flags=["nsw"]), step * dims[k]
+        return b.gep(acc_slot, [ir.Constant(I64, 0), idx], inbounds=True)
 
     def open_acc():
         nonlocal acc_slot
         r = lk.reduce
         here = b.block
-        b.position_at_start(b.function.entry_basic_block)
-        acc_slot = b.alloca(REG[r.acc_dtype])    # promoted to a register by LLVM (mem2reg)
+        b.position_at_start(b.function.entry_basic_block)   # a scalar slot becomes a register (mem2reg)
+        cells = int(np.prod([dims[k] for k in trailing]))
+        acc_slot = b.alloca(ir.ArrayType(REG[r.acc_dtype], cells) if in_output else REG[r.acc_dtype])
         b.position_at_end(here)
-        b.store(const(r.acc_dtype, r.init), acc_slot)
+        if in_output:
+            trailing_loops(lambda: b.store(const(r.acc_dtype, r.init), acc_ptr()))
+        else:
+            b.store(const(r.acc_dtype, r.init), acc_slot)
 
     def close_acc():
+        if in_output:
+            trailing_loops(store_result)
+        else:
+            store_result()
+
+    def store_result():
         r = lk.reduce
-        acc = b.load(acc_slot, typ=REG[r.acc_dtype])
+        acc = b.load(acc_ptr(), typ=REG[r.acc_dtype])
         out_dt = ptrs[r.operand.var][1]
         if r.kind == "mean":
             accf = acc if S.is_float(r.acc_dtype) else S.convert(b, acc, r.acc_dtype, "f64")
@@ -636,12 +685,17 @@ def emit_loop_nest(b: ir.IRBuilder, lk: LoopKernel, ptrs: dict, outer=None):
         x = val(r.local)
         src_dt = r.local.dtype if isinstance(r.local, Const) else _local_dtype(lk, r.local, ptrs)
         x = S.convert(b, x, src_dt, r.acc_dtype)
-        acc = b.load(acc_slot, typ=REG[r.acc_dtype])
+        slot = acc_ptr()
+        acc = b.load(slot, typ=REG[r.acc_dtype])
         if r.kind == "max":
             new = S.fmax(b, acc, x, r.acc_dtype)
+        elif S.is_float(r.acc_dtype):
+            # one register's sum may be reassociated: LLVM then keeps vector lanes of partial
+            # sums (the bound of any order, gamma_{n-1} times the sum of |x|, covers it)
+            new = b.fadd(acc, x, flags=[] if in_output else ["reassoc"])
         else:
-            new = b.fadd(acc, x) if S.is_float(r.acc_dtype) else b.add(acc, x)
-        b.store(new, acc_slot)
+            new = b.add(acc, x)
+        b.store(new, slot)
 
     def nest(level: int):
         if level == len(order):
