@@ -121,3 +121,14 @@ def test_native_executable_profile(tmp_path, capsys):
     assert any("linear" in r or "matmul" in r for r in rows[:3])
     bad = subprocess.run([str(out / "model"), "--profile", "--hogwild"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "does not combine with --hogwild" in bad.stderr
+
+
+def test_rates_are_kept_per_cpu_family_and_features_not_per_name():
+    """Two machines here both call themselves "AMD EPYC": a Zen 3 with AVX2 and a Zen 4 with
+    AVX-512. Their peaks and calibrated rates must not share a cache entry."""
+    from tdc.passes.target import cpu_model
+    block = "processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: {m}\nstepping\t: 1\nflags\t\t: {f}\n\n"
+    zen3 = cpu_model(block.format(m=1, f="fpu sse2 avx2 fma"))
+    zen4 = cpu_model(block.format(m=17, f="fpu sse2 avx2 fma avx512f avx512_vnni"))
+    assert zen3 == "AMD EPYC (25/1/1; avx2 fma)" and zen4 == "AMD EPYC (25/17/1; avx2 fma avx512f avx512_vnni)"
+    assert cpu_model("") and "(" not in cpu_model("model name\t: Some CPU\n")   # no family: the name alone

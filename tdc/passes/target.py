@@ -29,21 +29,41 @@ import numpy as np
 from ..errors import TdcError
 from ..files import atomic_write, cache_dir
 
-CALIBRATION_VERSION = 5   # 4: conv timers run BLAS on one thread; 5: the LLVM runtime's padded-grid direct kernels
+CALIBRATION_VERSION = 6   # 4: conv timers run BLAS on one thread; 5: the LLVM runtime's padded-grid direct kernels;
+#                           6: GEMMs split over the pool, machines told apart by family and features
+
+
+# the vector features rates depend on most: CPUs sold under one name differ in them ("AMD EPYC"
+# is a Zen 3 with AVX2 on one machine here and a Zen 4 with AVX-512 on another)
+_RATE_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's name, family/model/stepping and vector features (from /proc/cpuinfo's text, read
+    when not given): what a measured rate is of."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if not key.strip():
+            break                       # the first processor's block is enough
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" not in fields:
+        return name
+    flags = set(fields.get("flags", "").split())
+    return (f"{name} ({fields['cpu family']}/{fields.get('model', '?')}/{fields.get('stepping', '?')}; "
+            f"{' '.join(f for f in _RATE_FLAGS if f in flags) or 'no avx2'})")
 
 
 def machine_id() -> str:
-    """The CPU model and the number of cores this process may use: what rates depend on."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} x{os.cpu_count()}"
+    """The CPU and the number of cores: what rates depend on."""
+    return f"{cpu_model()} x{os.cpu_count()}"
 
 
 def available_cores() -> int:

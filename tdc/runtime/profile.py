@@ -13,17 +13,7 @@ import time
 
 from ..backends.executable import KernelTime
 from ..files import cache_dir
-from ..passes.target import read_json, update_json
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-    except OSError:
-        names = []
-    import platform
-    return names[0] if names else platform.processor() or platform.machine()
+from ..passes.target import cpu_model, read_json, update_json
 
 
 def peak_path() -> str:
@@ -35,7 +25,7 @@ def host_peak(threads: int | None = None) -> tuple[float, int]:
     from ..backends.llvm import fma_peak_gflops
     threads = threads or len(os.sched_getaffinity(0))
     path = peak_path()
-    key = f"{_cpu_model()} x{threads}"
+    key = f"{cpu_model()} x{threads}"
     cached = read_json(path).get(key)
     if isinstance(cached, (int, float)) and cached > 0:
         return float(cached), threads
