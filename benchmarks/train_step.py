@@ -17,11 +17,18 @@ one step of each is checked against tdc's reference backend (loss, and the param
 
 Run (OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, when set, can slow BLAS down a lot):
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/train_step.py
+
+With --isolate each implementation runs in a process of its own, one after another, and one
+table gathers their times: no thread pool of one framework (OpenMP's spin, numba's workers,
+tdc's pool) is then awake beside another's, at the cost of the rounds no longer interleaving
+implementations (background load that comes and goes falls on whichever runs then).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -39,6 +46,9 @@ parser.add_argument("--reference", action="store_true", help="also time tdc's re
 parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if it is installed")
 parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (its first call compiles for a while)")
 parser.add_argument("--seed", type=int, default=0, help="seed for the params and the data (default 0)")
+parser.add_argument("--isolate", action="store_true",
+                    help="run each implementation in a process of its own, one after another, into one table")
+parser.add_argument("--impl", help=argparse.SUPPRESS)   # a child of --isolate: time this implementation, print JSON
 parser.add_argument("--omp-passive", action="store_true",
                     help="set OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of spinning), "
                          "to see how much thread-pool contention costs; affects numba's and torch's OpenMP")
@@ -416,6 +426,8 @@ def run_workload(name: str, torch, torch_note: str) -> list[Impl]:
         """make() -> (run, params); runs one checked step from the initial params. With
         own_blas_threads, the implementation keeps the BLAS thread count it set up itself
         (tdc's numba backend runs BLAS single-threaded and parallelises with numba's threads)."""
+        if args.impl and name != args.impl:
+            return
         try:
             t = time.perf_counter()
             set_blas_threads(OWN_BLAS_THREADS.get(name, args.threads))
@@ -469,9 +481,48 @@ def run_workload(name: str, torch, torch_note: str) -> list[Impl]:
         print(f"  torch: skipped ({torch_note})")
 
     time_impls(impls, args.reps, args.warmup, args.rounds)
+    if args.impl:
+        print("RESULT " + json.dumps({"impls": [{"name": im.name, "times": im.times, "note": im.note} for im in impls],
+                                      "failed": failed}))
+        return impls
     print_table(w["title"], impls, flops, failed)
     print(f"  ({time.perf_counter() - t0:.0f}s for this workload)", flush=True)
     return impls
+
+
+def run_isolated(name: str, torch, torch_note: str):
+    """Each implementation of workload `name` timed by a child process of this script."""
+    w = WORKLOADS[name]
+    print(f"\n=== {w['title']} (each implementation in its own process) ===", flush=True)
+    t0 = time.perf_counter()
+    names = ["tdc-llvm", "tdc-numba"] + ["tdc-reference"] * args.reference + ["numpy"]
+    if torch is not None:
+        names += ["torch-eager"] + ["torch-compile"] * (not args.no_compile)
+    elif torch_note:
+        print(f"  torch: skipped ({torch_note})")
+    skip = {"--isolate", "--only"}
+    passed = [a for i, a in enumerate(sys.argv[1:]) if a not in skip and (i == 0 or sys.argv[i] != "--only")]
+    impls, failed = [], []
+    for impl in names:
+        p = subprocess.run([sys.executable, __file__, *passed, "--only", name, "--impl", impl],
+                           capture_output=True, text=True)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode != 0 or not lines:
+            failed.append((impl, f"its process failed ({p.returncode}): {(p.stderr.strip().splitlines() or [''])[-1]}"))
+            continue
+        for ln in p.stdout.splitlines():
+            if ln.startswith("  check") or "FAILED" in ln:
+                print(ln, flush=True)
+        got = json.loads(lines[-1][len("RESULT "):])
+        for r in got["impls"]:
+            im = Impl(r["name"], None, None)
+            im.times, im.note = r["times"], r["note"]
+            impls.append(im)
+        failed += [tuple(f) for f in got["failed"]]
+    graph = tdc.train_step(w["model"], loss="softmax_cross_entropy", optimizer=tdc.Optimizer("sgd", lr=LR),
+                           batch=w["batch"])
+    print_table(w["title"], impls, flop_count(graph), failed)
+    print(f"  ({time.perf_counter() - t0:.0f}s for this workload)", flush=True)
 
 
 def print_table(title, impls, flops, failed):
@@ -533,16 +584,21 @@ def main():
     torch, torch_note = None, ""
     if args.no_torch:
         torch_note = "disabled by --no-torch"
+    elif args.impl and not args.impl.startswith("torch"):
+        torch_note = "not imported in this process"
     else:
         try:
             import torch
             torch.set_num_threads(args.threads)
         except Exception as e:
             torch, torch_note = None, f"not available ({type(e).__name__}: {e})"
-    environment_report(torch, torch_note)
+    if not args.impl:
+        environment_report(torch, torch_note)
     t0 = time.perf_counter()
     for name in ([args.only] if args.only else list(WORKLOADS)):
-        run_workload(name, torch, torch_note)
+        (run_isolated if args.isolate else run_workload)(name, torch, torch_note)
+    if args.impl:
+        return
     print()
     thread_pools_report()
     print(f"total {time.perf_counter() - t0:.0f}s")
