@@ -30,7 +30,7 @@ from ..errors import TdcError
 from ..files import atomic_write, cache_dir
 
 CALIBRATION_VERSION = 6   # 4: conv timers run BLAS on one thread; 5: the LLVM runtime's padded-grid direct kernels;
-#                           6: GEMMs split over the pool, machines told apart by family and features
+#                           6: machines told apart by family and features, the GEMM timed at 192^3
 
 
 # the vector features rates depend on most: CPUs sold under one name differ in them ("AMD EPYC"
