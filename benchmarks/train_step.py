@@ -500,8 +500,7 @@ def run_isolated(name: str, torch, torch_note: str):
         names += ["torch-eager"] + ["torch-compile"] * (not args.no_compile)
     elif torch_note:
         print(f"  torch: skipped ({torch_note})")
-    skip = {"--isolate", "--only"}
-    passed = [a for i, a in enumerate(sys.argv[1:]) if a not in skip and (i == 0 or sys.argv[i] != "--only")]
+    passed = [a for a in sys.argv[1:] if a != "--isolate"]   # the child's --only, given last, wins
     impls, failed = [], []
     for impl in names:
         p = subprocess.run([sys.executable, __file__, *passed, "--only", name, "--impl", impl],

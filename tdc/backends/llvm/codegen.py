@@ -562,6 +562,11 @@ LOOP_ELEMENT_WORK = 100.0
 ACC_ARRAY_MAX = 4096
 
 
+def reduced_dims(lk: LoopKernel) -> list[bool]:
+    """Per dim of a loop kernel, whether its reduction sums over it."""
+    return lk.reduce.reduced if lk.reduce is not None else [False] * len(lk.dims)
+
+
 def loop_order(lk: LoopKernel) -> tuple[list[int], int]:
     """The dims of a loop kernel from the outermost loop in, and how many of the innermost are
     kept dims inside the reduced ones. Kept dims go outside reduced ones, whose accumulator is
@@ -570,11 +575,10 @@ def loop_order(lk: LoopKernel) -> tuple[list[int], int]:
     ACC_ARRAY_MAX), so the inner loop is a vector of independent sums, each taken in index
     order in the accumulator's dtype."""
     n = len(lk.dims)
-    r = lk.reduce
-    red = r.reduced if r is not None else [False] * n
+    red = reduced_dims(lk)
     kept, reduced = [k for k in range(n) if not red[k]], [k for k in range(n) if red[k]]
     trailing = n - 1 - max(reduced, default=n - 1)
-    if r is None or not trailing or np.prod(lk.dims[n - trailing:]) > ACC_ARRAY_MAX:
+    if lk.reduce is None or not trailing or np.prod(lk.dims[n - trailing:]) > ACC_ARRAY_MAX:
         return kept + reduced, 0
     return [k for k in kept if k < n - trailing] + reduced + list(range(n - trailing, n)), trailing
 
@@ -583,7 +587,7 @@ def split_dim(lk: LoopKernel) -> int | None:
     """The dim whose range a loop kernel's threads divide: its outermost loop, if that loop is
     not reduced (each index then owns its outputs and accumulators, so parts never share a
     store, and the results are those of one thread) and the kernel is large enough to pay."""
-    red = lk.reduce.reduced if lk.reduce is not None else [False] * len(lk.dims)
+    red = reduced_dims(lk)
     order, _ = loop_order(lk)
     if not order or red[order[0]] or lk.dims[order[0]] < 2 or np.prod(lk.dims) < PARALLEL_MIN_ITERATIONS:
         return None
@@ -596,7 +600,7 @@ def emit_loop_nest(b: ir.IRBuilder, lk: LoopKernel, ptrs: dict, outer=None):
     first reduced loop and is stored when the reduced loops close. With `outer` (begin, end),
     the outermost loop runs over [begin, end) only (`split_dim`)."""
     dims = lk.dims
-    red = lk.reduce.reduced if lk.reduce is not None else [False] * len(dims)
+    red = reduced_dims(lk)
     order, in_output = loop_order(lk)
     if any(dims[k] == 0 for k in order if not red[k]):
         return                                  # nothing to compute
